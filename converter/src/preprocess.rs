@@ -1,0 +1,295 @@
+//! Image to input tensor: decode (JPEG, PNG) within limits, crop and resize as the manifest
+//! says, normalise, and lay out as the model's input. Shared by `classify`, the daemon and the
+//! pool so every path preprocesses identically.
+
+use std::io::Cursor;
+
+use fast_image_resize::{self as fr, images::Image, images::ImageRef};
+use tract_core::prelude::*;
+
+use crate::bundle::manifest::{ChannelOrder, InputSpec, Layout, Preprocessing, ResizeFilter, ResizePolicy};
+
+/// Bounds on what an untrusted image may cost before and while decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest encoded image accepted, in bytes.
+    pub max_bytes: usize,
+    /// Largest decoded image accepted, in pixels (width x height), checked from the header
+    /// before any pixel buffer is allocated.
+    pub max_pixels: u64,
+    /// Largest width or height accepted.
+    pub max_side: u32,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        // 50 MP covers phone cameras (4032x3024 = 12 MP) with room; 16384 is JPEG's practical max.
+        ImageLimits { max_bytes: 32 << 20, max_pixels: 50_000_000, max_side: 16_384 }
+    }
+}
+
+/// Why an image was refused. Each kind maps to a stable error code in replies.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    #[error("image is {size} bytes, the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("image of {width}x{height} pixels exceeds the limit ({reason})")]
+    TooManyPixels { width: u32, height: u32, reason: String },
+    #[error("unsupported image format: {0}")]
+    UnsupportedFormat(String),
+    #[error("invalid image: {0}")]
+    Invalid(String),
+    #[error("cannot build the input tensor: {0}")]
+    Internal(String),
+}
+
+impl ImageError {
+    /// The stable error code for replies (DESIGN.md section 4).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImageError::TooLarge { .. } | ImageError::TooManyPixels { .. } => "too_large",
+            ImageError::UnsupportedFormat(_) => "unsupported_format",
+            ImageError::Invalid(_) => "invalid_image",
+            ImageError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// A decoded 8-bit RGB image.
+#[derive(Debug, Clone)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+/// Turns encoded images into input tensors for one model.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    spec: Preprocessing,
+    input: InputSpec,
+    size: (u32, u32),
+    limits: ImageLimits,
+    /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT when the crop stays at least
+    /// as large as the input size: less time and memory, slightly different pixels.
+    dct_scaling: bool,
+}
+
+impl Preprocessor {
+    pub fn new(spec: Preprocessing, input: InputSpec, limits: ImageLimits) -> Result<Self, ImageError> {
+        let size = input
+            .image_size()
+            .ok_or_else(|| ImageError::Internal(format!("input shape {:?} is not an image", input.shape)))?;
+        Ok(Preprocessor { spec, input, size, limits, dct_scaling: true })
+    }
+
+    pub fn with_dct_scaling(mut self, on: bool) -> Self {
+        self.dct_scaling = on;
+        self
+    }
+
+    pub fn limits(&self) -> ImageLimits {
+        self.limits
+    }
+
+    /// Encoded bytes to the input tensor (batch 1).
+    pub fn tensor_from_bytes(&self, bytes: &[u8]) -> Result<Tensor, ImageError> {
+        let image = self.decode(bytes)?;
+        self.tensor_from_image(&image)
+    }
+
+    /// Decodes a JPEG or PNG to 8-bit RGB: grey is replicated, alpha dropped, 16-bit
+    /// reduced, CMYK converted. Limits are checked from the header before decoding.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        if bytes.len() > self.limits.max_bytes {
+            return Err(ImageError::TooLarge { size: bytes.len(), limit: self.limits.max_bytes });
+        }
+        let format = image::guess_format(bytes).map_err(|_| {
+            ImageError::UnsupportedFormat("not a JPEG or PNG (unrecognised signature)".into())
+        })?;
+        if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+            return Err(ImageError::UnsupportedFormat(format!("{format:?}; only JPEG and PNG")));
+        }
+        let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+        let (width, height) = reader.into_dimensions().map_err(decode_error)?;
+        self.check_dimensions(width, height)?;
+        if format == image::ImageFormat::Jpeg
+            && self.dct_scaling
+            && let Some(image) = self.decode_jpeg_scaled(bytes, width, height)?
+        {
+            return Ok(image);
+        }
+        let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(self.limits.max_side);
+        limits.max_image_height = Some(self.limits.max_side);
+        // RGBA 16-bit is the widest decode we accept: 8 bytes per pixel, plus conversion.
+        limits.max_alloc = Some(self.limits.max_pixels.saturating_mul(8));
+        reader.limits(limits);
+        let decoded = reader.decode().map_err(decode_error)?;
+        let rgb = decoded.into_rgb8();
+        let (width, height) = rgb.dimensions();
+        Ok(RgbImage { width, height, pixels: rgb.into_raw() })
+    }
+
+    fn check_dimensions(&self, width: u32, height: u32) -> Result<(), ImageError> {
+        let too_large = |reason: String| ImageError::TooManyPixels { width, height, reason };
+        if width == 0 || height == 0 {
+            return Err(ImageError::Invalid(format!("image has no pixels ({width}x{height})")));
+        }
+        if width > self.limits.max_side || height > self.limits.max_side {
+            return Err(too_large(format!("max side {}", self.limits.max_side)));
+        }
+        if u64::from(width) * u64::from(height) > self.limits.max_pixels {
+            return Err(too_large(format!("max {} pixels", self.limits.max_pixels)));
+        }
+        Ok(())
+    }
+
+    /// DCT-scaled decode of an RGB or grey JPEG, or `None` when no reduction applies.
+    fn decode_jpeg_scaled(&self, bytes: &[u8], width: u32, height: u32) -> Result<Option<RgbImage>, ImageError> {
+        let (crop_w, crop_h) = crop_size(self.spec.resize, width, height);
+        let (target_h, target_w) = self.size;
+        let factor = [8u32, 4, 2]
+            .into_iter()
+            .find(|f| crop_w / f >= target_w && crop_h / f >= target_h);
+        let Some(factor) = factor else { return Ok(None) };
+        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+        decoder.read_info().map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let format = decoder.info().map(|i| i.pixel_format);
+        if !matches!(format, Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8)) {
+            return Ok(None); // CMYK and 16-bit go through the general decoder
+        }
+        let (req_w, req_h) = (width.div_ceil(factor), height.div_ceil(factor));
+        let (w, h) = decoder
+            .scale(req_w.min(u16::MAX as u32) as u16, req_h.min(u16::MAX as u32) as u16)
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        decoder.set_max_decoding_buffer_size(self.limits.max_pixels.saturating_mul(3) as usize);
+        let data = decoder.decode().map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let (w, h) = (u32::from(w), u32::from(h));
+        let pixels = match format {
+            Some(jpeg_decoder::PixelFormat::L8) => data.iter().flat_map(|&g| [g, g, g]).collect(),
+            _ => data,
+        };
+        if pixels.len() != (w * h * 3) as usize {
+            return Err(ImageError::Invalid("JPEG decoded to an unexpected size".into()));
+        }
+        Ok(Some(RgbImage { width: w, height: h, pixels }))
+    }
+
+    /// Crop, resize, normalise and lay out a decoded image.
+    pub fn tensor_from_image(&self, image: &RgbImage) -> Result<Tensor, ImageError> {
+        let resized = self.resize(image)?;
+        Ok(self.normalise(&resized))
+    }
+
+    /// Crop and resize to the input size, 8-bit RGB, row-major HWC.
+    pub fn resize(&self, image: &RgbImage) -> Result<Vec<u8>, ImageError> {
+        let (height, width) = self.size;
+        let src = ImageRef::new(image.width, image.height, &image.pixels, fr::PixelType::U8x3)
+            .map_err(|e| ImageError::Internal(e.to_string()))?;
+        let mut dst = Image::new(width, height, fr::PixelType::U8x3);
+        let (left, top, crop_w, crop_h) = crop_box(self.spec.resize, image.width, image.height);
+        let alg = match self.spec.filter {
+            ResizeFilter::Nearest => fr::ResizeAlg::Nearest,
+            ResizeFilter::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+            ResizeFilter::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+            ResizeFilter::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
+        };
+        let options = fr::ResizeOptions::new().resize_alg(alg).crop(
+            f64::from(left),
+            f64::from(top),
+            f64::from(crop_w),
+            f64::from(crop_h),
+        );
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| ImageError::Internal(e.to_string()))?;
+        Ok(dst.into_vec())
+    }
+
+    /// HWC 8-bit RGB at the input size to the normalised input tensor.
+    pub fn normalise(&self, hwc: &[u8]) -> Tensor {
+        let (height, width) = (self.size.0 as usize, self.size.1 as usize);
+        let p = &self.spec;
+        // One multiply-add per value: (x * scale - mean) / std == x * a + b.
+        let order: [usize; 3] = match p.channel_order {
+            ChannelOrder::Rgb => [0, 1, 2],
+            ChannelOrder::Bgr => [2, 1, 0],
+        };
+        let a: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
+        let b: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
+        let plane = height * width;
+        let mut data = vec![0f32; plane * 3];
+        match self.input.layout {
+            Layout::Nhwc => {
+                for (px, out) in hwc.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
+                    for c in 0..3 {
+                        out[c] = f32::from(px[order[c]]) * a[c] + b[c];
+                    }
+                }
+            }
+            Layout::Nchw => {
+                for (i, px) in hwc.chunks_exact(3).enumerate() {
+                    for c in 0..3 {
+                        data[c * plane + i] = f32::from(px[order[c]]) * a[c] + b[c];
+                    }
+                }
+            }
+        }
+        let shape = self.input.shape.clone();
+        // The shape was checked to be 1x3xHxW or 1xHxWx3 with these H and W.
+        Tensor::from_shape(&shape, &data).unwrap_or_else(|_| tensor1(&data))
+    }
+}
+
+/// Size of the crop region for `policy` in a `width` x `height` image.
+fn crop_size(policy: ResizePolicy, width: u32, height: u32) -> (u32, u32) {
+    let (_, _, w, h) = crop_box(policy, width, height);
+    (w, h)
+}
+
+/// (left, top, width, height) of the region resized to the input.
+fn crop_box(policy: ResizePolicy, width: u32, height: u32) -> (u32, u32, u32, u32) {
+    match policy {
+        ResizePolicy::Stretch => (0, 0, width, height),
+        ResizePolicy::CentralFraction { fraction } => {
+            // tf.image.central_crop: start = int((len - len * fraction) / 2), size = len - 2 * start
+            let start = |len: u32| ((f64::from(len) - f64::from(len) * f64::from(fraction)) / 2.0) as u32;
+            let (top, left) = (start(height), start(width));
+            (left, top, width - 2 * left, height - 2 * top)
+        }
+        ResizePolicy::SquareCenterCrop { fraction } => {
+            let side = ((f64::from(fraction) * f64::from(width.min(height))).floor() as u32).max(1);
+            ((width - side + 1) / 2, (height - side + 1) / 2, side, side)
+        }
+    }
+}
+
+fn decode_error(e: image::ImageError) -> ImageError {
+    match e {
+        image::ImageError::Limits(l) => ImageError::TooManyPixels { width: 0, height: 0, reason: l.to_string() },
+        image::ImageError::Unsupported(u) => ImageError::UnsupportedFormat(u.to_string()),
+        other => ImageError::Invalid(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn square_center_crop_matches_reference_formula() {
+        let policy = ResizePolicy::SquareCenterCrop { fraction: 0.875 };
+        // c = floor(0.875 * 480) = 420; top = (480 - 420 + 1) / 2 = 30; left = (640 - 420 + 1) / 2 = 110
+        assert_eq!(crop_box(policy, 640, 480), (110, 30, 420, 420));
+    }
+
+    #[test]
+    fn central_fraction_matches_tensorflow() {
+        let policy = ResizePolicy::CentralFraction { fraction: 0.875 };
+        // TF: start = int((480 - 420) / 2) = 30, int((640 - 560) / 2) = 40
+        assert_eq!(crop_box(policy, 640, 480), (40, 30, 560, 420));
+    }
+}

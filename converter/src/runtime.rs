@@ -1,0 +1,226 @@
+//! The inference runtime: a bundle loaded, optimised and ready to classify images. One
+//! `Classifier` is shared by any number of threads (the plan is immutable; each call spawns
+//! its own state).
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tract_core::prelude::{IntoTValue, TypedRunnableModel, TypedModel, RunOptions, tvec};
+use tract_linalg::multithread::Executor;
+
+use crate::bundle::{self, BundleError, Manifest, manifest::OutputKind};
+use crate::preprocess::{ImageError, ImageLimits, Preprocessor};
+
+/// The tensor type inputs are given in.
+pub use tract_core::prelude::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Threads tract uses for one inference (matrix products split across them).
+    pub threads: NonZeroUsize,
+    /// Largest bundle file accepted.
+    pub max_bundle_bytes: u64,
+    pub image_limits: ImageLimits,
+    /// DCT-scaled JPEG decoding for large photos (see [`Preprocessor::with_dct_scaling`]).
+    pub dct_scaling: bool,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            threads: NonZeroUsize::MIN,
+            max_bundle_bytes: 2 << 30,
+            image_limits: ImageLimits::default(),
+            dct_scaling: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("cannot prepare the model: {0}")]
+    Prepare(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl RuntimeError {
+    /// Stable reply code (DESIGN.md section 4).
+    pub fn code(&self) -> &'static str {
+        match self {
+            RuntimeError::Image(e) => e.code(),
+            _ => "internal",
+        }
+    }
+}
+
+/// One class of a result.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    /// Index in the model's output (label offset included).
+    pub index: usize,
+    pub label: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Classification {
+    pub top: Vec<Prediction>,
+    /// Decode, crop, resize and normalise.
+    #[serde(serialize_with = "ser_ms")]
+    pub preprocess: Duration,
+    #[serde(serialize_with = "ser_ms")]
+    pub inference: Duration,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+pub struct Classifier {
+    manifest: Manifest,
+    plan: Arc<TypedRunnableModel>,
+    preprocessor: Preprocessor,
+}
+
+impl Classifier {
+    /// Loads, optimises and plans a bundle.
+    pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
+        let bundle = bundle::load(path, options.max_bundle_bytes)?;
+        Self::from_model(bundle.manifest, bundle.model, options)
+    }
+
+    /// Builds a classifier from a manifest and a decluttered model (the converter uses this
+    /// to verify a bundle before writing it).
+    pub fn from_model(manifest: Manifest, model: TypedModel, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
+        let model = model.into_optimized().map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
+        let executor = match options.threads.get() {
+            1 => Executor::SingleThread,
+            n => Executor::multithread(n),
+        };
+        let run_options = RunOptions { executor: Some(executor), ..RunOptions::default() };
+        let plan = model
+            .into_runnable_with_options(&run_options)
+            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
+        let preprocessor =
+            Preprocessor::new(manifest.preprocessing.clone(), manifest.input.clone(), options.image_limits)?
+                .with_dct_scaling(options.dct_scaling);
+        Ok(Classifier { manifest, plan, preprocessor })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn preprocessor(&self) -> &Preprocessor {
+        &self.preprocessor
+    }
+
+    /// Runs the network on one input tensor; returns the probabilities of every output
+    /// class (softmax applied when the model outputs logits).
+    pub fn infer(&self, input: Tensor) -> Result<Vec<f32>, RuntimeError> {
+        let outputs = self
+            .plan
+            .run(tvec![input.into_tvalue()])
+            .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
+        let output = outputs.first().ok_or_else(|| RuntimeError::Inference("model gave no output".into()))?;
+        let view = output
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>())
+            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        let mut probabilities = view.to_vec();
+        if self.manifest.output.kind == OutputKind::Logits {
+            softmax(&mut probabilities);
+        }
+        Ok(probabilities)
+    }
+
+    /// Decodes, preprocesses and classifies one encoded image.
+    pub fn classify(&self, image: &[u8], top_k: usize) -> Result<Classification, RuntimeError> {
+        let start = Instant::now();
+        let input = self.preprocessor.tensor_from_bytes(image)?;
+        let preprocess = start.elapsed();
+        let start = Instant::now();
+        let probabilities = self.infer(input)?;
+        let inference = start.elapsed();
+        Ok(Classification { top: self.top_k(&probabilities, top_k), preprocess, inference })
+    }
+
+    /// The `k` most probable labelled classes, best first.
+    pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
+        top_k(&self.manifest, probabilities, k)
+    }
+}
+
+/// The `k` most probable classes, best first; classes below the label offset (a background
+/// class) are skipped. Ties keep the lower index first.
+pub fn top_k(manifest: &Manifest, probabilities: &[f32], k: usize) -> Vec<Prediction> {
+    let offset = manifest.output.label_offset;
+    let mut indices: Vec<usize> = (offset..probabilities.len()).collect();
+    let key = |i: &usize| std::cmp::Reverse(ordered(probabilities[*i]));
+    let k = k.min(indices.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    indices.select_nth_unstable_by_key(k - 1, key);
+    indices.truncate(k);
+    indices.sort_by_key(|i| (key(i), *i));
+    indices
+        .into_iter()
+        .map(|index| Prediction {
+            index,
+            label: manifest
+                .labels
+                .get(index - offset)
+                .cloned()
+                .unwrap_or_else(|| format!("class_{index}")),
+            score: probabilities[index],
+        })
+        .collect()
+}
+
+/// Total order on f32 for sorting scores (NaN sorts lowest).
+fn ordered(x: f32) -> i64 {
+    if x.is_nan() { i64::MIN } else { i64::from(x.to_bits() as i32 ^ (((x.to_bits() as i32) >> 31) & 0x7fff_ffff)) }
+}
+
+pub fn softmax(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in values.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    if sum > 0.0 {
+        values.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordered_is_monotonic() {
+        let xs = [-3.0f32, -0.5, -0.0, 0.0, 1e-9, 0.25, 1.0, 7.0];
+        for w in xs.windows(2) {
+            assert!(ordered(w[0]) <= ordered(w[1]), "{} {}", w[0], w[1]);
+        }
+        assert!(ordered(f32::NAN) < ordered(-1e30));
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut v = vec![1.0, 2.0, 3.0];
+        softmax(&mut v);
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(v[2] > v[1] && v[1] > v[0]);
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Checks the vendored .proto files against the descriptors embedded in the TensorFlow wheel.
+
+Compares every message, field (name, number, label, type, type name, oneof, proto3 optional,
+packed), enum value, reserved range/name and file option of the FileDescriptorSet that
+`cargo build -p edge-proto` compiled from the vendored files (`edge_proto::FILE_DESCRIPTOR_SET`,
+written to `$OUT_DIR/file_descriptor_set.bin`) with the wheel's `*_pb2` descriptors.
+
+Usage: <venv>/bin/python check_against_wheel.py path/to/file_descriptor_set.bin
+"""
+
+import importlib
+import sys
+
+from google.protobuf import descriptor_pb2
+
+
+def normalise(fdp):
+    fdp = descriptor_pb2.FileDescriptorProto.FromString(fdp.SerializeToString())
+    fdp.ClearField("source_code_info")
+
+    def clean_msg(m):
+        for f in m.field:
+            f.ClearField("json_name")
+        # Declaration order is cosmetic; compare by number/name.
+        fields = sorted(m.field, key=lambda f: f.number)
+        del m.field[:]
+        m.field.extend(fields)
+        for n in m.nested_type:
+            clean_msg(n)
+        nested = sorted(m.nested_type, key=lambda n: n.name)
+        del m.nested_type[:]
+        m.nested_type.extend(nested)
+        enums = sorted(m.enum_type, key=lambda e: e.name)
+        del m.enum_type[:]
+        m.enum_type.extend(enums)
+
+    for m in fdp.message_type:
+        clean_msg(m)
+    return fdp
+
+
+def main():
+    fds = descriptor_pb2.FileDescriptorSet()
+    with open(sys.argv[1], "rb") as f:
+        fds.ParseFromString(f.read())
+    checked = 0
+    for ours in fds.file:
+        if ours.name.startswith("google/protobuf/"):
+            continue
+        module = importlib.import_module(ours.name[: -len(".proto")].replace("/", ".") + "_pb2")
+        theirs = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(theirs)
+        a, b = normalise(ours), normalise(theirs)
+        if a != b:
+            print(f"MISMATCH {ours.name}\n--- vendored\n{a}\n--- wheel\n{b}")
+            sys.exit(1)
+        checked += 1
+    print(f"{checked} vendored files match the wheel's descriptors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, from nothing: fixtures (built once, cached outside git), lint, build,
+# every test. Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EDGE_FIXTURES=$(scripts/fixtures.sh)
+export EDGE_FIXTURES
+echo "fixtures: $EDGE_FIXTURES" >&2
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --bins --locked
+cargo test --workspace --locked "$@"

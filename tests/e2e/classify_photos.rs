@@ -1,0 +1,58 @@
+//! A real pretrained classifier proves preprocessing: EfficientNet-Lite0 converted with its
+//! own preprocessing must name the two photos as ONNX Runtime does (../shared/models/README.md).
+
+use std::process::Command;
+
+use edge_e2e::{bin, run, shared_models, stderr, stdout};
+use serde_json::Value;
+
+/// EfficientNet-Lite0 converted once per test run (shared by the tests that need a real,
+/// valid bundle).
+pub fn efficientnet_bundle() -> std::path::PathBuf {
+    static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> = std::sync::OnceLock::new();
+    BUNDLE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = convert_efficientnet(dir.path());
+        (dir, path)
+    })
+    .1
+    .clone()
+}
+
+fn convert_efficientnet(dir: &std::path::Path) -> std::path::PathBuf {
+    let models = shared_models();
+    let bundle = dir.join("efficientnet_lite0.bundle");
+    let out = run(Command::new(bin("edge-convert"))
+        .arg("convert")
+        .arg(models.join("efficientnet_lite0.onnx"))
+        .arg("-o")
+        .arg(&bundle)
+        .args(["--preset", "efficientnet-lite", "--labels"])
+        .arg(models.join("imagenet_labels.txt")));
+    assert!(out.status.success(), "convert failed:\n{}", stderr(&out));
+    bundle
+}
+
+#[test]
+fn efficientnet_names_espresso_and_tripod_like_onnx_runtime() {
+    let bundle = efficientnet_bundle();
+    let models = shared_models();
+    let out = run(Command::new(bin("edge-agent"))
+        .args(["classify", "--json", "--top-k", "5", "--bundle"])
+        .arg(&bundle)
+        .arg(models.join("coffee.jpg"))
+        .arg(models.join("camera.jpg")));
+    assert!(out.status.success(), "classify failed:\n{}", stderr(&out));
+    let doc: Value = serde_json::from_str(&stdout(&out)).expect("classify --json prints JSON");
+    let results = doc["results"].as_array().expect("results array");
+    assert_eq!(results.len(), 2);
+    // (photo, expected top-1, ONNX Runtime's score per the README)
+    for (result, (photo, label, score)) in results.iter().zip([("coffee.jpg", "espresso", 0.954), ("camera.jpg", "tripod", 0.938)]) {
+        let top = &result["top"][0];
+        let got = top["score"].as_f64().unwrap();
+        println!("{photo}: {} {got:.4} (ONNX Runtime: {label} {score})", top["label"]);
+        assert_eq!(top["label"], label, "{photo}: {result}");
+        assert!((got - score).abs() <= 0.03, "{photo}: score {got} vs {score}");
+        assert_eq!(result["top"].as_array().unwrap().len(), 5);
+    }
+}

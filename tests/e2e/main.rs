@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `edge-convert` and `edge-agent` binaries on real models
+//! (TensorFlow-made Inception V3 fixtures with seeded weights, the pretrained EfficientNet-Lite0).
+
+mod bad_inputs;
+mod classify_photos;
+mod sources;
