@@ -94,7 +94,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Rewrites a bundle's manifest with `edit`, keeping the model entries, into `to`.
-pub fn rewrite_manifest(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+pub fn rewrite_manifest(from: &Path, to: &Path, edit: impl Fn(&mut serde_json::Value)) {
     let bytes = std::fs::read(from).unwrap();
     let mut archive = tar::Archive::new(bytes.as_slice());
     let mut builder = tar::Builder::new(Vec::new());

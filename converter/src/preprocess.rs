@@ -111,6 +111,11 @@ impl Preprocessor {
         if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
             return Err(ImageError::UnsupportedFormat(format!("{format:?}; only JPEG and PNG")));
         }
+        if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+            // Decoders fill a truncated scan with grey and succeed; a half image would then
+            // be classified as if it were whole.
+            return Err(ImageError::Invalid("truncated JPEG (no end-of-image marker after the last scan)".into()));
+        }
         let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
         let (width, height) = reader.into_dimensions().map_err(decode_error)?;
         self.check_dimensions(width, height)?;
@@ -244,6 +249,16 @@ impl Preprocessor {
     }
 }
 
+/// Whether a JPEG's last scan (SOS marker) is followed by an end-of-image marker. Entropy-coded
+/// data stuffs every 0xFF with 0x00, so marker pairs cannot occur inside it.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
+}
+
 /// Size of the crop region for `policy` in a `width` x `height` image.
 fn crop_size(policy: ResizePolicy, width: u32, height: u32) -> (u32, u32) {
     let (_, _, w, h) = crop_box(policy, width, height);
@@ -278,6 +293,16 @@ fn decode_error(e: image::ImageError) -> ImageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_jpeg_is_detected() {
+        let whole = [0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD9];
+        assert!(jpeg_is_complete(&whole));
+        assert!(!jpeg_is_complete(&whole[..10]));
+        // A thumbnail's EOI before the main scan does not count.
+        let thumb_then_cut = [0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 0x00, 0x02, 0x12];
+        assert!(!jpeg_is_complete(&thumb_then_cut));
+    }
 
     #[test]
     fn square_center_crop_matches_reference_formula() {

@@ -165,6 +165,7 @@ fn classify_handles_image_variants_and_refuses_hostile_ones() {
         ("truncated.jpg", coffee[..coffee.len() / 3].to_vec(), Some("invalid_image")),
         ("header-only.jpg", coffee[..600].to_vec(), Some("invalid_image")),
         ("bomb.png", png_bomb(30_000, 30_000), Some("too_large")),
+        ("bomb-pixels.png", png_bomb(16_000, 16_000), Some("too_large")),
         ("huge.jpg", jpeg_with_declared_size(&coffee, 60_000, 60_000), Some("too_large")),
     ];
     let mut cmd = Command::new(bin("edge-agent"));
