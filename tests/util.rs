@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
 }
 
 /// A binary of this workspace, built by `cargo build --bins` (the README's test command
@@ -29,7 +32,11 @@ pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("EDGE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
         panic!("EDGE_FIXTURES is not set: run the tests with scripts/test.sh, or export EDGE_FIXTURES=$(scripts/fixtures.sh)")
     });
-    assert!(dir.join("fixtures.json").exists(), "{} holds no fixtures.json; rerun scripts/fixtures.sh", dir.display());
+    assert!(
+        dir.join("fixtures.json").exists(),
+        "{} holds no fixtures.json; rerun scripts/fixtures.sh",
+        dir.display()
+    );
     dir
 }
 
@@ -65,11 +72,23 @@ pub fn stderr(o: &Output) -> String {
 /// `error:` paragraph, and no panic or backtrace.
 pub fn assert_clean_failure(o: &Output, what: &str) -> String {
     let err = stderr(o);
-    assert!(!o.status.success(), "{what}: expected failure, got success\n{}", stdout(o));
-    assert_eq!(o.status.code(), Some(1), "{what}: exit code {:?}\n{err}", o.status.code());
+    assert!(
+        !o.status.success(),
+        "{what}: expected failure, got success\n{}",
+        stdout(o)
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{what}: exit code {:?}\n{err}",
+        o.status.code()
+    );
     assert!(err.contains("error:"), "{what}: no error message\n{err}");
     for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
-        assert!(!err.contains(bad), "{what}: stderr shows a panic/backtrace\n{err}");
+        assert!(
+            !err.contains(bad),
+            "{what}: stderr shows a panic/backtrace\n{err}"
+        );
     }
     err
 }
@@ -77,7 +96,10 @@ pub fn assert_clean_failure(o: &Output, what: &str) -> String {
 /// Reads a raw little-endian f32 file.
 pub fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Indices of the `k` largest values, largest first.
@@ -135,7 +157,11 @@ pub fn png_bomb(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut png, b"IHDR", &ihdr);
     // zlib stream of a few empty stored blocks' worth: enough to look like data.
-    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
     chunk(&mut png, b"IEND", &[]);
     png
 }
@@ -144,7 +170,7 @@ pub fn png_bomb(width: u32, height: u32) -> Vec<u8> {
 pub fn jpeg_with_declared_size(jpeg: &[u8], width: u16, height: u16) -> Vec<u8> {
     let mut out = jpeg.to_vec();
     let sof = (0..out.len() - 9)
-        .find(|&i| out[i] == 0xFF && matches!(out[i + 1], 0xC0 | 0xC1 | 0xC2))
+        .find(|&i| out[i] == 0xFF && matches!(out[i + 1], 0xC0..=0xC2))
         .expect("JPEG has a SOF marker");
     // FF Cx, length (2), precision (1), height (2), width (2)
     out[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
@@ -157,7 +183,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

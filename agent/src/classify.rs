@@ -59,8 +59,11 @@ pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
     let mut failed = 0;
     let mut results = Vec::new();
     for path in &args.images {
-        let outcome = read_image(path, args.max_image_bytes)
-            .and_then(|bytes| classifier.classify(&bytes, args.top_k).map_err(|e| (e.code(), e.to_string())));
+        let outcome = read_image(path, args.max_image_bytes).and_then(|bytes| {
+            classifier
+                .classify(&bytes, args.top_k)
+                .map_err(|e| (e.code(), e.to_string()))
+        });
         match outcome {
             Ok(c) => {
                 if args.json {
@@ -91,13 +94,20 @@ pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({
-            "model": {"name": model.name, "version": model.version},
-            "load_ms": load_ms,
-            "results": results,
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": {"name": model.name, "version": model.version},
+                "load_ms": load_ms,
+                "results": results,
+            }))?
+        );
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Reads an image file, refusing one larger than `max_bytes` before reading it.
@@ -105,7 +115,10 @@ fn read_image(path: &std::path::Path, max_bytes: usize) -> Result<Vec<u8>, (&'st
     let cannot = |e: std::io::Error| ("invalid_image", format!("cannot read {}: {e}", path.display()));
     let size = std::fs::metadata(path).map_err(cannot)?.len();
     if size > max_bytes as u64 {
-        return Err(("too_large", format!("image is {size} bytes, the limit is {max_bytes}")));
+        return Err((
+            "too_large",
+            format!("image is {size} bytes, the limit is {max_bytes}"),
+        ));
     }
     std::fs::read(path).map_err(cannot)
 }

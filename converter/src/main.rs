@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use edge_convert::bundle::manifest::{ChannelOrder, Layout, OutputKind, Preprocessing, ResizeFilter, ResizePolicy};
+use edge_convert::bundle::manifest::{
+    ChannelOrder, Layout, OutputKind, Preprocessing, ResizeFilter, ResizePolicy,
+};
 use edge_convert::convert::{self, ConvertOptions, InputOverrides, Progress};
 
 /// Convert exported image classifiers into edge bundles for edge-agent.
@@ -229,14 +231,20 @@ impl PreprocessArgs {
             Preset::EfficientnetLite => Preprocessing::efficientnet_lite(),
         };
         let fraction = self.crop_fraction.or(match p.resize {
-            ResizePolicy::CentralFraction { fraction } | ResizePolicy::SquareCenterCrop { fraction } => Some(fraction),
+            ResizePolicy::CentralFraction { fraction } | ResizePolicy::SquareCenterCrop { fraction } => {
+                Some(fraction)
+            }
             ResizePolicy::Stretch => None,
         });
         if let Some(resize) = self.resize {
             p.resize = match resize {
                 ResizeArg::Stretch => ResizePolicy::Stretch,
-                ResizeArg::CentralFraction => ResizePolicy::CentralFraction { fraction: fraction.unwrap_or(0.875) },
-                ResizeArg::SquareCrop => ResizePolicy::SquareCenterCrop { fraction: fraction.unwrap_or(0.875) },
+                ResizeArg::CentralFraction => ResizePolicy::CentralFraction {
+                    fraction: fraction.unwrap_or(0.875),
+                },
+                ResizeArg::SquareCrop => ResizePolicy::SquareCenterCrop {
+                    fraction: fraction.unwrap_or(0.875),
+                },
             };
         } else if let Some(f) = self.crop_fraction {
             p.resize = match p.resize {
@@ -275,13 +283,21 @@ fn three(flag: &str, v: &[f32]) -> Result<[f32; 3]> {
     match v {
         [x] => Ok([*x; 3]),
         [a, b, c] => Ok([*a, *b, *c]),
-        _ => bail!("{flag} takes one value or three (one per channel), got {}", v.len()),
+        _ => bail!(
+            "{flag} takes one value or three (one per channel), got {}",
+            v.len()
+        ),
     }
 }
 
 fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read labels file {}", path.display()))?;
-    let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read labels file {}", path.display()))?;
+    let labels: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     if labels.is_empty() {
         bail!("labels file {} has no labels", path.display());
     }
@@ -351,8 +367,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{} {}", report.kind, model.display());
                 report.inputs.iter().for_each(|i| println!("input   {i}"));
                 report.outputs.iter().for_each(|o| println!("output  {o}"));
-                println!("parameters    {} ({:.1} MB)", report.parameters, report.weight_bytes as f64 / 1e6);
-                println!("multiply-adds {} ({:.2} G)", report.multiply_adds, report.multiply_adds as f64 / 1e9);
+                println!(
+                    "parameters    {} ({:.1} MB)",
+                    report.parameters,
+                    report.weight_bytes as f64 / 1e6
+                );
+                println!(
+                    "multiply-adds {} ({:.2} G)",
+                    report.multiply_adds,
+                    report.multiply_adds as f64 / 1e9
+                );
                 println!("operators:");
                 let mut ops: Vec<_> = report.ops.iter().collect();
                 ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -366,7 +390,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { bundle, against, samples, tolerance, json } => {
+        Command::Verify {
+            bundle,
+            against,
+            samples,
+            tolerance,
+            json,
+        } => {
             let report = convert::verify(&bundle, against.as_deref(), samples, tolerance, &progress)
                 .with_context(|| format!("cannot verify {}", bundle.display()))?;
             if json {
@@ -385,10 +415,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{}: ran {} samples, outputs {}",
                     bundle.display(),
                     report.samples,
-                    if report.passed { "finite probability distributions: ok" } else { "NOT valid probabilities" }
+                    if report.passed {
+                        "finite probability distributions: ok"
+                    } else {
+                        "NOT valid probabilities"
+                    }
                 );
             }
-            Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -399,7 +437,10 @@ fn without_labels(m: &edge_convert::bundle::Manifest) -> serde_json::Value {
     if let Some(obj) = v.as_object_mut() {
         let n = m.labels.len();
         let first: Vec<_> = m.labels.iter().take(3).cloned().collect();
-        obj.insert("labels".into(), serde_json::json!(format!("{n} labels: {} ...", first.join(", "))));
+        obj.insert(
+            "labels".into(),
+            serde_json::json!(format!("{n} labels: {} ...", first.join(", "))),
+        );
     }
     v
 }

@@ -24,7 +24,11 @@ pub struct ImageLimits {
 impl Default for ImageLimits {
     fn default() -> Self {
         // 50 MP covers phone cameras (4032x3024 = 12 MP) with room; 16384 is JPEG's practical max.
-        ImageLimits { max_bytes: 32 << 20, max_pixels: 50_000_000, max_side: 16_384 }
+        ImageLimits {
+            max_bytes: 32 << 20,
+            max_pixels: 50_000_000,
+            max_side: 16_384,
+        }
     }
 }
 
@@ -81,7 +85,13 @@ impl Preprocessor {
         let size = input
             .image_size()
             .ok_or_else(|| ImageError::Internal(format!("input shape {:?} is not an image", input.shape)))?;
-        Ok(Preprocessor { spec, input, size, limits, dct_scaling: true })
+        Ok(Preprocessor {
+            spec,
+            input,
+            size,
+            limits,
+            dct_scaling: true,
+        })
     }
 
     pub fn with_dct_scaling(mut self, on: bool) -> Self {
@@ -103,18 +113,25 @@ impl Preprocessor {
     /// reduced, CMYK converted. Limits are checked from the header before decoding.
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
         if bytes.len() > self.limits.max_bytes {
-            return Err(ImageError::TooLarge { size: bytes.len(), limit: self.limits.max_bytes });
+            return Err(ImageError::TooLarge {
+                size: bytes.len(),
+                limit: self.limits.max_bytes,
+            });
         }
         let format = image::guess_format(bytes).map_err(|_| {
             ImageError::UnsupportedFormat("not a JPEG or PNG (unrecognised signature)".into())
         })?;
         if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
-            return Err(ImageError::UnsupportedFormat(format!("{format:?}; only JPEG and PNG")));
+            return Err(ImageError::UnsupportedFormat(format!(
+                "{format:?}; only JPEG and PNG"
+            )));
         }
         if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
             // Decoders fill a truncated scan with grey and succeed; a half image would then
             // be classified as if it were whole.
-            return Err(ImageError::Invalid("truncated JPEG (no end-of-image marker after the last scan)".into()));
+            return Err(ImageError::Invalid(
+                "truncated JPEG (no end-of-image marker after the last scan)".into(),
+            ));
         }
         let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
         let (width, height) = reader.into_dimensions().map_err(decode_error)?;
@@ -135,13 +152,23 @@ impl Preprocessor {
         let decoded = reader.decode().map_err(decode_error)?;
         let rgb = decoded.into_rgb8();
         let (width, height) = rgb.dimensions();
-        Ok(RgbImage { width, height, pixels: rgb.into_raw() })
+        Ok(RgbImage {
+            width,
+            height,
+            pixels: rgb.into_raw(),
+        })
     }
 
     fn check_dimensions(&self, width: u32, height: u32) -> Result<(), ImageError> {
-        let too_large = |reason: String| ImageError::TooManyPixels { width, height, reason };
+        let too_large = |reason: String| ImageError::TooManyPixels {
+            width,
+            height,
+            reason,
+        };
         if width == 0 || height == 0 {
-            return Err(ImageError::Invalid(format!("image has no pixels ({width}x{height})")));
+            return Err(ImageError::Invalid(format!(
+                "image has no pixels ({width}x{height})"
+            )));
         }
         if width > self.limits.max_side || height > self.limits.max_side {
             return Err(too_large(format!("max side {}", self.limits.max_side)));
@@ -153,7 +180,12 @@ impl Preprocessor {
     }
 
     /// DCT-scaled decode of an RGB or grey JPEG, or `None` when no reduction applies.
-    fn decode_jpeg_scaled(&self, bytes: &[u8], width: u32, height: u32) -> Result<Option<RgbImage>, ImageError> {
+    fn decode_jpeg_scaled(
+        &self,
+        bytes: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<Option<RgbImage>, ImageError> {
         let (crop_w, crop_h) = crop_size(self.spec.resize, width, height);
         let (target_h, target_w) = self.size;
         let factor = [8u32, 4, 2]
@@ -161,14 +193,22 @@ impl Preprocessor {
             .find(|f| crop_w / f >= target_w && crop_h / f >= target_h);
         let Some(factor) = factor else { return Ok(None) };
         let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-        decoder.read_info().map_err(|e| ImageError::Invalid(e.to_string()))?;
+        decoder
+            .read_info()
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
         let format = decoder.info().map(|i| i.pixel_format);
-        if !matches!(format, Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8)) {
+        if !matches!(
+            format,
+            Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8)
+        ) {
             return Ok(None); // CMYK and 16-bit go through the general decoder
         }
         let (req_w, req_h) = (width.div_ceil(factor), height.div_ceil(factor));
         let (w, h) = decoder
-            .scale(req_w.min(u16::MAX as u32) as u16, req_h.min(u16::MAX as u32) as u16)
+            .scale(
+                req_w.min(u16::MAX as u32) as u16,
+                req_h.min(u16::MAX as u32) as u16,
+            )
             .map_err(|e| ImageError::Invalid(e.to_string()))?;
         decoder.set_max_decoding_buffer_size(self.limits.max_pixels.saturating_mul(3) as usize);
         let data = decoder.decode().map_err(|e| ImageError::Invalid(e.to_string()))?;
@@ -180,7 +220,11 @@ impl Preprocessor {
         if pixels.len() != (w * h * 3) as usize {
             return Err(ImageError::Invalid("JPEG decoded to an unexpected size".into()));
         }
-        Ok(Some(RgbImage { width: w, height: h, pixels }))
+        Ok(Some(RgbImage {
+            width: w,
+            height: h,
+            pixels,
+        }))
     }
 
     /// Crop, resize, normalise and lay out a decoded image.
@@ -277,14 +321,18 @@ fn crop_box(policy: ResizePolicy, width: u32, height: u32) -> (u32, u32, u32, u3
         }
         ResizePolicy::SquareCenterCrop { fraction } => {
             let side = ((f64::from(fraction) * f64::from(width.min(height))).floor() as u32).max(1);
-            ((width - side + 1) / 2, (height - side + 1) / 2, side, side)
+            ((width - side).div_ceil(2), (height - side).div_ceil(2), side, side)
         }
     }
 }
 
 fn decode_error(e: image::ImageError) -> ImageError {
     match e {
-        image::ImageError::Limits(l) => ImageError::TooManyPixels { width: 0, height: 0, reason: l.to_string() },
+        image::ImageError::Limits(l) => ImageError::TooManyPixels {
+            width: 0,
+            height: 0,
+            reason: l.to_string(),
+        },
         image::ImageError::Unsupported(u) => ImageError::UnsupportedFormat(u.to_string()),
         other => ImageError::Invalid(other.to_string()),
     }
@@ -296,7 +344,9 @@ mod tests {
 
     #[test]
     fn truncated_jpeg_is_detected() {
-        let whole = [0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD9];
+        let whole = [
+            0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD9,
+        ];
         assert!(jpeg_is_complete(&whole));
         assert!(!jpeg_is_complete(&whole[..10]));
         // A thumbnail's EOI before the main scan does not count.

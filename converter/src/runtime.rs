@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tract_core::prelude::{IntoTValue, TypedRunnableModel, TypedModel, RunOptions, tvec};
+use tract_core::prelude::{IntoTValue, RunOptions, TypedModel, TypedRunnableModel, tvec};
 use tract_linalg::multithread::Executor;
 
 use crate::bundle::{self, BundleError, Manifest, manifest::OutputKind};
@@ -99,20 +99,36 @@ impl Classifier {
 
     /// Builds a classifier from a manifest and a decluttered model (the converter uses this
     /// to verify a bundle before writing it).
-    pub fn from_model(manifest: Manifest, model: TypedModel, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
-        let model = model.into_optimized().map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
+    pub fn from_model(
+        manifest: Manifest,
+        model: TypedModel,
+        options: &RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        let model = model
+            .into_optimized()
+            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
         let executor = match options.threads.get() {
             1 => Executor::SingleThread,
             n => Executor::multithread(n),
         };
-        let run_options = RunOptions { executor: Some(executor), ..RunOptions::default() };
+        let run_options = RunOptions {
+            executor: Some(executor),
+            ..RunOptions::default()
+        };
         let plan = model
             .into_runnable_with_options(&run_options)
             .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
-        let preprocessor =
-            Preprocessor::new(manifest.preprocessing.clone(), manifest.input.clone(), options.image_limits)?
-                .with_dct_scaling(options.dct_scaling);
-        Ok(Classifier { manifest, plan, preprocessor })
+        let preprocessor = Preprocessor::new(
+            manifest.preprocessing.clone(),
+            manifest.input.clone(),
+            options.image_limits,
+        )?
+        .with_dct_scaling(options.dct_scaling);
+        Ok(Classifier {
+            manifest,
+            plan,
+            preprocessor,
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -130,7 +146,9 @@ impl Classifier {
             .plan
             .run(tvec![input.into_tvalue()])
             .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
-        let output = outputs.first().ok_or_else(|| RuntimeError::Inference("model gave no output".into()))?;
+        let output = outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Inference("model gave no output".into()))?;
         let view = output
             .try_as_plain_ram()
             .and_then(|v| v.as_slice::<f32>())
@@ -150,7 +168,11 @@ impl Classifier {
         let start = Instant::now();
         let probabilities = self.infer(input)?;
         let inference = start.elapsed();
-        Ok(Classification { top: self.top_k(&probabilities, top_k), preprocess, inference })
+        Ok(Classification {
+            top: self.top_k(&probabilities, top_k),
+            preprocess,
+            inference,
+        })
     }
 
     /// The `k` most probable labelled classes, best first.
@@ -188,7 +210,11 @@ pub fn top_k(manifest: &Manifest, probabilities: &[f32], k: usize) -> Vec<Predic
 
 /// Total order on f32 for sorting scores (NaN sorts lowest).
 fn ordered(x: f32) -> i64 {
-    if x.is_nan() { i64::MIN } else { i64::from(x.to_bits() as i32 ^ (((x.to_bits() as i32) >> 31) & 0x7fff_ffff)) }
+    if x.is_nan() {
+        i64::MIN
+    } else {
+        i64::from(x.to_bits() as i32 ^ (((x.to_bits() as i32) >> 31) & 0x7fff_ffff))
+    }
 }
 
 pub fn softmax(values: &mut [f32]) {

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use edge_e2e::{assert_clean_failure, bin, jpeg_with_declared_size, png_bomb, rewrite_manifest, run, shared_models, stderr, stdout};
+use edge_e2e::{
+    assert_clean_failure, bin, jpeg_with_declared_size, png_bomb, rewrite_manifest, run, shared_models,
+    stderr, stdout,
+};
 use serde_json::Value;
 
 use crate::classify_photos::efficientnet_bundle;
@@ -25,11 +28,21 @@ fn convert_rejects_missing_empty_garbage_and_truncated_models() {
     let d = dir.path();
     let onnx = std::fs::read(shared_models().join("efficientnet_lite0.onnx")).unwrap();
     std::fs::write(d.join("empty.onnx"), b"").unwrap();
-    std::fs::write(d.join("garbage.onnx"), (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(
+        d.join("garbage.onnx"),
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     std::fs::write(d.join("truncated.onnx"), &onnx[..onnx.len() / 2]).unwrap();
     std::fs::write(d.join("head.onnx"), &onnx[..200]).unwrap();
     std::fs::write(d.join("notes.txt"), b"this is not a model\n").unwrap();
-    std::fs::write(d.join("photo.pb"), std::fs::read(shared_models().join("coffee.jpg")).unwrap()).unwrap();
+    std::fs::write(
+        d.join("photo.pb"),
+        std::fs::read(shared_models().join("coffee.jpg")).unwrap(),
+    )
+    .unwrap();
     std::fs::write(d.join("garbage.pb"), [0x0a, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).unwrap();
     std::fs::create_dir(d.join("empty_saved_model")).unwrap();
     let cases = [
@@ -46,7 +59,10 @@ fn convert_rejects_missing_empty_garbage_and_truncated_models() {
     for (what, path) in cases {
         let out = convert(&path, &["--preset", "efficientnet-lite"]);
         let err = assert_clean_failure(&out, what);
-        assert!(err.lines().filter(|l| !l.trim().is_empty()).count() <= 6, "{what}: error is not one paragraph:\n{err}");
+        assert!(
+            err.lines().filter(|l| !l.trim().is_empty()).count() <= 6,
+            "{what}: error is not one paragraph:\n{err}"
+        );
         println!("{what}: {}", err.trim());
     }
 }
@@ -55,7 +71,11 @@ fn convert_rejects_missing_empty_garbage_and_truncated_models() {
 fn convert_rejects_mismatched_labels_and_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let labels = dir.path().join("ten.txt");
-    std::fs::write(&labels, (0..10).map(|i| format!("class {i}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &labels,
+        (0..10).map(|i| format!("class {i}\n")).collect::<String>(),
+    )
+    .unwrap();
     let model = shared_models().join("efficientnet_lite0.onnx");
     let out = convert(&model, &["--labels", labels.to_str().unwrap()]);
     let err = assert_clean_failure(&out, "10 labels for 1000 classes");
@@ -76,9 +96,15 @@ fn agent_rejects_bad_bundles_clearly() {
     std::fs::write(d.join("truncated.bundle"), &bytes[..bytes.len() / 2]).unwrap();
     std::fs::write(d.join("garbage.bundle"), vec![0x5a; 10_000]).unwrap();
     std::fs::write(d.join("empty.bundle"), b"").unwrap();
-    rewrite_manifest(&good, &d.join("future.bundle"), |m| m["format_version"] = 99.into());
-    rewrite_manifest(&good, &d.join("newer-tract.bundle"), |m| m["tract_version"] = "0.99.0".into());
-    rewrite_manifest(&good, &d.join("bad-shape.bundle"), |m| m["input"]["shape"] = serde_json::json!([1, 3, 300, 300]));
+    rewrite_manifest(&good, &d.join("future.bundle"), |m| {
+        m["format_version"] = 99.into()
+    });
+    rewrite_manifest(&good, &d.join("newer-tract.bundle"), |m| {
+        m["tract_version"] = "0.99.0".into()
+    });
+    rewrite_manifest(&good, &d.join("bad-shape.bundle"), |m| {
+        m["input"]["shape"] = serde_json::json!([1, 3, 300, 300])
+    });
     let photo = shared_models().join("coffee.jpg");
     let cases = [
         ("missing", "nope.bundle", "No such file"),
@@ -87,10 +113,17 @@ fn agent_rejects_bad_bundles_clearly() {
         ("empty", "empty.bundle", "not an edge bundle"),
         ("future format", "future.bundle", "format version 99"),
         ("newer tract", "newer-tract.bundle", "newer than the tract"),
-        ("manifest disagrees with model", "bad-shape.bundle", "does not match"),
+        (
+            "manifest disagrees with model",
+            "bad-shape.bundle",
+            "does not match",
+        ),
     ];
     for (what, file, needle) in cases {
-        let out = run(Command::new(bin("edge-agent")).args(["classify", "--bundle"]).arg(d.join(file)).arg(&photo));
+        let out = run(Command::new(bin("edge-agent"))
+            .args(["classify", "--bundle"])
+            .arg(d.join(file))
+            .arg(&photo));
         let err = assert_clean_failure(&out, what);
         assert!(err.contains(needle), "{what}: expected {needle:?} in\n{err}");
         println!("{what}: {}", err.trim());
@@ -117,13 +150,23 @@ fn jpeg(rgb: &image::RgbImage, cmyk: bool, progressive: bool) -> Vec<u8> {
             .flat_map(|p| {
                 let [r, g, b] = p.0.map(f32::from);
                 let k = 255.0 - r.max(g).max(b);
-                let f = |c: f32| if k >= 255.0 { 0.0 } else { (255.0 - c - k) / (255.0 - k) * 255.0 };
+                let f = |c: f32| {
+                    if k >= 255.0 {
+                        0.0
+                    } else {
+                        (255.0 - c - k) / (255.0 - k) * 255.0
+                    }
+                };
                 [255.0 - f(r), 255.0 - f(g), 255.0 - f(b), 255.0 - k].map(|v| v.round() as u8)
             })
             .collect();
-        encoder.encode(&data, w, h, jpeg_encoder::ColorType::Cmyk).unwrap();
+        encoder
+            .encode(&data, w, h, jpeg_encoder::ColorType::Cmyk)
+            .unwrap();
     } else {
-        encoder.encode(rgb.as_raw(), w, h, jpeg_encoder::ColorType::Rgb).unwrap();
+        encoder
+            .encode(rgb.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
     }
     out
 }
@@ -134,11 +177,16 @@ fn palette_png(rgb: &image::RgbImage) -> Vec<u8> {
     let mut encoder = png::Encoder::new(&mut out, rgb.width(), rgb.height());
     encoder.set_color(png::ColorType::Indexed);
     encoder.set_depth(png::BitDepth::Eight);
-    let palette: Vec<u8> = (0..216u32).flat_map(|i| [i / 36, i / 6 % 6, i % 6].map(|c| (c * 51) as u8)).collect();
+    let palette: Vec<u8> = (0..216u32)
+        .flat_map(|i| [i / 36, i / 6 % 6, i % 6].map(|c| (c * 51) as u8))
+        .collect();
     encoder.set_palette(palette);
     let mut writer = encoder.write_header().unwrap();
     let q = |v: u8| (u32::from(v) + 25) / 51;
-    let indices: Vec<u8> = rgb.pixels().map(|p| (q(p.0[0]) * 36 + q(p.0[1]) * 6 + q(p.0[2])) as u8).collect();
+    let indices: Vec<u8> = rgb
+        .pixels()
+        .map(|p| (q(p.0[0]) * 36 + q(p.0[1]) * 6 + q(p.0[2])) as u8)
+        .collect();
     writer.write_image_data(&indices).unwrap();
     drop(writer);
     out
@@ -152,30 +200,80 @@ fn classify_handles_image_variants_and_refuses_hostile_ones() {
     let coffee = std::fs::read(shared_models().join("coffee.jpg")).unwrap();
     let rgb = image::load_from_memory(&coffee).unwrap();
     let files: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
-        ("grey.png", encode(image::DynamicImage::ImageLuma8(rgb.to_luma8()), image::ImageFormat::Png), None),
-        ("rgba.png", encode(image::DynamicImage::ImageRgba8(rgb.to_rgba8()), image::ImageFormat::Png), None),
-        ("rgb16.png", encode(image::DynamicImage::ImageRgb16(rgb.to_rgb16()), image::ImageFormat::Png), None),
-        ("grey.jpg", encode(image::DynamicImage::ImageLuma8(rgb.to_luma8()), image::ImageFormat::Jpeg), None),
+        (
+            "grey.png",
+            encode(
+                image::DynamicImage::ImageLuma8(rgb.to_luma8()),
+                image::ImageFormat::Png,
+            ),
+            None,
+        ),
+        (
+            "rgba.png",
+            encode(
+                image::DynamicImage::ImageRgba8(rgb.to_rgba8()),
+                image::ImageFormat::Png,
+            ),
+            None,
+        ),
+        (
+            "rgb16.png",
+            encode(
+                image::DynamicImage::ImageRgb16(rgb.to_rgb16()),
+                image::ImageFormat::Png,
+            ),
+            None,
+        ),
+        (
+            "grey.jpg",
+            encode(
+                image::DynamicImage::ImageLuma8(rgb.to_luma8()),
+                image::ImageFormat::Jpeg,
+            ),
+            None,
+        ),
         ("rgb-cmyk.jpg", jpeg(&rgb.to_rgb8(), true, false), None),
         ("rgb-progressive.jpg", jpeg(&rgb.to_rgb8(), false, true), None),
         ("rgb-palette.png", palette_png(&rgb.to_rgb8()), None),
         ("zero.jpg", Vec::new(), Some("unsupported_format")),
-        ("garbage.jpg", (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(), Some("unsupported_format")),
-        ("gif.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec(), Some("unsupported_format")),
-        ("truncated.jpg", coffee[..coffee.len() / 3].to_vec(), Some("invalid_image")),
+        (
+            "garbage.jpg",
+            (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            Some("unsupported_format"),
+        ),
+        (
+            "gif.gif",
+            b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec(),
+            Some("unsupported_format"),
+        ),
+        (
+            "truncated.jpg",
+            coffee[..coffee.len() / 3].to_vec(),
+            Some("invalid_image"),
+        ),
         ("header-only.jpg", coffee[..600].to_vec(), Some("invalid_image")),
         ("bomb.png", png_bomb(30_000, 30_000), Some("too_large")),
         ("bomb-pixels.png", png_bomb(16_000, 16_000), Some("too_large")),
-        ("huge.jpg", jpeg_with_declared_size(&coffee, 60_000, 60_000), Some("too_large")),
+        (
+            "huge.jpg",
+            jpeg_with_declared_size(&coffee, 60_000, 60_000),
+            Some("too_large"),
+        ),
     ];
     let mut cmd = Command::new(bin("edge-agent"));
-    cmd.args(["classify", "--json", "--top-k", "1", "--bundle"]).arg(&bundle);
+    cmd.args(["classify", "--json", "--top-k", "1", "--bundle"])
+        .arg(&bundle);
     for (name, bytes, _) in &files {
         std::fs::write(d.join(name), bytes).unwrap();
         cmd.arg(d.join(name));
     }
     let out = run(&mut cmd);
-    assert_eq!(out.status.code(), Some(1), "some images must fail:\n{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "some images must fail:\n{}",
+        stderr(&out)
+    );
     let doc: Value = serde_json::from_str(&stdout(&out)).unwrap();
     let results = doc["results"].as_array().unwrap();
     assert_eq!(results.len(), files.len());
@@ -184,7 +282,10 @@ fn classify_handles_image_variants_and_refuses_hostile_ones() {
         match expected {
             None => {
                 let top = &result["top"][0];
-                assert!(top["score"].as_f64().is_some(), "{name} should classify: {result}");
+                assert!(
+                    top["score"].as_f64().is_some(),
+                    "{name} should classify: {result}"
+                );
                 // The colour variants of the espresso photo are still coffee-ish; grey loses
                 // colour, so only the full-colour ones must stay espresso.
                 if name.starts_with("rgb") {

@@ -10,13 +10,14 @@ use serde_json::Value;
 /// valid bundle).
 pub fn efficientnet_bundle() -> std::path::PathBuf {
     static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> = std::sync::OnceLock::new();
-    BUNDLE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = convert_efficientnet(dir.path());
-        (dir, path)
-    })
-    .1
-    .clone()
+    BUNDLE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = convert_efficientnet(dir.path());
+            (dir, path)
+        })
+        .1
+        .clone()
 }
 
 fn convert_efficientnet(dir: &std::path::Path) -> std::path::PathBuf {
@@ -47,12 +48,56 @@ fn efficientnet_names_espresso_and_tripod_like_onnx_runtime() {
     let results = doc["results"].as_array().expect("results array");
     assert_eq!(results.len(), 2);
     // (photo, expected top-1, ONNX Runtime's score per the README)
-    for (result, (photo, label, score)) in results.iter().zip([("coffee.jpg", "espresso", 0.954), ("camera.jpg", "tripod", 0.938)]) {
+    for (result, (photo, label, score)) in results
+        .iter()
+        .zip([("coffee.jpg", "espresso", 0.954), ("camera.jpg", "tripod", 0.938)])
+    {
         let top = &result["top"][0];
         let got = top["score"].as_f64().unwrap();
-        println!("{photo}: {} {got:.4} (ONNX Runtime: {label} {score})", top["label"]);
+        println!(
+            "{photo}: {} {got:.4} (ONNX Runtime: {label} {score})",
+            top["label"]
+        );
         assert_eq!(top["label"], label, "{photo}: {result}");
         assert!((got - score).abs() <= 0.03, "{photo}: score {got} vs {score}");
         assert_eq!(result["top"].as_array().unwrap().len(), 5);
     }
+}
+
+#[test]
+fn dct_scaled_decoding_of_a_large_photo_classifies_like_a_full_decode() {
+    // coffee.jpg upscaled to 4032x3024 (a phone photo's size): the DCT-scaled decode reads it
+    // at 1/8 (504x378, still larger than the 224 crop) instead of 12 MP.
+    let dir = tempfile::tempdir().unwrap();
+    let photo = image::open(shared_models().join("coffee.jpg")).unwrap();
+    let big = photo.resize_exact(4032, 3024, image::imageops::FilterType::Triangle);
+    let path = dir.path().join("coffee-12mp.jpg");
+    big.to_rgb8().save(&path).unwrap();
+    let bundle = efficientnet_bundle();
+    let mut scores = Vec::new();
+    for flag in [None, Some("--no-dct-scaling")] {
+        let out = run(Command::new(bin("edge-agent"))
+            .args(["classify", "--json", "--bundle"])
+            .arg(&bundle)
+            .arg(&path)
+            .args(flag));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let doc: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let result = &doc["results"][0];
+        println!(
+            "{}: {} {} preprocess {:.1} ms",
+            flag.unwrap_or("dct scaling"),
+            result["top"][0]["label"],
+            result["top"][0]["score"],
+            result["timings_ms"]["preprocess"]
+        );
+        assert_eq!(result["top"][0]["label"], "espresso");
+        scores.push(result["top"][0]["score"].as_f64().unwrap());
+    }
+    assert!(
+        (scores[0] - scores[1]).abs() < 0.05,
+        "DCT-scaled {} vs full {}",
+        scores[0],
+        scores[1]
+    );
 }

@@ -37,8 +37,18 @@ fn cases() -> Vec<Case> {
 fn convert(source: &Path, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("model.bundle");
-    let out = run(Command::new(bin("edge-convert")).arg("convert").arg(source).arg("-o").arg(&bundle).args(extra));
-    assert!(out.status.success(), "converting {} failed:\n{}", source.display(), stderr(&out));
+    let out = run(Command::new(bin("edge-convert"))
+        .arg("convert")
+        .arg(source)
+        .arg("-o")
+        .arg(&bundle)
+        .args(extra));
+    assert!(
+        out.status.success(),
+        "converting {} failed:\n{}",
+        source.display(),
+        stderr(&out)
+    );
     println!("{}", stdout(&out).trim());
     (dir, bundle)
 }
@@ -60,13 +70,26 @@ fn assert_matches_tensorflow(bundle: &Path, what: &str) -> f32 {
     let nchw = shape[1] == 3;
     let mut worst = 0f32;
     for case in cases() {
-        let data = if nchw { nhwc_to_nchw(&case.input, 299, 299) } else { case.input.clone() };
+        let data = if nchw {
+            nhwc_to_nchw(&case.input, 299, 299)
+        } else {
+            case.input.clone()
+        };
         let input = edge_convert::runtime::Tensor::from_shape(&shape, &data).unwrap();
         let probs = classifier.infer(input).unwrap();
         let diff = max_abs_diff(&probs, &case.probs);
-        println!("{what} {}: max abs diff {diff:.3e}, top-5 {:?}", case.name, top_k(&probs, 5));
+        println!(
+            "{what} {}: max abs diff {diff:.3e}, top-5 {:?}",
+            case.name,
+            top_k(&probs, 5)
+        );
         assert!(diff <= 1e-4, "{what} {}: max abs diff {diff} > 1e-4", case.name);
-        assert_eq!(top_k(&probs, 5), top_k(&case.probs, 5), "{what} {}: top-5 differs", case.name);
+        assert_eq!(
+            top_k(&probs, 5),
+            top_k(&case.probs, 5),
+            "{what} {}: top-5 differs",
+            case.name
+        );
         worst = worst.max(diff);
     }
     println!("{what}: worst max abs diff over all cases {worst:.3e}");
@@ -74,18 +97,27 @@ fn assert_matches_tensorflow(bundle: &Path, what: &str) -> f32 {
 }
 
 fn labels_flag() -> String {
-    fixtures().join("inception_v3_seeded_labels.txt").display().to_string()
+    fixtures()
+        .join("inception_v3_seeded_labels.txt")
+        .display()
+        .to_string()
 }
 
 #[test]
 fn onnx_nhwc_bundle_matches_tensorflow() {
-    let (_dir, bundle) = convert(&fixtures().join("inception_v3_seeded_nhwc.onnx"), &["--labels", &labels_flag()]);
+    let (_dir, bundle) = convert(
+        &fixtures().join("inception_v3_seeded_nhwc.onnx"),
+        &["--labels", &labels_flag()],
+    );
     assert_matches_tensorflow(&bundle, "ONNX NHWC");
 }
 
 #[test]
 fn onnx_nchw_bundle_matches_tensorflow() {
-    let (_dir, bundle) = convert(&fixtures().join("inception_v3_seeded_nchw.onnx"), &["--labels", &labels_flag()]);
+    let (_dir, bundle) = convert(
+        &fixtures().join("inception_v3_seeded_nchw.onnx"),
+        &["--labels", &labels_flag()],
+    );
     let manifest = edge_convert::bundle::read_manifest(&bundle).unwrap();
     assert_eq!(manifest.input.shape, vec![1, 3, 299, 299]);
     assert_matches_tensorflow(&bundle, "ONNX NCHW");
@@ -93,14 +125,20 @@ fn onnx_nchw_bundle_matches_tensorflow() {
 
 #[test]
 fn raw_frozen_graph_bundle_matches_tensorflow() {
-    let (_dir, bundle) = convert(&fixtures().join("inception_v3_seeded_frozen.pb"), &["--labels", &labels_flag()]);
+    let (_dir, bundle) = convert(
+        &fixtures().join("inception_v3_seeded_frozen.pb"),
+        &["--labels", &labels_flag()],
+    );
     assert_matches_tensorflow(&bundle, "frozen GraphDef");
 }
 
 #[test]
 fn tf2_saved_model_bundle_matches_tensorflow() {
     // The TF Serving layout: the model directory, whose highest version is taken.
-    let (_dir, bundle) = convert(&fixtures().join("inception_v3_seeded"), &["--labels", &labels_flag()]);
+    let (_dir, bundle) = convert(
+        &fixtures().join("inception_v3_seeded"),
+        &["--labels", &labels_flag()],
+    );
     let manifest = edge_convert::bundle::read_manifest(&bundle).unwrap();
     assert_eq!(manifest.source.signature.as_deref(), Some("serving_default"));
     assert_matches_tensorflow(&bundle, "TF2 SavedModel");
@@ -117,27 +155,48 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
     assert_eq!(p.resize, ResizePolicy::CentralFraction { fraction: 0.875 });
     assert_eq!(p.filter, ResizeFilter::Bilinear);
     let value = |pixel: f32| (pixel * p.scale - p.mean[0]) / p.std[0];
-    assert!((value(0.0) + 1.0).abs() < 1e-6 && (value(255.0) - 1.0).abs() < 1e-6, "{p:?}");
-    let labels: Vec<String> =
-        std::fs::read_to_string(fx.join("inception_v3_seeded_labels.txt")).unwrap().lines().map(String::from).collect();
+    assert!(
+        (value(0.0) + 1.0).abs() < 1e-6 && (value(255.0) - 1.0).abs() < 1e-6,
+        "{p:?}"
+    );
+    let labels: Vec<String> = std::fs::read_to_string(fx.join("inception_v3_seeded_labels.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(manifest.labels, labels);
     assert_matches_tensorflow(&bundle, "JPEG-signature SavedModel");
 
     // End to end from JPEG bytes: our decoder and antialiased resize differ from TF's
     // decode_jpeg + resize_bilinear, so compare the classes, with a loose score tolerance.
-    let doc: Value = serde_json::from_slice(&std::fs::read(fx.join("reference/reference.json")).unwrap()).unwrap();
-    for case in doc["cases"].as_array().unwrap().iter().filter(|c| c["kind"] == "jpeg") {
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(fx.join("reference/reference.json")).unwrap()).unwrap();
+    for case in doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "jpeg")
+    {
         let jpeg = fx.join("reference").join(case["jpeg"].as_str().unwrap());
-        let out = run(Command::new(bin("edge-agent")).args(["classify", "--json", "--bundle"]).arg(&bundle).arg(&jpeg));
+        let out = run(Command::new(bin("edge-agent"))
+            .args(["classify", "--json", "--bundle"])
+            .arg(&bundle)
+            .arg(&jpeg));
         assert!(out.status.success(), "{}", stderr(&out));
         let got: Value = serde_json::from_str(&stdout(&out)).unwrap();
         let top = &got["results"][0]["top"][0];
         let expected_class = &case["signature_outputs"]["classes"][0];
         let expected_score = case["signature_outputs"]["scores"][0].as_f64().unwrap();
         let score = top["score"].as_f64().unwrap();
-        println!("{}: edge-agent {} {score:.4}, TensorFlow {expected_class} {expected_score:.4}", case["name"], top["label"]);
+        println!(
+            "{}: edge-agent {} {score:.4}, TensorFlow {expected_class} {expected_score:.4}",
+            case["name"], top["label"]
+        );
         assert_eq!(&top["label"], expected_class);
-        assert!((score - expected_score).abs() < 0.1, "score {score} vs TensorFlow {expected_score}");
+        assert!(
+            (score - expected_score).abs() < 0.1,
+            "score {score} vs TensorFlow {expected_score}"
+        );
     }
 }
 
@@ -163,5 +222,8 @@ fn bundle_loads_faster_than_its_source_printed() {
         v[v.len() / 2]
     };
     let (s, b) = (median(&mut source_s), median(&mut bundle_s));
-    println!("load + optimise, median of 3: ONNX source {s:.3} s, bundle {b:.3} s, ratio {:.2}", b / s);
+    println!(
+        "load + optimise, median of 3: ONNX source {s:.3} s, bundle {b:.3} s, ratio {:.2}",
+        b / s
+    );
 }

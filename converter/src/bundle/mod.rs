@@ -35,12 +35,20 @@ pub enum BundleError {
         "{path} has bundle format version {found}, this build reads version {supported} only; \
          convert the model again with this version of edge-convert"
     )]
-    UnsupportedFormat { path: PathBuf, found: u32, supported: u32 },
+    UnsupportedFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error(
         "{path} was written by tract {found}, newer than the tract {supported} this build uses; \
          upgrade the agent or convert the model with a matching edge-convert"
     )]
-    NewerTract { path: PathBuf, found: String, supported: &'static str },
+    NewerTract {
+        path: PathBuf,
+        found: String,
+        supported: &'static str,
+    },
     #[error("invalid manifest in {path}: {reason}")]
     InvalidManifest { path: PathBuf, reason: String },
     #[error("cannot load the model in {path}: {reason}")]
@@ -62,19 +70,30 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, BundleError> {
 }
 
 fn read_manifest_from(path: &Path, reader: impl Read) -> Result<Manifest, BundleError> {
-    let not = |reason: String| BundleError::NotABundle { path: path.to_owned(), reason };
+    let not = |reason: String| BundleError::NotABundle {
+        path: path.to_owned(),
+        reason,
+    };
     let mut archive = tar::Archive::new(reader);
-    let mut entries = archive.entries().map_err(|e| not(format!("not a tar archive ({e})")))?;
+    let mut entries = archive
+        .entries()
+        .map_err(|e| not(format!("not a tar archive ({e})")))?;
     let mut first = match entries.next() {
         Some(entry) => entry.map_err(|e| not(format!("not a tar archive ({e})")))?,
         None => return Err(not("empty archive".into())),
     };
-    let name = first.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = first
+        .path()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name != MANIFEST_ENTRY {
         return Err(not(format!("first entry is {name:?}, expected {MANIFEST_ENTRY}")));
     }
     if first.size() > MAX_MANIFEST_BYTES {
-        return Err(not(format!("manifest of {} bytes is implausibly large", first.size())));
+        return Err(not(format!(
+            "manifest of {} bytes is implausibly large",
+            first.size()
+        )));
     }
     let mut text = Vec::with_capacity(first.size() as usize);
     first.read_to_end(&mut text).map_err(|source| io(path, source))?;
@@ -84,7 +103,10 @@ fn read_manifest_from(path: &Path, reader: impl Read) -> Result<Manifest, Bundle
 /// Parses and checks a manifest: version gates first (so a future manifest with new fields
 /// gets the version message, not a field error), then the full schema.
 pub fn parse_manifest(path: &Path, text: &[u8]) -> Result<Manifest, BundleError> {
-    let invalid = |reason: String| BundleError::InvalidManifest { path: path.to_owned(), reason };
+    let invalid = |reason: String| BundleError::InvalidManifest {
+        path: path.to_owned(),
+        reason,
+    };
     #[derive(serde::Deserialize)]
     struct Versions {
         format_version: u32,
@@ -127,37 +149,46 @@ impl Manifest {
     /// Internal consistency of a manifest; the reason names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         if self.input.shape.len() != 4 || self.input.shape.contains(&0) {
-            return Err(format!("input.shape {:?} is not a 4-D image shape", self.input.shape));
+            return Err(format!(
+                "input.shape {:?} is not a 4-D image shape",
+                self.input.shape
+            ));
         }
         let channels = match self.input.layout {
             manifest::Layout::Nhwc => self.input.shape[3],
             manifest::Layout::Nchw => self.input.shape[1],
         };
         if channels != 3 {
-            return Err(format!("input.shape {:?} does not have 3 channels", self.input.shape));
+            return Err(format!(
+                "input.shape {:?} does not have 3 channels",
+                self.input.shape
+            ));
         }
         if self.input.dtype != "f32" {
-            return Err(format!("input.dtype {:?} is not supported (f32 only)", self.input.dtype));
+            return Err(format!(
+                "input.dtype {:?} is not supported (f32 only)",
+                self.input.dtype
+            ));
         }
         let p = &self.preprocessing;
         if !(p.scale.is_finite() && p.scale > 0.0) {
             return Err(format!("preprocessing.scale {} must be positive", p.scale));
         }
-        if p.std.iter().any(|s| !(s.is_finite() && *s != 0.0)) || p.mean.iter().any(|m| !m.is_finite())
-        {
+        if p.std.iter().any(|s| !(s.is_finite() && *s != 0.0)) || p.mean.iter().any(|m| !m.is_finite()) {
             return Err("preprocessing.mean/std must be finite, std non-zero".into());
         }
         if let manifest::ResizePolicy::CentralFraction { fraction }
         | manifest::ResizePolicy::SquareCenterCrop { fraction } = p.resize
             && !(fraction > 0.0 && fraction <= 1.0)
         {
-            return Err(format!("preprocessing.resize.fraction {fraction} must be in (0, 1]"));
+            return Err(format!(
+                "preprocessing.resize.fraction {fraction} must be in (0, 1]"
+            ));
         }
         if self.output.classes == 0 {
             return Err("output.classes must be positive".into());
         }
-        if !self.labels.is_empty() && self.labels.len() + self.output.label_offset > self.output.classes
-        {
+        if !self.labels.is_empty() && self.labels.len() + self.output.label_offset > self.output.classes {
             return Err(format!(
                 "{} labels at offset {} do not fit {} output classes",
                 self.labels.len(),
@@ -173,12 +204,19 @@ impl Manifest {
 pub fn load(path: &Path, max_bytes: u64) -> Result<Bundle, BundleError> {
     let size = std::fs::metadata(path).map_err(|source| io(path, source))?.len();
     if size > max_bytes {
-        return Err(BundleError::TooLarge { path: path.to_owned(), size, limit: max_bytes });
+        return Err(BundleError::TooLarge {
+            path: path.to_owned(),
+            size,
+            limit: max_bytes,
+        });
     }
     let bytes = std::fs::read(path).map_err(|source| io(path, source))?;
     let manifest = read_manifest_from(path, bytes.as_slice())?;
     let model = model_from_nnef(&bytes).map_err(|e| match e {
-        BundleError::Model { reason, .. } => BundleError::Model { path: path.to_owned(), reason },
+        BundleError::Model { reason, .. } => BundleError::Model {
+            path: path.to_owned(),
+            reason,
+        },
         other => other,
     })?;
     check_model_matches(path, &manifest, &model)?;
@@ -186,7 +224,10 @@ pub fn load(path: &Path, max_bytes: u64) -> Result<Bundle, BundleError> {
 }
 
 fn check_model_matches(path: &Path, manifest: &Manifest, model: &TypedModel) -> Result<(), BundleError> {
-    let mismatch = |reason: String| BundleError::InvalidManifest { path: path.to_owned(), reason };
+    let mismatch = |reason: String| BundleError::InvalidManifest {
+        path: path.to_owned(),
+        reason,
+    };
     if model.inputs.len() != 1 || model.outputs.len() != 1 {
         return Err(mismatch(format!(
             "model has {} inputs and {} outputs, bundles hold one of each",
@@ -217,14 +258,20 @@ fn check_model_matches(path: &Path, manifest: &Manifest, model: &TypedModel) -> 
 pub fn nnef_tar(model: &TypedModel) -> Result<Vec<u8>, BundleError> {
     tract_nnef::nnef()
         .write_to_tar(model, Vec::new())
-        .map_err(|e| BundleError::Model { path: PathBuf::from("<memory>"), reason: format!("{e:#}") })
+        .map_err(|e| BundleError::Model {
+            path: PathBuf::from("<memory>"),
+            reason: format!("{e:#}"),
+        })
 }
 
 /// Reads an NNEF tar (or a whole bundle) from memory into a typed model.
 pub fn model_from_nnef(bytes: &[u8]) -> Result<TypedModel, BundleError> {
     tract_nnef::nnef()
         .model_for_read(&mut &*bytes)
-        .map_err(|e| BundleError::Model { path: PathBuf::from("<memory>"), reason: format!("{e:#}") })
+        .map_err(|e| BundleError::Model {
+            path: PathBuf::from("<memory>"),
+            reason: format!("{e:#}"),
+        })
 }
 
 /// Writes `manifest` and an NNEF tar (from [`nnef_tar`]) as a bundle at `path`, atomically:
@@ -232,9 +279,18 @@ pub fn model_from_nnef(bytes: &[u8]) -> Result<TypedModel, BundleError> {
 pub fn write(path: &Path, manifest: &Manifest, nnef_tar: &[u8]) -> Result<(), BundleError> {
     manifest
         .validate()
-        .map_err(|reason| BundleError::InvalidManifest { path: path.to_owned(), reason })?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        .map_err(|reason| BundleError::InvalidManifest {
+            path: path.to_owned(),
+            reason,
+        })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let file = std::fs::File::create(&tmp)?;
@@ -271,7 +327,10 @@ fn append<W: Write>(builder: &mut tar::Builder<W>, name: &str, data: &[u8]) -> s
 }
 
 fn io(path: &Path, source: std::io::Error) -> BundleError {
-    BundleError::Io { path: path.to_owned(), source }
+    BundleError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 #[cfg(test)]
@@ -308,14 +367,24 @@ mod roundtrip {
     pub(crate) fn tiny_model() -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("input", f32::fact([1, 8, 8, 3])).unwrap();
-        let w = model.add_const("w", tensor2(&[[0.5f32, -1.0], [2.0, 0.25], [1.0, 1.0]])).unwrap();
+        let w = model
+            .add_const("w", tensor2(&[[0.5f32, -1.0], [2.0, 0.25], [1.0, 1.0]]))
+            .unwrap();
         let pooled = model
-            .wire_node("mean", tract_core::ops::nn::Reduce::new(tvec![1, 2], tract_core::ops::nn::Reducer::Sum), &[x])
+            .wire_node(
+                "mean",
+                tract_core::ops::nn::Reduce::new(tvec![1, 2], tract_core::ops::nn::Reducer::Sum),
+                &[x],
+            )
             .unwrap();
         let flat = model.wire_node("flat", AxisOp::Rm(1), &pooled).unwrap();
         let flat = model.wire_node("flat2", AxisOp::Rm(1), &flat).unwrap();
         let logits = model
-            .wire_node("fc", tract_core::ops::einsum::EinSum::new("bk,kn->bn".parse().unwrap(), f32::datum_type()), &[flat[0], w])
+            .wire_node(
+                "fc",
+                tract_core::ops::einsum::EinSum::new("bk,kn->bn".parse().unwrap(), f32::datum_type()),
+                &[flat[0], w],
+            )
             .unwrap();
         model.select_output_outlets(&logits).unwrap();
         model.into_decluttered().unwrap()
@@ -335,6 +404,9 @@ mod roundtrip {
             }
         }
         let back = model_from_nnef(&tar).unwrap();
-        assert_eq!(back.input_fact(0).unwrap().shape.as_concrete(), Some(&[1usize, 8, 8, 3][..]));
+        assert_eq!(
+            back.input_fact(0).unwrap().shape.as_concrete(),
+            Some(&[1usize, 8, 8, 3][..])
+        );
     }
 }

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tract_onnx::prelude::*;
 use tract_core::ops::{Cost, konst::Const};
+use tract_onnx::prelude::*;
 
 use super::{ConvertError, InputOverrides, source};
 use crate::bundle::{self, Manifest};
@@ -32,7 +32,8 @@ pub fn inspect(path: &Path, overrides: &InputOverrides) -> Result<Report, Conver
         return Ok(report);
     }
     let source = source::load(path, overrides)?;
-    let typed = source::guard(|| source.model.into_typed()?.into_decluttered()).map_err(ConvertError::Model)?;
+    let typed =
+        source::guard(|| source.model.into_typed()?.into_decluttered()).map_err(ConvertError::Model)?;
     let mut report = report_for(&typed, &format!("{:?} source", source.format))?;
     report.notes = source.notes;
     Ok(report)
@@ -43,7 +44,13 @@ fn report_for(model: &TypedModel, kind: &str) -> Result<Report, ConvertError> {
     let describe = |outlets: &[OutletId]| -> Result<Vec<String>, ConvertError> {
         outlets
             .iter()
-            .map(|o| Ok(format!("{} {:?}", model.node(o.node).name, model.outlet_fact(*o).map_err(err)?)))
+            .map(|o| {
+                Ok(format!(
+                    "{} {:?}",
+                    model.node(o.node).name,
+                    model.outlet_fact(*o).map_err(err)?
+                ))
+            })
             .collect()
     };
     let mut ops = BTreeMap::new();

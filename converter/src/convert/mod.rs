@@ -34,7 +34,11 @@ pub enum ConvertError {
         "verification failed: the bundle differs from the source by {max_abs_diff:e} (tolerance {tolerance:e}) \
          over {samples} sample inputs"
     )]
-    Mismatch { max_abs_diff: f32, tolerance: f32, samples: usize },
+    Mismatch {
+        max_abs_diff: f32,
+        tolerance: f32,
+        samples: usize,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -78,8 +82,15 @@ pub struct Converted {
 }
 
 /// Converts `source` into a verified bundle at `output`.
-pub fn convert(source_path: &Path, output: &Path, options: &ConvertOptions, progress: &Progress) -> Result<Converted, ConvertError> {
-    let source = progress.step("reading source model", || source::load(source_path, &options.input))?;
+pub fn convert(
+    source_path: &Path,
+    output: &Path,
+    options: &ConvertOptions,
+    progress: &Progress,
+) -> Result<Converted, ConvertError> {
+    let source = progress.step("reading source model", || {
+        source::load(source_path, &options.input)
+    })?;
     let mut notes = source.notes.clone();
     let typed = progress.step("decluttering", || {
         source::guard(|| source.model.clone().into_typed()?.into_decluttered()).map_err(ConvertError::Model)
@@ -97,11 +108,17 @@ pub fn convert(source_path: &Path, output: &Path, options: &ConvertOptions, prog
             p.clone()
         }
         (None, None) => {
-            notes.push("no preprocessing given: using the Inception preset (x/127.5 - 1, full-image resize)".into());
+            notes.push(
+                "no preprocessing given: using the Inception preset (x/127.5 - 1, full-image resize)".into(),
+            );
             Preprocessing::inception()
         }
     };
-    let labels = options.labels.clone().or_else(|| source.labels.clone()).unwrap_or_default();
+    let labels = options
+        .labels
+        .clone()
+        .or_else(|| source.labels.clone())
+        .unwrap_or_default();
     let label_offset = match options.label_offset {
         Some(o) => o,
         None if !labels.is_empty() && labels.len() + 1 == classes => 1,
@@ -116,7 +133,11 @@ pub fn convert(source_path: &Path, output: &Path, options: &ConvertOptions, prog
     if labels.is_empty() {
         notes.push("no labels given: results will name classes by index".into());
     }
-    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
     let mut manifest = Manifest {
         format_version: m::FORMAT_VERSION,
         model: m::ModelInfo {
@@ -154,19 +175,24 @@ pub fn convert(source_path: &Path, output: &Path, options: &ConvertOptions, prog
     let bundle_model = progress.step("reloading the NNEF model", || bundle::model_from_nnef(&nnef))?;
     let inputs = samples::sample_inputs(&manifest, options.samples.max(1)).map_err(ConvertError::Invalid)?;
     let source_plan = progress.step("optimising the source model", || optimise(source.model))?;
-    let (source_outputs, bundle_outputs) = progress.step("verifying the bundle against the source", || {
-        let source_outputs = run_all(&source_plan, &inputs)?;
-        // Raw outputs on both sides: no softmax whatever the output kind.
-        let mut raw = manifest.clone();
-        raw.output.kind = OutputKind::Probabilities;
-        let classifier = Classifier::from_model(raw, bundle_model, &RuntimeOptions::default())
-            .map_err(|e| ConvertError::Model(e.to_string()))?;
-        let bundle_outputs = inputs
-            .iter()
-            .map(|t| classifier.infer(t.clone()).map_err(|e| ConvertError::Model(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok::<_, ConvertError>((source_outputs, bundle_outputs))
-    })?;
+    let (source_outputs, bundle_outputs) =
+        progress.step("verifying the bundle against the source", || {
+            let source_outputs = run_all(&source_plan, &inputs)?;
+            // Raw outputs on both sides: no softmax whatever the output kind.
+            let mut raw = manifest.clone();
+            raw.output.kind = OutputKind::Probabilities;
+            let classifier = Classifier::from_model(raw, bundle_model, &RuntimeOptions::default())
+                .map_err(|e| ConvertError::Model(e.to_string()))?;
+            let bundle_outputs = inputs
+                .iter()
+                .map(|t| {
+                    classifier
+                        .infer(t.clone())
+                        .map_err(|e| ConvertError::Model(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, ConvertError>((source_outputs, bundle_outputs))
+        })?;
     if options.output_kind.is_none() && !source_outputs.iter().all(|o| is_distribution(o)) {
         manifest.output.kind = OutputKind::Logits;
         notes.push("outputs do not sum to 1: recorded as logits (the runtime applies softmax)".into());
@@ -179,8 +205,12 @@ pub fn convert(source_path: &Path, output: &Path, options: &ConvertOptions, prog
         tolerance: options.tolerance,
         passed: max_abs_diff <= options.tolerance,
     });
-    if !(max_abs_diff <= options.tolerance) {
-        return Err(ConvertError::Mismatch { max_abs_diff, tolerance: options.tolerance, samples: inputs.len() });
+    if max_abs_diff.is_nan() || max_abs_diff > options.tolerance {
+        return Err(ConvertError::Mismatch {
+            max_abs_diff,
+            tolerance: options.tolerance,
+            samples: inputs.len(),
+        });
     }
     progress.step("writing the bundle", || bundle::write(output, &manifest, &nnef))?;
     Ok(Converted { manifest, notes })
@@ -198,17 +228,37 @@ pub struct VerifyReport {
 }
 
 /// Runs the bundle (and the source, if given) on sample inputs and compares their outputs.
-pub fn verify(bundle_path: &Path, against: Option<&Path>, samples: usize, tolerance: f32, progress: &Progress) -> Result<VerifyReport, ConvertError> {
+pub fn verify(
+    bundle_path: &Path,
+    against: Option<&Path>,
+    samples: usize,
+    tolerance: f32,
+    progress: &Progress,
+) -> Result<VerifyReport, ConvertError> {
     let loaded = progress.step("loading the bundle", || bundle::load(bundle_path, u64::MAX))?;
     let manifest = loaded.manifest.clone();
     let classifier = Classifier::from_model(manifest.clone(), loaded.model, &RuntimeOptions::default())
         .map_err(|e| ConvertError::Model(e.to_string()))?;
     let inputs = samples::sample_inputs(&manifest, samples.max(1)).map_err(ConvertError::Invalid)?;
-    let run_bundle = |t: &Tensor| classifier.infer(t.clone()).map_err(|e| ConvertError::Model(e.to_string()));
-    let bundle_outputs = progress.step("running the bundle", || inputs.iter().map(run_bundle).collect::<Result<Vec<_>, _>>())?;
+    let run_bundle = |t: &Tensor| {
+        classifier
+            .infer(t.clone())
+            .map_err(|e| ConvertError::Model(e.to_string()))
+    };
+    let bundle_outputs = progress.step("running the bundle", || {
+        inputs.iter().map(run_bundle).collect::<Result<Vec<_>, _>>()
+    })?;
     let Some(source_path) = against else {
-        let sane = bundle_outputs.iter().all(|o| o.iter().all(|v| v.is_finite()) && is_distribution(o));
-        return Ok(VerifyReport { samples: inputs.len(), max_abs_diff: 0.0, tolerance, passed: sane, against: None });
+        let sane = bundle_outputs
+            .iter()
+            .all(|o| o.iter().all(|v| v.is_finite()) && is_distribution(o));
+        return Ok(VerifyReport {
+            samples: inputs.len(),
+            max_abs_diff: 0.0,
+            tolerance,
+            passed: sane,
+            against: None,
+        });
     };
     let overrides = InputOverrides {
         shape: Some(manifest.input.shape.clone()),
@@ -217,7 +267,9 @@ pub fn verify(bundle_path: &Path, against: Option<&Path>, samples: usize, tolera
         input_name: None,
         output_name: None,
     };
-    let source = progress.step("reading the source model", || source::load(source_path, &overrides))?;
+    let source = progress.step("reading the source model", || {
+        source::load(source_path, &overrides)
+    })?;
     let plan = progress.step("optimising the source model", || optimise(source.model))?;
     let mut source_outputs = progress.step("running the source model", || run_all(&plan, &inputs))?;
     if manifest.output.kind == OutputKind::Logits {
@@ -235,7 +287,10 @@ pub fn verify(bundle_path: &Path, against: Option<&Path>, samples: usize, tolera
 
 /// Reads a source model as the converter does and prepares it to run (the "load the
 /// source" side of the load-time comparison).
-pub fn prepare_source(path: &Path, overrides: &InputOverrides) -> Result<Arc<TypedRunnableModel>, ConvertError> {
+pub fn prepare_source(
+    path: &Path,
+    overrides: &InputOverrides,
+) -> Result<Arc<TypedRunnableModel>, ConvertError> {
     optimise(source::load(path, overrides)?.model)
 }
 
@@ -247,8 +302,12 @@ fn run_all(plan: &Arc<TypedRunnableModel>, inputs: &[Tensor]) -> Result<Vec<Vec<
     inputs
         .iter()
         .map(|t| {
-            let out = plan.run(tvec![t.clone().into_tvalue()]).map_err(|e| ConvertError::Model(format!("{e:#}")))?;
-            let first = out.first().ok_or_else(|| ConvertError::Model("no output".into()))?;
+            let out = plan
+                .run(tvec![t.clone().into_tvalue()])
+                .map_err(|e| ConvertError::Model(format!("{e:#}")))?;
+            let first = out
+                .first()
+                .ok_or_else(|| ConvertError::Model("no output".into()))?;
             let values = first.try_as_plain_ram().and_then(|v| v.as_slice::<f32>());
             Ok(values.map_err(|e| ConvertError::Model(e.to_string()))?.to_vec())
         })
@@ -258,19 +317,29 @@ fn run_all(plan: &Arc<TypedRunnableModel>, inputs: &[Tensor]) -> Result<Vec<Vec<
 /// Number of classes of the single `[1, C]` (or `[1, 1, 1, C]`) output.
 fn output_classes(model: &TypedModel) -> Result<usize, ConvertError> {
     if model.outputs.len() != 1 {
-        return Err(ConvertError::Model(format!("the model has {} outputs; bundles keep one", model.outputs.len())));
+        return Err(ConvertError::Model(format!(
+            "the model has {} outputs; bundles keep one",
+            model.outputs.len()
+        )));
     }
-    let fact = model.output_fact(0).map_err(|e| ConvertError::Model(e.to_string()))?;
+    let fact = model
+        .output_fact(0)
+        .map_err(|e| ConvertError::Model(e.to_string()))?;
     let shape = fact
         .shape
         .as_concrete()
         .ok_or_else(|| ConvertError::Model(format!("output shape {:?} is not fixed", fact.shape)))?;
     if fact.datum_type != f32::datum_type() {
-        return Err(ConvertError::Model(format!("output type {:?} is not f32", fact.datum_type)));
+        return Err(ConvertError::Model(format!(
+            "output type {:?} is not f32",
+            fact.datum_type
+        )));
     }
     match shape.split_last() {
         Some((&c, rest)) if c > 1 && rest.iter().all(|&d| d == 1) => Ok(c),
-        _ => Err(ConvertError::Model(format!("output shape {shape:?} is not a [1, classes] score vector"))),
+        _ => Err(ConvertError::Model(format!(
+            "output shape {shape:?} is not a [1, classes] score vector"
+        ))),
     }
 }
 
@@ -299,7 +368,10 @@ fn default_name(path: &Path) -> String {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned());
     // TF Serving layout: <name>/<version>/saved_model.pb
     let mut p = path;
-    while p.file_name().is_some_and(|n| n.to_string_lossy().chars().all(|c| c.is_ascii_digit()) || n == "saved_model.pb") {
+    while p
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().chars().all(|c| c.is_ascii_digit()) || n == "saved_model.pb")
+    {
         p = p.parent().unwrap_or(Path::new("model"));
     }
     stem(p).unwrap_or_else(|| "model".into())

@@ -14,12 +14,18 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        Progress { terminal: std::io::stderr().is_terminal(), quiet }
+        Progress {
+            terminal: std::io::stderr().is_terminal(),
+            quiet,
+        }
     }
 
     /// A progress reporter that prints nothing (library callers, tests).
     pub fn silent() -> Self {
-        Progress { terminal: false, quiet: true }
+        Progress {
+            terminal: false,
+            quiet: true,
+        }
     }
 
     /// Runs `f` as a named step, showing a spinner while it runs and its duration after.
@@ -28,7 +34,8 @@ impl Progress {
         let bar = (self.terminal && !self.quiet).then(|| {
             let bar = ProgressBar::new_spinner();
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.set_message(what.to_string());
             bar.enable_steady_tick(Duration::from_millis(100));

@@ -9,8 +9,12 @@ use crate::preprocess::{ImageLimits, Preprocessor, RgbImage};
 
 /// `count` input tensors for `manifest`'s model; the same every run.
 pub fn sample_inputs(manifest: &Manifest, count: usize) -> Result<Vec<Tensor>, String> {
-    let pre = Preprocessor::new(manifest.preprocessing.clone(), manifest.input.clone(), ImageLimits::default())
-        .map_err(|e| e.to_string())?;
+    let pre = Preprocessor::new(
+        manifest.preprocessing.clone(),
+        manifest.input.clone(),
+        ImageLimits::default(),
+    )
+    .map_err(|e| e.to_string())?;
     let (h, w) = manifest.input.image_size().ok_or("input is not an image")?;
     (0..count)
         .map(|i| {
@@ -41,5 +45,9 @@ pub fn synthetic_image(width: u32, height: u32, seed: u64) -> RgbImage {
             }
         }
     }
-    RgbImage { width, height, pixels }
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
 }

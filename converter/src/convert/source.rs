@@ -22,7 +22,11 @@ pub enum SourceError {
     )]
     Unrecognised { path: PathBuf, reason: String },
     #[error("cannot read {path} as {format}: {reason}")]
-    Parse { path: PathBuf, format: &'static str, reason: String },
+    Parse {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
     #[error(transparent)]
     Tensorflow(#[from] tf::TfError),
     #[error("{0}")]
@@ -62,11 +66,17 @@ pub struct SourceModel {
 
 /// Which reader a path needs.
 pub fn detect(path: &Path) -> Result<SourceFormat, SourceError> {
-    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io { path: path.to_owned(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     if meta.is_dir() {
         return Ok(SourceFormat::TensorflowSavedModel);
     }
-    let unrecognised = |reason: &str| SourceError::Unrecognised { path: path.to_owned(), reason: reason.into() };
+    let unrecognised = |reason: &str| SourceError::Unrecognised {
+        path: path.to_owned(),
+        reason: reason.into(),
+    };
     if meta.len() == 0 {
         return Err(unrecognised("the file is empty"));
     }
@@ -74,7 +84,11 @@ pub fn detect(path: &Path) -> Result<SourceFormat, SourceError> {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))
         .map_err(|_| unrecognised("the file is too short"))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match (ext.as_str(), head[0]) {
         ("onnx", _) => Ok(SourceFormat::Onnx),
         ("pb", _) if path.file_name().is_some_and(|n| n == "saved_model.pb") => {
@@ -100,7 +114,11 @@ pub fn load(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, Sour
             from_tf_graph(path, format, graph, overrides)
         }
         SourceFormat::TensorflowSavedModel => {
-            let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")) } else { path };
+            let dir = if path.is_file() {
+                path.parent().unwrap_or(Path::new("."))
+            } else {
+                path
+            };
             let graph = tf::load_saved_model(dir, overrides.signature.as_deref())?;
             from_tf_graph(dir, format, graph, overrides)
         }
@@ -108,19 +126,39 @@ pub fn load(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, Sour
 }
 
 fn load_onnx(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, SourceError> {
-    let parse = |reason: String| SourceError::Parse { path: path.to_owned(), format: "ONNX", reason };
-    let bytes = std::fs::read(path).map_err(|source| SourceError::Io { path: path.to_owned(), source })?;
+    let parse = |reason: String| SourceError::Parse {
+        path: path.to_owned(),
+        format: "ONNX",
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let sha256 = hex_sha256(&bytes);
     let mut model = guard(|| tract_onnx::onnx().model_for_read(&mut bytes.as_slice())).map_err(parse)?;
     if model.inputs.len() != 1 {
-        return Err(parse(format!("it has {} inputs; edge bundles take one image input", model.inputs.len())));
+        return Err(parse(format!(
+            "it has {} inputs; edge bundles take one image input",
+            model.inputs.len()
+        )));
     }
     if model.outputs.len() != 1 {
-        return Err(parse(format!("it has {} outputs; edge bundles keep one", model.outputs.len())));
+        return Err(parse(format!(
+            "it has {} outputs; edge bundles keep one",
+            model.outputs.len()
+        )));
     }
     let declared = model.input_fact(0).map_err(|e| parse(e.to_string()))?.clone();
-    let declared: Vec<Option<usize>> =
-        declared.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok()).and_then(|d| usize::try_from(d).ok())).collect();
+    let declared: Vec<Option<usize>> = declared
+        .shape
+        .dims()
+        .map(|d| {
+            d.concretize()
+                .and_then(|d| d.to_i64().ok())
+                .and_then(|d| usize::try_from(d).ok())
+        })
+        .collect();
     let input_name = model.node(model.inputs[0].node).name.clone();
     let output_name = model.node(model.outputs[0].node).name.clone();
     let (shape, layout) = fix_shape(&declared, overrides)?;
@@ -128,7 +166,9 @@ fn load_onnx(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, Sou
         .set_input_fact(0, f32::fact(&shape).into())
         .map_err(|e| parse(e.to_string()))?;
     // A symbolic batch in the declared output fact would not unify with the fixed input.
-    model.set_output_fact(0, InferenceFact::default()).map_err(|e| parse(e.to_string()))?;
+    model
+        .set_output_fact(0, InferenceFact::default())
+        .map_err(|e| parse(e.to_string()))?;
     Ok(SourceModel {
         format: SourceFormat::Onnx,
         path: path.to_owned(),
@@ -151,25 +191,45 @@ fn from_tf_graph(
     graph: tf::TfGraph,
     overrides: &InputOverrides,
 ) -> Result<SourceModel, SourceError> {
-    let parse = |reason: String| SourceError::Parse { path: path.to_owned(), format: "TensorFlow", reason };
-    let sha_file = if path.is_dir() { find_saved_model_pb(path) } else { path.to_owned() };
+    let parse = |reason: String| SourceError::Parse {
+        path: path.to_owned(),
+        format: "TensorFlow",
+        reason,
+    };
+    let sha_file = if path.is_dir() {
+        find_saved_model_pb(path)
+    } else {
+        path.to_owned()
+    };
     let sha256 = std::fs::read(&sha_file)
         .map(|b| hex_sha256(&b))
-        .map_err(|source| SourceError::Io { path: sha_file.clone(), source })?;
+        .map_err(|source| SourceError::Io {
+            path: sha_file.clone(),
+            source,
+        })?;
     let bytes = tf::encode_for_tract(&graph.graph);
-    let mut model = guard(|| tract_tensorflow::tensorflow().model_for_read(&mut bytes.as_slice())).map_err(parse)?;
+    let mut model =
+        guard(|| tract_tensorflow::tensorflow().model_for_read(&mut bytes.as_slice())).map_err(parse)?;
     let input_name = overrides.input_name.clone().unwrap_or(graph.input.clone());
     let output_name = overrides.output_name.clone().unwrap_or(graph.output.clone());
-    model.select_inputs_by_name([&input_name]).map_err(|e| parse(format!("input {input_name:?}: {e}")))?;
+    model
+        .select_inputs_by_name([&input_name])
+        .map_err(|e| parse(format!("input {input_name:?}: {e}")))?;
     model
         .select_outputs_by_name([output_name.split(':').next().unwrap_or(&output_name)])
         .map_err(|e| parse(format!("output {output_name:?}: {e}")))?;
     let (shape, layout) = fix_shape(&graph.input_shape, overrides)?;
     if layout != Layout::Nhwc {
-        return Err(SourceError::Shape("TensorFlow graphs take NHWC input; --layout nchw does not apply".into()));
+        return Err(SourceError::Shape(
+            "TensorFlow graphs take NHWC input; --layout nchw does not apply".into(),
+        ));
     }
-    model.set_input_fact(0, f32::fact(&shape).into()).map_err(|e| parse(e.to_string()))?;
-    model.set_output_fact(0, InferenceFact::default()).map_err(|e| parse(e.to_string()))?;
+    model
+        .set_input_fact(0, f32::fact(&shape).into())
+        .map_err(|e| parse(e.to_string()))?;
+    model
+        .set_output_fact(0, InferenceFact::default())
+        .map_err(|e| parse(e.to_string()))?;
     Ok(SourceModel {
         format,
         path: path.to_owned(),
@@ -202,11 +262,16 @@ fn find_saved_model_pb(dir: &Path) -> PathBuf {
 }
 
 /// Decides the fixed input shape and layout from what the model declares and the overrides.
-fn fix_shape(declared: &[Option<usize>], overrides: &InputOverrides) -> Result<(Vec<usize>, Layout), SourceError> {
+fn fix_shape(
+    declared: &[Option<usize>],
+    overrides: &InputOverrides,
+) -> Result<(Vec<usize>, Layout), SourceError> {
     let shape_err = |m: String| SourceError::Shape(m);
     if let Some(shape) = &overrides.shape {
         if shape.len() != 4 || shape.contains(&0) {
-            return Err(shape_err(format!("--input-shape {shape:?} must be 4 positive dims, batch first")));
+            return Err(shape_err(format!(
+                "--input-shape {shape:?} must be 4 positive dims, batch first"
+            )));
         }
         if declared.len() == 4 {
             for (i, (d, s)) in declared.iter().zip(shape).enumerate() {
@@ -284,16 +349,31 @@ mod tests {
     #[test]
     fn layout_is_inferred_from_the_channel_axis() {
         let o = InputOverrides::default();
-        assert_eq!(fix_shape(&[None, Some(3), Some(224), Some(224)], &o).unwrap(), (vec![1, 3, 224, 224], Layout::Nchw));
-        assert_eq!(fix_shape(&[None, Some(299), Some(299), Some(3)], &o).unwrap(), (vec![1, 299, 299, 3], Layout::Nhwc));
-        assert!(fix_shape(&[None, None, None, Some(3)], &o).is_err(), "spatial dims unknown");
+        assert_eq!(
+            fix_shape(&[None, Some(3), Some(224), Some(224)], &o).unwrap(),
+            (vec![1, 3, 224, 224], Layout::Nchw)
+        );
+        assert_eq!(
+            fix_shape(&[None, Some(299), Some(299), Some(3)], &o).unwrap(),
+            (vec![1, 299, 299, 3], Layout::Nhwc)
+        );
+        assert!(
+            fix_shape(&[None, None, None, Some(3)], &o).is_err(),
+            "spatial dims unknown"
+        );
         assert!(fix_shape(&[Some(1), Some(3)], &o).is_err());
     }
 
     #[test]
     fn overrides_must_agree_with_declared_dims() {
-        let o = InputOverrides { shape: Some(vec![1, 224, 224, 3]), ..Default::default() };
+        let o = InputOverrides {
+            shape: Some(vec![1, 224, 224, 3]),
+            ..Default::default()
+        };
         assert!(fix_shape(&[None, Some(299), Some(299), Some(3)], &o).is_err());
-        assert_eq!(fix_shape(&[None, None, None, Some(3)], &o).unwrap().0, vec![1, 224, 224, 3]);
+        assert_eq!(
+            fix_shape(&[None, None, None, Some(3)], &o).unwrap().0,
+            vec![1, 224, 224, 3]
+        );
     }
 }
