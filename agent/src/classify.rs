@@ -23,7 +23,8 @@ pub struct ClassifyArgs {
     /// How many classes to print per image.
     #[arg(long, short = 'k', default_value_t = 5)]
     top_k: usize,
-    /// Print one JSON document (an array, one object per image) instead of text.
+    /// Print one JSON document instead of text: the model, the bundle load time and a
+    /// `results` array with one object per image (its top classes or its error).
     #[arg(long)]
     json: bool,
     /// Threads tract uses per inference.

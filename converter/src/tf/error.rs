@@ -36,6 +36,10 @@ pub enum TfError {
     #[error("{flavour}, which edge-convert cannot convert. {hint}")]
     Unsupported { flavour: String, hint: String },
 
+    /// tract-tensorflow could not load or declutter the frozen graph.
+    #[error("tract could not load the frozen graph ({stage}): {reason}")]
+    Tract { stage: String, reason: String },
+
     /// In-graph image preprocessing that could not be recognised.
     #[error(
         "could not recognise the image preprocessing inside the graph: {found}. Pass the \

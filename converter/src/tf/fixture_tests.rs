@@ -66,11 +66,7 @@ fn top5(p: &[f32]) -> Vec<usize> {
 /// Loads `g` in tract as the converter does, runs every case, asserts, returns the max diff.
 fn check_against_tensorflow(g: &TfGraph, kind: &str) -> f32 {
     let start = Instant::now();
-    let bytes = encode_for_tract(&g.graph);
-    let mut model = tract_tensorflow::tensorflow().model_for_read(&mut bytes.as_slice()).expect("tract reads the graph");
-    model.select_inputs_by_name([&g.input]).expect("input");
-    model.select_outputs_by_name([&g.output]).expect("output");
-    model.set_input_fact(0, f32::fact([1, SIZE, SIZE, 3]).into()).expect("input fact");
+    let model = tract_model(g, &[1, SIZE, SIZE, 3]).expect("tract loads and declutters the graph");
     let plan = model.into_optimized().and_then(|m| m.into_runnable()).expect("tract optimises the graph");
     eprintln!("tract load + optimise: {:.1?} ({} nodes in)", start.elapsed(), g.graph.node.len());
     let mut worst = 0f32;

@@ -17,6 +17,7 @@ mod jpeg_signature;
 mod saved_model;
 mod sstable;
 mod tensor;
+mod tract_model;
 
 use std::path::Path;
 
@@ -24,6 +25,7 @@ use edge_proto::tensorflow::{DataType, GraphDef, NodeDef, attr_value};
 use prost::Message;
 
 pub use error::TfError;
+pub use tract_model::tract_model;
 
 use crate::bundle::manifest::Preprocessing;
 use graph::TensorRef;
