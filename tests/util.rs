@@ -117,6 +117,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Rewrites a bundle's manifest with `edit`, keeping the model entries, into `to`.
 pub fn rewrite_manifest(from: &Path, to: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    rewrite_entries(from, to, |name, data| {
+        if name == "manifest.json" {
+            let mut v: serde_json::Value = serde_json::from_slice(data).unwrap();
+            edit(&mut v);
+            *data = serde_json::to_vec(&v).unwrap();
+        }
+    });
+}
+
+/// Copies a bundle (a tar) entry by entry into `to`, letting `edit` change each entry's bytes.
+pub fn rewrite_entries(from: &Path, to: &Path, mut edit: impl FnMut(&str, &mut Vec<u8>)) {
     let bytes = std::fs::read(from).unwrap();
     let mut archive = tar::Archive::new(bytes.as_slice());
     let mut builder = tar::Builder::new(Vec::new());
@@ -125,11 +136,7 @@ pub fn rewrite_manifest(from: &Path, to: &Path, edit: impl Fn(&mut serde_json::V
         let name = entry.path().unwrap().to_string_lossy().into_owned();
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
-        if name == "manifest.json" {
-            let mut v: serde_json::Value = serde_json::from_slice(&data).unwrap();
-            edit(&mut v);
-            data = serde_json::to_vec(&v).unwrap();
-        }
+        edit(&name, &mut data);
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(0o644);

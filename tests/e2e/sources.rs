@@ -227,3 +227,65 @@ fn bundle_loads_faster_than_its_source_printed() {
         b / s
     );
 }
+
+#[test]
+fn inspect_and_verify_report_on_a_bundle() {
+    let source = fixtures().join("inception_v3_seeded_nhwc.onnx");
+    let (dir, bundle) = convert(&source, &["--labels", &labels_flag()]);
+    let out = run(Command::new(bin("edge-convert"))
+        .args(["inspect", "--json"])
+        .arg(&bundle));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    // Inception V3: 23.8 M parameters (the 1000-class head included), 5.71 G multiply-adds.
+    let params = report["parameters"].as_u64().unwrap();
+    let macs = report["multiply_adds"].as_u64().unwrap();
+    println!(
+        "inspect: {params} parameters, {macs} multiply-adds, ops {}",
+        report["ops"]
+    );
+    assert!((23_500_000..24_000_000).contains(&params), "{params}");
+    assert!((5_600_000_000..5_800_000_000).contains(&macs), "{macs}");
+    assert_eq!(report["manifest"]["source"]["format"], "onnx");
+    assert!(
+        report["ops"]["Conv"].as_u64().unwrap_or(0) + report["ops"]["EinSum"].as_u64().unwrap_or(0) >= 94
+    );
+
+    let out = run(Command::new(bin("edge-convert"))
+        .args(["verify", "--json"])
+        .arg(&bundle)
+        .arg("--against")
+        .arg(&source));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    println!("verify: {v}");
+    assert!(v["max_abs_diff"].as_f64().unwrap() <= 1e-4);
+
+    // A bundle whose weights were altered after conversion: verify must catch it.
+    let tampered = dir.path().join("tampered.bundle");
+    let mut altered = 0;
+    edge_e2e::rewrite_entries(&bundle, &tampered, |name, data| {
+        // The largest weight tensors are the final classifier's; skew every value of one.
+        if altered == 0 && name.ends_with(".dat") && data.len() > 4_000_000 {
+            for chunk in data[128..].chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) * 1.5 + 0.01;
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+            altered += 1;
+        }
+    });
+    assert_eq!(altered, 1, "no large weight tensor found to alter");
+    let out = run(Command::new(bin("edge-convert"))
+        .arg("verify")
+        .arg(&tampered)
+        .arg("--against")
+        .arg(&source));
+    println!("tampered: {}", stdout(&out).trim());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "verify must fail on altered weights: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("MISMATCH"));
+}

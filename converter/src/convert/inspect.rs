@@ -27,7 +27,8 @@ pub struct Report {
 pub fn inspect(path: &Path, overrides: &InputOverrides) -> Result<Report, ConvertError> {
     if bundle::read_manifest(path).is_ok() {
         let loaded = bundle::load(path, u64::MAX)?;
-        let mut report = report_for(&loaded.model, "edge bundle")?;
+        let model = source::guard(|| loaded.model.into_decluttered()).map_err(ConvertError::Model)?;
+        let mut report = report_for(&model, "edge bundle")?;
         report.manifest = Some(loaded.manifest);
         return Ok(report);
     }

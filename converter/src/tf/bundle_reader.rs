@@ -174,7 +174,7 @@ fn decode_strings(bytes: &[u8], shape: Vec<usize>, n: usize, stored_crc: u32) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::sstable::tests::build_table;
     use super::super::tensor::shape_proto;
     use super::*;
@@ -191,7 +191,7 @@ mod tests {
         .encode_to_vec()
     }
 
-    fn string_bytes(strings: &[&[u8]]) -> (Vec<u8>, u32) {
+    pub(crate) fn string_bytes(strings: &[&[u8]]) -> (Vec<u8>, u32) {
         let (mut out, mut crc) = (Vec::new(), 0);
         for s in strings {
             out.push(s.len() as u8);
@@ -206,21 +206,44 @@ mod tests {
         (out, mask(crc))
     }
 
+    /// Writes a one-shard bundle at `prefix` holding `tensors` (f32 or strings).
+    pub(crate) fn write_test_bundle(prefix: &Path, tensors: &[(&str, HostTensor)]) {
+        let mut data = Vec::new();
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut sorted: Vec<&(&str, HostTensor)> = tensors.iter().collect();
+        sorted.sort_by_key(|(k, _)| *k);
+        for (key, t) in sorted {
+            let (bytes, crc) = match &t.data {
+                Data::Str(s) => string_bytes(&s.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+                _ => {
+                    let b = t.to_proto().tensor_content;
+                    let crc = mask(crc32c(&b));
+                    (b, crc)
+                }
+            };
+            entries.push((key.as_bytes().to_vec(), entry(t.data.dtype(), &t.shape, data.len(), &bytes, crc)));
+            data.extend_from_slice(&bytes);
+        }
+        let header = BundleHeaderProto { num_shards: 1, ..Default::default() }.encode_to_vec();
+        let mut refs: Vec<(&[u8], &[u8])> = vec![(b"", &header)];
+        refs.extend(entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        std::fs::write(with_suffix(prefix, ".index"), build_table(&refs, 2)).unwrap();
+        std::fs::write(with_suffix(prefix, ".data-00000-of-00001"), data).unwrap();
+    }
+
     /// A one-shard bundle with a float [2,2] "w" and a string [2] "s"; returns the prefix.
     fn write_bundle(dir: &Path, corrupt_data: bool) -> PathBuf {
-        let floats: Vec<u8> = [1.0f32, -2.0, 0.5, 4.0].iter().flat_map(|f| f.to_le_bytes()).collect();
-        let (strings, strings_crc) = string_bytes(&[b"hello", b"graph"]);
-        let header = BundleHeaderProto { num_shards: 1, ..Default::default() }.encode_to_vec();
-        let s = entry(DataType::DtString, &[2], floats.len(), &strings, strings_crc);
-        let w = entry(DataType::DtFloat, &[2, 2], 0, &floats, mask(crc32c(&floats)));
-        let table = build_table(&[(b"", &header), (b"s", &s), (b"w", &w)], 2);
         let prefix = dir.join("variables");
-        std::fs::write(with_suffix(&prefix, ".index"), table).unwrap();
-        let mut data = [floats, strings].concat();
+        let w = HostTensor::f32(vec![2, 2], vec![1.0, -2.0, 0.5, 4.0]);
+        let s = HostTensor { shape: vec![2], data: Data::Str(vec![b"hello".to_vec(), b"graph".to_vec()]) };
+        write_test_bundle(&prefix, &[("w", w), ("s", s)]);
         if corrupt_data {
-            data[1] ^= 1;
+            let path = with_suffix(&prefix, ".data-00000-of-00001");
+            let mut data = std::fs::read(&path).unwrap();
+            let last = data.len() - 1;
+            data[last] ^= 1;
+            std::fs::write(path, data).unwrap();
         }
-        std::fs::write(with_suffix(&prefix, ".data-00000-of-00001"), data).unwrap();
         prefix
     }
 

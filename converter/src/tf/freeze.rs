@@ -313,6 +313,14 @@ impl<'a> Freezer<'a> {
             return Err(TfError::graph(&full_name, "attribute placeholders (polymorphic function) are not supported"));
         }
         copy.attr.remove("_output_shapes");
+        // SavedModels strip attributes equal to their default; tract needs them spelled out.
+        if let Some(def) = self.op_defs.get(op) {
+            for a in &def.attr {
+                if let Some(default) = &a.default_value {
+                    copy.attr.entry(a.name.clone()).or_insert_with(|| default.clone());
+                }
+            }
+        }
         let name = copy.name.clone();
         self.out.push(copy);
         Ok(Outputs::Node(name))

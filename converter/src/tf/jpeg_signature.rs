@@ -362,7 +362,8 @@ fn crop_fraction(nodes: &Nodes<'_>, begin: &TensorRef) -> Option<f32> {
     let mut found: Vec<f64> = Vec::new();
     while let Some(t) = queue.pop_front() {
         let n = nodes.get(&t)?;
-        if !seen.insert(n.name.clone()) || seen.len() > 256 {
+        // Shapes do not depend on pixel values: stop there (the image's own scaling is upstream).
+        if !seen.insert(n.name.clone()) || seen.len() > 256 || matches!(n.op.as_str(), "Shape" | "Size" | "Rank") {
             continue;
         }
         if n.op == "Mul" {

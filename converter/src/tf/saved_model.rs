@@ -284,3 +284,166 @@ fn read_object_graph(bundle: &Bundle) -> Result<TrackableObjectGraph, TfError> {
     let bytes = s.first().ok_or_else(|| err(format!("{OBJECT_GRAPH_KEY} is empty")))?;
     TrackableObjectGraph::decode(bytes.as_slice()).map_err(|e| err(format!("{OBJECT_GRAPH_KEY}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use edge_proto::tensorflow::{
+        FunctionDef, FunctionDefLibrary, GraphDef, NameAttrList, OpDef, OpList, SavedConcreteFunction,
+        SavedObjectGraph, TensorInfo, meta_graph_def::MetaInfoDef, op_def, trackable_object_graph,
+    };
+
+    use super::super::bundle_reader::tests::write_test_bundle;
+    use super::super::graph::set_attr;
+    use super::super::graph::test_util::{assert_close, op, placeholder, run_tract};
+    use super::*;
+
+    fn arg(name: &str, dtype: DataType) -> op_def::ArgDef {
+        op_def::ArgDef { name: name.into(), r#type: dtype as i32, ..Default::default() }
+    }
+
+    fn info(name: &str, dtype: DataType) -> TensorInfo {
+        TensorInfo { encoding: Some(Encoding::Name(name.into())), dtype: dtype as i32, ..Default::default() }
+    }
+
+    fn matmul_op_def() -> OpDef {
+        let default_false = edge_proto::tensorflow::AttrValue { value: Some(attr_value::Value::B(false)) };
+        let attr = |name: &str| op_def::AttrDef {
+            name: name.into(),
+            r#type: "bool".into(),
+            default_value: Some(default_false.clone()),
+            ..Default::default()
+        };
+        OpDef {
+            name: "MatMul".into(),
+            output_arg: vec![op_def::ArgDef { name: "product".into(), ..Default::default() }],
+            attr: vec![attr("transpose_a"), attr("transpose_b")],
+            ..Default::default()
+        }
+    }
+
+    /// x [1,2] -> StatefulPartitionedCall(F, x, w) where F reads variable w and returns
+    /// x @ w; `body_op` replaces the MatMul (to plant unsupported ops).
+    fn saved_model(dir: &Path, tf2: bool, body_op: &str) {
+        let mut handle = NodeDef { name: "unknown".into(), op: "VarHandleOp".into(), ..Default::default() };
+        set_attr(&mut handle, "shared_name", attr_value::Value::S(if tf2 { b"w_1".to_vec() } else { b"dense/kernel".to_vec() }));
+        let mut call = op("call", "StatefulPartitionedCall", &["x", "unknown"]);
+        set_attr(&mut call, "f", attr_value::Value::Func(NameAttrList { name: "F".into(), ..Default::default() }));
+        let mut read = op("read", "ReadVariableOp", &["w"]);
+        set_attr(&mut read, "dtype", attr_value::Value::Type(DataType::DtFloat as i32));
+        let body = vec![read, op("mm", body_op, &["x", "read:value:0"])];
+        let function = FunctionDef {
+            signature: Some(OpDef {
+                name: "F".into(),
+                input_arg: vec![arg("x", DataType::DtFloat), arg("w", DataType::DtResource)],
+                output_arg: vec![arg("y", DataType::DtFloat)],
+                ..Default::default()
+            }),
+            node_def: body,
+            ret: HashMap::from([("y".to_string(), "mm:product:0".to_string())]),
+            ..Default::default()
+        };
+        let graph = GraphDef {
+            node: vec![placeholder("x", &[1, 2]), handle, call, op("out", "Identity", &["call:0"])],
+            library: Some(FunctionDefLibrary { function: vec![function], ..Default::default() }),
+            ..Default::default()
+        };
+        let sig = SignatureDef {
+            inputs: HashMap::from([("x".to_string(), info("x:0", DataType::DtFloat))]),
+            outputs: HashMap::from([("y".to_string(), info("out:0", DataType::DtFloat))]),
+            ..Default::default()
+        };
+        let mut meta = MetaGraphDef {
+            meta_info_def: Some(MetaInfoDef {
+                tags: vec!["serve".into()],
+                stripped_op_list: Some(OpList { op: vec![matmul_op_def()] }),
+                ..Default::default()
+            }),
+            graph_def: Some(graph),
+            signature_def: HashMap::from([("serving_default".to_string(), sig)]),
+            ..Default::default()
+        };
+        let kernel = HostTensor::f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        std::fs::create_dir_all(dir.join("variables")).unwrap();
+        let prefix = dir.join("variables/variables");
+        if tf2 {
+            // The call's last argument is captured: object 1, whose checkpoint key is positional.
+            let key = "variables/0/.ATTRIBUTES/VARIABLE_VALUE";
+            meta.object_graph_def = Some(SavedObjectGraph {
+                concrete_functions: HashMap::from([(
+                    "F".to_string(),
+                    SavedConcreteFunction { bound_inputs: vec![1], ..Default::default() },
+                )]),
+                ..Default::default()
+            });
+            let attribute = trackable_object_graph::trackable_object::SerializedTensor {
+                name: "VARIABLE_VALUE".into(),
+                checkpoint_key: key.into(),
+                ..Default::default()
+            };
+            let objects = TrackableObjectGraph {
+                nodes: vec![
+                    Default::default(),
+                    trackable_object_graph::TrackableObject { attributes: vec![attribute], ..Default::default() },
+                ],
+            };
+            let objects = HostTensor { shape: vec![], data: Data::Str(vec![objects.encode_to_vec()]) };
+            write_test_bundle(&prefix, &[(key, kernel), (OBJECT_GRAPH_KEY, objects)]);
+        } else {
+            write_test_bundle(&prefix, &[("dense/kernel", kernel)]);
+        }
+        let saved = SavedModel { saved_model_schema_version: 1, meta_graphs: vec![meta] };
+        std::fs::write(dir.join("saved_model.pb"), saved.encode_to_vec()).unwrap();
+    }
+
+    fn check_inlined(g: &TfGraph) {
+        assert_eq!((g.input.as_str(), g.output.as_str(), g.signature.as_deref()), ("x", "y", Some("serving_default")));
+        let ops: Vec<&str> = g.graph.node.iter().map(|n| n.op.as_str()).collect();
+        assert!(!ops.iter().any(|o| ["StatefulPartitionedCall", "ReadVariableOp", "VarHandleOp"].contains(o)), "{ops:?}");
+        let mm = g.graph.node.iter().find(|n| n.op == "MatMul").expect("inlined MatMul");
+        assert_eq!(mm.name, "call/mm");
+        assert!(mm.attr.contains_key("transpose_a"), "stripped default attrs are restored from the OpDef");
+        assert_close(&run_tract(&g.graph, &[1, 2], &[1.0, 1.0]), &[4.0, 6.0]);
+    }
+
+    #[test]
+    fn tf1_style_resource_variable_is_frozen_by_name_through_an_inlined_call() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_model(&dir.path().join("7"), false, "MatMul");
+        std::fs::create_dir(dir.path().join("not_a_version")).unwrap();
+        // The TF Serving layout: the highest numeric version directory is used.
+        let g = super::super::load_saved_model(dir.path(), None).unwrap();
+        check_inlined(&g);
+    }
+
+    #[test]
+    fn tf2_captured_variable_is_found_through_the_object_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_model(dir.path(), true, "MatMul");
+        check_inlined(&super::super::load_saved_model(dir.path(), None).unwrap());
+    }
+
+    #[test]
+    fn control_flow_and_unknown_ops_say_what_to_export_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_model(dir.path(), false, "StatelessWhile");
+        let err = super::super::load_saved_model(dir.path(), None).unwrap_err();
+        assert!(err.is_unsupported_model());
+        let msg = err.to_string();
+        assert!(msg.contains("TensorFlow 2 control flow") && msg.contains("tf2onnx"), "{msg}");
+
+        saved_model(dir.path(), false, "Einsum");
+        let msg = super::super::load_saved_model(dir.path(), None).unwrap_err().to_string();
+        assert!(msg.contains("Einsum (node \"call/mm\")") && msg.contains("tf2onnx"), "{msg}");
+    }
+
+    #[test]
+    fn missing_checkpoint_entry_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_model(dir.path(), false, "MatMul");
+        write_test_bundle(&dir.path().join("variables/variables"), &[("other", HostTensor::f32(vec![1], vec![0.0]))]);
+        let msg = super::super::load_saved_model(dir.path(), None).unwrap_err().to_string();
+        assert!(msg.contains("\"unknown\"") && msg.contains("VarHandleOp"), "{msg}");
+    }
+}

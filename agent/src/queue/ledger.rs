@@ -1,0 +1,459 @@
+//! The queue's pure core: limits, counters, leases, and the lease/retry/dead-letter/expiry
+//! decisions, as plain data with no storage and no clock (time comes in as a parameter).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The position of a request in the queue: assigned at enqueue, increasing, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(u64);
+
+impl Seq {
+    pub const fn new(value: u64) -> Self {
+        Self(value)
+    }
+
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The sled key: big-endian, so byte order is numeric order and trees iterate FIFO.
+    pub const fn to_key(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+
+    pub fn from_key(key: &[u8]) -> Option<Self> {
+        <[u8; 8]>::try_from(key).ok().map(|k| Self(u64::from_be_bytes(k)))
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch, as carried by requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMillis(pub u64);
+
+impl UnixMillis {
+    /// Reads the system clock (the only clock call of the queue, for callers at the edge).
+    pub fn now() -> Self {
+        Self::from_system_time(SystemTime::now())
+    }
+
+    pub fn from_system_time(t: SystemTime) -> Self {
+        let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        Self(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Self(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+    }
+}
+
+/// Bounds and retry policy, validated by construction (`NonZero*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Requests in the system: pending + leased + replies awaiting the broker's ack.
+    pub max_items: NonZeroUsize,
+    /// Payload bytes of pending + leased requests.
+    pub max_bytes: NonZeroU64,
+    /// Leases an item may take before it is dead-lettered (crashes and expiries count).
+    pub max_attempts: NonZeroU32,
+    /// How long a lease lasts before the item is handed out again.
+    pub visibility_timeout: Duration,
+    /// Dead letters kept for inspection; the oldest are pruned beyond this.
+    pub max_dead_letters: NonZeroUsize,
+}
+
+impl Default for QueueLimits {
+    /// 1,000 items, 256 MiB, 3 attempts, 60 s visibility, 1,000 dead letters.
+    fn default() -> Self {
+        const MAX_ITEMS: NonZeroUsize = NonZeroUsize::new(1_000).unwrap();
+        const MAX_BYTES: NonZeroU64 = NonZeroU64::new(256 * 1024 * 1024).unwrap();
+        const MAX_ATTEMPTS: NonZeroU32 = NonZeroU32::new(3).unwrap();
+        const MAX_DEAD: NonZeroUsize = NonZeroUsize::new(1_000).unwrap();
+        Self {
+            max_items: MAX_ITEMS,
+            max_bytes: MAX_BYTES,
+            max_attempts: MAX_ATTEMPTS,
+            visibility_timeout: Duration::from_secs(60),
+            max_dead_letters: MAX_DEAD,
+        }
+    }
+}
+
+/// A snapshot of the counters; maintained on every operation, never computed by scanning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    pub pending: usize,
+    pub leased: usize,
+    pub outbox: usize,
+    pub dead: usize,
+    /// Payload bytes of pending + leased requests (what `max_bytes` bounds).
+    pub bytes: u64,
+}
+
+/// What the index keeps for a pending item: enough to decide without reading the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ItemMeta {
+    /// Leases taken so far (a release gives its lease back).
+    pub attempts: u32,
+    pub payload_len: u64,
+}
+
+/// Whether a new request of a given size may be admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Admit,
+    /// Would exceed a bound now; may fit once items leave.
+    Full { items: usize, bytes: u64 },
+    /// Larger than `max_bytes` on its own: it can never fit.
+    TooLarge { max_bytes: u64 },
+}
+
+/// What to do with the oldest pending item at lease time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseDecision {
+    /// Hand it to a worker: this is its `attempt`-th lease.
+    Work { attempt: u32, expires_at: UnixMillis },
+    /// Its deadline has passed: hand it out for a `deadline_exceeded` reply.
+    Expired { attempt: u32, expires_at: UnixMillis },
+    /// It used all its attempts: record a dead letter, hand it out for an `internal` reply.
+    /// The attempt count is not raised again.
+    DeadLetter { attempts: u32, expires_at: UnixMillis },
+}
+
+impl LeaseDecision {
+    pub(crate) fn attempts_after(self) -> u32 {
+        match self {
+            Self::Work { attempt, .. } | Self::Expired { attempt, .. } => attempt,
+            Self::DeadLetter { attempts, .. } => attempts,
+        }
+    }
+
+    pub(crate) fn expires_at(self) -> UnixMillis {
+        match self {
+            Self::Work { expires_at, .. }
+            | Self::Expired { expires_at, .. }
+            | Self::DeadLetter { expires_at, .. } => expires_at,
+        }
+    }
+}
+
+/// A lease held by a worker (in memory only: every lease is void after a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ActiveLease {
+    /// Attempts before this lease: what a release restores.
+    pub attempts_before: u32,
+    /// Attempts including this lease: what an expiry or a crash keeps.
+    pub attempts: u32,
+    pub payload_len: u64,
+    pub expires_at: UnixMillis,
+}
+
+/// Counters recovered from the trees at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Recovered {
+    pub pending: usize,
+    pub pending_bytes: u64,
+    pub outbox: usize,
+    pub dead: usize,
+    pub next_seq: u64,
+}
+
+/// The bookkeeping of the whole queue. The store applies a change to sled first and then
+/// tells the ledger, under one lock, so the counters always describe what is on disk.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    limits: QueueLimits,
+    pending: usize,
+    pending_bytes: u64,
+    leases: BTreeMap<Seq, ActiveLease>,
+    leased_bytes: u64,
+    outbox: usize,
+    dead: usize,
+    next_seq: u64,
+}
+
+impl Ledger {
+    pub(crate) fn new(limits: QueueLimits, recovered: Recovered) -> Self {
+        Self {
+            limits,
+            pending: recovered.pending,
+            pending_bytes: recovered.pending_bytes,
+            leases: BTreeMap::new(),
+            leased_bytes: 0,
+            outbox: recovered.outbox,
+            dead: recovered.dead,
+            next_seq: recovered.next_seq,
+        }
+    }
+
+    pub(crate) fn limits(&self) -> &QueueLimits {
+        &self.limits
+    }
+
+    fn items(&self) -> usize {
+        self.pending + self.leases.len() + self.outbox
+    }
+
+    fn bytes(&self) -> u64 {
+        self.pending_bytes + self.leased_bytes
+    }
+
+    pub(crate) fn stats(&self) -> QueueStats {
+        QueueStats {
+            pending: self.pending,
+            leased: self.leases.len(),
+            outbox: self.outbox,
+            dead: self.dead,
+            bytes: self.bytes(),
+        }
+    }
+
+    pub(crate) fn admit(&self, payload_len: u64) -> Admission {
+        let max_bytes = self.limits.max_bytes.get();
+        if payload_len > max_bytes {
+            return Admission::TooLarge { max_bytes };
+        }
+        let (items, bytes) = (self.items(), self.bytes());
+        if items >= self.limits.max_items.get() || bytes.saturating_add(payload_len) > max_bytes {
+            return Admission::Full { items, bytes };
+        }
+        Admission::Admit
+    }
+
+    /// The sequence number the next enqueue will use.
+    pub(crate) fn next_seq(&self) -> Seq {
+        Seq(self.next_seq)
+    }
+
+    pub(crate) fn on_enqueued(&mut self, seq: Seq, payload_len: u64) {
+        self.next_seq = self.next_seq.max(seq.0.saturating_add(1));
+        self.pending += 1;
+        self.pending_bytes += payload_len;
+    }
+
+    pub(crate) fn decide_lease(
+        &self,
+        meta: ItemMeta,
+        deadline: Option<UnixMillis>,
+        now: UnixMillis,
+    ) -> LeaseDecision {
+        let expires_at = now.saturating_add(self.limits.visibility_timeout);
+        if meta.attempts >= self.limits.max_attempts.get() {
+            return LeaseDecision::DeadLetter { attempts: meta.attempts, expires_at };
+        }
+        let attempt = meta.attempts + 1;
+        match deadline {
+            Some(deadline) if deadline <= now => LeaseDecision::Expired { attempt, expires_at },
+            _ => LeaseDecision::Work { attempt, expires_at },
+        }
+    }
+
+    pub(crate) fn on_leased(&mut self, seq: Seq, meta: ItemMeta, decision: LeaseDecision) {
+        self.forget_pending(meta.payload_len);
+        let lease = ActiveLease {
+            attempts_before: meta.attempts,
+            attempts: decision.attempts_after(),
+            payload_len: meta.payload_len,
+            expires_at: decision.expires_at(),
+        };
+        if let Some(old) = self.leases.insert(seq, lease) {
+            self.leased_bytes -= old.payload_len;
+        }
+        self.leased_bytes += meta.payload_len;
+    }
+
+    pub(crate) fn lease(&self, seq: Seq) -> Option<ActiveLease> {
+        self.leases.get(&seq).copied()
+    }
+
+    /// Leases whose visibility timeout has passed at `now`, oldest item first.
+    pub(crate) fn expired_leases(&self, now: UnixMillis) -> Vec<Seq> {
+        self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(s, _)| *s).collect()
+    }
+
+    /// The item went from leased to the outbox with its reply.
+    pub(crate) fn on_completed(&mut self, seq: Seq) {
+        if let Some(lease) = self.leases.remove(&seq) {
+            self.leased_bytes -= lease.payload_len;
+            self.outbox += 1;
+        }
+    }
+
+    /// The item went back to pending; `counted` says whether the lease keeps its attempt.
+    /// Returns what the pending index must now say about it.
+    pub(crate) fn requeue_meta(lease: ActiveLease, counted: bool) -> ItemMeta {
+        let attempts = if counted { lease.attempts } else { lease.attempts_before };
+        ItemMeta { attempts, payload_len: lease.payload_len }
+    }
+
+    pub(crate) fn on_requeued(&mut self, seq: Seq) {
+        if let Some(lease) = self.leases.remove(&seq) {
+            self.leased_bytes -= lease.payload_len;
+            self.pending += 1;
+            self.pending_bytes += lease.payload_len;
+        }
+    }
+
+    pub(crate) fn on_reply_acked(&mut self) {
+        self.outbox = self.outbox.saturating_sub(1);
+    }
+
+    /// A pending item was found unreadable and moved to the dead letters.
+    pub(crate) fn forget_pending(&mut self, payload_len: u64) {
+        self.pending = self.pending.saturating_sub(1);
+        self.pending_bytes = self.pending_bytes.saturating_sub(payload_len);
+    }
+
+    /// An outbox entry was found unreadable and moved to the dead letters.
+    pub(crate) fn forget_outbox(&mut self) {
+        self.outbox = self.outbox.saturating_sub(1);
+    }
+
+    /// A dead letter was written (`new` is false when it replaced one with the same seq).
+    pub(crate) fn on_dead_written(&mut self, new: bool) {
+        if new {
+            self.dead += 1;
+        }
+    }
+
+    /// How many of the oldest dead letters must go to respect `max_dead_letters`.
+    pub(crate) fn dead_excess(&self) -> usize {
+        self.dead.saturating_sub(self.limits.max_dead_letters.get())
+    }
+
+    pub(crate) fn on_dead_pruned(&mut self) {
+        self.dead = self.dead.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_items: usize, max_bytes: u64, max_attempts: u32) -> QueueLimits {
+        QueueLimits {
+            max_items: NonZeroUsize::new(max_items).unwrap(),
+            max_bytes: NonZeroU64::new(max_bytes).unwrap(),
+            max_attempts: NonZeroU32::new(max_attempts).unwrap(),
+            visibility_timeout: Duration::from_secs(10),
+            max_dead_letters: NonZeroUsize::new(2).unwrap(),
+        }
+    }
+
+    fn meta(attempts: u32, payload_len: u64) -> ItemMeta {
+        ItemMeta { attempts, payload_len }
+    }
+
+    #[test]
+    fn keys_sort_like_numbers() {
+        assert!(Seq(255).to_key() < Seq(256).to_key());
+        assert_eq!(Seq::from_key(&Seq(7).to_key()), Some(Seq(7)));
+        assert_eq!(Seq::from_key(b"short"), None);
+    }
+
+    #[test]
+    fn admission_counts_items_in_every_state_and_bytes_of_unfinished_ones() {
+        let mut l = Ledger::new(limits(3, 100, 3), Recovered::default());
+        l.on_enqueued(Seq(0), 40);
+        l.on_enqueued(Seq(1), 40);
+        assert_eq!(l.admit(30), Admission::Full { items: 2, bytes: 80 });
+        assert_eq!(l.admit(20), Admission::Admit);
+        let d = l.decide_lease(meta(0, 40), None, UnixMillis(0));
+        l.on_leased(Seq(0), meta(0, 40), d);
+        l.on_completed(Seq(0));
+        // The reply still holds an item slot, but its payload no longer counts.
+        assert_eq!(l.stats(), QueueStats { pending: 1, leased: 0, outbox: 1, dead: 0, bytes: 40 });
+        l.on_enqueued(Seq(2), 60);
+        assert_eq!(l.admit(1), Admission::Full { items: 3, bytes: 100 });
+        l.on_reply_acked();
+        assert_eq!(l.admit(0), Admission::Full { items: 2, bytes: 100 });
+        assert_eq!(l.admit(101), Admission::TooLarge { max_bytes: 100 });
+    }
+
+    #[test]
+    fn sequence_numbers_continue_after_the_recovered_one() {
+        let mut l = Ledger::new(limits(3, 100, 3), Recovered { next_seq: 41, ..Recovered::default() });
+        assert_eq!(l.next_seq(), Seq(41));
+        l.on_enqueued(Seq(41), 1);
+        assert_eq!(l.next_seq(), Seq(42));
+    }
+
+    #[test]
+    fn lease_counts_an_attempt_and_sets_the_visibility_deadline() {
+        let l = Ledger::new(limits(3, 100, 3), Recovered::default());
+        let d = l.decide_lease(meta(1, 5), None, UnixMillis(1_000));
+        assert_eq!(d, LeaseDecision::Work { attempt: 2, expires_at: UnixMillis(11_000) });
+    }
+
+    #[test]
+    fn past_deadline_is_expired_and_future_deadline_is_work() {
+        let l = Ledger::new(limits(3, 100, 3), Recovered::default());
+        let now = UnixMillis(5_000);
+        assert!(matches!(l.decide_lease(meta(0, 5), Some(now), now), LeaseDecision::Expired { .. }));
+        let later = Some(UnixMillis(5_001));
+        assert!(matches!(l.decide_lease(meta(0, 5), later, now), LeaseDecision::Work { .. }));
+    }
+
+    #[test]
+    fn item_is_dead_lettered_once_attempts_reach_the_maximum() {
+        let l = Ledger::new(limits(3, 100, 2), Recovered::default());
+        let now = UnixMillis(0);
+        assert!(matches!(l.decide_lease(meta(1, 5), None, now), LeaseDecision::Work { attempt: 2, .. }));
+        // Dead-lettering wins over an expired deadline: the poison item is kept for inspection.
+        let d = l.decide_lease(meta(2, 5), Some(now), now);
+        assert!(matches!(d, LeaseDecision::DeadLetter { attempts: 2, .. }));
+        assert_eq!(d.attempts_after(), 2);
+    }
+
+    #[test]
+    fn release_restores_attempts_and_expiry_keeps_them() {
+        let mut l = Ledger::new(limits(3, 100, 3), Recovered { pending: 1, pending_bytes: 9, ..Default::default() });
+        let d = l.decide_lease(meta(0, 9), None, UnixMillis(0));
+        l.on_leased(Seq(0), meta(0, 9), d);
+        let lease = l.lease(Seq(0)).unwrap();
+        assert_eq!(Ledger::requeue_meta(lease, false), meta(0, 9));
+        assert_eq!(Ledger::requeue_meta(lease, true), meta(1, 9));
+        l.on_requeued(Seq(0));
+        assert_eq!(l.stats(), QueueStats { pending: 1, leased: 0, outbox: 0, dead: 0, bytes: 9 });
+    }
+
+    #[test]
+    fn expired_leases_are_found_at_their_deadline() {
+        let mut l = Ledger::new(limits(9, 100, 3), Recovered { pending: 2, pending_bytes: 2, ..Default::default() });
+        let d0 = l.decide_lease(meta(0, 1), None, UnixMillis(0));
+        l.on_leased(Seq(0), meta(0, 1), d0);
+        let d1 = l.decide_lease(meta(0, 1), None, UnixMillis(5_000));
+        l.on_leased(Seq(1), meta(0, 1), d1);
+        assert!(l.expired_leases(UnixMillis(9_999)).is_empty());
+        assert_eq!(l.expired_leases(UnixMillis(10_000)), vec![Seq(0)]);
+        assert_eq!(l.expired_leases(UnixMillis(20_000)), vec![Seq(0), Seq(1)]);
+    }
+
+    #[test]
+    fn completing_an_unknown_seq_changes_nothing() {
+        let mut l = Ledger::new(limits(3, 100, 3), Recovered::default());
+        l.on_completed(Seq(9));
+        l.on_requeued(Seq(9));
+        assert_eq!(l.stats(), QueueStats::default());
+    }
+
+    #[test]
+    fn dead_letters_beyond_the_cap_are_pruned_oldest_first() {
+        let mut l = Ledger::new(limits(3, 100, 3), Recovered { dead: 2, ..Default::default() });
+        assert_eq!(l.dead_excess(), 0);
+        l.on_dead_written(false);
+        assert_eq!(l.dead_excess(), 0);
+        l.on_dead_written(true);
+        assert_eq!(l.dead_excess(), 1);
+        l.on_dead_pruned();
+        assert_eq!(l.stats().dead, 2);
+    }
+}
