@@ -28,10 +28,10 @@ fn collect_protos(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::R
         let path = entry?.path();
         if path.is_dir() {
             collect_protos(root, &path, out)?;
-        } else if path.extension().is_some_and(|e| e == "proto") {
-            if let Ok(rel) = path.strip_prefix(root) {
-                out.push(rel.to_path_buf());
-            }
+        } else if path.extension().is_some_and(|e| e == "proto")
+            && let Ok(rel) = path.strip_prefix(root)
+        {
+            out.push(rel.to_path_buf());
         }
     }
     Ok(())

@@ -1,2 +1,4 @@
 //! The edge-agent library: the device daemon's parts, each a module with a pure core and thin
 //! I/O around it. The binary (`main.rs`) wires them together.
+
+pub mod queue;

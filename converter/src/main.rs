@@ -205,6 +205,7 @@ impl InputArgs {
             signature: self.signature.clone(),
             input_name: self.input_name.clone(),
             output_name: self.output_name.clone(),
+            preprocessing_given: false,
         }
     }
 }
@@ -322,9 +323,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let progress = Progress::new(cli.quiet);
     match cli.command {
         Command::Convert(args) => {
+            let preprocessing = args.pre.build()?;
+            let mut input = args.input.overrides();
+            input.preprocessing_given = preprocessing.is_some();
             let options = ConvertOptions {
-                input: args.input.overrides(),
-                preprocessing: args.pre.build()?,
+                input,
+                preprocessing,
                 labels: args.labels.as_deref().map(read_labels).transpose()?,
                 label_offset: args.label_offset,
                 output_kind: args.output_kind.map(|k| match k {

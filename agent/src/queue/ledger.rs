@@ -51,7 +51,10 @@ impl UnixMillis {
     }
 
     pub fn saturating_add(self, d: Duration) -> Self {
-        Self(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Self(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 }
 
@@ -111,9 +114,14 @@ pub(crate) struct ItemMeta {
 pub(crate) enum Admission {
     Admit,
     /// Would exceed a bound now; may fit once items leave.
-    Full { items: usize, bytes: u64 },
+    Full {
+        items: usize,
+        bytes: u64,
+    },
     /// Larger than `max_bytes` on its own: it can never fit.
-    TooLarge { max_bytes: u64 },
+    TooLarge {
+        max_bytes: u64,
+    },
 }
 
 /// What to do with the oldest pending item at lease time.
@@ -233,6 +241,14 @@ impl Ledger {
         Seq(self.next_seq)
     }
 
+    /// Uses up a sequence number for something other than a request (a stray record's dead
+    /// letter).
+    pub(crate) fn take_seq(&mut self) -> Seq {
+        let seq = Seq(self.next_seq);
+        self.next_seq = self.next_seq.saturating_add(1);
+        seq
+    }
+
     pub(crate) fn on_enqueued(&mut self, seq: Seq, payload_len: u64) {
         self.next_seq = self.next_seq.max(seq.0.saturating_add(1));
         self.pending += 1;
@@ -247,7 +263,10 @@ impl Ledger {
     ) -> LeaseDecision {
         let expires_at = now.saturating_add(self.limits.visibility_timeout);
         if meta.attempts >= self.limits.max_attempts.get() {
-            return LeaseDecision::DeadLetter { attempts: meta.attempts, expires_at };
+            return LeaseDecision::DeadLetter {
+                attempts: meta.attempts,
+                expires_at,
+            };
         }
         let attempt = meta.attempts + 1;
         match deadline {
@@ -276,7 +295,11 @@ impl Ledger {
 
     /// Leases whose visibility timeout has passed at `now`, oldest item first.
     pub(crate) fn expired_leases(&self, now: UnixMillis) -> Vec<Seq> {
-        self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(s, _)| *s).collect()
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.expires_at <= now)
+            .map(|(s, _)| *s)
+            .collect()
     }
 
     /// The item went from leased to the outbox with its reply.
@@ -290,8 +313,15 @@ impl Ledger {
     /// The item went back to pending; `counted` says whether the lease keeps its attempt.
     /// Returns what the pending index must now say about it.
     pub(crate) fn requeue_meta(lease: ActiveLease, counted: bool) -> ItemMeta {
-        let attempts = if counted { lease.attempts } else { lease.attempts_before };
-        ItemMeta { attempts, payload_len: lease.payload_len }
+        let attempts = if counted {
+            lease.attempts
+        } else {
+            lease.attempts_before
+        };
+        ItemMeta {
+            attempts,
+            payload_len: lease.payload_len,
+        }
     }
 
     pub(crate) fn on_requeued(&mut self, seq: Seq) {
@@ -349,7 +379,10 @@ mod tests {
     }
 
     fn meta(attempts: u32, payload_len: u64) -> ItemMeta {
-        ItemMeta { attempts, payload_len }
+        ItemMeta {
+            attempts,
+            payload_len,
+        }
     }
 
     #[test]
@@ -370,17 +403,33 @@ mod tests {
         l.on_leased(Seq(0), meta(0, 40), d);
         l.on_completed(Seq(0));
         // The reply still holds an item slot, but its payload no longer counts.
-        assert_eq!(l.stats(), QueueStats { pending: 1, leased: 0, outbox: 1, dead: 0, bytes: 40 });
+        assert_eq!(
+            l.stats(),
+            QueueStats {
+                pending: 1,
+                leased: 0,
+                outbox: 1,
+                dead: 0,
+                bytes: 40
+            }
+        );
         l.on_enqueued(Seq(2), 60);
         assert_eq!(l.admit(1), Admission::Full { items: 3, bytes: 100 });
         l.on_reply_acked();
-        assert_eq!(l.admit(0), Admission::Full { items: 2, bytes: 100 });
+        assert_eq!(l.admit(1), Admission::Full { items: 2, bytes: 100 });
+        assert_eq!(l.admit(0), Admission::Admit);
         assert_eq!(l.admit(101), Admission::TooLarge { max_bytes: 100 });
     }
 
     #[test]
     fn sequence_numbers_continue_after_the_recovered_one() {
-        let mut l = Ledger::new(limits(3, 100, 3), Recovered { next_seq: 41, ..Recovered::default() });
+        let mut l = Ledger::new(
+            limits(3, 100, 3),
+            Recovered {
+                next_seq: 41,
+                ..Recovered::default()
+            },
+        );
         assert_eq!(l.next_seq(), Seq(41));
         l.on_enqueued(Seq(41), 1);
         assert_eq!(l.next_seq(), Seq(42));
@@ -390,23 +439,38 @@ mod tests {
     fn lease_counts_an_attempt_and_sets_the_visibility_deadline() {
         let l = Ledger::new(limits(3, 100, 3), Recovered::default());
         let d = l.decide_lease(meta(1, 5), None, UnixMillis(1_000));
-        assert_eq!(d, LeaseDecision::Work { attempt: 2, expires_at: UnixMillis(11_000) });
+        assert_eq!(
+            d,
+            LeaseDecision::Work {
+                attempt: 2,
+                expires_at: UnixMillis(11_000)
+            }
+        );
     }
 
     #[test]
     fn past_deadline_is_expired_and_future_deadline_is_work() {
         let l = Ledger::new(limits(3, 100, 3), Recovered::default());
         let now = UnixMillis(5_000);
-        assert!(matches!(l.decide_lease(meta(0, 5), Some(now), now), LeaseDecision::Expired { .. }));
+        assert!(matches!(
+            l.decide_lease(meta(0, 5), Some(now), now),
+            LeaseDecision::Expired { .. }
+        ));
         let later = Some(UnixMillis(5_001));
-        assert!(matches!(l.decide_lease(meta(0, 5), later, now), LeaseDecision::Work { .. }));
+        assert!(matches!(
+            l.decide_lease(meta(0, 5), later, now),
+            LeaseDecision::Work { .. }
+        ));
     }
 
     #[test]
     fn item_is_dead_lettered_once_attempts_reach_the_maximum() {
         let l = Ledger::new(limits(3, 100, 2), Recovered::default());
         let now = UnixMillis(0);
-        assert!(matches!(l.decide_lease(meta(1, 5), None, now), LeaseDecision::Work { attempt: 2, .. }));
+        assert!(matches!(
+            l.decide_lease(meta(1, 5), None, now),
+            LeaseDecision::Work { attempt: 2, .. }
+        ));
         // Dead-lettering wins over an expired deadline: the poison item is kept for inspection.
         let d = l.decide_lease(meta(2, 5), Some(now), now);
         assert!(matches!(d, LeaseDecision::DeadLetter { attempts: 2, .. }));
@@ -415,19 +479,42 @@ mod tests {
 
     #[test]
     fn release_restores_attempts_and_expiry_keeps_them() {
-        let mut l = Ledger::new(limits(3, 100, 3), Recovered { pending: 1, pending_bytes: 9, ..Default::default() });
+        let mut l = Ledger::new(
+            limits(3, 100, 3),
+            Recovered {
+                pending: 1,
+                pending_bytes: 9,
+                ..Default::default()
+            },
+        );
         let d = l.decide_lease(meta(0, 9), None, UnixMillis(0));
         l.on_leased(Seq(0), meta(0, 9), d);
         let lease = l.lease(Seq(0)).unwrap();
         assert_eq!(Ledger::requeue_meta(lease, false), meta(0, 9));
         assert_eq!(Ledger::requeue_meta(lease, true), meta(1, 9));
         l.on_requeued(Seq(0));
-        assert_eq!(l.stats(), QueueStats { pending: 1, leased: 0, outbox: 0, dead: 0, bytes: 9 });
+        assert_eq!(
+            l.stats(),
+            QueueStats {
+                pending: 1,
+                leased: 0,
+                outbox: 0,
+                dead: 0,
+                bytes: 9
+            }
+        );
     }
 
     #[test]
     fn expired_leases_are_found_at_their_deadline() {
-        let mut l = Ledger::new(limits(9, 100, 3), Recovered { pending: 2, pending_bytes: 2, ..Default::default() });
+        let mut l = Ledger::new(
+            limits(9, 100, 3),
+            Recovered {
+                pending: 2,
+                pending_bytes: 2,
+                ..Default::default()
+            },
+        );
         let d0 = l.decide_lease(meta(0, 1), None, UnixMillis(0));
         l.on_leased(Seq(0), meta(0, 1), d0);
         let d1 = l.decide_lease(meta(0, 1), None, UnixMillis(5_000));
@@ -447,7 +534,13 @@ mod tests {
 
     #[test]
     fn dead_letters_beyond_the_cap_are_pruned_oldest_first() {
-        let mut l = Ledger::new(limits(3, 100, 3), Recovered { dead: 2, ..Default::default() });
+        let mut l = Ledger::new(
+            limits(3, 100, 3),
+            Recovered {
+                dead: 2,
+                ..Default::default()
+            },
+        );
         assert_eq!(l.dead_excess(), 0);
         l.on_dead_written(false);
         assert_eq!(l.dead_excess(), 0);

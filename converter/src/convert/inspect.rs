@@ -33,9 +33,7 @@ pub fn inspect(path: &Path, overrides: &InputOverrides) -> Result<Report, Conver
         return Ok(report);
     }
     let source = source::load(path, overrides)?;
-    let typed =
-        source::guard(|| source.model.into_typed()?.into_decluttered()).map_err(ConvertError::Model)?;
-    let mut report = report_for(&typed, &format!("{:?} source", source.format))?;
+    let mut report = report_for(&source.model, &format!("{:?} source", source.format))?;
     report.notes = source.notes;
     Ok(report)
 }

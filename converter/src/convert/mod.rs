@@ -92,10 +92,7 @@ pub fn convert(
         source::load(source_path, &options.input)
     })?;
     let mut notes = source.notes.clone();
-    let typed = progress.step("decluttering", || {
-        source::guard(|| source.model.clone().into_typed()?.into_decluttered()).map_err(ConvertError::Model)
-    })?;
-    let mut typed = typed;
+    let mut typed = source.model.clone();
     // Source metadata (ONNX producer strings, doc strings) is not always valid NNEF literal
     // syntax, and the manifest records what matters: drop it.
     typed.properties.clear();
@@ -266,6 +263,7 @@ pub fn verify(
         signature: manifest.source.signature.clone(),
         input_name: None,
         output_name: None,
+        preprocessing_given: true,
     };
     let source = progress.step("reading the source model", || {
         source::load(source_path, &overrides)
@@ -294,7 +292,7 @@ pub fn prepare_source(
     optimise(source::load(path, overrides)?.model)
 }
 
-fn optimise(model: InferenceModel) -> Result<Arc<TypedRunnableModel>, ConvertError> {
+fn optimise(model: TypedModel) -> Result<Arc<TypedRunnableModel>, ConvertError> {
     source::guard(|| model.into_optimized()?.into_runnable()).map_err(ConvertError::Model)
 }
 

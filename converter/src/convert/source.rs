@@ -44,6 +44,8 @@ pub struct InputOverrides {
     /// TensorFlow graph input / output node names.
     pub input_name: Option<String>,
     pub output_name: Option<String>,
+    /// The caller gives the preprocessing: don't require recognising in-graph decoding.
+    pub preprocessing_given: bool,
 }
 
 /// A source model read by tract, with what we learnt about it.
@@ -51,7 +53,8 @@ pub struct SourceModel {
     pub format: SourceFormat,
     pub path: PathBuf,
     pub sha256: String,
-    pub model: InferenceModel,
+    /// Decluttered, input shape fixed.
+    pub model: TypedModel,
     pub input_name: String,
     pub output_name: String,
     pub shape: Vec<usize>,
@@ -110,7 +113,7 @@ pub fn load(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, Sour
     match format {
         SourceFormat::Onnx => load_onnx(path, overrides),
         SourceFormat::TensorflowFrozen => {
-            let graph = tf::load_frozen_graph(path)?;
+            let graph = tf::load_frozen_graph_with(path, &tf_options(overrides))?;
             from_tf_graph(path, format, graph, overrides)
         }
         SourceFormat::TensorflowSavedModel => {
@@ -119,9 +122,17 @@ pub fn load(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, Sour
             } else {
                 path
             };
-            let graph = tf::load_saved_model(dir, overrides.signature.as_deref())?;
+            let graph = tf::load_saved_model_with(dir, &tf_options(overrides))?;
             from_tf_graph(dir, format, graph, overrides)
         }
+    }
+}
+
+fn tf_options(overrides: &InputOverrides) -> tf::LoadOptions {
+    tf::LoadOptions {
+        signature: overrides.signature.clone(),
+        output: overrides.output_name.clone(),
+        preprocessing_override: overrides.preprocessing_given,
     }
 }
 
@@ -169,6 +180,7 @@ fn load_onnx(path: &Path, overrides: &InputOverrides) -> Result<SourceModel, Sou
     model
         .set_output_fact(0, InferenceFact::default())
         .map_err(|e| parse(e.to_string()))?;
+    let model = guard(|| model.into_typed()?.into_decluttered()).map_err(parse)?;
     Ok(SourceModel {
         format: SourceFormat::Onnx,
         path: path.to_owned(),
@@ -191,11 +203,6 @@ fn from_tf_graph(
     graph: tf::TfGraph,
     overrides: &InputOverrides,
 ) -> Result<SourceModel, SourceError> {
-    let parse = |reason: String| SourceError::Parse {
-        path: path.to_owned(),
-        format: "TensorFlow",
-        reason,
-    };
     let sha_file = if path.is_dir() {
         find_saved_model_pb(path)
     } else {
@@ -207,29 +214,16 @@ fn from_tf_graph(
             path: sha_file.clone(),
             source,
         })?;
-    let bytes = tf::encode_for_tract(&graph.graph);
-    let mut model =
-        guard(|| tract_tensorflow::tensorflow().model_for_read(&mut bytes.as_slice())).map_err(parse)?;
-    let input_name = overrides.input_name.clone().unwrap_or(graph.input.clone());
-    let output_name = overrides.output_name.clone().unwrap_or(graph.output.clone());
-    model
-        .select_inputs_by_name([&input_name])
-        .map_err(|e| parse(format!("input {input_name:?}: {e}")))?;
-    model
-        .select_outputs_by_name([output_name.split(':').next().unwrap_or(&output_name)])
-        .map_err(|e| parse(format!("output {output_name:?}: {e}")))?;
+    let mut graph = graph;
+    if let Some(input) = &overrides.input_name {
+        graph.input = input.clone();
+    }
     let (shape, layout) = fix_shape(&graph.input_shape, overrides)?;
     if layout != Layout::Nhwc {
-        return Err(SourceError::Shape(
-            "TensorFlow graphs take NHWC input; --layout nchw does not apply".into(),
-        ));
+        return Err(SourceError::Shape("TensorFlow graphs take NHWC input; --layout nchw does not apply".into()));
     }
-    model
-        .set_input_fact(0, f32::fact(&shape).into())
-        .map_err(|e| parse(e.to_string()))?;
-    model
-        .set_output_fact(0, InferenceFact::default())
-        .map_err(|e| parse(e.to_string()))?;
+    let model = tf::tract_model(&graph, &shape)?;
+    let (input_name, output_name) = (graph.input.clone(), graph.output.clone());
     Ok(SourceModel {
         format,
         path: path.to_owned(),

@@ -31,7 +31,10 @@ pub(crate) fn fold_batch_norms(graph: &mut GraphDef, protected: &[&str]) -> Resu
     let mut taken: HashSet<String> = graph.node.iter().map(|n| n.name.clone()).collect();
     let fused_rewritten = rewrite_fused_batch_norms(graph, &mut taken)?;
     let folded_into_conv = fold_into_convolutions(graph, &mut taken, protected)?;
-    Ok(BatchNormReport { folded_into_conv, fused_rewritten })
+    Ok(BatchNormReport {
+        folded_into_conv,
+        fused_rewritten,
+    })
 }
 
 /// Rewrites `[1, .., 1, C]` constant operands of elementwise ops as `[C]` where the other
@@ -51,7 +54,10 @@ fn rewrite_fused_batch_norms(graph: &mut GraphDef, taken: &mut HashSet<String>) 
         .filter(|t| t.index > 0)
         .map(|t| t.node)
         .collect();
-    let index: HashMap<String, usize> = index_by_name(graph).into_iter().map(|(k, v)| (k.into(), v)).collect();
+    let index: HashMap<String, usize> = index_by_name(graph)
+        .into_iter()
+        .map(|(k, v)| (k.into(), v))
+        .collect();
     let mut new_nodes = Vec::new();
     let mut count = 0;
     for i in 0..graph.node.len() {
@@ -59,12 +65,18 @@ fn rewrite_fused_batch_norms(graph: &mut GraphDef, taken: &mut HashSet<String>) 
         if !node.op.starts_with("FusedBatchNorm") || node.op == "FusedBatchNormGrad" {
             continue;
         }
-        if attr_b(node, "is_training") != Some(false) || !is_nhwc(node) || used_extra_outputs.contains(&node.name) {
+        if attr_b(node, "is_training") != Some(false)
+            || !is_nhwc(node)
+            || used_extra_outputs.contains(&node.name)
+        {
             continue;
         }
         let ins: Vec<TensorRef> = data_inputs(node).collect();
         if ins.len() != 5 {
-            return Err(TfError::graph(&node.name, format!("{} with {} inputs (expected 5)", node.op, ins.len())));
+            return Err(TfError::graph(
+                &node.name,
+                format!("{} with {} inputs (expected 5)", node.op, ins.len()),
+            ));
         }
         let mut params = Vec::new();
         for t in &ins[1..] {
@@ -73,14 +85,20 @@ fn rewrite_fused_batch_norms(graph: &mut GraphDef, taken: &mut HashSet<String>) 
                 _ => break,
             }
         }
-        let [gamma, beta, mean, var] = params.as_slice() else { continue };
-        let (Some(gamma), Some(beta), Some(mean), Some(var)) = (gamma.as_f32(), beta.as_f32(), mean.as_f32(), var.as_f32())
+        let [gamma, beta, mean, var] = params.as_slice() else {
+            continue;
+        };
+        let (Some(gamma), Some(beta), Some(mean), Some(var)) =
+            (gamma.as_f32(), beta.as_f32(), mean.as_f32(), var.as_f32())
         else {
             continue;
         };
         let c = gamma.len();
         if [beta.len(), mean.len(), var.len()] != [c; 3] {
-            return Err(TfError::graph(&node.name, "batch-norm parameters of different lengths"));
+            return Err(TfError::graph(
+                &node.name,
+                "batch-norm parameters of different lengths",
+            ));
         }
         let eps = attr_f(node, "epsilon").unwrap_or(1e-4);
         let scale: Vec<f32> = (0..c).map(|k| gamma[k] / (var[k] + eps).sqrt()).collect();
@@ -114,8 +132,15 @@ fn per_channel(t: &HostTensor, channels: usize) -> Option<Vec<f32>> {
     }
 }
 
-fn fold_into_convolutions(graph: &mut GraphDef, taken: &mut HashSet<String>, protected: &[&str]) -> Result<usize, TfError> {
-    let index: HashMap<String, usize> = index_by_name(graph).into_iter().map(|(k, v)| (k.into(), v)).collect();
+fn fold_into_convolutions(
+    graph: &mut GraphDef,
+    taken: &mut HashSet<String>,
+    protected: &[&str],
+) -> Result<usize, TfError> {
+    let index: HashMap<String, usize> = index_by_name(graph)
+        .into_iter()
+        .map(|(k, v)| (k.into(), v))
+        .collect();
     let users = consumers(graph);
     let single_user = |name: &str| -> Option<usize> {
         match users.get(name).map(Vec::as_slice) {
@@ -124,7 +149,10 @@ fn fold_into_convolutions(graph: &mut GraphDef, taken: &mut HashSet<String>, pro
         }
     };
     let const_of = |t: &TensorRef| -> Option<&NodeDef> {
-        index.get(&t.node).map(|&p| &graph.node[p]).filter(|p| p.op == "Const" && t.index == 0)
+        index
+            .get(&t.node)
+            .map(|&p| &graph.node[p])
+            .filter(|p| p.op == "Const" && t.index == 0)
     };
     let mut rewrites = Vec::new();
     for (ci, conv) in graph.node.iter().enumerate() {
@@ -134,10 +162,18 @@ fn fold_into_convolutions(graph: &mut GraphDef, taken: &mut HashSet<String>, pro
             _ => continue,
         };
         let ins: Vec<TensorRef> = data_inputs(conv).collect();
-        let (Some(filter_node), true) = (ins.get(1).and_then(const_of), is_nhwc(conv)) else { continue };
+        let (Some(filter_node), true) = (ins.get(1).and_then(const_of), is_nhwc(conv)) else {
+            continue;
+        };
         let filter = const_value(filter_node)?;
-        let (Some(_), 4) = (filter.as_f32(), filter.shape.len()) else { continue };
-        let channels = if depthwise { filter.shape[2] * filter.shape[3] } else { filter.shape[3] };
+        let (Some(_), 4) = (filter.as_f32(), filter.shape.len()) else {
+            continue;
+        };
+        let channels = if depthwise {
+            filter.shape[2] * filter.shape[3]
+        } else {
+            filter.shape[3]
+        };
         let (mut scale, mut shift) = (vec![1f32; channels], vec![0f32; channels]);
         let mut cur = conv.name.clone();
         let mut end = None;
@@ -150,15 +186,25 @@ fn fold_into_convolutions(graph: &mut GraphDef, taken: &mut HashSet<String>, pro
                 (false, true) => (false, a),
                 _ => break,
             };
-            let Some(c) = const_of(other).map(const_value).transpose()?.and_then(|t| per_channel(&t, channels)) else {
+            let Some(c) = const_of(other)
+                .map(const_value)
+                .transpose()?
+                .and_then(|t| per_channel(&t, channels))
+            else {
                 break;
             };
             match (user.op.as_str(), ours_first) {
-                ("Mul", _) => (0..channels).for_each(|k| (scale[k], shift[k]) = (scale[k] * c[k], shift[k] * c[k])),
+                ("Mul", _) => {
+                    (0..channels).for_each(|k| (scale[k], shift[k]) = (scale[k] * c[k], shift[k] * c[k]))
+                }
                 ("Add" | "AddV2", _) | ("BiasAdd", true) => (0..channels).for_each(|k| shift[k] += c[k]),
                 ("Sub", true) => (0..channels).for_each(|k| shift[k] -= c[k]),
-                ("Sub", false) => (0..channels).for_each(|k| (scale[k], shift[k]) = (-scale[k], c[k] - shift[k])),
-                ("RealDiv", true) => (0..channels).for_each(|k| (scale[k], shift[k]) = (scale[k] / c[k], shift[k] / c[k])),
+                ("Sub", false) => {
+                    (0..channels).for_each(|k| (scale[k], shift[k]) = (-scale[k], c[k] - shift[k]))
+                }
+                ("RealDiv", true) => {
+                    (0..channels).for_each(|k| (scale[k], shift[k]) = (scale[k] / c[k], shift[k] / c[k]))
+                }
                 _ => break,
             }
             if user.op == "BiasAdd" && !is_nhwc(user) {
@@ -170,7 +216,9 @@ fn fold_into_convolutions(graph: &mut GraphDef, taken: &mut HashSet<String>, pro
         let Some(end) = end else { continue };
         let mut kernel = filter.clone();
         if let super::tensor::Data::F32(k) = &mut kernel.data {
-            k.iter_mut().enumerate().for_each(|(i, w)| *w *= scale[i % channels]);
+            k.iter_mut()
+                .enumerate()
+                .for_each(|(i, w)| *w *= scale[i % channels]);
         }
         rewrites.push((ci, end, kernel, shift));
     }
@@ -182,7 +230,9 @@ fn fold_into_convolutions(graph: &mut GraphDef, taken: &mut HashSet<String>, pro
         let bias_name = fresh_name(taken, &format!("{end_name}/folded_bias"));
         graph.node[ci].input[1] = filter_name.clone();
         graph.node.push(const_node(filter_name, &kernel));
-        graph.node.push(const_node(&bias_name, &HostTensor::f32(vec![shift.len()], shift)));
+        graph
+            .node
+            .push(const_node(&bias_name, &HostTensor::f32(vec![shift.len()], shift)));
         let mut bias_add = f32_op(end_name, "BiasAdd", vec![conv_name, bias_name]);
         set_attr(&mut bias_add, "data_format", Value::S(b"NHWC".to_vec()));
         graph.node[end] = bias_add;
@@ -206,16 +256,19 @@ fn infer_ranks(graph: &GraphDef) -> Result<HashMap<String, usize>, TfError> {
             "Const" => const_value(n).ok().map(|t| t.shape.len()),
             "Conv2D" | "DepthwiseConv2dNative" | "MaxPool" | "AvgPool" | "ResizeBilinear" => Some(4),
             "MatMul" => Some(2),
-            "Relu" | "Relu6" | "Elu" | "Selu" | "Sigmoid" | "Tanh" | "Softmax" | "Identity" | "Rsqrt" | "Sqrt"
-            | "Neg" | "Abs" | "Exp" | "Log" | "Cast" | "BiasAdd" | "ConcatV2" | "Pad" | "MirrorPad" | "LeakyRelu" => {
-                r(0)
+            "Relu" | "Relu6" | "Elu" | "Selu" | "Sigmoid" | "Tanh" | "Softmax" | "Identity" | "Rsqrt"
+            | "Sqrt" | "Neg" | "Abs" | "Exp" | "Log" | "Cast" | "BiasAdd" | "ConcatV2" | "Pad"
+            | "MirrorPad" | "LeakyRelu" => r(0),
+            "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Maximum" | "Minimum" => {
+                r(0).zip(r(1)).map(|(a, b)| a.max(b))
             }
-            "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Maximum" | "Minimum" => r(0).zip(r(1)).map(|(a, b)| a.max(b)),
             "Mean" | "Sum" | "Max" | "Min" | "Prod" => {
                 if attr_b(n, "keep_dims") == Some(true) {
                     r(0)
                 } else {
-                    let axes = ins.get(1).and_then(|t| graph.node.iter().find(|p| p.name == t.node));
+                    let axes = ins
+                        .get(1)
+                        .and_then(|t| graph.node.iter().find(|p| p.name == t.node));
                     let axes = axes.filter(|p| p.op == "Const").and_then(|p| const_value(p).ok());
                     axes.and_then(|a| a.as_i64s()).and_then(|a| {
                         let unique: HashSet<i64> = a.into_iter().collect();
@@ -223,7 +276,9 @@ fn infer_ranks(graph: &GraphDef) -> Result<HashMap<String, usize>, TfError> {
                     })
                 }
             }
-            "Squeeze" => attr_ints(n, "squeeze_dims").filter(|d| !d.is_empty()).and_then(|d| r(0)?.checked_sub(d.len())),
+            "Squeeze" => attr_ints(n, "squeeze_dims")
+                .filter(|d| !d.is_empty())
+                .and_then(|d| r(0)?.checked_sub(d.len())),
             _ => None,
         };
         if let Some(rank) = rank {
@@ -235,12 +290,18 @@ fn infer_ranks(graph: &GraphDef) -> Result<HashMap<String, usize>, TfError> {
 
 fn rewrite_rank1_constants(graph: &mut GraphDef, taken: &mut HashSet<String>) -> Result<usize, TfError> {
     let ranks = infer_ranks(graph)?;
-    let index: HashMap<String, usize> = index_by_name(graph).into_iter().map(|(k, v)| (k.into(), v)).collect();
+    let index: HashMap<String, usize> = index_by_name(graph)
+        .into_iter()
+        .map(|(k, v)| (k.into(), v))
+        .collect();
     let mut new_nodes: Vec<NodeDef> = Vec::new();
     let mut count = 0;
     for i in 0..graph.node.len() {
         let n = &graph.node[i];
-        if !matches!(n.op.as_str(), "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Maximum" | "Minimum") {
+        if !matches!(
+            n.op.as_str(),
+            "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Maximum" | "Minimum"
+        ) {
             continue;
         }
         let ins: Vec<TensorRef> = data_inputs(n).collect();
@@ -249,20 +310,36 @@ fn rewrite_rank1_constants(graph: &mut GraphDef, taken: &mut HashSet<String>) ->
         }
         for j in 0..2 {
             let (k, other) = (&ins[j], &ins[1 - j]);
-            let Some(p) = index.get(&k.node).map(|&p| &graph.node[p]).filter(|p| p.op == "Const" && k.index == 0) else {
+            let Some(p) = index
+                .get(&k.node)
+                .map(|&p| &graph.node[p])
+                .filter(|p| p.op == "Const" && k.index == 0)
+            else {
                 continue;
             };
             let value = const_value(p)?;
             let rank = value.shape.len();
-            let leading_ones = value.shape.split_last().is_some_and(|(_, lead)| lead.iter().all(|&d| d == 1));
+            let leading_ones = value
+                .shape
+                .split_last()
+                .is_some_and(|(_, lead)| lead.iter().all(|&d| d == 1));
             let other_rank = ranks.get(&other.node).copied();
             if rank < 2 || !leading_ones || other_rank.is_none_or(|r| r < rank) {
                 continue;
             }
             let name = fresh_name(taken, &format!("{}/rank1", k.node));
             let c = value.shape[rank - 1];
-            new_nodes.push(const_node(&name, &HostTensor { shape: vec![c], data: value.data }));
-            let slot = graph.node[i].input.iter().position(|s| TensorRef::parse(s).as_ref() == Some(k));
+            new_nodes.push(const_node(
+                &name,
+                &HostTensor {
+                    shape: vec![c],
+                    data: value.data,
+                },
+            ));
+            let slot = graph.node[i]
+                .input
+                .iter()
+                .position(|s| TensorRef::parse(s).as_ref() == Some(k));
             if let Some(slot) = slot {
                 graph.node[i].input[slot] = name;
                 count += 1;
@@ -282,10 +359,14 @@ mod tests {
 
     fn conv(name: &str, x: &str, filter: &str) -> NodeDef {
         let mut n = op(name, "Conv2D", &[x, filter]);
-        set_attr(&mut n, "strides", Value::List(edge_proto::tensorflow::attr_value::ListValue {
-            i: vec![1, 1, 1, 1],
-            ..Default::default()
-        }));
+        set_attr(
+            &mut n,
+            "strides",
+            Value::List(edge_proto::tensorflow::attr_value::ListValue {
+                i: vec![1, 1, 1, 1],
+                ..Default::default()
+            }),
+        );
         set_attr(&mut n, "padding", Value::S(b"VALID".to_vec()));
         n
     }
@@ -321,11 +402,23 @@ mod tests {
         let report = fold_batch_norms(&mut g, &["out"]).unwrap();
         prune(&mut g, &["out"]).unwrap();
         assert_eq!(report.folded_into_conv, 1);
-        let ops: Vec<_> = g.node.iter().filter(|n| n.op != "Const").map(|n| n.op.as_str()).collect();
+        let ops: Vec<_> = g
+            .node
+            .iter()
+            .filter(|n| n.op != "Const")
+            .map(|n| n.op.as_str())
+            .collect();
         assert_eq!(ops, ["Placeholder", "Conv2D", "BiasAdd", "Relu"]);
-        let bias = g.node.iter().find(|n| n.name == "add/folded_bias").map(|n| const_value(n).unwrap());
+        let bias = g
+            .node
+            .iter()
+            .find(|n| n.name == "add/folded_bias")
+            .map(|n| const_value(n).unwrap());
         assert_eq!(bias, Some(HostTensor::f32(vec![3], vec![0.25, 1.0, 2.0])));
-        assert_close(&run_tract(&g, &[1, 2, 2, 2], &input()), &run_tract(&original, &[1, 2, 2, 2], &input()));
+        assert_close(
+            &run_tract(&g, &[1, 2, 2, 2], &input()),
+            &run_tract(&original, &[1, 2, 2, 2], &input()),
+        );
     }
 
     #[test]
@@ -346,7 +439,10 @@ mod tests {
         assert_eq!(fold_batch_norms(&mut g, &["out"]).unwrap().folded_into_conv, 1);
         prune(&mut g, &["out"]).unwrap();
         assert_eq!(g.node.iter().filter(|n| n.op != "Const").count(), 4);
-        assert_close(&run_tract(&g, &[1, 2, 2, 2], &input()), &run_tract(&original, &[1, 2, 2, 2], &input()));
+        assert_close(
+            &run_tract(&g, &[1, 2, 2, 2], &input()),
+            &run_tract(&original, &[1, 2, 2, 2], &input()),
+        );
     }
 
     #[test]
@@ -372,7 +468,10 @@ mod tests {
         assert!(g.node.iter().all(|n| !n.op.starts_with("FusedBatchNorm")));
         // tract reads FusedBatchNorm (v1), which computes the same in inference mode.
         let reference = conv_graph([params(), vec![bn("FusedBatchNorm")]].concat(), "bn");
-        assert_close(&run_tract(&g, &[1, 2, 2, 2], &input()), &run_tract(&reference, &[1, 2, 2, 2], &input()));
+        assert_close(
+            &run_tract(&g, &[1, 2, 2, 2], &input()),
+            &run_tract(&reference, &[1, 2, 2, 2], &input()),
+        );
     }
 
     #[test]
@@ -385,7 +484,13 @@ mod tests {
         ];
         let mut g = conv_graph(body, "sum");
         assert_eq!(fold_batch_norms(&mut g, &["out"]).unwrap().folded_into_conv, 0);
-        let mut g = conv_graph(vec![konst("a", &[3], vec![2.0, 0.5, -1.0]), op("mul", "Mul", &["conv", "a"])], "mul");
+        let mut g = conv_graph(
+            vec![
+                konst("a", &[3], vec![2.0, 0.5, -1.0]),
+                op("mul", "Mul", &["conv", "a"]),
+            ],
+            "mul",
+        );
         assert_eq!(fold_batch_norms(&mut g, &["conv"]).unwrap().folded_into_conv, 0);
     }
 

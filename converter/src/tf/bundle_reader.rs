@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use edge_proto::tensorflow::{BundleEntryProto, BundleHeaderProto, DataType, bundle_header_proto::Endianness};
+use edge_proto::tensorflow::{
+    BundleEntryProto, BundleHeaderProto, DataType, bundle_header_proto::Endianness,
+};
 use prost::Message;
 
 use super::TfError;
@@ -32,10 +34,20 @@ impl Bundle {
     /// Opens `<prefix>.index` (e.g. `prefix = saved_model_dir/variables/variables`).
     pub fn open(prefix: &Path) -> Result<Self, TfError> {
         let index_path = with_suffix(prefix, ".index");
-        let err = |reason: String| TfError::Bundle { path: index_path.clone(), reason };
-        let len = std::fs::metadata(&index_path).map_err(|e| TfError::io(&index_path, e))?.len();
+        let err = |reason: String| TfError::Bundle {
+            path: index_path.clone(),
+            reason,
+        };
+        let len = std::fs::metadata(&index_path)
+            .map_err(|e| TfError::io(&index_path, e))?
+            .len();
         if len > MAX_INDEX_BYTES {
-            return Err(TfError::TooLarge { path: index_path, what: "checkpoint index", size: len, limit: MAX_INDEX_BYTES });
+            return Err(TfError::TooLarge {
+                path: index_path,
+                what: "checkpoint index",
+                size: len,
+                limit: MAX_INDEX_BYTES,
+            });
         }
         let bytes = std::fs::read(&index_path).map_err(|e| TfError::io(&index_path, e))?;
         let mut header = None;
@@ -43,9 +55,12 @@ impl Bundle {
         for (key, value) in read_table(&bytes).map_err(&err)? {
             let key = String::from_utf8_lossy(&key).into_owned();
             if key.is_empty() {
-                header = Some(BundleHeaderProto::decode(value.as_slice()).map_err(|e| err(format!("header: {e}")))?);
+                header = Some(
+                    BundleHeaderProto::decode(value.as_slice()).map_err(|e| err(format!("header: {e}")))?,
+                );
             } else {
-                let entry = BundleEntryProto::decode(value.as_slice()).map_err(|e| err(format!("entry {key:?}: {e}")))?;
+                let entry = BundleEntryProto::decode(value.as_slice())
+                    .map_err(|e| err(format!("entry {key:?}: {e}")))?;
                 entries.insert(key, entry);
             }
         }
@@ -56,12 +71,19 @@ impl Bundle {
         if let Some(v) = &header.version
             && v.min_consumer > 1
         {
-            return Err(err(format!("bundle format version {} is newer than this reader (1)", v.min_consumer)));
+            return Err(err(format!(
+                "bundle format version {} is newer than this reader (1)",
+                v.min_consumer
+            )));
         }
         if header.num_shards < 1 {
             return Err(err(format!("header says {} shards", header.num_shards)));
         }
-        Ok(Bundle { prefix: prefix.to_owned(), num_shards: header.num_shards, entries })
+        Ok(Bundle {
+            prefix: prefix.to_owned(),
+            num_shards: header.num_shards,
+            entries,
+        })
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -79,25 +101,43 @@ impl Bundle {
             reason: format!("no tensor {key:?}"),
         })?;
         let shard = entry.shard_id;
-        let path = with_suffix(&self.prefix, &format!(".data-{shard:05}-of-{:05}", self.num_shards));
-        let err = |reason: String| TfError::Bundle { path: path.clone(), reason: format!("tensor {key:?}: {reason}") };
+        let path = with_suffix(
+            &self.prefix,
+            &format!(".data-{shard:05}-of-{:05}", self.num_shards),
+        );
+        let err = |reason: String| TfError::Bundle {
+            path: path.clone(),
+            reason: format!("tensor {key:?}: {reason}"),
+        };
         if !entry.slices.is_empty() {
-            return Err(err("partitioned variables (saved as slices) are not supported".into()));
+            return Err(err(
+                "partitioned variables (saved as slices) are not supported".into()
+            ));
         }
         if !(0..self.num_shards).contains(&shard) {
             return Err(err(format!("shard {shard} of {}", self.num_shards)));
         }
-        let dtype = DataType::try_from(entry.dtype).map_err(|_| err(format!("unknown dtype {}", entry.dtype)))?;
-        let shape = entry.shape.as_ref().map_or(Some(Vec::new()), known_dims).ok_or_else(|| err("unknown shape".into()))?;
+        let dtype =
+            DataType::try_from(entry.dtype).map_err(|_| err(format!("unknown dtype {}", entry.dtype)))?;
+        let shape = entry
+            .shape
+            .as_ref()
+            .map_or(Some(Vec::new()), known_dims)
+            .ok_or_else(|| err("unknown shape".into()))?;
         let n = element_count(&shape).map_err(&err)?;
         let (offset, size) = (u64::try_from(entry.offset), u64::try_from(entry.size));
         let (Ok(offset), Ok(size)) = (offset, size) else {
-            return Err(err(format!("negative offset {} or size {}", entry.offset, entry.size)));
+            return Err(err(format!(
+                "negative offset {} or size {}",
+                entry.offset, entry.size
+            )));
         };
         let mut file = std::fs::File::open(&path).map_err(|e| TfError::io(&path, e))?;
         let file_len = file.metadata().map_err(|e| TfError::io(&path, e))?.len();
         if offset.checked_add(size).is_none_or(|end| end > file_len) {
-            return Err(err(format!("{size} bytes at offset {offset} run past the end of the {file_len}-byte file (truncated?)")));
+            return Err(err(format!(
+                "{size} bytes at offset {offset} run past the end of the {file_len}-byte file (truncated?)"
+            )));
         }
         let width = match dtype {
             DataType::DtFloat | DataType::DtInt32 => Some(4),
@@ -108,10 +148,15 @@ impl Bundle {
         if let Some(w) = width
             && size != (n as u64) * w
         {
-            return Err(err(format!("{size} bytes for {n} {} values", dtype.as_str_name())));
+            return Err(err(format!(
+                "{size} bytes for {n} {} values",
+                dtype.as_str_name()
+            )));
         }
         let mut bytes = vec![0u8; size as usize];
-        file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| TfError::io(&path, e))?;
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| TfError::io(&path, e))?;
         if dtype == DataType::DtString {
             return decode_strings(&bytes, shape, n, entry.crc32c).map_err(err);
         }
@@ -161,7 +206,10 @@ fn decode_strings(bytes: &[u8], shape: Vec<usize>, n: usize, stored_crc: u32) ->
     pos += 4;
     let mut strings = Vec::with_capacity(lengths.len());
     for len in lengths {
-        let end = usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|&e| e <= bytes.len());
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| pos.checked_add(l))
+            .filter(|&e| e <= bytes.len());
         let end = end.ok_or("string data runs past the entry")?;
         crc = crc32c_extend(crc, &bytes[pos..end]);
         strings.push(bytes[pos..end].to_vec());
@@ -170,7 +218,10 @@ fn decode_strings(bytes: &[u8], shape: Vec<usize>, n: usize, stored_crc: u32) ->
     if mask(crc) != stored_crc {
         return Err("string data fails its checksum".into());
     }
-    Ok(HostTensor { shape, data: Data::Str(strings) })
+    Ok(HostTensor {
+        shape,
+        data: Data::Str(strings),
+    })
 }
 
 #[cfg(test)]
@@ -221,10 +272,17 @@ pub(crate) mod tests {
                     (b, crc)
                 }
             };
-            entries.push((key.as_bytes().to_vec(), entry(t.data.dtype(), &t.shape, data.len(), &bytes, crc)));
+            entries.push((
+                key.as_bytes().to_vec(),
+                entry(t.data.dtype(), &t.shape, data.len(), &bytes, crc),
+            ));
             data.extend_from_slice(&bytes);
         }
-        let header = BundleHeaderProto { num_shards: 1, ..Default::default() }.encode_to_vec();
+        let header = BundleHeaderProto {
+            num_shards: 1,
+            ..Default::default()
+        }
+        .encode_to_vec();
         let mut refs: Vec<(&[u8], &[u8])> = vec![(b"", &header)];
         refs.extend(entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
         std::fs::write(with_suffix(prefix, ".index"), build_table(&refs, 2)).unwrap();
@@ -235,7 +293,10 @@ pub(crate) mod tests {
     fn write_bundle(dir: &Path, corrupt_data: bool) -> PathBuf {
         let prefix = dir.join("variables");
         let w = HostTensor::f32(vec![2, 2], vec![1.0, -2.0, 0.5, 4.0]);
-        let s = HostTensor { shape: vec![2], data: Data::Str(vec![b"hello".to_vec(), b"graph".to_vec()]) };
+        let s = HostTensor {
+            shape: vec![2],
+            data: Data::Str(vec![b"hello".to_vec(), b"graph".to_vec()]),
+        };
         write_test_bundle(&prefix, &[("w", w), ("s", s)]);
         if corrupt_data {
             let path = with_suffix(&prefix, ".data-00000-of-00001");
@@ -251,10 +312,19 @@ pub(crate) mod tests {
     fn reads_float_and_string_tensors() {
         let dir = tempfile::tempdir().unwrap();
         let bundle = Bundle::open(&write_bundle(dir.path(), false)).unwrap();
-        assert_eq!(bundle.read("w").unwrap(), HostTensor::f32(vec![2, 2], vec![1.0, -2.0, 0.5, 4.0]));
+        assert_eq!(
+            bundle.read("w").unwrap(),
+            HostTensor::f32(vec![2, 2], vec![1.0, -2.0, 0.5, 4.0])
+        );
         let s = bundle.read("s").unwrap();
         assert_eq!(s.data, Data::Str(vec![b"hello".to_vec(), b"graph".to_vec()]));
-        assert!(bundle.read("missing").unwrap_err().to_string().contains("no tensor \"missing\""));
+        assert!(
+            bundle
+                .read("missing")
+                .unwrap_err()
+                .to_string()
+                .contains("no tensor \"missing\"")
+        );
     }
 
     #[test]

@@ -11,10 +11,19 @@ pub enum TfError {
     Io { path: PathBuf, source: std::io::Error },
 
     #[error("{path} is {size} bytes, more than the {limit} bytes a {what} may have")]
-    TooLarge { path: PathBuf, what: &'static str, size: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
 
     #[error("{path} is not a valid {what}: {source}")]
-    Decode { path: PathBuf, what: &'static str, source: prost::DecodeError },
+    Decode {
+        path: PathBuf,
+        what: &'static str,
+        source: prost::DecodeError,
+    },
 
     /// The `variables/` checkpoint (tensor bundle) is malformed or uses a feature we do not read.
     #[error("checkpoint {path}: {reason}")]
@@ -22,7 +31,11 @@ pub enum TfError {
 
     /// A variable the graph reads has no value in the checkpoint.
     #[error("variable {node:?} (checkpoint key {key:?}) is not in the checkpoint {path}")]
-    MissingVariable { node: String, key: String, path: PathBuf },
+    MissingVariable {
+        node: String,
+        key: String,
+        path: PathBuf,
+    },
 
     /// The graph is inconsistent or uses a construct we cannot freeze, at `node`.
     #[error("node {node:?}: {reason}")]
@@ -56,11 +69,17 @@ impl TfError {
     }
 
     pub(crate) fn graph(node: impl Into<String>, reason: impl Into<String>) -> Self {
-        TfError::Graph { node: node.into(), reason: reason.into() }
+        TfError::Graph {
+            node: node.into(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        TfError::Io { path: path.into(), source }
+        TfError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -5,14 +5,37 @@
 use edge_proto::tensorflow::{DataType, GraphDef};
 
 use super::TfError;
-use super::graph::{TensorRef, attr_ints, attr_type, const_value, data_inputs, index_by_name, make_const, topo_order};
+use super::graph::{
+    TensorRef, attr_ints, attr_type, const_value, data_inputs, index_by_name, make_const, topo_order,
+};
 use super::tensor::{Data, HostTensor, element_count};
 
 /// Ops `fold_constants` can evaluate.
 const FOLDABLE: &[&str] = &[
-    "Identity", "StopGradient", "Snapshot", "PreventGradient", "Rsqrt", "Sqrt", "Reciprocal", "Inv", "Neg",
-    "Square", "Abs", "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "Maximum", "Minimum", "BiasAdd", "Reshape",
-    "Squeeze", "ExpandDims", "Cast",
+    "Identity",
+    "StopGradient",
+    "Snapshot",
+    "PreventGradient",
+    "Rsqrt",
+    "Sqrt",
+    "Reciprocal",
+    "Inv",
+    "Neg",
+    "Square",
+    "Abs",
+    "Add",
+    "AddV2",
+    "Sub",
+    "Mul",
+    "RealDiv",
+    "Div",
+    "Maximum",
+    "Minimum",
+    "BiasAdd",
+    "Reshape",
+    "Squeeze",
+    "ExpandDims",
+    "Cast",
 ];
 
 /// Folds every foldable node whose data inputs are all `Const`, in topological order (so
@@ -20,8 +43,10 @@ const FOLDABLE: &[&str] = &[
 /// (no control inputs).
 pub(crate) fn fold_constants(graph: &mut GraphDef) -> Result<usize, TfError> {
     let order = topo_order(graph)?;
-    let index: std::collections::HashMap<String, usize> =
-        index_by_name(graph).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let index: std::collections::HashMap<String, usize> = index_by_name(graph)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let mut folded = 0;
     for i in order {
         let node = &graph.node[i];
@@ -31,10 +56,18 @@ pub(crate) fn fold_constants(graph: &mut GraphDef) -> Result<usize, TfError> {
         let inputs: Vec<TensorRef> = data_inputs(node).collect();
         let producers: Option<Vec<usize>> = inputs
             .iter()
-            .map(|t| index.get(&t.node).copied().filter(|&p| t.index == 0 && graph.node[p].op == "Const"))
+            .map(|t| {
+                index
+                    .get(&t.node)
+                    .copied()
+                    .filter(|&p| t.index == 0 && graph.node[p].op == "Const")
+            })
             .collect();
         let Some(producers) = producers else { continue };
-        let values = producers.iter().map(|&p| const_value(&graph.node[p])).collect::<Result<Vec<_>, _>>()?;
+        let values = producers
+            .iter()
+            .map(|&p| const_value(&graph.node[p]))
+            .collect::<Result<Vec<_>, _>>()?;
         let node = &graph.node[i];
         if let Some(result) = eval(node, values).map_err(|e| TfError::graph(&node.name, e))? {
             make_const(&mut graph.node[i], &result);
@@ -46,10 +79,13 @@ pub(crate) fn fold_constants(graph: &mut GraphDef) -> Result<usize, TfError> {
 
 /// Evaluates one node on constant inputs; `Ok(None)` when this dtype/op combination is not
 /// handled (the node is left alone).
-fn eval(node: &edge_proto::tensorflow::NodeDef, mut v: Vec<HostTensor>) -> Result<Option<HostTensor>, String> {
+fn eval(
+    node: &edge_proto::tensorflow::NodeDef,
+    mut v: Vec<HostTensor>,
+) -> Result<Option<HostTensor>, String> {
     let arity = match node.op.as_str() {
-        "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Div" | "Maximum" | "Minimum" | "BiasAdd" | "Reshape"
-        | "ExpandDims" => 2,
+        "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Div" | "Maximum" | "Minimum" | "BiasAdd"
+        | "Reshape" | "ExpandDims" => 2,
         _ => 1,
     };
     if v.len() != arity {
@@ -57,7 +93,10 @@ fn eval(node: &edge_proto::tensorflow::NodeDef, mut v: Vec<HostTensor>) -> Resul
     }
     let b = if arity == 2 { v.pop() } else { None };
     let Some(a) = v.pop() else { return Ok(None) };
-    let unary = |f: fn(f32) -> f32| a.as_f32().map(|x| HostTensor::f32(a.shape.clone(), x.iter().map(|&v| f(v)).collect()));
+    let unary = |f: fn(f32) -> f32| {
+        a.as_f32()
+            .map(|x| HostTensor::f32(a.shape.clone(), x.iter().map(|&v| f(v)).collect()))
+    };
     Ok(match (node.op.as_str(), b) {
         ("Identity" | "StopGradient" | "Snapshot" | "PreventGradient", _) => Some(a),
         ("Rsqrt", _) => unary(|x| 1.0 / x.sqrt()),
@@ -82,7 +121,13 @@ fn eval(node: &edge_proto::tensorflow::NodeDef, mut v: Vec<HostTensor>) -> Resul
 }
 
 fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, String> {
-    fn go<T: Copy>(a: &[T], sa: &[usize], b: &[T], sb: &[usize], f: impl Fn(T, T) -> T) -> Result<(Vec<T>, Vec<usize>), String> {
+    fn go<T: Copy>(
+        a: &[T],
+        sa: &[usize],
+        b: &[T],
+        sb: &[usize],
+        f: impl Fn(T, T) -> T,
+    ) -> Result<(Vec<T>, Vec<usize>), String> {
         broadcast(a, sa, b, sb, f)
     }
     let out = match (&a.data, &b.data) {
@@ -97,7 +142,10 @@ fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, 
                 _ => return Ok(None),
             };
             let (data, shape) = go(x, &a.shape, y, &b.shape, f)?;
-            HostTensor { shape, data: Data::F32(data) }
+            HostTensor {
+                shape,
+                data: Data::F32(data),
+            }
         }
         (Data::I32(x), Data::I32(y)) => {
             let f: fn(i32, i32) -> i32 = match op {
@@ -109,7 +157,10 @@ fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, 
                 _ => return Ok(None),
             };
             let (data, shape) = go(x, &a.shape, y, &b.shape, f)?;
-            HostTensor { shape, data: Data::I32(data) }
+            HostTensor {
+                shape,
+                data: Data::I32(data),
+            }
         }
         (Data::I64(x), Data::I64(y)) => {
             let f: fn(i64, i64) -> i64 = match op {
@@ -121,7 +172,10 @@ fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, 
                 _ => return Ok(None),
             };
             let (data, shape) = go(x, &a.shape, y, &b.shape, f)?;
-            HostTensor { shape, data: Data::I64(data) }
+            HostTensor {
+                shape,
+                data: Data::I64(data),
+            }
         }
         _ => return Ok(None),
     };
@@ -136,10 +190,13 @@ pub(crate) fn broadcast<T: Copy>(
     sb: &[usize],
     f: impl Fn(T, T) -> T,
 ) -> Result<(Vec<T>, Vec<usize>), String> {
-    let shape = broadcast_shape(sa, sb).ok_or_else(|| format!("shapes {sa:?} and {sb:?} do not broadcast"))?;
+    let shape =
+        broadcast_shape(sa, sb).ok_or_else(|| format!("shapes {sa:?} and {sb:?} do not broadcast"))?;
     let rank = shape.len();
     let strides = |s: &[usize]| -> Vec<usize> {
-        let padded: Vec<usize> = std::iter::repeat_n(1, rank - s.len()).chain(s.iter().copied()).collect();
+        let padded: Vec<usize> = std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect();
         let mut st = vec![0; rank];
         let mut acc = 1;
         for d in (0..rank).rev() {
@@ -172,7 +229,13 @@ pub(crate) fn broadcast<T: Copy>(
 
 pub(crate) fn broadcast_shape(sa: &[usize], sb: &[usize]) -> Option<Vec<usize>> {
     let rank = sa.len().max(sb.len());
-    let dim = |s: &[usize], d: usize| if d + s.len() >= rank { s[d + s.len() - rank] } else { 1 };
+    let dim = |s: &[usize], d: usize| {
+        if d + s.len() >= rank {
+            s[d + s.len() - rank]
+        } else {
+            1
+        }
+    };
     (0..rank)
         .map(|d| match (dim(sa, d), dim(sb, d)) {
             (x, y) if x == y || y == 1 => Some(x),
@@ -188,18 +251,27 @@ fn reshape(a: HostTensor, shape: &HostTensor) -> Result<HostTensor, String> {
     let known: usize = dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
     let out: Vec<usize> = match dims.iter().filter(|&&d| d < 0).count() {
         0 => dims.iter().map(|&d| d as usize).collect(),
-        1 if known > 0 && n % known == 0 => dims.iter().map(|&d| if d < 0 { n / known } else { d as usize }).collect(),
+        1 if known > 0 && n.is_multiple_of(known) => dims
+            .iter()
+            .map(|&d| if d < 0 { n / known } else { d as usize })
+            .collect(),
         _ => return Err(format!("cannot reshape {:?} to {dims:?}", a.shape)),
     };
     if element_count(&out)? != n {
         return Err(format!("cannot reshape {:?} to {dims:?}", a.shape));
     }
-    Ok(HostTensor { shape: out, data: a.data })
+    Ok(HostTensor {
+        shape: out,
+        data: a.data,
+    })
 }
 
 fn squeeze(a: HostTensor, axes: &[i64]) -> Result<HostTensor, String> {
     let rank = a.shape.len() as i64;
-    let axes: Vec<usize> = axes.iter().map(|&x| (if x < 0 { x + rank } else { x }) as usize).collect();
+    let axes: Vec<usize> = axes
+        .iter()
+        .map(|&x| (if x < 0 { x + rank } else { x }) as usize)
+        .collect();
     if axes.iter().any(|&x| x >= a.shape.len() || a.shape[x] != 1) {
         return Err(format!("cannot squeeze axes {axes:?} of {:?}", a.shape));
     }
@@ -207,14 +279,23 @@ fn squeeze(a: HostTensor, axes: &[i64]) -> Result<HostTensor, String> {
         .shape
         .iter()
         .enumerate()
-        .filter(|&(i, &d)| !(if axes.is_empty() { d == 1 } else { axes.contains(&i) }))
+        .filter(|&(i, &d)| {
+            !(if axes.is_empty() {
+                d == 1
+            } else {
+                axes.contains(&i)
+            })
+        })
         .map(|(_, &d)| d)
         .collect();
     Ok(HostTensor { shape, data: a.data })
 }
 
 fn expand_dims(mut a: HostTensor, dim: &HostTensor) -> Result<HostTensor, String> {
-    let d = dim.as_i64s().filter(|d| d.len() == 1).ok_or("ExpandDims with a non-scalar axis")?[0];
+    let d = dim
+        .as_i64s()
+        .filter(|d| d.len() == 1)
+        .ok_or("ExpandDims with a non-scalar axis")?[0];
     let rank = a.shape.len() as i64;
     let axis = if d < 0 { d + rank + 1 } else { d };
     if !(0..=rank).contains(&axis) {
@@ -271,7 +352,13 @@ mod tests {
             konst("eps", &[], vec![1.0]),
             konst("mean", &[2], vec![1.0, 2.0]),
             konst("beta", &[2], vec![0.5, -0.5]),
-            const_node("shape4", &HostTensor { shape: vec![4], data: Data::I32(vec![1, 1, 1, -1]) }),
+            const_node(
+                "shape4",
+                &HostTensor {
+                    shape: vec![4],
+                    data: Data::I32(vec![1, 1, 1, -1]),
+                },
+            ),
             op("var_r", "Reshape", &["var", "shape4"]),
             op("read", "Identity", &["var_r"]),
             op("add", "AddV2", &["read", "eps"]),
@@ -285,9 +372,15 @@ mod tests {
         prune(&mut g, &["out"]).unwrap();
         let n = fold_constants(&mut g).unwrap();
         assert_eq!(n, 6);
-        assert_eq!(value(&g, "rsqrt"), HostTensor::f32(vec![1, 1, 1, 2], vec![0.5, 0.25]));
+        assert_eq!(
+            value(&g, "rsqrt"),
+            HostTensor::f32(vec![1, 1, 1, 2], vec![0.5, 0.25])
+        );
         // beta - mean * a = [0.5 - 0.5, -0.5 - 0.5]: broadcast [2] with [1,1,1,2].
-        assert_eq!(value(&g, "sub"), HostTensor::f32(vec![1, 1, 1, 2], vec![0.0, -1.0]));
+        assert_eq!(
+            value(&g, "sub"),
+            HostTensor::f32(vec![1, 1, 1, 2], vec![0.0, -1.0])
+        );
         assert_eq!(node(&g, "mul").op, "Mul");
         assert_eq!(node(&g, "out").op, "AddV2");
     }
@@ -297,7 +390,13 @@ mod tests {
         let mut g = graph(vec![
             konst("k", &[1, 3, 1], vec![1.5, 2.5, -1.5]),
             op("sq", "Squeeze", &["k"]),
-            const_node("ax", &HostTensor { shape: vec![], data: Data::I32(vec![-1]) }),
+            const_node(
+                "ax",
+                &HostTensor {
+                    shape: vec![],
+                    data: Data::I32(vec![-1]),
+                },
+            ),
             op("ed", "ExpandDims", &["sq", "ax"]),
             op("c", "Cast", &["ed"]),
         ]);
@@ -315,7 +414,11 @@ mod tests {
 
     #[test]
     fn inconsistent_constants_are_an_error_naming_the_node() {
-        let mut g = graph(vec![konst("a", &[2], vec![1.0, 2.0]), konst("b", &[3], vec![1.0; 3]), op("bad", "Mul", &["a", "b"])]);
+        let mut g = graph(vec![
+            konst("a", &[2], vec![1.0, 2.0]),
+            konst("b", &[3], vec![1.0; 3]),
+            op("bad", "Mul", &["a", "b"]),
+        ]);
         let err = fold_constants(&mut g).unwrap_err().to_string();
         assert!(err.contains("\"bad\"") && err.contains("broadcast"), "{err}");
     }

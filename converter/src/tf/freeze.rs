@@ -43,22 +43,63 @@ impl VariableSource for NoVariables {
         None
     }
     fn read(&self, key: &str, node: &str) -> Result<HostTensor, TfError> {
-        Err(TfError::graph(node, format!("reads variable {key:?} but the model has no checkpoint")))
+        Err(TfError::graph(
+            node,
+            format!("reads variable {key:?} but the model has no checkpoint"),
+        ))
     }
 }
 
 const CALL_OPS: &[&str] = &["StatefulPartitionedCall", "PartitionedCall"];
-const PASS_THROUGH: &[&str] = &["Identity", "IdentityN", "StopGradient", "Snapshot", "PreventGradient"];
-const TF2_CONTROL_FLOW: &[&str] = &["While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"];
+const PASS_THROUGH: &[&str] = &[
+    "Identity",
+    "IdentityN",
+    "StopGradient",
+    "Snapshot",
+    "PreventGradient",
+];
+const TF2_CONTROL_FLOW: &[&str] = &[
+    "While",
+    "StatelessWhile",
+    "If",
+    "StatelessIf",
+    "Case",
+    "StatelessCase",
+];
 const TF1_CONTROL_FLOW: &[&str] = &["Enter", "Exit", "Merge", "Switch", "NextIteration", "LoopCond"];
 
 /// Output args of common multi-output ops, for function bodies whose SavedModel has no OpDef.
 const KNOWN_OUTPUTS: &[(&str, &[&str])] = &[
-    ("FusedBatchNorm", &["y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"]),
-    ("FusedBatchNormV2", &["y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"]),
+    (
+        "FusedBatchNorm",
+        &[
+            "y",
+            "batch_mean",
+            "batch_variance",
+            "reserve_space_1",
+            "reserve_space_2",
+        ],
+    ),
+    (
+        "FusedBatchNormV2",
+        &[
+            "y",
+            "batch_mean",
+            "batch_variance",
+            "reserve_space_1",
+            "reserve_space_2",
+        ],
+    ),
     (
         "FusedBatchNormV3",
-        &["y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2", "reserve_space_3"],
+        &[
+            "y",
+            "batch_mean",
+            "batch_variance",
+            "reserve_space_1",
+            "reserve_space_2",
+            "reserve_space_3",
+        ],
     ),
     ("TopKV2", &["values", "indices"]),
     ("Unique", &["y", "idx"]),
@@ -98,7 +139,9 @@ enum Outputs {
 impl<'a> Freezer<'a> {
     pub fn new(graph: &'a GraphDef, op_defs: &'a [OpDef], vars: &'a dyn VariableSource) -> Self {
         let library = graph.library.iter().flat_map(|l| &l.function);
-        let library = library.filter_map(|f| Some((f.signature.as_ref()?.name.as_str(), f))).collect();
+        let library = library
+            .filter_map(|f| Some((f.signature.as_ref()?.name.as_str(), f)))
+            .collect();
         Freezer {
             graph,
             top: graph.node.iter().map(|n| (n.name.as_str(), n)).collect(),
@@ -117,13 +160,20 @@ impl<'a> Freezer<'a> {
     pub fn tensor(&mut self, t: &TensorRef) -> Result<TensorRef, TfError> {
         match self.value(None, &t.node, t.index)? {
             Value::Tensor(t) => Ok(t),
-            Value::Variable { node, .. } => Err(TfError::graph(node, "the output is a variable handle, not a tensor")),
+            Value::Variable { node, .. } => Err(TfError::graph(
+                node,
+                "the output is a variable handle, not a tensor",
+            )),
         }
     }
 
     /// The frozen graph (nodes in dependency order), with `versions` of the source.
     pub fn finish(self) -> GraphDef {
-        GraphDef { node: self.out, versions: self.graph.versions.clone(), ..Default::default() }
+        GraphDef {
+            node: self.out,
+            versions: self.graph.versions.clone(),
+            ..Default::default()
+        }
     }
 
     /// Output `index` of node `name` in `scope` (top level when `None`). Materialises the
@@ -134,7 +184,9 @@ impl<'a> Freezer<'a> {
         let mut stack = vec![(name.to_string(), false)];
         let mut visiting = HashSet::new();
         while let Some((n, expanded)) = stack.pop() {
-            if self.done.contains_key(&(prefix.clone(), n.clone())) || scope.is_some_and(|s| s.args.contains_key(n.as_str())) {
+            if self.done.contains_key(&(prefix.clone(), n.clone()))
+                || scope.is_some_and(|s| s.args.contains_key(n.as_str()))
+            {
                 continue;
             }
             let node = self.lookup(scope, &n)?;
@@ -146,7 +198,10 @@ impl<'a> Freezer<'a> {
             if !visiting.insert(n.clone()) {
                 // An ancestor of itself: a TensorFlow 1 loop on the path to the output.
                 return Err(TfError::Unsupported {
-                    flavour: format!("the network has a loop through node {:?} (TensorFlow 1 control flow)", format!("{prefix}{n}")),
+                    flavour: format!(
+                        "the network has a loop through node {:?} (TensorFlow 1 control flow)",
+                        format!("{prefix}{n}")
+                    ),
                     hint: EXPORT_HINT.into(),
                 });
             }
@@ -191,7 +246,12 @@ impl<'a> Freezer<'a> {
     }
 
     /// Value of a data input string of a node in `scope`.
-    fn input_value(&self, scope: Option<&Scope<'a>>, consumer: &NodeDef, input: &str) -> Result<Value, TfError> {
+    fn input_value(
+        &self,
+        scope: Option<&Scope<'a>>,
+        consumer: &NodeDef,
+        input: &str,
+    ) -> Result<Value, TfError> {
         let Some(s) = scope else {
             let t = TensorRef::parse(input).ok_or_else(|| TfError::graph(&consumer.name, "control input"))?;
             return self.output_of(None, &t.node, t.index);
@@ -200,12 +260,17 @@ impl<'a> Freezer<'a> {
         match parts.as_slice() {
             [arg] => self.output_of(scope, arg, 0),
             [node, arg, idx] => {
-                let idx: usize = idx.parse().map_err(|_| TfError::graph(&consumer.name, format!("bad input {input:?}")))?;
+                let idx: usize = idx
+                    .parse()
+                    .map_err(|_| TfError::graph(&consumer.name, format!("bad input {input:?}")))?;
                 let producer = self.lookup(scope, node)?;
                 let flat = self.flat_index(s, producer, arg, idx)?;
                 self.output_of(scope, node, flat)
             }
-            _ => Err(TfError::graph(&consumer.name, format!("bad function-body input {input:?}"))),
+            _ => Err(TfError::graph(
+                &consumer.name,
+                format!("bad function-body input {input:?}"),
+            )),
         }
     }
 
@@ -215,7 +280,11 @@ impl<'a> Freezer<'a> {
             return Ok(idx); // single list output "output"
         }
         if let Some(f) = self.library.get(node.op.as_str()) {
-            let args = f.signature.as_ref().map(|s| s.output_arg.as_slice()).unwrap_or_default();
+            let args = f
+                .signature
+                .as_ref()
+                .map(|s| s.output_arg.as_slice())
+                .unwrap_or_default();
             if let Some(pos) = args.iter().position(|a| a.name == arg) {
                 return Ok(pos + idx);
             }
@@ -247,7 +316,10 @@ impl<'a> Freezer<'a> {
         }
         Err(TfError::graph(
             format!("{}{}", s.prefix, node.name),
-            format!("cannot tell which output of op {} is {arg:?} (no OpDef in the SavedModel)", node.op),
+            format!(
+                "cannot tell which output of op {} is {arg:?} (no OpDef in the SavedModel)",
+                node.op
+            ),
         ))
     }
 
@@ -255,32 +327,57 @@ impl<'a> Freezer<'a> {
         let prefix = scope.map_or("", |s| s.prefix.as_str());
         let full_name = format!("{prefix}{}", node.name);
         let op = node.op.as_str();
-        let inputs: Vec<&str> = node.input.iter().map(String::as_str).filter(|i| !i.starts_with('^')).collect();
+        let inputs: Vec<&str> = node
+            .input
+            .iter()
+            .map(String::as_str)
+            .filter(|i| !i.starts_with('^'))
+            .collect();
         if TF2_CONTROL_FLOW.contains(&op) || TF1_CONTROL_FLOW.contains(&op) {
-            let kind = if TF2_CONTROL_FLOW.contains(&op) { "TensorFlow 2" } else { "TensorFlow 1" };
+            let kind = if TF2_CONTROL_FLOW.contains(&op) {
+                "TensorFlow 2"
+            } else {
+                "TensorFlow 1"
+            };
             return Err(TfError::Unsupported {
                 flavour: format!("the network uses {kind} control flow ({op} node {full_name:?})"),
                 hint: EXPORT_HINT.into(),
             });
         }
         if PASS_THROUGH.contains(&op) {
-            let values = inputs.iter().map(|i| self.input_value(scope, node, i)).collect::<Result<_, _>>()?;
+            let values = inputs
+                .iter()
+                .map(|i| self.input_value(scope, node, i))
+                .collect::<Result<_, _>>()?;
             return Ok(Outputs::List(values));
         }
         if scope.is_none() && matches!(op, "VarHandleOp" | "VariableV2" | "Variable") {
             let key = self.vars.key_for(node).ok_or_else(|| {
-                TfError::graph(&node.name, format!("{op} that is not in the checkpoint (no variable key found)"))
+                TfError::graph(
+                    &node.name,
+                    format!("{op} that is not in the checkpoint (no variable key found)"),
+                )
             })?;
             if op == "VarHandleOp" {
-                return Ok(Outputs::List(vec![Value::Variable { key, node: node.name.clone() }]));
+                return Ok(Outputs::List(vec![Value::Variable {
+                    key,
+                    node: node.name.clone(),
+                }]));
             }
             // A reference variable's output is its value.
             return self.emit_variable(&full_name, &key);
         }
         if op == "ReadVariableOp" {
-            return match inputs.first().map(|i| self.input_value(scope, node, i)).transpose()? {
+            return match inputs
+                .first()
+                .map(|i| self.input_value(scope, node, i))
+                .transpose()?
+            {
                 Some(Value::Variable { key, .. }) => self.emit_variable(&full_name, &key),
-                _ => Err(TfError::graph(&full_name, "ReadVariableOp of something that is not a checkpointed variable")),
+                _ => Err(TfError::graph(
+                    &full_name,
+                    "ReadVariableOp of something that is not a checkpointed variable",
+                )),
             };
         }
         let callee = if CALL_OPS.contains(&op) {
@@ -292,11 +389,18 @@ impl<'a> Freezer<'a> {
             self.library.contains_key(op).then_some(op)
         };
         if let Some(callee) = callee {
-            let args = inputs.iter().map(|i| self.input_value(scope, node, i)).collect::<Result<Vec<_>, _>>()?;
+            let args = inputs
+                .iter()
+                .map(|i| self.input_value(scope, node, i))
+                .collect::<Result<Vec<_>, _>>()?;
             return self.inline(callee, args, &full_name).map(Outputs::List);
         }
         let mut copy = node.clone();
-        copy.name = if scope.is_some() { fresh_name(&mut self.taken, &full_name) } else { node.name.clone() };
+        copy.name = if scope.is_some() {
+            fresh_name(&mut self.taken, &full_name)
+        } else {
+            node.name.clone()
+        };
         copy.input.clear();
         for i in &inputs {
             match self.input_value(scope, node, i)? {
@@ -309,8 +413,15 @@ impl<'a> Freezer<'a> {
                 }
             }
         }
-        if copy.attr.values().any(|a| matches!(a.value, Some(attr_value::Value::Placeholder(_)))) {
-            return Err(TfError::graph(&full_name, "attribute placeholders (polymorphic function) are not supported"));
+        if copy
+            .attr
+            .values()
+            .any(|a| matches!(a.value, Some(attr_value::Value::Placeholder(_))))
+        {
+            return Err(TfError::graph(
+                &full_name,
+                "attribute placeholders (polymorphic function) are not supported",
+            ));
         }
         copy.attr.remove("_output_shapes");
         // SavedModels strip attributes equal to their default; tract needs them spelled out.
@@ -328,7 +439,11 @@ impl<'a> Freezer<'a> {
 
     fn emit_variable(&mut self, name: &str, key: &str) -> Result<Outputs, TfError> {
         let value = self.vars.read(key, name)?;
-        let name = if self.top.contains_key(name) { name.to_string() } else { fresh_name(&mut self.taken, name) };
+        let name = if self.top.contains_key(name) {
+            name.to_string()
+        } else {
+            fresh_name(&mut self.taken, name)
+        };
         self.out.push(const_node(&name, &value));
         self.variables_frozen += 1;
         Ok(Outputs::Node(name))
@@ -337,15 +452,25 @@ impl<'a> Freezer<'a> {
     /// Inlines function `name` called with `args`; returns its outputs.
     fn inline(&mut self, name: &'a str, args: Vec<Value>, call: &str) -> Result<Vec<Value>, TfError> {
         let Some(&f) = self.library.get(name) else {
-            return Err(TfError::graph(call, format!("calls function {name:?}, which is not in the graph's library")));
+            return Err(TfError::graph(
+                call,
+                format!("calls function {name:?}, which is not in the graph's library"),
+            ));
         };
         let Some(sig) = f.signature.as_ref() else {
-            return Err(TfError::graph(call, format!("function {name:?} has no signature")));
+            return Err(TfError::graph(
+                call,
+                format!("function {name:?} has no signature"),
+            ));
         };
         if sig.input_arg.len() != args.len() {
             return Err(TfError::graph(
                 call,
-                format!("passes {} inputs to function {name:?}, which takes {}", args.len(), sig.input_arg.len()),
+                format!(
+                    "passes {} inputs to function {name:?}, which takes {}",
+                    args.len(),
+                    sig.input_arg.len()
+                ),
             ));
         }
         if self.inlined.len() < 64 && !self.inlined.iter().any(|n| n == name) {
@@ -360,16 +485,25 @@ impl<'a> Freezer<'a> {
         let mut outputs = Vec::new();
         for out in &sig.output_arg {
             if !out.number_attr.is_empty() || !out.type_list_attr.is_empty() {
-                return Err(TfError::graph(call, format!("function {name:?} has list output {:?}", out.name)));
+                return Err(TfError::graph(
+                    call,
+                    format!("function {name:?} has list output {:?}", out.name),
+                ));
             }
             let ret = f.ret.get(&out.name).ok_or_else(|| {
-                TfError::graph(call, format!("function {name:?} does not return its output {:?}", out.name))
+                TfError::graph(
+                    call,
+                    format!("function {name:?} does not return its output {:?}", out.name),
+                )
             })?;
             let producer = ret.split(':').next().unwrap_or(ret);
             if !scope.args.contains_key(producer) {
                 self.value(Some(&scope), producer, 0)?;
             }
-            let fake = NodeDef { name: format!("{call} (return {:?})", out.name), ..Default::default() };
+            let fake = NodeDef {
+                name: format!("{call} (return {:?})", out.name),
+                ..Default::default()
+            };
             outputs.push(self.input_value(Some(&scope), &fake, ret)?);
         }
         Ok(outputs)

@@ -17,7 +17,10 @@ pub(crate) struct TensorRef {
 
 impl TensorRef {
     pub fn new(node: impl Into<String>, index: usize) -> Self {
-        TensorRef { node: node.into(), index }
+        TensorRef {
+            node: node.into(),
+            index,
+        }
     }
 
     /// Parses a GraphDef data input (`name` or `name:3`); `None` for `^control` inputs.
@@ -39,7 +42,11 @@ impl TensorRef {
     }
 
     pub fn to_input(&self) -> String {
-        if self.index == 0 { self.node.clone() } else { format!("{}:{}", self.node, self.index) }
+        if self.index == 0 {
+            self.node.clone()
+        } else {
+            format!("{}:{}", self.node, self.index)
+        }
     }
 }
 
@@ -98,7 +105,9 @@ pub(crate) fn attr_ints(node: &NodeDef, key: &str) -> Option<Vec<i64>> {
 /// Value of a `Const` node.
 pub(crate) fn const_value(node: &NodeDef) -> Result<HostTensor, TfError> {
     match attr(node, "value") {
-        Some(attr_value::Value::Tensor(t)) => HostTensor::from_proto(t).map_err(|e| TfError::graph(&node.name, e)),
+        Some(attr_value::Value::Tensor(t)) => {
+            HostTensor::from_proto(t).map_err(|e| TfError::graph(&node.name, e))
+        }
         _ => Err(TfError::graph(&node.name, "Const without a tensor value")),
     }
 }
@@ -111,19 +120,33 @@ pub(crate) fn is_nhwc(node: &NodeDef) -> bool {
 // ---------------------------------------------------------------------------- builders
 
 pub(crate) fn set_attr(node: &mut NodeDef, key: &str, value: attr_value::Value) {
-    node.attr.insert(key.to_string(), AttrValue { value: Some(value) });
+    node.attr
+        .insert(key.to_string(), AttrValue { value: Some(value) });
 }
 
 pub(crate) fn const_node(name: impl Into<String>, value: &HostTensor) -> NodeDef {
-    let mut node = NodeDef { name: name.into(), op: "Const".into(), ..Default::default() };
-    set_attr(&mut node, "dtype", attr_value::Value::Type(value.data.dtype() as i32));
+    let mut node = NodeDef {
+        name: name.into(),
+        op: "Const".into(),
+        ..Default::default()
+    };
+    set_attr(
+        &mut node,
+        "dtype",
+        attr_value::Value::Type(value.data.dtype() as i32),
+    );
     set_attr(&mut node, "value", attr_value::Value::Tensor(value.to_proto()));
     node
 }
 
 /// A float32 binary op (`Mul`, `BiasAdd`, ...) named `name`.
 pub(crate) fn f32_op(name: impl Into<String>, op: &str, inputs: Vec<String>) -> NodeDef {
-    let mut node = NodeDef { name: name.into(), op: op.into(), input: inputs, ..Default::default() };
+    let mut node = NodeDef {
+        name: name.into(),
+        op: op.into(),
+        input: inputs,
+        ..Default::default()
+    };
     set_attr(&mut node, "T", attr_value::Value::Type(DataType::DtFloat as i32));
     node
 }
@@ -149,7 +172,12 @@ pub(crate) fn fresh_name(taken: &mut HashSet<String>, base: &str) -> String {
 // ---------------------------------------------------------------------------- structure
 
 pub(crate) fn index_by_name(graph: &GraphDef) -> HashMap<&str, usize> {
-    graph.node.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect()
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect()
 }
 
 /// Consumers of each node's outputs (data edges only): node name -> consumer node indices.
@@ -171,10 +199,12 @@ pub(crate) fn topo_order(graph: &GraphDef) -> Result<Vec<usize>, TfError> {
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); graph.node.len()];
     for (i, n) in graph.node.iter().enumerate() {
         for input in &n.input {
-            let name = TensorRef::parse(input).map(|t| t.node).unwrap_or_else(|| input[1..].to_string());
-            let &p = index
-                .get(name.as_str())
-                .ok_or_else(|| TfError::graph(&n.name, format!("input {input:?} names no node in the graph")))?;
+            let name = TensorRef::parse(input)
+                .map(|t| t.node)
+                .unwrap_or_else(|| input[1..].to_string());
+            let &p = index.get(name.as_str()).ok_or_else(|| {
+                TfError::graph(&n.name, format!("input {input:?} names no node in the graph"))
+            })?;
             pending[i] += 1;
             users[p].push(i);
         }
@@ -192,7 +222,9 @@ pub(crate) fn topo_order(graph: &GraphDef) -> Result<Vec<usize>, TfError> {
         }
     }
     if order.len() != graph.node.len() {
-        let stuck = (0..graph.node.len()).find(|&i| pending[i] > 0).map(|i| graph.node[i].name.clone());
+        let stuck = (0..graph.node.len())
+            .find(|&i| pending[i] > 0)
+            .map(|i| graph.node[i].name.clone());
         return Err(TfError::graph(
             stuck.unwrap_or_default(),
             "the graph has a cycle (TensorFlow 1 control flow loop) on the path to the output",
@@ -208,7 +240,9 @@ pub(crate) fn prune(graph: &mut GraphDef, outputs: &[&str]) -> Result<(), TfErro
     let mut keep = vec![false; graph.node.len()];
     let mut stack: Vec<usize> = Vec::new();
     for o in outputs {
-        let &i = index.get(o).ok_or_else(|| TfError::graph(*o, "output node is not in the graph"))?;
+        let &i = index
+            .get(o)
+            .ok_or_else(|| TfError::graph(*o, "output node is not in the graph"))?;
         stack.push(i);
     }
     while let Some(i) = stack.pop() {
@@ -217,7 +251,10 @@ pub(crate) fn prune(graph: &mut GraphDef, outputs: &[&str]) -> Result<(), TfErro
         }
         for t in data_inputs(&graph.node[i]) {
             let &p = index.get(t.node.as_str()).ok_or_else(|| {
-                TfError::graph(&graph.node[i].name, format!("input {:?} names no node in the graph", t.node))
+                TfError::graph(
+                    &graph.node[i].name,
+                    format!("input {:?} names no node in the graph", t.node),
+                )
             })?;
             stack.push(p);
         }
@@ -252,12 +289,19 @@ pub(crate) mod test_util {
     }
 
     pub fn placeholder(name: &str, shape: &[i64]) -> NodeDef {
-        let mut n = NodeDef { name: name.into(), op: "Placeholder".into(), ..Default::default() };
+        let mut n = NodeDef {
+            name: name.into(),
+            op: "Placeholder".into(),
+            ..Default::default()
+        };
         set_attr(&mut n, "dtype", attr_value::Value::Type(DataType::DtFloat as i32));
         let shape = edge_proto::tensorflow::TensorShapeProto {
             dim: shape
                 .iter()
-                .map(|&size| edge_proto::tensorflow::tensor_shape_proto::Dim { size, name: String::new() })
+                .map(|&size| edge_proto::tensorflow::tensor_shape_proto::Dim {
+                    size,
+                    name: String::new(),
+                })
                 .collect(),
             unknown_rank: false,
         };
@@ -266,28 +310,52 @@ pub(crate) mod test_util {
     }
 
     pub fn graph(nodes: Vec<NodeDef>) -> GraphDef {
-        GraphDef { node: nodes, ..Default::default() }
+        GraphDef {
+            node: nodes,
+            ..Default::default()
+        }
     }
 
     pub fn node<'a>(g: &'a GraphDef, name: &str) -> &'a NodeDef {
-        g.node.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        g.node
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// Runs `g` (single float input, single sink output) through tract-tensorflow.
     pub fn run_tract(g: &GraphDef, shape: &[usize], input: &[f32]) -> Vec<f32> {
         use tract_tensorflow::prelude::*;
         let bytes = crate::tf::encode_for_tract(g);
-        let mut model = tract_tensorflow::tensorflow().model_for_read(&mut bytes.as_slice()).expect("tract reads the graph");
-        model.set_input_fact(0, f32::fact(shape).into()).expect("input fact");
-        let plan = model.into_optimized().and_then(|m| m.into_runnable()).expect("tract optimises the graph");
+        let mut model = tract_tensorflow::tensorflow()
+            .model_for_read(&mut bytes.as_slice())
+            .expect("tract reads the graph");
+        model
+            .set_input_fact(0, f32::fact(shape).into())
+            .expect("input fact");
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .expect("tract optimises the graph");
         let x = tract_ndarray::ArrayD::from_shape_vec(shape, input.to_vec()).expect("input shape");
-        let out = plan.run(tvec!(Tensor::from(x).into())).expect("tract runs the graph");
-        out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect()
+        let out = plan
+            .run(tvec!(Tensor::from(x).into()))
+            .expect("tract runs the graph");
+        out[0]
+            .to_plain_array_view::<f32>()
+            .expect("f32 output")
+            .iter()
+            .copied()
+            .collect()
     }
 
     pub fn assert_close(got: &[f32], want: &[f32]) {
         assert_eq!(got.len(), want.len());
-        let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff <= 1e-5, "max abs diff {diff}: got {got:?}, want {want:?}");
     }
 }

@@ -27,9 +27,29 @@ pub(crate) struct Cut {
 }
 
 /// Ops that end the network walking back from the output: the decoding loop's outputs.
-const LOOP_OUTPUTS: &[&str] = &["TensorArrayGatherV3", "TensorArrayGatherV2", "TensorArrayPackV3", "TensorArrayConcatV3"];
-const DECODERS: &[&str] = &["DecodeJpeg", "DecodeAndCropJpeg", "DecodeImage", "DecodePng", "DecodeBmp", "DecodeGif"];
-const TRANSPARENT: &[&str] = &["Identity", "Enter", "Squeeze", "ExpandDims", "Reshape", "Cast", "StopGradient"];
+const LOOP_OUTPUTS: &[&str] = &[
+    "TensorArrayGatherV3",
+    "TensorArrayGatherV2",
+    "TensorArrayPackV3",
+    "TensorArrayConcatV3",
+];
+const DECODERS: &[&str] = &[
+    "DecodeJpeg",
+    "DecodeAndCropJpeg",
+    "DecodeImage",
+    "DecodePng",
+    "DecodeBmp",
+    "DecodeGif",
+];
+const TRANSPARENT: &[&str] = &[
+    "Identity",
+    "Enter",
+    "Squeeze",
+    "ExpandDims",
+    "Reshape",
+    "Cast",
+    "StopGradient",
+];
 
 struct Nodes<'a>(HashMap<&'a str, &'a NodeDef>);
 
@@ -47,7 +67,8 @@ impl<'a> Nodes<'a> {
     fn trace(&self, t: &TensorRef, through_cast: bool) -> Option<(TensorRef, &'a NodeDef)> {
         let (mut t, mut n) = (t.clone(), self.get(t)?);
         for _ in 0..64 {
-            let passes = matches!(n.op.as_str(), "Identity" | "Enter" | "StopGradient") || (through_cast && n.op == "Cast");
+            let passes = matches!(n.op.as_str(), "Identity" | "Enter" | "StopGradient")
+                || (through_cast && n.op == "Cast");
             if !passes {
                 return Some((t, n));
             }
@@ -70,15 +91,28 @@ impl<'a> Nodes<'a> {
     }
 }
 
-pub(crate) fn prepare(graph: &GraphDef, sig: &SignatureDef, input_key: &str, options: &LoadOptions) -> Result<Cut, TfError> {
+pub(crate) fn prepare(
+    graph: &GraphDef,
+    sig: &SignatureDef,
+    input_key: &str,
+    options: &LoadOptions,
+) -> Result<Cut, TfError> {
     let nodes = Nodes(graph.node.iter().map(|n| (n.name.as_str(), n)).collect());
-    let string_input = sig.inputs.get(input_key).map(tensor_ref).transpose()?.map(|t| t.node).unwrap_or_default();
+    let string_input = sig
+        .inputs
+        .get(input_key)
+        .map(tensor_ref)
+        .transpose()?
+        .map(|t| t.node)
+        .unwrap_or_default();
     let (output, topk) = network_output(&nodes, sig, options)?;
     let labels = topk.as_ref().and_then(|k| labels_for(&nodes, sig, k));
     let (cut, cut_node) = find_cut(&nodes, &output, &string_input)?;
 
     let element_shape = match attr(cut_node, "element_shape") {
-        Some(Value::Shape(s)) if !s.unknown_rank && s.dim.iter().all(|d| d.size > 0) => Some(s.dim.iter().map(|d| d.size).collect::<Vec<_>>()),
+        Some(Value::Shape(s)) if !s.unknown_rank && s.dim.iter().all(|d| d.size > 0) => {
+            Some(s.dim.iter().map(|d| d.size).collect::<Vec<_>>())
+        }
         _ => None,
     };
     let mut notes = vec![format!(
@@ -101,7 +135,9 @@ pub(crate) fn prepare(graph: &GraphDef, sig: &SignatureDef, input_key: &str, opt
         Some(dims) => std::iter::once(1).chain(dims.iter().copied()).collect(),
         None => vec![1, -1, -1, 3],
     };
-    notes.push(format!("new float32 input {input:?} {shape:?} (NHWC) replaces it"));
+    notes.push(format!(
+        "new float32 input {input:?} {shape:?} (NHWC) replaces it"
+    ));
     for n in &mut g.node {
         for i in &mut n.input {
             if TensorRef::parse(i).as_ref() == Some(&cut) {
@@ -109,15 +145,34 @@ pub(crate) fn prepare(graph: &GraphDef, sig: &SignatureDef, input_key: &str, opt
             }
         }
     }
-    let mut placeholder = NodeDef { name: input.clone(), op: "Placeholder".into(), ..Default::default() };
+    let mut placeholder = NodeDef {
+        name: input.clone(),
+        op: "Placeholder".into(),
+        ..Default::default()
+    };
     set_attr(&mut placeholder, "dtype", Value::Type(DataType::DtFloat as i32));
-    set_attr(&mut placeholder, "shape", Value::Shape(super::tensor::shape_proto_i64(&shape)));
+    set_attr(
+        &mut placeholder,
+        "shape",
+        Value::Shape(super::tensor::shape_proto_i64(&shape)),
+    );
     g.node.push(placeholder);
     if let Some(l) = &labels {
-        notes.push(format!("took over {} labels from the constant the classes output gathers from", l.len()));
+        notes.push(format!(
+            "took over {} labels from the constant the classes output gathers from",
+            l.len()
+        ));
     }
     let output_name = output.node.clone();
-    Ok(Cut { graph: g, input, output, output_name, preprocessing, labels, notes })
+    Ok(Cut {
+        graph: g,
+        input,
+        output,
+        output_name,
+        preprocessing,
+        labels,
+        notes,
+    })
 }
 
 /// The float tensor to keep: `options.output`, or what the signature's outputs compute before
@@ -139,8 +194,14 @@ fn network_output<'a>(
         if DataType::try_from(info.dtype) != Ok(DataType::DtFloat) {
             continue;
         }
-        let Some((t, n)) = nodes.trace(&tensor_ref(info)?, false) else { continue };
-        let found = if n.op == "TopKV2" { (nodes.input(n, 0).map(|(t, _)| t), Some(n)) } else { (Some(t), None) };
+        let Some((t, n)) = nodes.trace(&tensor_ref(info)?, false) else {
+            continue;
+        };
+        let found = if n.op == "TopKV2" {
+            (nodes.input(n, 0).map(|(t, _)| t), Some(n))
+        } else {
+            (Some(t), None)
+        };
         if let (Some(t), k) = found
             && !candidates.iter().any(|(c, _)| *c == t)
         {
@@ -173,19 +234,29 @@ fn labels_for(nodes: &Nodes<'_>, sig: &SignatureDef, topk: &NodeDef) -> Option<V
             return None;
         }
         match const_value(params).ok()?.data {
-            Data::Str(s) => Some(s.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()),
+            Data::Str(s) => Some(
+                s.iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect(),
+            ),
             _ => None,
         }
     })
 }
 
 /// Walks back from the output; the network ends at the decoding loop's output tensor.
-fn find_cut<'a>(nodes: &Nodes<'a>, output: &TensorRef, string_input: &str) -> Result<(TensorRef, &'a NodeDef), TfError> {
+fn find_cut<'a>(
+    nodes: &Nodes<'a>,
+    output: &TensorRef,
+    string_input: &str,
+) -> Result<(TensorRef, &'a NodeDef), TfError> {
     let mut seen = HashSet::new();
     let mut queue = VecDeque::from([output.clone()]);
     let mut cuts: Vec<TensorRef> = Vec::new();
     while let Some(t) = queue.pop_front() {
-        let n = nodes.get(&t).ok_or_else(|| TfError::graph(&t.node, "input names no node in the graph"))?;
+        let n = nodes
+            .get(&t)
+            .ok_or_else(|| TfError::graph(&t.node, "input names no node in the graph"))?;
         if LOOP_OUTPUTS.contains(&n.op.as_str()) {
             if !cuts.contains(&t) {
                 cuts.push(t);
@@ -226,20 +297,37 @@ fn find_cut<'a>(nodes: &Nodes<'a>, output: &TensorRef, string_input: &str) -> Re
 /// TensorArray, walked back to the decoder.
 fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Result<Preprocessing, TfError> {
     let fail = |found: String| TfError::Preprocessing { found };
-    let (_, array) = nodes.input(cut_node, 0).and_then(|(t, _)| nodes.trace(&t, false)).ok_or_else(|| {
-        fail(format!("{} {:?} reads no TensorArray", cut_node.op, cut_node.name))
-    })?;
+    let (_, array) = nodes
+        .input(cut_node, 0)
+        .and_then(|(t, _)| nodes.trace(&t, false))
+        .ok_or_else(|| {
+            fail(format!(
+                "{} {:?} reads no TensorArray",
+                cut_node.op, cut_node.name
+            ))
+        })?;
     let writers: Vec<&NodeDef> = nodes
         .0
         .values()
         .copied()
         .filter(|n| n.op.starts_with("TensorArrayWrite"))
-        .filter(|n| nodes.input(n, 0).and_then(|(t, _)| nodes.trace(&t, false)).is_some_and(|(_, a)| a.name == array.name))
+        .filter(|n| {
+            nodes
+                .input(n, 0)
+                .and_then(|(t, _)| nodes.trace(&t, false))
+                .is_some_and(|(_, a)| a.name == array.name)
+        })
         .collect();
     let [writer] = writers.as_slice() else {
-        return Err(fail(format!("{} writes into the loop's TensorArray {:?}", writers.len(), array.name)));
+        return Err(fail(format!(
+            "{} writes into the loop's TensorArray {:?}",
+            writers.len(),
+            array.name
+        )));
     };
-    let (mut cur, _) = nodes.input(writer, 2).ok_or_else(|| fail(format!("{:?} writes no value", writer.name)))?;
+    let (mut cur, _) = nodes
+        .input(writer, 2)
+        .ok_or_else(|| fail(format!("{:?} writes no value", writer.name)))?;
     let (mut a, mut b) = ([1f64; 3], [0f64; 3]);
     let mut steps: Vec<String> = Vec::new();
     let (mut resize, mut crop): (Option<(ResizeFilter, String)>, Option<f32>) = (None, None);
@@ -249,11 +337,16 @@ fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Res
         _ => None,
     };
     let decoder = loop {
-        let n = nodes.get(&cur).ok_or_else(|| fail(format!("{} names no node", cur.node)))?;
+        let n = nodes
+            .get(&cur)
+            .ok_or_else(|| fail(format!("{} names no node", cur.node)))?;
         let op = n.op.as_str();
         let ins: Vec<TensorRef> = data_inputs(n).collect();
         if steps.len() > 64 {
-            return Err(fail(format!("a chain of more than 64 ops: {}", steps.join(" <- "))));
+            return Err(fail(format!(
+                "a chain of more than 64 ops: {}",
+                steps.join(" <- ")
+            )));
         }
         if DECODERS.contains(&op) {
             break n;
@@ -264,13 +357,20 @@ fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Res
             if let Some(c) = nodes.constant(y).and_then(per_channel) {
                 return Some((x.clone(), c, true));
             }
-            nodes.constant(x).and_then(per_channel).map(|c| (y.clone(), c, n.op == "Mul" || n.op.starts_with("Add")))
+            nodes
+                .constant(x)
+                .and_then(per_channel)
+                .map(|c| (y.clone(), c, n.op == "Mul" || n.op.starts_with("Add")))
         };
         let next = match op {
             _ if TRANSPARENT.contains(&op) => ins.first().cloned(),
             "Mul" | "RealDiv" | "Div" | "Add" | "AddV2" | "Sub" => {
                 let Some((x, c, x_first)) = operands(n) else {
-                    return Err(fail(format!("{op} {:?} without a constant operand, after {}", n.name, steps.join(" <- "))));
+                    return Err(fail(format!(
+                        "{op} {:?} without a constant operand, after {}",
+                        n.name,
+                        steps.join(" <- ")
+                    )));
                 };
                 for k in 0..3 {
                     match (op, x_first) {
@@ -294,8 +394,10 @@ fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Res
                     _ => ResizeFilter::Nearest,
                 };
                 let size = ins.get(1).and_then(|t| nodes.constant(t)).unwrap_or_default();
+                let size: Vec<String> = size.iter().map(|d| format!("{d}")).collect();
                 let desc = format!(
-                    "{op} to {size:?} (align_corners={}, half_pixel_centers={})",
+                    "{op} to {} (align_corners={}, half_pixel_centers={})",
+                    size.join("x"),
                     attr_b(n, "align_corners").unwrap_or(false),
                     attr_b(n, "half_pixel_centers").unwrap_or(false)
                 );
@@ -304,33 +406,55 @@ fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Res
             }
             "Slice" => {
                 let fraction = ins.get(1).and_then(|t| crop_fraction(nodes, t)).ok_or_else(|| {
-                    fail(format!("Slice {:?} whose crop fraction could not be found", n.name))
+                    fail(format!(
+                        "Slice {:?} whose crop fraction could not be found",
+                        n.name
+                    ))
                 })?;
                 crop = Some(fraction);
                 ins.first().cloned()
             }
-            _ => return Err(fail(format!("unsupported op {op} ({:?}) after {}", n.name, steps.join(" <- ")))),
+            _ => {
+                return Err(fail(format!(
+                    "unsupported op {op} ({:?}) after {}",
+                    n.name,
+                    steps.join(" <- ")
+                )));
+            }
         };
         cur = next.ok_or_else(|| fail(format!("{op} {:?} without inputs", n.name)))?;
     };
     let channels = attr_i(decoder, "channels").unwrap_or(0);
     if !matches!(channels, 0 | 3) {
-        return Err(fail(format!("{} with channels={channels}; edge bundles decode to RGB", decoder.op)));
+        return Err(fail(format!(
+            "{} with channels={channels}; edge bundles decode to RGB",
+            decoder.op
+        )));
     }
     let Some((filter, resize_desc)) = resize else {
-        return Err(fail(format!("no resize between {} and the network: {}", decoder.op, steps.join(" <- "))));
+        return Err(fail(format!(
+            "no resize between {} and the network: {}",
+            decoder.op,
+            steps.join(" <- ")
+        )));
     };
     if a.iter().any(|&x| x <= 0.0 || !x.is_finite()) {
         return Err(fail(format!("pixel scaling {a:?} is not positive")));
     }
     let tidy = |x: f64| {
         let r = (x * 1e4).round() / 1e4;
-        (if (r - x).abs() <= 1e-6 * x.abs().max(1.0) { r } else { x }) as f32
+        (if (r - x).abs() <= 1e-6 * x.abs().max(1.0) {
+            r
+        } else {
+            x
+        }) as f32
     };
     let std = [tidy(1.0 / a[0]), tidy(1.0 / a[1]), tidy(1.0 / a[2])];
     let mean = [tidy(-b[0] / a[0]), tidy(-b[1] / a[1]), tidy(-b[2] / a[2])];
     let p = Preprocessing {
-        resize: crop.map_or(ResizePolicy::Stretch, |fraction| ResizePolicy::CentralFraction { fraction }),
+        resize: crop.map_or(ResizePolicy::Stretch, |fraction| ResizePolicy::CentralFraction {
+            fraction,
+        }),
         filter,
         channel_order: ChannelOrder::Rgb,
         scale: 1.0,
@@ -363,7 +487,10 @@ fn crop_fraction(nodes: &Nodes<'_>, begin: &TensorRef) -> Option<f32> {
     while let Some(t) = queue.pop_front() {
         let n = nodes.get(&t)?;
         // Shapes do not depend on pixel values: stop there (the image's own scaling is upstream).
-        if !seen.insert(n.name.clone()) || seen.len() > 256 || matches!(n.op.as_str(), "Shape" | "Size" | "Rank") {
+        if !seen.insert(n.name.clone())
+            || seen.len() > 256
+            || matches!(n.op.as_str(), "Shape" | "Size" | "Rank")
+        {
             continue;
         }
         if n.op == "Mul" {

@@ -5,7 +5,8 @@
 //! Pipeline: read (`saved_model`, `bundle_reader`) -> cut at the decoded image if the
 //! signature takes JPEG bytes (`jpeg_signature`) -> freeze: inline functions, variables to
 //! constants, prune to the output (`freeze`) -> fold constants (`fold`) -> fold batch norms
-//! into convolutions (`batch_norm`) -> check every op is one tract reads.
+//! into convolutions (`batch_norm`) -> check every op is one tract reads. [`tract_model`] then
+//! loads the result into tract (declutter with a symbolic batch first: see `tract_model.rs`).
 
 mod batch_norm;
 mod bundle_reader;
@@ -18,6 +19,7 @@ mod saved_model;
 mod sstable;
 mod tensor;
 mod tract_model;
+mod variables;
 
 use std::path::Path;
 
@@ -107,7 +109,13 @@ pub fn load_frozen_graph_with(path: &Path, options: &LoadOptions) -> Result<TfGr
 /// holding numeric version directories: the highest is used) and freezes `signature`
 /// (default `serving_default`).
 pub fn load_saved_model(dir: &Path, signature: Option<&str>) -> Result<TfGraph, TfError> {
-    load_saved_model_with(dir, &LoadOptions { signature: signature.map(String::from), ..Default::default() })
+    load_saved_model_with(
+        dir,
+        &LoadOptions {
+            signature: signature.map(String::from),
+            ..Default::default()
+        },
+    )
 }
 
 /// [`load_saved_model`] with options.
@@ -135,20 +143,27 @@ fn finish(
         Some(name) if name != out.node || out.index != 0 => {
             let mut taken = taken;
             let name = graph::fresh_name(&mut taken, &name);
-            graph.node.push(graph::f32_op(&name, "Identity", vec![out.to_input()]));
+            graph
+                .node
+                .push(graph::f32_op(&name, "Identity", vec![out.to_input()]));
             name
         }
         _ if out.index != 0 => {
             let mut taken = taken;
             let name = graph::fresh_name(&mut taken, &format!("{}_{}", out.node, out.index));
-            graph.node.push(graph::f32_op(&name, "Identity", vec![out.to_input()]));
+            graph
+                .node
+                .push(graph::f32_op(&name, "Identity", vec![out.to_input()]));
             name
         }
         _ => out.node,
     };
     graph::prune(&mut graph, &[&output])?;
     if !graph.node.iter().any(|n| n.name == input) {
-        return Err(TfError::graph(&output, format!("the output does not depend on the input {input:?}")));
+        return Err(TfError::graph(
+            &output,
+            format!("the output does not depend on the input {input:?}"),
+        ));
     }
     let folded = fold::fold_constants(&mut graph)?;
     let report = batch_norm::fold_batch_norms(&mut graph, &[&output])?;
@@ -163,16 +178,25 @@ fn finish(
         ));
     }
     if report.fused_rewritten > 0 {
-        notes.push(format!("rewrote {} FusedBatchNorm nodes as per-channel arithmetic", report.fused_rewritten));
+        notes.push(format!(
+            "rewrote {} FusedBatchNorm nodes as per-channel arithmetic",
+            report.fused_rewritten
+        ));
     }
     if rank1 > 0 {
         notes.push(format!("reshaped {rank1} [1,..,1,C] constants to rank 1"));
     }
     let unknown = freeze::unsupported_ops(&graph);
     if !unknown.is_empty() {
-        let list: Vec<String> = unknown.iter().map(|(op, node)| format!("{op} (node {node:?})")).collect();
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|(op, node)| format!("{op} (node {node:?})"))
+            .collect();
         return Err(TfError::Unsupported {
-            flavour: format!("the frozen network uses ops tract-tensorflow cannot load: {}", list.join(", ")),
+            flavour: format!(
+                "the frozen network uses ops tract-tensorflow cannot load: {}",
+                list.join(", ")
+            ),
             hint: "Export it as ONNX with `python -m tf2onnx.convert --saved-model DIR --output model.onnx` \
                    (or --graphdef FILE --inputs .. --outputs ..) and convert that file"
                 .into(),
@@ -196,7 +220,12 @@ fn finish(
 fn read_limited(path: &Path, what: &'static str) -> Result<Vec<u8>, TfError> {
     let len = std::fs::metadata(path).map_err(|e| TfError::io(path, e))?.len();
     if len > MAX_PROTO_BYTES {
-        return Err(TfError::TooLarge { path: path.to_owned(), what, size: len, limit: MAX_PROTO_BYTES });
+        return Err(TfError::TooLarge {
+            path: path.to_owned(),
+            what,
+            size: len,
+            limit: MAX_PROTO_BYTES,
+        });
     }
     std::fs::read(path).map_err(|e| TfError::io(path, e))
 }
@@ -212,8 +241,11 @@ fn declared_shape(node: &NodeDef) -> Vec<Option<usize>> {
 
 fn single_float_placeholder(g: &GraphDef) -> Result<NodeDef, TfError> {
     let placeholders: Vec<&NodeDef> = g.node.iter().filter(|n| n.op == "Placeholder").collect();
-    let floats: Vec<&NodeDef> =
-        placeholders.iter().copied().filter(|n| graph::attr_type(n, "dtype") == Some(DataType::DtFloat)).collect();
+    let floats: Vec<&NodeDef> = placeholders
+        .iter()
+        .copied()
+        .filter(|n| graph::attr_type(n, "dtype") == Some(DataType::DtFloat))
+        .collect();
     match floats.as_slice() {
         [one] => Ok((*one).clone()),
         _ => {
@@ -247,14 +279,19 @@ fn single_sink(g: &GraphDef) -> Result<String, TfError> {
     let sinks: Vec<&str> = g
         .node
         .iter()
-        .filter(|n| !used.contains(&n.name) && !matches!(n.op.as_str(), "Const" | "NoOp" | "Placeholder" | "Assert"))
+        .filter(|n| {
+            !used.contains(&n.name) && !matches!(n.op.as_str(), "Const" | "NoOp" | "Placeholder" | "Assert")
+        })
         .map(|n| n.name.as_str())
         .collect();
     match sinks.as_slice() {
         [one] => Ok(one.to_string()),
         _ => Err(TfError::Ambiguous {
             what: "network output",
-            reason: format!("expected exactly one sink node, found [{}]; name the output explicitly", sinks.join(", ")),
+            reason: format!(
+                "expected exactly one sink node, found [{}]; name the output explicitly",
+                sinks.join(", ")
+            ),
         }),
     }
 }

@@ -1,26 +1,21 @@
 //! SavedModel loading: find the version directory, the `serve` meta graph and the signature,
-//! map variables to checkpoint keys (TF2: through the object graph; TF1: by name), then
-//! freeze the signature's output (cutting JPEG-decoding signatures at the decoded image).
+//! then freeze the signature's output (cutting JPEG-decoding signatures at the decoded image)
+//! with the variables of `variables/` (see [`super::variables`]).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edge_proto::tensorflow::{
-    DataType, MetaGraphDef, NodeDef, SavedModel, SignatureDef, TensorInfo, TrackableObjectGraph, attr_value,
-    tensor_info::Encoding,
+    DataType, MetaGraphDef, SavedModel, SignatureDef, TensorInfo, tensor_info::Encoding,
 };
 use prost::Message;
 
-use super::bundle_reader::Bundle;
-use super::error::EXPORT_HINT;
-use super::freeze::{Freezer, VariableSource};
-use super::graph::{TensorRef, attr, attr_s};
-use super::tensor::{Data, HostTensor};
+use super::freeze::Freezer;
+use super::graph::TensorRef;
+use super::variables::CheckpointVars;
 use super::{LoadOptions, TfError, TfGraph, finish, jpeg_signature, read_limited};
 
 const SERVE_TAG: &str = "serve";
 const DEFAULT_SIGNATURE: &str = "serving_default";
-const OBJECT_GRAPH_KEY: &str = "_CHECKPOINTABLE_OBJECT_GRAPH";
 
 pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<TfGraph, TfError> {
     let version_dir = version_dir(dir)?;
@@ -33,16 +28,24 @@ pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<TfGraph, TfError
     })?;
     let meta = serve_meta_graph(&saved, &pb)?;
     let (key, sig) = signature(meta, options.signature.as_deref())?;
-    let graph = meta.graph_def.as_ref().ok_or_else(|| TfError::graph("<saved_model.pb>", "meta graph without a graph"))?;
+    let graph = meta
+        .graph_def
+        .as_ref()
+        .ok_or_else(|| TfError::graph("<saved_model.pb>", "meta graph without a graph"))?;
     let vars = CheckpointVars::open(&version_dir, meta)?;
-    let op_defs = meta.meta_info_def.as_ref().and_then(|m| m.stripped_op_list.as_ref());
+    let op_defs = meta
+        .meta_info_def
+        .as_ref()
+        .and_then(|m| m.stripped_op_list.as_ref());
     let op_defs = op_defs.map(|l| l.op.as_slice()).unwrap_or_default();
 
     let [(input_key, input)] = sig.inputs.iter().collect::<Vec<_>>()[..] else {
         let keys: Vec<&String> = sig.inputs.keys().collect();
         return Err(TfError::Ambiguous {
             what: "signature input",
-            reason: format!("signature {key:?} has inputs {keys:?}; edge bundles take exactly one image input"),
+            reason: format!(
+                "signature {key:?} has inputs {keys:?}; edge bundles take exactly one image input"
+            ),
         });
     };
     let mut notes = vec![format!("SavedModel {}, signature {key:?}", version_dir.display())];
@@ -54,8 +57,13 @@ pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<TfGraph, TfError
             let frozen_out = freezer.tensor(&out)?;
             let frozen_in = freezer.tensor(&input_ref)?;
             describe(&freezer, &mut notes);
-            let g = finish(freezer.finish(), &frozen_in.node, frozen_out, Some(out_name), &mut notes)?;
-            TfGraph { input_shape: g.input_shape.clone(), ..g }
+            finish(
+                freezer.finish(),
+                &frozen_in.node,
+                frozen_out,
+                Some(out_name),
+                &mut notes,
+            )?
         }
         Ok(DataType::DtString) => {
             let cut = jpeg_signature::prepare(graph, sig, input_key, options)?;
@@ -63,7 +71,13 @@ pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<TfGraph, TfError
             let mut freezer = Freezer::new(&cut.graph, op_defs, &vars);
             let frozen_out = freezer.tensor(&cut.output)?;
             describe(&freezer, &mut notes);
-            let mut g = finish(freezer.finish(), &cut.input, frozen_out, Some(cut.output_name.clone()), &mut notes)?;
+            let mut g = finish(
+                freezer.finish(),
+                &cut.input,
+                frozen_out,
+                Some(cut.output_name.clone()),
+                &mut notes,
+            )?;
             g.preprocessing = cut.preprocessing;
             g.labels = cut.labels;
             g
@@ -99,7 +113,10 @@ fn describe(freezer: &Freezer<'_>, notes: &mut Vec<String>) {
     if !freezer.inlined.is_empty() {
         notes.push(format!("inlined functions {}", freezer.inlined.join(", ")));
     }
-    notes.push(format!("froze {} variable reads into constants", freezer.variables_frozen));
+    notes.push(format!(
+        "froze {} variable reads into constants",
+        freezer.variables_frozen
+    ));
 }
 
 /// `dir` itself if it holds `saved_model.pb`, else its highest numeric version subdirectory.
@@ -109,7 +126,10 @@ fn version_dir(dir: &Path) -> Result<PathBuf, TfError> {
     }
     if dir.join("saved_model.pbtxt").is_file() {
         return Err(TfError::Unsupported {
-            flavour: format!("{} is a text-format SavedModel (saved_model.pbtxt)", dir.display()),
+            flavour: format!(
+                "{} is a text-format SavedModel (saved_model.pbtxt)",
+                dir.display()
+            ),
             hint: "Re-save it in binary form (tf.saved_model.save writes saved_model.pb)".into(),
         });
     }
@@ -129,8 +149,17 @@ fn version_dir(dir: &Path) -> Result<PathBuf, TfError> {
 }
 
 fn serve_meta_graph<'a>(saved: &'a SavedModel, pb: &Path) -> Result<&'a MetaGraphDef, TfError> {
-    let tags = |m: &MetaGraphDef| m.meta_info_def.as_ref().map(|i| i.tags.clone()).unwrap_or_default();
-    let serve: Vec<&MetaGraphDef> = saved.meta_graphs.iter().filter(|m| tags(m).iter().any(|t| t == SERVE_TAG)).collect();
+    let tags = |m: &MetaGraphDef| {
+        m.meta_info_def
+            .as_ref()
+            .map(|i| i.tags.clone())
+            .unwrap_or_default()
+    };
+    let serve: Vec<&MetaGraphDef> = saved
+        .meta_graphs
+        .iter()
+        .filter(|m| tags(m).iter().any(|t| t == SERVE_TAG))
+        .collect();
     match (serve.as_slice(), saved.meta_graphs.as_slice()) {
         ([one], _) => Ok(one),
         ([], [one]) => Ok(one),
@@ -145,8 +174,15 @@ fn serve_meta_graph<'a>(saved: &'a SavedModel, pb: &Path) -> Result<&'a MetaGrap
     }
 }
 
-fn signature<'a>(meta: &'a MetaGraphDef, wanted: Option<&str>) -> Result<(&'a str, &'a SignatureDef), TfError> {
-    let mut public: Vec<&String> = meta.signature_def.keys().filter(|k| !k.starts_with("__")).collect();
+fn signature<'a>(
+    meta: &'a MetaGraphDef,
+    wanted: Option<&str>,
+) -> Result<(&'a str, &'a SignatureDef), TfError> {
+    let mut public: Vec<&String> = meta
+        .signature_def
+        .keys()
+        .filter(|k| !k.starts_with("__"))
+        .collect();
     public.sort();
     let key = match wanted {
         Some(w) => w,
@@ -176,7 +212,11 @@ fn pick_output(sig: &SignatureDef, wanted: Option<&str>) -> Result<(TensorRef, S
         });
     }
     let outputs: Vec<(&String, &TensorInfo)> = sig.outputs.iter().collect();
-    let probs: Vec<(&String, &TensorInfo)> = outputs.iter().copied().filter(|(k, _)| k.contains("prob")).collect();
+    let probs: Vec<(&String, &TensorInfo)> = outputs
+        .iter()
+        .copied()
+        .filter(|(k, _)| k.contains("prob"))
+        .collect();
     let (key, info) = match (outputs.as_slice(), probs.as_slice()) {
         ([one], _) | (_, [one]) => *one,
         _ => {
@@ -192,123 +232,43 @@ fn pick_output(sig: &SignatureDef, wanted: Option<&str>) -> Result<(TensorRef, S
     Ok((tensor_ref(info)?, key.clone()))
 }
 
-/// Variables of a SavedModel: TF2 keys from the object graph, TF1 keys by variable name.
-struct CheckpointVars {
-    bundle: Option<Bundle>,
-    prefix: PathBuf,
-    /// Top-level VarHandleOp node name -> checkpoint key (TF2 captures).
-    captured: HashMap<String, String>,
-}
-
-impl CheckpointVars {
-    fn open(version_dir: &Path, meta: &MetaGraphDef) -> Result<Self, TfError> {
-        let prefix = version_dir.join("variables").join("variables");
-        let mut index = prefix.clone().into_os_string();
-        index.push(".index");
-        let bundle = if Path::new(&index).is_file() { Some(Bundle::open(&prefix)?) } else { None };
-        let captured = match &bundle {
-            Some(b) => captured_variable_keys(meta, b)?,
-            None => HashMap::new(),
-        };
-        Ok(CheckpointVars { bundle, prefix, captured })
-    }
-}
-
-impl VariableSource for CheckpointVars {
-    fn key_for(&self, node: &NodeDef) -> Option<String> {
-        if let Some(k) = self.captured.get(&node.name) {
-            return Some(k.clone());
-        }
-        let bundle = self.bundle.as_ref()?;
-        let shared = attr_s(node, "shared_name").filter(|s| !s.is_empty());
-        [Some(node.name.clone()), shared].into_iter().flatten().find(|k| bundle.contains(k))
-    }
-
-    fn read(&self, key: &str, node: &str) -> Result<HostTensor, TfError> {
-        match &self.bundle {
-            Some(b) if b.contains(key) => b.read(key),
-            Some(b) => Err(TfError::MissingVariable { node: node.into(), key: key.into(), path: b.index_path() }),
-            None => Err(TfError::MissingVariable { node: node.into(), key: key.into(), path: self.prefix.clone() }),
-        }
-    }
-}
-
-/// TF2: a call's captured inputs are the last `bound_inputs.len()` arguments of its concrete
-/// function; each bound input is an object-graph node id, and the checkpoint's own object
-/// graph (same ids) names that variable's `VARIABLE_VALUE` checkpoint key.
-fn captured_variable_keys(meta: &MetaGraphDef, bundle: &Bundle) -> Result<HashMap<String, String>, TfError> {
-    let mut keys = HashMap::new();
-    let (Some(objects), Some(graph)) = (&meta.object_graph_def, &meta.graph_def) else { return Ok(keys) };
-    let nodes: HashMap<&str, &NodeDef> = graph.node.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut trackable: Option<TrackableObjectGraph> = None;
-    for call in graph.node.iter().filter(|n| matches!(n.op.as_str(), "StatefulPartitionedCall" | "PartitionedCall")) {
-        let Some(attr_value::Value::Func(f)) = attr(call, "f") else { continue };
-        let Some(concrete) = objects.concrete_functions.get(&f.name) else { continue };
-        let inputs: Vec<TensorRef> = super::graph::data_inputs(call).collect();
-        let Some(first) = inputs.len().checked_sub(concrete.bound_inputs.len()) else { continue };
-        for (input, &id) in inputs[first..].iter().zip(&concrete.bound_inputs) {
-            let mut node = nodes.get(input.node.as_str()).copied();
-            while let Some(n) = node.filter(|n| n.op == "Identity") {
-                node = n.input.first().and_then(|i| nodes.get(TensorRef::parse_user(i).node.as_str()).copied());
-            }
-            let Some(var) = node.filter(|n| n.op == "VarHandleOp") else { continue };
-            if trackable.is_none() {
-                trackable = Some(read_object_graph(bundle)?);
-            }
-            let object = trackable.as_ref().and_then(|t| t.nodes.get(id as usize));
-            let attribute = object.and_then(|o| o.attributes.iter().find(|a| a.name == "VARIABLE_VALUE"));
-            match attribute {
-                Some(a) => keys.insert(var.name.clone(), a.checkpoint_key.clone()),
-                None => {
-                    return Err(TfError::Unsupported {
-                        flavour: format!(
-                            "captured variable {:?} (object {id}) has no VARIABLE_VALUE in the checkpoint's object graph",
-                            var.name
-                        ),
-                        hint: EXPORT_HINT.into(),
-                    });
-                }
-            };
-        }
-    }
-    Ok(keys)
-}
-
-fn read_object_graph(bundle: &Bundle) -> Result<TrackableObjectGraph, TfError> {
-    let err = |reason: String| TfError::Bundle { path: bundle.index_path(), reason };
-    if !bundle.contains(OBJECT_GRAPH_KEY) {
-        return Err(err(format!("TF2 SavedModel checkpoint without {OBJECT_GRAPH_KEY}")));
-    }
-    let t = bundle.read(OBJECT_GRAPH_KEY)?;
-    let Data::Str(s) = &t.data else { return Err(err(format!("{OBJECT_GRAPH_KEY} is not a string"))) };
-    let bytes = s.first().ok_or_else(|| err(format!("{OBJECT_GRAPH_KEY} is empty")))?;
-    TrackableObjectGraph::decode(bytes.as_slice()).map_err(|e| err(format!("{OBJECT_GRAPH_KEY}: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
     use edge_proto::tensorflow::{
-        FunctionDef, FunctionDefLibrary, GraphDef, NameAttrList, OpDef, OpList, SavedConcreteFunction,
-        SavedObjectGraph, TensorInfo, meta_graph_def::MetaInfoDef, op_def, trackable_object_graph,
+        FunctionDef, FunctionDefLibrary, GraphDef, NameAttrList, NodeDef, OpDef, OpList,
+        SavedConcreteFunction, SavedObjectGraph, TensorInfo, TrackableObjectGraph, attr_value,
+        meta_graph_def::MetaInfoDef, op_def, trackable_object_graph,
     };
 
     use super::super::bundle_reader::tests::write_test_bundle;
     use super::super::graph::set_attr;
     use super::super::graph::test_util::{assert_close, op, placeholder, run_tract};
+    use super::super::tensor::{Data, HostTensor};
+    use super::super::variables::OBJECT_GRAPH_KEY;
     use super::*;
 
     fn arg(name: &str, dtype: DataType) -> op_def::ArgDef {
-        op_def::ArgDef { name: name.into(), r#type: dtype as i32, ..Default::default() }
+        op_def::ArgDef {
+            name: name.into(),
+            r#type: dtype as i32,
+            ..Default::default()
+        }
     }
 
     fn info(name: &str, dtype: DataType) -> TensorInfo {
-        TensorInfo { encoding: Some(Encoding::Name(name.into())), dtype: dtype as i32, ..Default::default() }
+        TensorInfo {
+            encoding: Some(Encoding::Name(name.into())),
+            dtype: dtype as i32,
+            ..Default::default()
+        }
     }
 
     fn matmul_op_def() -> OpDef {
-        let default_false = edge_proto::tensorflow::AttrValue { value: Some(attr_value::Value::B(false)) };
+        let default_false = edge_proto::tensorflow::AttrValue {
+            value: Some(attr_value::Value::B(false)),
+        };
         let attr = |name: &str| op_def::AttrDef {
             name: name.into(),
             r#type: "bool".into(),
@@ -317,7 +277,10 @@ mod tests {
         };
         OpDef {
             name: "MatMul".into(),
-            output_arg: vec![op_def::ArgDef { name: "product".into(), ..Default::default() }],
+            output_arg: vec![op_def::ArgDef {
+                name: "product".into(),
+                ..Default::default()
+            }],
             attr: vec![attr("transpose_a"), attr("transpose_b")],
             ..Default::default()
         }
@@ -326,12 +289,35 @@ mod tests {
     /// x [1,2] -> StatefulPartitionedCall(F, x, w) where F reads variable w and returns
     /// x @ w; `body_op` replaces the MatMul (to plant unsupported ops).
     fn saved_model(dir: &Path, tf2: bool, body_op: &str) {
-        let mut handle = NodeDef { name: "unknown".into(), op: "VarHandleOp".into(), ..Default::default() };
-        set_attr(&mut handle, "shared_name", attr_value::Value::S(if tf2 { b"w_1".to_vec() } else { b"dense/kernel".to_vec() }));
+        let mut handle = NodeDef {
+            name: "unknown".into(),
+            op: "VarHandleOp".into(),
+            ..Default::default()
+        };
+        set_attr(
+            &mut handle,
+            "shared_name",
+            attr_value::Value::S(if tf2 {
+                b"w_1".to_vec()
+            } else {
+                b"dense/kernel".to_vec()
+            }),
+        );
         let mut call = op("call", "StatefulPartitionedCall", &["x", "unknown"]);
-        set_attr(&mut call, "f", attr_value::Value::Func(NameAttrList { name: "F".into(), ..Default::default() }));
+        set_attr(
+            &mut call,
+            "f",
+            attr_value::Value::Func(NameAttrList {
+                name: "F".into(),
+                ..Default::default()
+            }),
+        );
         let mut read = op("read", "ReadVariableOp", &["w"]);
-        set_attr(&mut read, "dtype", attr_value::Value::Type(DataType::DtFloat as i32));
+        set_attr(
+            &mut read,
+            "dtype",
+            attr_value::Value::Type(DataType::DtFloat as i32),
+        );
         let body = vec![read, op("mm", body_op, &["x", "read:value:0"])];
         let function = FunctionDef {
             signature: Some(OpDef {
@@ -345,8 +331,16 @@ mod tests {
             ..Default::default()
         };
         let graph = GraphDef {
-            node: vec![placeholder("x", &[1, 2]), handle, call, op("out", "Identity", &["call:0"])],
-            library: Some(FunctionDefLibrary { function: vec![function], ..Default::default() }),
+            node: vec![
+                placeholder("x", &[1, 2]),
+                handle,
+                call,
+                op("out", "Identity", &["call:0"]),
+            ],
+            library: Some(FunctionDefLibrary {
+                function: vec![function],
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let sig = SignatureDef {
@@ -357,7 +351,9 @@ mod tests {
         let mut meta = MetaGraphDef {
             meta_info_def: Some(MetaInfoDef {
                 tags: vec!["serve".into()],
-                stripped_op_list: Some(OpList { op: vec![matmul_op_def()] }),
+                stripped_op_list: Some(OpList {
+                    op: vec![matmul_op_def()],
+                }),
                 ..Default::default()
             }),
             graph_def: Some(graph),
@@ -373,7 +369,10 @@ mod tests {
             meta.object_graph_def = Some(SavedObjectGraph {
                 concrete_functions: HashMap::from([(
                     "F".to_string(),
-                    SavedConcreteFunction { bound_inputs: vec![1], ..Default::default() },
+                    SavedConcreteFunction {
+                        bound_inputs: vec![1],
+                        ..Default::default()
+                    },
                 )]),
                 ..Default::default()
             });
@@ -385,25 +384,49 @@ mod tests {
             let objects = TrackableObjectGraph {
                 nodes: vec![
                     Default::default(),
-                    trackable_object_graph::TrackableObject { attributes: vec![attribute], ..Default::default() },
+                    trackable_object_graph::TrackableObject {
+                        attributes: vec![attribute],
+                        ..Default::default()
+                    },
                 ],
             };
-            let objects = HostTensor { shape: vec![], data: Data::Str(vec![objects.encode_to_vec()]) };
+            let objects = HostTensor {
+                shape: vec![],
+                data: Data::Str(vec![objects.encode_to_vec()]),
+            };
             write_test_bundle(&prefix, &[(key, kernel), (OBJECT_GRAPH_KEY, objects)]);
         } else {
             write_test_bundle(&prefix, &[("dense/kernel", kernel)]);
         }
-        let saved = SavedModel { saved_model_schema_version: 1, meta_graphs: vec![meta] };
+        let saved = SavedModel {
+            saved_model_schema_version: 1,
+            meta_graphs: vec![meta],
+        };
         std::fs::write(dir.join("saved_model.pb"), saved.encode_to_vec()).unwrap();
     }
 
     fn check_inlined(g: &TfGraph) {
-        assert_eq!((g.input.as_str(), g.output.as_str(), g.signature.as_deref()), ("x", "y", Some("serving_default")));
+        assert_eq!(
+            (g.input.as_str(), g.output.as_str(), g.signature.as_deref()),
+            ("x", "y", Some("serving_default"))
+        );
         let ops: Vec<&str> = g.graph.node.iter().map(|n| n.op.as_str()).collect();
-        assert!(!ops.iter().any(|o| ["StatefulPartitionedCall", "ReadVariableOp", "VarHandleOp"].contains(o)), "{ops:?}");
-        let mm = g.graph.node.iter().find(|n| n.op == "MatMul").expect("inlined MatMul");
+        assert!(
+            !ops.iter()
+                .any(|o| ["StatefulPartitionedCall", "ReadVariableOp", "VarHandleOp"].contains(o)),
+            "{ops:?}"
+        );
+        let mm = g
+            .graph
+            .node
+            .iter()
+            .find(|n| n.op == "MatMul")
+            .expect("inlined MatMul");
         assert_eq!(mm.name, "call/mm");
-        assert!(mm.attr.contains_key("transpose_a"), "stripped default attrs are restored from the OpDef");
+        assert!(
+            mm.attr.contains_key("transpose_a"),
+            "stripped default attrs are restored from the OpDef"
+        );
         assert_close(&run_tract(&g.graph, &[1, 2], &[1.0, 1.0]), &[4.0, 6.0]);
     }
 
@@ -431,19 +454,35 @@ mod tests {
         let err = super::super::load_saved_model(dir.path(), None).unwrap_err();
         assert!(err.is_unsupported_model());
         let msg = err.to_string();
-        assert!(msg.contains("TensorFlow 2 control flow") && msg.contains("tf2onnx"), "{msg}");
+        assert!(
+            msg.contains("TensorFlow 2 control flow") && msg.contains("tf2onnx"),
+            "{msg}"
+        );
 
         saved_model(dir.path(), false, "Einsum");
-        let msg = super::super::load_saved_model(dir.path(), None).unwrap_err().to_string();
-        assert!(msg.contains("Einsum (node \"call/mm\")") && msg.contains("tf2onnx"), "{msg}");
+        let msg = super::super::load_saved_model(dir.path(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("Einsum (node \"call/mm\")") && msg.contains("tf2onnx"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn missing_checkpoint_entry_names_the_variable() {
         let dir = tempfile::tempdir().unwrap();
         saved_model(dir.path(), false, "MatMul");
-        write_test_bundle(&dir.path().join("variables/variables"), &[("other", HostTensor::f32(vec![1], vec![0.0]))]);
-        let msg = super::super::load_saved_model(dir.path(), None).unwrap_err().to_string();
-        assert!(msg.contains("\"unknown\"") && msg.contains("VarHandleOp"), "{msg}");
+        write_test_bundle(
+            &dir.path().join("variables/variables"),
+            &[("other", HostTensor::f32(vec![1], vec![0.0]))],
+        );
+        let msg = super::super::load_saved_model(dir.path(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("\"unknown\"") && msg.contains("VarHandleOp"),
+            "{msg}"
+        );
     }
 }

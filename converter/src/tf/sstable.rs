@@ -16,15 +16,20 @@ const MAGIC: u64 = 0xdb47_7524_8b80_fb57;
 const FOOTER_LEN: usize = 48;
 const TRAILER_LEN: usize = 5;
 
+/// One key/value pair of a table.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
+
 /// All entries of a table, in key order.
-pub(crate) fn read_table(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+pub(crate) fn read_table(bytes: &[u8]) -> Result<Vec<Entry>, String> {
     if bytes.len() < FOOTER_LEN {
         return Err(format!("{} bytes is too short for a table footer", bytes.len()));
     }
     let footer = &bytes[bytes.len() - FOOTER_LEN..];
     let magic = u64::from_le_bytes(footer[40..48].try_into().map_err(|_| "footer")?);
     if magic != MAGIC {
-        return Err(format!("bad table magic {magic:#018x}: not a TensorFlow checkpoint index"));
+        return Err(format!(
+            "bad table magic {magic:#018x}: not a TensorFlow checkpoint index"
+        ));
     }
     let mut pos = 0;
     let _metaindex = BlockHandle::decode(footer, &mut pos)?;
@@ -40,6 +45,8 @@ pub(crate) fn read_table(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String
     Ok(entries)
 }
 
+type BlockEntry<'a> = (Vec<u8>, &'a [u8]);
+
 #[derive(Debug, Clone, Copy)]
 struct BlockHandle {
     offset: u64,
@@ -48,7 +55,10 @@ struct BlockHandle {
 
 impl BlockHandle {
     fn decode(buf: &[u8], pos: &mut usize) -> Result<Self, String> {
-        Ok(BlockHandle { offset: varint(buf, pos)?, size: varint(buf, pos)? })
+        Ok(BlockHandle {
+            offset: varint(buf, pos)?,
+            size: varint(buf, pos)?,
+        })
     }
 }
 
@@ -71,12 +81,23 @@ fn read_block(file: &[u8], h: BlockHandle) -> Result<&[u8], String> {
     let end = start
         .checked_add(size)
         .filter(|&e| e.checked_add(TRAILER_LEN).is_some_and(|t| t <= file.len()))
-        .ok_or_else(|| format!("block at {start}+{size} runs past the end of the {}-byte file", file.len()))?;
+        .ok_or_else(|| {
+            format!(
+                "block at {start}+{size} runs past the end of the {}-byte file",
+                file.len()
+            )
+        })?;
     let (contents, kind) = (&file[start..end], file[end]);
-    let stored = u32::from_le_bytes(file[end + 1..end + TRAILER_LEN].try_into().map_err(|_| "trailer")?);
+    let stored = u32::from_le_bytes(
+        file[end + 1..end + TRAILER_LEN]
+            .try_into()
+            .map_err(|_| "trailer")?,
+    );
     let actual = mask(crc32c_extend(crc32c(contents), &[kind]));
     if stored != actual {
-        return Err(format!("block at {start} fails its checksum (stored {stored:#010x}, computed {actual:#010x})"));
+        return Err(format!(
+            "block at {start} fails its checksum (stored {stored:#010x}, computed {actual:#010x})"
+        ));
     }
     match kind {
         0 => Ok(contents),
@@ -85,7 +106,8 @@ fn read_block(file: &[u8], h: BlockHandle) -> Result<&[u8], String> {
     }
 }
 
-fn parse_block(block: &[u8]) -> Result<Vec<(Vec<u8>, &[u8])>, String> {
+/// Entries of one block; values borrow from it.
+fn parse_block(block: &[u8]) -> Result<Vec<BlockEntry<'_>>, String> {
     let n = block.len();
     let count_at = n.checked_sub(4).ok_or("block shorter than its restart count")?;
     let restarts = u32::from_le_bytes(block[count_at..].try_into().map_err(|_| "restarts")?) as usize;
@@ -101,10 +123,19 @@ fn parse_block(block: &[u8]) -> Result<Vec<(Vec<u8>, &[u8])>, String> {
         let unshared = varint(block, &mut pos)? as usize;
         let value_len = varint(block, &mut pos)? as usize;
         if shared > key.len() {
-            return Err(format!("entry at {pos} shares {shared} bytes of a {}-byte key", key.len()));
+            return Err(format!(
+                "entry at {pos} shares {shared} bytes of a {}-byte key",
+                key.len()
+            ));
         }
-        let key_end = pos.checked_add(unshared).filter(|&e| e <= data_end).ok_or("entry key runs past its block")?;
-        let value_end = key_end.checked_add(value_len).filter(|&e| e <= data_end).ok_or("entry value runs past its block")?;
+        let key_end = pos
+            .checked_add(unshared)
+            .filter(|&e| e <= data_end)
+            .ok_or("entry key runs past its block")?;
+        let value_end = key_end
+            .checked_add(value_len)
+            .filter(|&e| e <= data_end)
+            .ok_or("entry value runs past its block")?;
         key.truncate(shared);
         key.extend_from_slice(&block[pos..key_end]);
         entries.push((key.clone(), &block[key_end..value_end]));
@@ -122,7 +153,11 @@ const fn crc_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0x82f6_3b78 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0x82f6_3b78 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -231,7 +266,10 @@ pub(crate) mod tests {
         let entries: Vec<(Vec<u8>, Vec<u8>)> = (0..20)
             .map(|i| (format!("layer_{:02}/kernel", i).into_bytes(), vec![i as u8; i]))
             .collect();
-        let refs: Vec<(&[u8], &[u8])> = entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        let refs: Vec<(&[u8], &[u8])> = entries
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
         let table = build_table(&refs, 7);
         assert_eq!(read_table(&table).unwrap(), entries);
     }
@@ -242,7 +280,11 @@ pub(crate) mod tests {
         let mut flipped = table.clone();
         flipped[2] ^= 0x40;
         assert!(read_table(&flipped).unwrap_err().contains("checksum"));
-        assert!(read_table(&table[..table.len() - 1]).unwrap_err().contains("magic"));
+        assert!(
+            read_table(&table[..table.len() - 1])
+                .unwrap_err()
+                .contains("magic")
+        );
         assert!(read_table(&table[..30]).unwrap_err().contains("too short"));
 
         let mut file = Vec::new();

@@ -69,7 +69,13 @@ pub(crate) fn known_dims(shape: &TensorShapeProto) -> Option<Vec<usize>> {
 
 pub(crate) fn shape_proto(dims: &[usize]) -> TensorShapeProto {
     TensorShapeProto {
-        dim: dims.iter().map(|&d| Dim { size: d as i64, name: String::new() }).collect(),
+        dim: dims
+            .iter()
+            .map(|&d| Dim {
+                size: d as i64,
+                name: String::new(),
+            })
+            .collect(),
         unknown_rank: false,
     }
 }
@@ -77,7 +83,13 @@ pub(crate) fn shape_proto(dims: &[usize]) -> TensorShapeProto {
 /// A shape with possibly unknown (`-1`) dims.
 pub(crate) fn shape_proto_i64(dims: &[i64]) -> TensorShapeProto {
     TensorShapeProto {
-        dim: dims.iter().map(|&size| Dim { size, name: String::new() }).collect(),
+        dim: dims
+            .iter()
+            .map(|&size| Dim {
+                size,
+                name: String::new(),
+            })
+            .collect(),
         unknown_rank: false,
     }
 }
@@ -95,7 +107,10 @@ fn splat<T: Clone + Default>(vals: &[T], n: usize) -> Vec<T> {
 
 impl HostTensor {
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        HostTensor { shape, data: Data::F32(data) }
+        HostTensor {
+            shape,
+            data: Data::F32(data),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -136,7 +151,12 @@ impl HostTensor {
             DataType::DtUint8 => Data::U8(splat(&p.int_val, n).into_iter().map(|v| v as u8).collect()),
             DataType::DtBool => Data::Bool(splat(&p.bool_val, n)),
             DataType::DtString => Data::Str(splat(&p.string_val, n)),
-            other => return Err(format!("constants of type {} are not supported", other.as_str_name())),
+            other => {
+                return Err(format!(
+                    "constants of type {} are not supported",
+                    other.as_str_name()
+                ));
+            }
         };
         Ok(HostTensor { shape, data })
     }
@@ -148,7 +168,12 @@ impl HostTensor {
             DataType::DtFloat | DataType::DtInt32 => 4,
             DataType::DtDouble | DataType::DtInt64 => 8,
             DataType::DtUint8 | DataType::DtBool => 1,
-            other => return Err(format!("raw tensors of type {} are not supported", other.as_str_name())),
+            other => {
+                return Err(format!(
+                    "raw tensors of type {} are not supported",
+                    other.as_str_name()
+                ));
+            }
         };
         if bytes.len() != n * width {
             return Err(format!(
@@ -159,7 +184,9 @@ impl HostTensor {
             ));
         }
         fn chunks<const W: usize, T>(b: &[u8], f: impl Fn([u8; W]) -> T) -> Vec<T> {
-            b.chunks_exact(W).map(|c| f(c.try_into().unwrap_or([0; W]))).collect()
+            b.chunks_exact(W)
+                .map(|c| f(c.try_into().unwrap_or([0; W])))
+                .collect()
         }
         let data = match dtype {
             DataType::DtFloat => Data::F32(chunks(bytes, f32::from_le_bytes)),
@@ -208,14 +235,20 @@ mod tests {
             float_val: vec![0.5],
             ..Default::default()
         };
-        assert_eq!(HostTensor::from_proto(&p).unwrap(), HostTensor::f32(vec![2, 2], vec![0.5; 4]));
+        assert_eq!(
+            HostTensor::from_proto(&p).unwrap(),
+            HostTensor::f32(vec![2, 2], vec![0.5; 4])
+        );
     }
 
     #[test]
     fn proto_round_trip_keeps_shape_and_values() {
         let t = HostTensor::f32(vec![1, 3], vec![1.0, -2.5, 3.25]);
         assert_eq!(HostTensor::from_proto(&t.to_proto()).unwrap(), t);
-        let i = HostTensor { shape: vec![2], data: Data::I64(vec![-1, 7]) };
+        let i = HostTensor {
+            shape: vec![2],
+            data: Data::I64(vec![-1, 7]),
+        };
         assert_eq!(HostTensor::from_proto(&i.to_proto()).unwrap(), i);
     }
 
@@ -233,6 +266,10 @@ mod tests {
             float_val: vec![1.0],
             ..Default::default()
         };
-        assert!(HostTensor::from_proto(&p).unwrap_err().contains("too many elements"));
+        assert!(
+            HostTensor::from_proto(&p)
+                .unwrap_err()
+                .contains("too many elements")
+        );
     }
 }

@@ -1,0 +1,547 @@
+//! Behaviour of the queue on a real sled database in a temp dir: durability across reopen,
+//! FIFO, leases, retries, dead letters, bounds, outbox, corruption.
+
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::Path;
+use std::time::Duration;
+
+use super::layout;
+use super::*;
+
+const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+const VISIBILITY: Duration = Duration::from_secs(10);
+
+pub(super) fn limits(max_items: usize, max_bytes: u64, max_attempts: u32) -> QueueLimits {
+    QueueLimits {
+        max_items: NonZeroUsize::new(max_items).unwrap(),
+        max_bytes: NonZeroU64::new(max_bytes).unwrap(),
+        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
+        visibility_timeout: VISIBILITY,
+        max_dead_letters: NonZeroUsize::new(100).unwrap(),
+    }
+}
+
+fn roomy() -> QueueLimits {
+    limits(1_000, 1 << 30, 3)
+}
+
+pub(super) fn request(id: &str, payload_len: usize) -> StoredRequest {
+    StoredRequest {
+        request_id: id.to_owned(),
+        received_at: T0,
+        deadline: None,
+        reply_topic: format!("edge/dev/result/{id}"),
+        correlation_data: Some(id.as_bytes().to_vec()),
+        top_k: Some(5),
+        protocol: Protocol::V5,
+        payload: vec![0xAB; payload_len],
+    }
+}
+
+pub(super) fn reply(id: &str) -> StoredReply {
+    StoredReply {
+        request_id: id.to_owned(),
+        topic: format!("edge/dev/result/{id}"),
+        correlation_data: None,
+        protocol: Protocol::V5,
+        payload: format!(r#"{{"id":"{id}"}}"#).into_bytes(),
+    }
+}
+
+pub(super) fn enqueued(q: &Queue, r: &StoredRequest) -> Seq {
+    match q.enqueue(r).unwrap() {
+        EnqueueOutcome::Enqueued(seq) => seq,
+        other => panic!("expected Enqueued, got {other:?}"),
+    }
+}
+
+fn ready(q: &Queue, now: UnixMillis) -> Lease {
+    match q.lease(now).unwrap() {
+        Some(Leased::Ready(lease)) => lease,
+        other => panic!("expected a Ready lease, got {other:?}"),
+    }
+}
+
+fn stats(pending: usize, leased: usize, outbox: usize, dead: usize, bytes: u64) -> QueueStats {
+    QueueStats {
+        pending,
+        leased,
+        outbox,
+        dead,
+        bytes,
+    }
+}
+
+/// Rewrites one raw value with the queue closed, as a disk fault or a bug would.
+fn poke(dir: &Path, tree: &str, key: &[u8], value: &[u8]) {
+    let db = sled::open(dir).unwrap();
+    db.open_tree(tree).unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+#[test]
+fn acked_request_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = request("a", 1_000);
+    let seq = enqueued(&Queue::open(dir.path(), roomy()).unwrap(), &r);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!(q.stats(), stats(1, 0, 0, 0, 1_000));
+    let lease = ready(&q, T0);
+    assert_eq!((lease.seq(), lease.attempt(), lease.request()), (seq, 1, &r));
+}
+
+#[test]
+fn fifo_order_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    // 300 items: sequence keys cross the 255/256 byte boundary.
+    let ids: Vec<String> = (0..300).map(|i| format!("r{i}")).collect();
+    for id in &ids {
+        enqueued(&q, &request(id, 1));
+    }
+    let first: Vec<String> = (0..100)
+        .map(|_| ready(&q, T0).into_request().request_id)
+        .collect();
+    assert_eq!(first, ids[..100]);
+    drop(q);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    // The 100 leases were voided by the reopen and come back first, in order.
+    let all: Vec<String> = (0..300)
+        .map(|_| ready(&q, T0).into_request().request_id)
+        .collect();
+    assert_eq!(all, ids);
+    assert!(q.lease(T0).unwrap().is_none());
+}
+
+#[test]
+fn leased_item_returns_after_crash_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let a = enqueued(&q, &request("a", 10));
+    enqueued(&q, &request("b", 20));
+    assert_eq!(ready(&q, T0).seq(), a);
+    assert_eq!(q.stats(), stats(1, 1, 0, 0, 30));
+    drop(q); // no release: as if the process died mid-work
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!(q.stats(), stats(2, 0, 0, 0, 30));
+    let again = ready(&q, T0);
+    assert_eq!(
+        (again.seq(), again.attempt()),
+        (a, 2),
+        "attempt from before the crash is kept"
+    );
+}
+
+#[test]
+fn lease_expires_and_item_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let seq = enqueued(&q, &request("a", 10));
+    let lease = ready(&q, T0);
+    assert_eq!(lease.expires_at(), T0.saturating_add(VISIBILITY));
+    assert_eq!(q.requeue_expired(UnixMillis(T0.0 + 9_999)).unwrap(), 0);
+    assert_eq!(q.requeue_expired(lease.expires_at()).unwrap(), 1);
+    assert_eq!(q.stats(), stats(1, 0, 0, 0, 10));
+    // The late worker's result is refused: the item is no longer its.
+    assert!(matches!(
+        q.complete(seq, &reply("a")),
+        Err(QueueError::NotLeased { .. })
+    ));
+    let retry = ready(&q, lease.expires_at());
+    assert_eq!((retry.seq(), retry.attempt()), (seq, 2));
+    q.complete(seq, &reply("a")).unwrap();
+    assert_eq!(q.stats(), stats(0, 0, 1, 0, 0));
+}
+
+#[test]
+fn item_dead_lettered_after_max_attempts_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = request("poison", 10);
+    let seq = enqueued(&Queue::open(dir.path(), limits(10, 1_000, 2)).unwrap(), &r);
+    for attempt in 1..=2 {
+        let q = Queue::open(dir.path(), limits(10, 1_000, 2)).unwrap();
+        assert_eq!(ready(&q, T0).attempt(), attempt);
+    } // each drop is a crash while the worker held the item
+    for _ in 0..2 {
+        // Crashing before the error reply was stored hands it out again, one dead letter.
+        let q = Queue::open(dir.path(), limits(10, 1_000, 2)).unwrap();
+        let Some(Leased::DeadLettered(lease)) = q.lease(T0).unwrap() else {
+            panic!("not dead-lettered")
+        };
+        assert_eq!((lease.seq(), lease.attempt(), lease.request()), (seq, 2, &r));
+        assert_eq!(q.stats(), stats(0, 1, 0, 1, 10));
+    }
+    let q = Queue::open(dir.path(), limits(10, 1_000, 2)).unwrap();
+    let Some(Leased::DeadLettered(_)) = q.lease(T0).unwrap() else {
+        panic!("not dead-lettered")
+    };
+    q.complete(seq, &reply("poison")).unwrap();
+    assert_eq!(q.stats(), stats(0, 0, 1, 1, 0));
+    let dead = q.dead_letters().unwrap();
+    assert_eq!(
+        (dead.len(), dead[0].seq, dead[0].reason, dead[0].attempts),
+        (1, seq, DeadReason::MaxAttempts, 2)
+    );
+    assert_eq!(dead[0].request().unwrap().unwrap(), r);
+}
+
+#[test]
+fn full_queue_refuses_without_writing_by_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(2, 1_000, 3)).unwrap();
+    enqueued(&q, &request("a", 10));
+    let b = enqueued(&q, &request("b", 10));
+    assert_eq!(
+        q.enqueue(&request("c", 10)).unwrap(),
+        EnqueueOutcome::Full { items: 2, bytes: 20 }
+    );
+    drop(q);
+    let q = Queue::open(dir.path(), limits(2, 1_000, 3)).unwrap();
+    assert_eq!(q.stats(), stats(2, 0, 0, 0, 20));
+    // A stored reply still holds its slot until the broker acknowledges it.
+    let a = ready(&q, T0).seq();
+    q.complete(a, &reply("a")).unwrap();
+    assert!(matches!(
+        q.enqueue(&request("c", 10)).unwrap(),
+        EnqueueOutcome::Full { .. }
+    ));
+    assert!(q.reply_acked(a).unwrap());
+    assert!(enqueued(&q, &request("c", 10)) > b);
+}
+
+#[test]
+fn full_queue_refuses_without_writing_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(100, 100, 3)).unwrap();
+    enqueued(&q, &request("a", 60));
+    assert_eq!(
+        q.enqueue(&request("b", 41)).unwrap(),
+        EnqueueOutcome::Full { items: 1, bytes: 60 }
+    );
+    let too_big = q.enqueue(&request("huge", 101)).unwrap();
+    assert_eq!(
+        too_big,
+        EnqueueOutcome::TooLarge {
+            payload_bytes: 101,
+            max_bytes: 100
+        }
+    );
+    enqueued(&q, &request("c", 40));
+    drop(q);
+    let q = Queue::open(dir.path(), limits(100, 100, 3)).unwrap();
+    assert_eq!(q.stats(), stats(2, 0, 0, 0, 100));
+    // Leased payloads still count; completed ones no longer do.
+    let a = ready(&q, T0).seq();
+    assert!(matches!(
+        q.enqueue(&request("d", 1)).unwrap(),
+        EnqueueOutcome::Full { .. }
+    ));
+    q.complete(a, &reply("a")).unwrap();
+    enqueued(&q, &request("d", 60));
+}
+
+#[test]
+fn expired_deadline_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let late = enqueued(
+        &q,
+        &StoredRequest {
+            deadline: Some(T0),
+            ..request("late", 5)
+        },
+    );
+    let fine = enqueued(
+        &q,
+        &StoredRequest {
+            deadline: Some(UnixMillis(T0.0 + 1)),
+            ..request("ok", 5)
+        },
+    );
+    let Some(Leased::Expired(lease)) = q.lease(T0).unwrap() else {
+        panic!("not expired")
+    };
+    assert_eq!(lease.seq(), late);
+    assert_eq!(ready(&q, T0).seq(), fine);
+    q.complete(late, &reply("late")).unwrap();
+    assert_eq!(q.stats(), stats(0, 1, 1, 0, 5));
+}
+
+#[test]
+fn reply_stays_in_outbox_until_acked_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let seq = enqueued(&q, &request("a", 10));
+    ready(&q, T0);
+    q.complete(seq, &reply("a")).unwrap();
+    assert_eq!(q.outbox().unwrap(), vec![(seq, reply("a"))]);
+    drop(q);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!(q.stats(), stats(0, 0, 1, 0, 0));
+    assert_eq!(q.outbox().unwrap(), vec![(seq, reply("a"))]);
+    assert!(
+        q.lease(T0).unwrap().is_none(),
+        "a completed request is not handed out again"
+    );
+    assert!(q.reply_acked(seq).unwrap());
+    assert!(!q.reply_acked(seq).unwrap(), "a second ack is a no-op");
+    q.flush().unwrap();
+    drop(q);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!((q.stats(), q.outbox().unwrap()), (QueueStats::default(), vec![]));
+}
+
+#[test]
+fn release_does_not_count_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(10, 1_000, 1)).unwrap();
+    let seq = enqueued(&q, &request("a", 10));
+    for _ in 0..3 {
+        assert_eq!(ready(&q, T0).attempt(), 1);
+        q.release(seq).unwrap();
+    }
+    assert!(matches!(q.release(seq), Err(QueueError::NotLeased { .. })));
+    q.flush().unwrap();
+    drop(q);
+    let q = Queue::open(dir.path(), limits(10, 1_000, 1)).unwrap();
+    assert_eq!(
+        ready(&q, T0).attempt(),
+        1,
+        "graceful restarts do not use up attempts"
+    );
+}
+
+#[test]
+fn stats_are_recovered_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(10, 1_000, 1)).unwrap();
+    let poison = enqueued(&q, &request("poison", 1));
+    let done = enqueued(&q, &request("done", 2));
+    for (id, len) in [("p1", 4), ("p2", 8), ("held", 16)] {
+        enqueued(&q, &request(id, len));
+    }
+    ready(&q, T0); // poison: attempt 1 of 1
+    drop(q);
+    let q = Queue::open(dir.path(), limits(10, 1_000, 1)).unwrap();
+    assert!(matches!(q.lease(T0).unwrap(), Some(Leased::DeadLettered(l)) if l.seq() == poison));
+    q.complete(poison, &reply("poison")).unwrap();
+    q.complete(ready(&q, T0).seq(), &reply("done")).unwrap();
+    assert!(q.reply_acked(done).unwrap());
+    ready(&q, T0); // p1, held at the "crash"
+    assert_eq!(q.stats(), stats(2, 1, 1, 1, 28));
+    drop(q);
+    let q = Queue::open(dir.path(), limits(10, 1_000, 1)).unwrap();
+    assert_eq!(q.stats(), stats(3, 0, 1, 1, 28));
+}
+
+#[test]
+fn sequence_numbers_are_not_reused_after_the_queue_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let first = enqueued(&q, &request("a", 1));
+    ready(&q, T0);
+    q.complete(first, &reply("a")).unwrap();
+    q.reply_acked(first).unwrap();
+    q.flush().unwrap();
+    drop(q);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert!(enqueued(&q, &request("b", 1)) > first);
+}
+
+#[test]
+fn corrupt_record_goes_to_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let seqs: Vec<Seq> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| enqueued(&q, &request(id, 10)))
+        .collect();
+    ready(&q, T0);
+    q.complete(seqs[0], &reply("a")).unwrap();
+    drop(q);
+    poke(dir.path(), layout::ITEMS, &seqs[1].to_key(), b"\x01garbage");
+    poke(
+        dir.path(),
+        layout::PENDING,
+        &seqs[2].to_key(),
+        b"not an index entry",
+    );
+    poke(dir.path(), layout::OUTBOX, &seqs[0].to_key(), b"\x07");
+    poke(dir.path(), layout::PENDING, b"bad key", b"");
+
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    // The bad index and the stray key were found at open; the bad body is found when leased.
+    assert_eq!(q.stats(), stats(2, 0, 1, 2, 20));
+    assert_eq!(
+        ready(&q, T0).seq(),
+        seqs[3],
+        "b (bad body) and c (bad index) are skipped"
+    );
+    assert!(
+        q.outbox().unwrap().is_empty(),
+        "the bad reply went to the dead letters"
+    );
+    assert_eq!(q.stats(), stats(0, 1, 0, 4, 10));
+    let dead = q.dead_letters().unwrap();
+    assert!(dead.iter().all(|d| d.reason == DeadReason::Undecodable));
+    let body = dead.iter().find(|d| d.seq == seqs[1]).unwrap();
+    assert!(body.note.contains("undecodable request record"), "{}", body.note);
+    assert_eq!(body.raw_request.as_deref(), Some(&b"\x01garbage"[..]));
+    let index = dead.iter().find(|d| d.seq == seqs[2]).unwrap();
+    assert_eq!(
+        index.request().unwrap().unwrap(),
+        request("c", 10),
+        "the intact body is kept"
+    );
+    assert!(dead.iter().any(|d| d.note.contains("malformed key")));
+    drop(q);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!(q.stats(), stats(1, 0, 0, 4, 10));
+    let newest = dead.iter().map(|d| d.seq).max().unwrap();
+    assert!(enqueued(&q, &request("e", 1)) > newest, "no number is reused");
+}
+
+#[test]
+fn open_on_garbage_directory_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue");
+    std::fs::create_dir(&path).unwrap();
+    let garbage: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(path.join("conf"), &garbage[..300]).unwrap();
+    std::fs::write(path.join("db"), &garbage).unwrap();
+    let err = Queue::open(&path, roomy()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, QueueError::Damaged { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("move the directory aside"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(path.join("db")).unwrap(),
+        garbage,
+        "nothing was touched"
+    );
+
+    let other = dir.path().join("not-a-queue");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "hello").unwrap();
+    assert!(matches!(
+        Queue::open(&other, roomy()),
+        Err(QueueError::Damaged { .. })
+    ));
+    assert!(matches!(
+        Queue::open(other.join("notes.txt"), roomy()),
+        Err(QueueError::Damaged { .. })
+    ));
+}
+
+#[test]
+fn unknown_layout_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Queue::open(dir.path(), roomy()).unwrap());
+    poke(dir.path(), layout::META, layout::META_FORMAT, &[9]);
+    let err = Queue::open(dir.path(), roomy()).unwrap_err();
+    assert!(err.to_string().contains("layout version is [9]"), "{err}");
+}
+
+#[test]
+fn dead_letters_are_capped_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let lim = QueueLimits {
+        max_dead_letters: NonZeroUsize::new(2).unwrap(),
+        ..limits(10, 1_000, 1)
+    };
+    let q = Queue::open(dir.path(), lim).unwrap();
+    let seqs: Vec<Seq> = (0..3)
+        .map(|i| enqueued(&q, &request(&format!("p{i}"), 1)))
+        .collect();
+    for &seq in &seqs {
+        assert_eq!(ready(&q, T0).seq(), seq);
+        q.requeue_expired(UnixMillis(u64::MAX)).unwrap();
+        assert!(matches!(q.lease(T0).unwrap(), Some(Leased::DeadLettered(_))));
+        q.complete(seq, &reply("p")).unwrap();
+    }
+    let kept: Vec<Seq> = q.dead_letters().unwrap().iter().map(|d| d.seq).collect();
+    assert_eq!(kept, seqs[1..]);
+    assert_eq!(q.stats().dead, 2);
+}
+
+#[test]
+fn async_enqueue_and_complete_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let outcome = block_on(q.enqueue_async(&request("a", 3))).unwrap();
+    let EnqueueOutcome::Enqueued(seq) = outcome else {
+        panic!("{outcome:?}")
+    };
+    ready(&q, T0);
+    block_on(q.complete_async(seq, &reply("a"))).unwrap();
+    drop(q);
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!(q.outbox().unwrap(), vec![(seq, reply("a"))]);
+}
+
+/// A minimal executor: the queue's futures only wait on sled's flusher thread.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
+#[test]
+fn acknowledged_records_dropped_by_sled_recovery_are_detected() {
+    // sled keeps what precedes an unreadable stretch of its log and silently drops the rest;
+    // a wholly garbage log opens empty. Both must stop the open, not lose requests quietly.
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage); 3] = [
+        ("flipped bytes mid-log", |b| {
+            let mid = b.len() / 2;
+            b[mid..mid + 64].iter_mut().for_each(|x| *x ^= 0x5A);
+        }),
+        ("truncated log", |b| b.truncate(b.len() / 2)),
+        ("garbage log", |b| {
+            b.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (i * 7_919 % 251) as u8)
+        }),
+    ];
+    for (what, damage) in damages {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), roomy()).unwrap();
+        for i in 0..50 {
+            enqueued(&q, &request(&format!("r{i}"), 3_000));
+        }
+        drop(q);
+        let db = dir.path().join("db");
+        let mut bytes = std::fs::read(&db).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&db, &bytes).unwrap();
+        let err = Queue::open(dir.path(), roomy()).unwrap_err();
+        assert!(matches!(err, QueueError::Damaged { .. }), "{what}: {err:?}");
+        assert!(
+            err.to_string().contains("acknowledged requests are missing"),
+            "{what}: {err}"
+        );
+        assert!(
+            Queue::open(dir.path(), roomy()).is_err(),
+            "{what}: refused again, not forgotten"
+        );
+    }
+}
