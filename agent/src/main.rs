@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", edge_convert::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -313,7 +313,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", edge_convert::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -321,7 +321,12 @@ fn crop_box(policy: ResizePolicy, width: u32, height: u32) -> (u32, u32, u32, u3
         }
         ResizePolicy::SquareCenterCrop { fraction } => {
             let side = ((f64::from(fraction) * f64::from(width.min(height))).floor() as u32).max(1);
-            ((width - side).div_ceil(2), (height - side).div_ceil(2), side, side)
+            (
+                (width - side).div_ceil(2),
+                (height - side).div_ceil(2),
+                side,
+                side,
+            )
         }
     }
 }

@@ -296,3 +296,40 @@ fn classify_handles_image_variants_and_refuses_hostile_ones() {
         }
     }
 }
+
+#[test]
+fn convert_rejects_broken_saved_models() {
+    let original = edge_e2e::fixtures().join("inception_v3_seeded_jpeg/1");
+    let dir = tempfile::tempdir().unwrap();
+    let pb = std::fs::read(original.join("saved_model.pb")).unwrap();
+    let data = original.join("variables/variables.data-00000-of-00001");
+    let index = original.join("variables/variables.index");
+    // (case, saved_model.pb bytes, variables.index present, variables.data bytes kept)
+    let data_len = std::fs::metadata(&data).unwrap().len() as usize;
+    let cases = [
+        ("truncated saved_model.pb", pb.len() / 2, true, data_len),
+        ("truncated variables data", pb.len(), true, data_len / 2),
+        ("missing variables index", pb.len(), false, data_len),
+    ];
+    for (i, (what, pb_len, with_index, data_keep)) in cases.into_iter().enumerate() {
+        let model = dir.path().join(format!("m{i}/1"));
+        std::fs::create_dir_all(model.join("variables")).unwrap();
+        std::fs::write(model.join("saved_model.pb"), &pb[..pb_len]).unwrap();
+        if with_index {
+            std::os::unix::fs::symlink(&index, model.join("variables/variables.index")).unwrap();
+        }
+        let target = model.join("variables/variables.data-00000-of-00001");
+        if data_keep == data_len {
+            std::os::unix::fs::symlink(&data, &target).unwrap();
+        } else {
+            let bytes = std::fs::read(&data).unwrap();
+            std::fs::write(&target, &bytes[..data_keep]).unwrap();
+        }
+        let out = convert(&model, &[]);
+        let err = assert_clean_failure(&out, what);
+        println!("{what}: {}", err.trim());
+        if !with_index {
+            assert!(err.contains("variables.index"), "{what}: the error should name the missing file\n{err}");
+        }
+    }
+}

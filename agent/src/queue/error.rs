@@ -27,6 +27,10 @@ pub enum QueueError {
         source: sled::Error,
     },
 
+    /// Another process (or another `Queue` in this one) has the database open.
+    #[error("the request queue at {} is in use by another process", path.display())]
+    Locked { path: PathBuf },
+
     /// A read, write or flush failed while running (e.g. the disk is full).
     #[error("request queue storage failed: {0}")]
     Storage(#[from] sled::Error),
@@ -49,6 +53,7 @@ impl QueueError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Open { source, .. } | Self::Storage(source) => matches!(source, sled::Error::Io(_)),
+            Self::Locked { .. } => true,
             Self::Damaged { .. } | Self::NotLeased { .. } | Self::RecordTooLarge { .. } => false,
         }
     }

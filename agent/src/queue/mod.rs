@@ -127,6 +127,8 @@ mod watermark;
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
+mod damage_tests;
+#[cfg(test)]
 mod tests;
 
 pub use codec::DecodeError;

@@ -1,9 +1,11 @@
 //! Opening the queue: checking the directory and layout, recovering after a crash (leases
 //! void, counters rebuilt), and the read-side calls (stats, outbox, dead letters, flush).
 
+use std::fs::{File, TryLockError};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use sled::{Db, IVec, Tree};
 
@@ -82,6 +84,26 @@ fn check_directory(path: &Path) -> Result<(), QueueError> {
         ));
     }
     Ok(())
+}
+
+/// Waits up to a second for sled's lock on `db` (the same `flock` sled takes) to be free. A
+/// queue closed a moment ago can hold it briefly: sled's threads wind down after the drop, and
+/// a process forked meanwhile (before its exec) shares the open file.
+fn wait_for_lock(path: &Path) -> Result<(), QueueError> {
+    const TRIES: u32 = 20;
+    let Ok(file) = File::open(path.join("db")) else {
+        return Ok(());
+    }; // sled creates it
+    for _ in 0..TRIES {
+        match file.try_lock() {
+            Ok(()) => return Ok(()), // released when `file` closes
+            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(50)),
+            Err(TryLockError::Error(_)) => return Ok(()), // let sled report it
+        }
+    }
+    Err(QueueError::Locked {
+        path: path.to_owned(),
+    })
 }
 
 /// Opens sled, turning a panic on damaged files into an error.
@@ -205,6 +227,7 @@ impl Queue {
     pub fn open(path: impl AsRef<Path>, limits: QueueLimits) -> Result<Self, QueueError> {
         let path = path.as_ref();
         check_directory(path)?;
+        wait_for_lock(path)?;
         let (db, trees) = open_db(path)?;
         let err = |e| open_error(path, e);
         let stored_next = trees.meta.get(layout::META_NEXT_SEQ).map_err(err)?;

@@ -220,7 +220,9 @@ fn from_tf_graph(
     }
     let (shape, layout) = fix_shape(&graph.input_shape, overrides)?;
     if layout != Layout::Nhwc {
-        return Err(SourceError::Shape("TensorFlow graphs take NHWC input; --layout nchw does not apply".into()));
+        return Err(SourceError::Shape(
+            "TensorFlow graphs take NHWC input; --layout nchw does not apply".into(),
+        ));
     }
     let model = tf::tract_model(&graph, &shape)?;
     let (input_name, output_name) = (graph.input.clone(), graph.output.clone());

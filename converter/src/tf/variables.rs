@@ -34,8 +34,19 @@ impl CheckpointVars {
         let prefix = version_dir.join("variables").join("variables");
         let mut index = prefix.clone().into_os_string();
         index.push(".index");
+        let has_variables = meta.graph_def.as_ref().is_some_and(|g| {
+            g.node.iter().any(|n| matches!(n.op.as_str(), "VarHandleOp" | "VariableV2" | "Variable"))
+        });
         let bundle = if Path::new(&index).is_file() {
             Some(Bundle::open(&prefix)?)
+        } else if has_variables {
+            return Err(TfError::Io {
+                path: PathBuf::from(&index),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the graph has variables but their checkpoint index is missing (incomplete export?)",
+                ),
+            });
         } else {
             None
         };
