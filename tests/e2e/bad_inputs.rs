@@ -329,7 +329,10 @@ fn convert_rejects_broken_saved_models() {
         let err = assert_clean_failure(&out, what);
         println!("{what}: {}", err.trim());
         if !with_index {
-            assert!(err.contains("variables.index"), "{what}: the error should name the missing file\n{err}");
+            assert!(
+                err.contains("variables.index"),
+                "{what}: the error should name the missing file\n{err}"
+            );
         }
     }
 }

@@ -35,7 +35,9 @@ impl CheckpointVars {
         let mut index = prefix.clone().into_os_string();
         index.push(".index");
         let has_variables = meta.graph_def.as_ref().is_some_and(|g| {
-            g.node.iter().any(|n| matches!(n.op.as_str(), "VarHandleOp" | "VariableV2" | "Variable"))
+            g.node
+                .iter()
+                .any(|n| matches!(n.op.as_str(), "VarHandleOp" | "VariableV2" | "Variable"))
         });
         let bundle = if Path::new(&index).is_file() {
             Some(Bundle::open(&prefix)?)
