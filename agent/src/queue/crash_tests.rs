@@ -122,6 +122,11 @@ fn acknowledged_items_survive_sigkill_during_enqueue() {
             lost_replies.is_empty(),
             "round {round}: completed but no reply: {lost_replies:?}"
         );
+        eprintln!(
+            "round {round}: killed after {kill_after}; {} acknowledged and {} completed so far, all found",
+            all.enqueued.len(),
+            all.completed.len()
+        );
         let stats = q.stats();
         assert_eq!((stats.pending, stats.outbox), (held.len(), outbox.len()));
         drop(q);

@@ -9,6 +9,7 @@ use super::*;
 
 /// Rewrites one raw value with the queue closed, as a disk fault or a bug would.
 fn poke(dir: &Path, tree: &str, key: &[u8], value: &[u8]) {
+    super::store::wait_for_lock(dir).unwrap(); // the queue was closed a moment ago
     let db = sled::open(dir).unwrap();
     db.open_tree(tree).unwrap().insert(key, value).unwrap();
     db.flush().unwrap();

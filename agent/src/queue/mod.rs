@@ -34,9 +34,10 @@
 //! `edge-queue.watermark` (see "After a crash").
 //!
 //! The body lives in `items` and is written once by the queue: leasing and requeueing only
-//! move the 13-byte index entry between `pending` and `leased` and never touch `items`. Every record starts with a version byte (1), so the format can evolve; a
-//! record of an unknown version is treated as undecodable (below), a database whose `meta`
-//! `format` is unknown is refused at open. Integers are big-endian, byte strings carry a u32
+//! move the 13-byte index entry between `pending` and `leased` and never touch `items`.
+//! Every record starts with a version byte (1), so the format can evolve; a record of an
+//! unknown version is treated as undecodable (below), a database whose `meta` `format` is
+//! unknown is refused at open. Integers are big-endian, byte strings carry a u32
 //! length prefix, optional fields a 0/1 presence byte (see `codec`).
 //!
 //! # Invariants
@@ -109,10 +110,10 @@
 //!   of removed values comes back only when segments are cleaned, so files can grow beyond
 //!   the live data (sled issues 1333, 1374). The queue runs in `Mode::LowSpace`, which cleans
 //!   and rewrites segments more eagerly at some cost in write throughput, the right trade for
-//!   a device whose rate is bounded by inference. Log messages over ~128 KiB (a large image, or a
-//!   consolidated leaf of `items`) go to separate blob files in `blobs/`, removed when sled
-//!   cleans the segment that points at them. Measuring growth under
-//!   sustained churn and fault injection is left to a later issue.
+//!   a device whose rate is bounded by inference. Log messages over ~128 KiB (a large image,
+//!   or a consolidated leaf of `items`) go to separate blob files in `blobs/`, removed when
+//!   sled cleans the segment that points at them. Measuring growth under sustained churn and
+//!   fault injection is left to a later issue.
 
 mod codec;
 mod error;

@@ -89,7 +89,7 @@ fn check_directory(path: &Path) -> Result<(), QueueError> {
 /// Waits up to a second for sled's lock on `db` (the same `flock` sled takes) to be free. A
 /// queue closed a moment ago can hold it briefly: sled's threads wind down after the drop, and
 /// a process forked meanwhile (before its exec) shares the open file.
-fn wait_for_lock(path: &Path) -> Result<(), QueueError> {
+pub(super) fn wait_for_lock(path: &Path) -> Result<(), QueueError> {
     const TRIES: u32 = 20;
     let Ok(file) = File::open(path.join("db")) else {
         return Ok(());
