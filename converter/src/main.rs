@@ -174,6 +174,8 @@ enum FilterArg {
     Bilinear,
     Bicubic,
     Lanczos3,
+    /// TensorFlow 1 ResizeBilinear (no antialiasing), as TF Serving exports decode.
+    TfLegacyBilinear,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -259,6 +261,7 @@ impl PreprocessArgs {
                 FilterArg::Bilinear => ResizeFilter::Bilinear,
                 FilterArg::Bicubic => ResizeFilter::Bicubic,
                 FilterArg::Lanczos3 => ResizeFilter::Lanczos3,
+                FilterArg::TfLegacyBilinear => ResizeFilter::TfLegacyBilinear,
             };
         }
         if let Some(s) = self.scale {

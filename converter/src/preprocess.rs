@@ -138,6 +138,7 @@ impl Preprocessor {
         self.check_dimensions(width, height)?;
         if format == image::ImageFormat::Jpeg
             && self.dct_scaling
+            && self.spec.filter != ResizeFilter::TfLegacyBilinear
             && let Some(image) = self.decode_jpeg_scaled(bytes, width, height)?
         {
             return Ok(image);
@@ -229,8 +230,46 @@ impl Preprocessor {
 
     /// Crop, resize, normalise and lay out a decoded image.
     pub fn tensor_from_image(&self, image: &RgbImage) -> Result<Tensor, ImageError> {
-        let resized = self.resize(image)?;
-        Ok(self.normalise(&resized))
+        let values: Vec<f32> = if self.spec.filter == ResizeFilter::TfLegacyBilinear {
+            self.resize_tf_legacy_bilinear(image)
+        } else {
+            self.resize(image)?.into_iter().map(f32::from).collect()
+        };
+        Ok(self.normalise(&values))
+    }
+
+    /// TensorFlow 1 `ResizeBilinear` (no antialiasing, `src = dst * in / out`) of the crop
+    /// region, in float, row-major HWC, values 0..=255.
+    fn resize_tf_legacy_bilinear(&self, image: &RgbImage) -> Vec<f32> {
+        let (out_h, out_w) = (self.size.0 as usize, self.size.1 as usize);
+        let (left, top, crop_w, crop_h) = crop_box(self.spec.resize, image.width, image.height);
+        let (left, top, crop_w, crop_h) = (left as usize, top as usize, crop_w as usize, crop_h as usize);
+        let stride = image.width as usize * 3;
+        let px =
+            |y: usize, x: usize, c: usize| f32::from(image.pixels[(top + y) * stride + (left + x) * 3 + c]);
+        // (low, high, fraction) of each output coordinate in the crop.
+        let taps = |out: usize, len: usize| -> Vec<(usize, usize, f32)> {
+            let scale = len as f32 / out as f32;
+            (0..out)
+                .map(|i| {
+                    let f = i as f32 * scale;
+                    let lo = (f.floor() as usize).min(len - 1);
+                    (lo, (lo + 1).min(len - 1), f - lo as f32)
+                })
+                .collect()
+        };
+        let (ys, xs) = (taps(out_h, crop_h), taps(out_w, crop_w));
+        let mut out = Vec::with_capacity(out_h * out_w * 3);
+        for &(y0, y1, dy) in &ys {
+            for &(x0, x1, dx) in &xs {
+                for c in 0..3 {
+                    let upper = px(y0, x0, c) + (px(y0, x1, c) - px(y0, x0, c)) * dx;
+                    let lower = px(y1, x0, c) + (px(y1, x1, c) - px(y1, x0, c)) * dx;
+                    out.push(upper + (lower - upper) * dy);
+                }
+            }
+        }
+        out
     }
 
     /// Crop and resize to the input size, 8-bit RGB, row-major HWC.
@@ -242,7 +281,9 @@ impl Preprocessor {
         let (left, top, crop_w, crop_h) = crop_box(self.spec.resize, image.width, image.height);
         let alg = match self.spec.filter {
             ResizeFilter::Nearest => fr::ResizeAlg::Nearest,
-            ResizeFilter::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+            ResizeFilter::Bilinear | ResizeFilter::TfLegacyBilinear => {
+                fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)
+            }
             ResizeFilter::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
             ResizeFilter::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
         };
@@ -258,8 +299,8 @@ impl Preprocessor {
         Ok(dst.into_vec())
     }
 
-    /// HWC 8-bit RGB at the input size to the normalised input tensor.
-    pub fn normalise(&self, hwc: &[u8]) -> Tensor {
+    /// HWC RGB values (0..=255) at the input size to the normalised input tensor.
+    pub fn normalise(&self, hwc: &[f32]) -> Tensor {
         let (height, width) = (self.size.0 as usize, self.size.1 as usize);
         let p = &self.spec;
         // One multiply-add per value: (x * scale - mean) / std == x * a + b.
@@ -275,14 +316,14 @@ impl Preprocessor {
             Layout::Nhwc => {
                 for (px, out) in hwc.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
                     for c in 0..3 {
-                        out[c] = f32::from(px[order[c]]) * a[c] + b[c];
+                        out[c] = px[order[c]] * a[c] + b[c];
                     }
                 }
             }
             Layout::Nchw => {
                 for (i, px) in hwc.chunks_exact(3).enumerate() {
                     for c in 0..3 {
-                        data[c * plane + i] = f32::from(px[order[c]]) * a[c] + b[c];
+                        data[c * plane + i] = px[order[c]] * a[c] + b[c];
                     }
                 }
             }

@@ -153,7 +153,7 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
     // `classes` output looked up became the bundle's labels.
     let p = &manifest.preprocessing;
     assert_eq!(p.resize, ResizePolicy::CentralFraction { fraction: 0.875 });
-    assert_eq!(p.filter, ResizeFilter::Bilinear);
+    assert_eq!(p.filter, ResizeFilter::TfLegacyBilinear);
     let value = |pixel: f32| (pixel * p.scale - p.mean[0]) / p.std[0];
     assert!(
         (value(0.0) + 1.0).abs() < 1e-6 && (value(255.0) - 1.0).abs() < 1e-6,
@@ -167,10 +167,14 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
     assert_eq!(manifest.labels, labels);
     assert_matches_tensorflow(&bundle, "JPEG-signature SavedModel");
 
-    // End to end from JPEG bytes: our decoder and antialiased resize differ from TF's
-    // decode_jpeg + resize_bilinear, so compare the classes, with a loose score tolerance.
+    // End to end from JPEG bytes. Our crop and TF-legacy bilinear resize reproduce TF's
+    // arithmetic (checked in Python against TF's own decode: 3e-5), but zune-jpeg and TF's
+    // default decode_jpeg (fast integer IDCT) differ by ~1.2 levels on average, and the
+    // seeded network amplifies that, so: the preprocessed tensor must be close to the one TF
+    // fed its network, and the top-1 class must be TensorFlow Serving's.
     let doc: Value =
         serde_json::from_slice(&std::fs::read(fx.join("reference/reference.json")).unwrap()).unwrap();
+    let classifier = Classifier::load(&bundle, &RuntimeOptions::default()).unwrap();
     for case in doc["cases"]
         .as_array()
         .unwrap()
@@ -178,6 +182,23 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
         .filter(|c| c["kind"] == "jpeg")
     {
         let jpeg = fx.join("reference").join(case["jpeg"].as_str().unwrap());
+        let ours = classifier
+            .preprocessor()
+            .tensor_from_bytes(&std::fs::read(&jpeg).unwrap())
+            .unwrap();
+        let ours = ours
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        let tf_tensor = read_f32(&fx.join("reference").join(case["input"].as_str().unwrap()));
+        let mean = ours
+            .iter()
+            .zip(&tf_tensor)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / ours.len() as f32;
         let out = run(Command::new(bin("edge-agent"))
             .args(["classify", "--json", "--bundle"])
             .arg(&bundle)
@@ -187,16 +208,18 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
         let top = &got["results"][0]["top"][0];
         let expected_class = &case["signature_outputs"]["classes"][0];
         let expected_score = case["signature_outputs"]["scores"][0].as_f64().unwrap();
-        let score = top["score"].as_f64().unwrap();
         println!(
-            "{}: edge-agent {} {score:.4}, TensorFlow {expected_class} {expected_score:.4}",
-            case["name"], top["label"]
+            "{}: preprocessed tensor mean abs diff vs TF {mean:.4}; edge-agent {} {:.4}, TensorFlow {expected_class} {expected_score:.4}",
+            case["name"],
+            top["label"],
+            top["score"].as_f64().unwrap()
+        );
+        assert!(
+            mean < 0.015,
+            "{}: preprocessing differs from TF's by {mean} on average",
+            case["name"]
         );
         assert_eq!(&top["label"], expected_class);
-        assert!(
-            (score - expected_score).abs() < 0.1,
-            "score {score} vs TensorFlow {expected_score}"
-        );
     }
 }
 

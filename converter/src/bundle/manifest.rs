@@ -110,6 +110,10 @@ pub enum ResizeFilter {
     /// Catmull-Rom (Keys a = -0.5), antialiased when shrinking, as Pillow's BICUBIC.
     Bicubic,
     Lanczos3,
+    /// TensorFlow 1 `ResizeBilinear` (align_corners=false, half_pixel_centers=false): source
+    /// coordinate `dst * in / out`, no antialiasing, interpolated in float (no 8-bit rounding
+    /// before normalisation); JPEGs are decoded at full size. Matches TF Serving exports.
+    TfLegacyBilinear,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -202,7 +202,7 @@ fn jpeg_saved_model_is_cut_at_the_decoded_image_and_matches_tensorflow() {
     assert_eq!(p.resize, ResizePolicy::CentralFraction { fraction: 0.875 });
     assert_eq!(
         (p.filter, p.channel_order, p.scale),
-        (ResizeFilter::Bilinear, ChannelOrder::Rgb, 1.0)
+        (ResizeFilter::TfLegacyBilinear, ChannelOrder::Rgb, 1.0)
     );
     assert_eq!((p.mean, p.std), ([127.5; 3], [127.5; 3]));
     let labels = g.labels.clone().expect("labels taken over");

@@ -388,7 +388,10 @@ fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Res
                 if crop.is_some() {
                     return Err(fail("a crop after the resize".into()));
                 }
+                let legacy = !attr_b(n, "align_corners").unwrap_or(false)
+                    && !attr_b(n, "half_pixel_centers").unwrap_or(false);
                 let filter = match op {
+                    "ResizeBilinear" if legacy => ResizeFilter::TfLegacyBilinear,
                     "ResizeBilinear" => ResizeFilter::Bilinear,
                     "ResizeBicubic" => ResizeFilter::Bicubic,
                     _ => ResizeFilter::Nearest,
@@ -468,7 +471,9 @@ fn detect(nodes: &Nodes<'_>, cut_node: &NodeDef, notes: &mut Vec<String>) -> Res
         steps.join(" -> "),
         p.resize
     ));
-    if resize_desc.contains("half_pixel_centers=false") && filter != ResizeFilter::Nearest {
+    if resize_desc.contains("half_pixel_centers=false")
+        && !matches!(filter, ResizeFilter::Nearest | ResizeFilter::TfLegacyBilinear)
+    {
         notes.push(
             "the graph resizes with TF1 legacy sampling (half_pixel_centers=false, no antialiasing); \
              edge preprocessing resamples with pixel centres, so results differ slightly"
