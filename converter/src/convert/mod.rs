@@ -116,11 +116,7 @@ pub fn convert(
         .clone()
         .or_else(|| source.labels.clone())
         .unwrap_or_default();
-    let label_offset = match options.label_offset {
-        Some(o) => o,
-        None if !labels.is_empty() && labels.len() + 1 == classes => 1,
-        None => 0,
-    };
+    let label_offset = label_offset(options.label_offset, labels.len(), classes);
     if !labels.is_empty() && labels.len() + label_offset != classes {
         return Err(ConvertError::Labels(format!(
             "{} labels at offset {label_offset} do not match the model's {classes} output classes",
@@ -341,6 +337,16 @@ fn output_classes(model: &TypedModel) -> Result<usize, ConvertError> {
     }
 }
 
+/// The output index of the first label: as given, else 1 when there is exactly one class
+/// more than labels (TF-slim's background class 0 of 1001), else 0.
+fn label_offset(given: Option<usize>, labels: usize, classes: usize) -> usize {
+    match given {
+        Some(o) => o,
+        None if labels > 0 && labels + 1 == classes => 1,
+        None => 0,
+    }
+}
+
 fn is_distribution(v: &[f32]) -> bool {
     v.iter().all(|x| (0.0..=1.0).contains(x)) && (v.iter().sum::<f32>() - 1.0).abs() < 1e-3
 }
@@ -373,4 +379,28 @@ fn default_name(path: &Path) -> String {
         p = p.parent().unwrap_or(Path::new("model"));
     }
     stem(p).unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_class_gives_label_offset_one() {
+        assert_eq!(
+            label_offset(None, 1000, 1001),
+            1,
+            "TF-slim Inception: 1001 outputs, 1000 labels"
+        );
+        assert_eq!(label_offset(None, 1000, 1000), 0);
+        assert_eq!(label_offset(None, 0, 1001), 0, "no labels, no offset");
+        assert_eq!(label_offset(Some(3), 1000, 1001), 3, "explicit wins");
+    }
+
+    #[test]
+    fn max_abs_diff_treats_nan_and_shape_mismatch_as_infinite() {
+        assert_eq!(max_abs_diff(&[vec![1.0, 2.0]], &[vec![1.5, 2.0]]), 0.5);
+        assert_eq!(max_abs_diff(&[vec![1.0]], &[vec![f32::NAN]]), f32::INFINITY);
+        assert_eq!(max_abs_diff(&[vec![1.0]], &[vec![1.0, 2.0]]), f32::INFINITY);
+    }
 }
