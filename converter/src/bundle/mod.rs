@@ -210,15 +210,16 @@ pub fn load(path: &Path, max_bytes: u64) -> Result<Bundle, BundleError> {
             limit: max_bytes,
         });
     }
-    let bytes = std::fs::read(path).map_err(|source| io(path, source))?;
-    let manifest = read_manifest_from(path, bytes.as_slice())?;
-    let model = model_from_nnef(&bytes).map_err(|e| match e {
-        BundleError::Model { reason, .. } => BundleError::Model {
+    let manifest = read_manifest(path)?;
+    // Streamed: tract copies each tensor out of the tar once, so the file is never held in
+    // memory whole next to the weights.
+    let file = std::fs::File::open(path).map_err(|source| io(path, source))?;
+    let model = tract_nnef::nnef()
+        .model_for_read(&mut std::io::BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| BundleError::Model {
             path: path.to_owned(),
-            reason,
-        },
-        other => other,
-    })?;
+            reason: format!("{e:#}"),
+        })?;
     check_model_matches(path, &manifest, &model)?;
     Ok(Bundle { manifest, model })
 }
