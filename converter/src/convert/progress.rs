@@ -20,14 +20,6 @@ impl Progress {
         }
     }
 
-    /// A progress reporter that prints nothing (library callers, tests).
-    pub fn silent() -> Self {
-        Progress {
-            terminal: false,
-            quiet: true,
-        }
-    }
-
     /// Runs `f` as a named step, showing a spinner while it runs and its duration after.
     pub fn step<T>(&self, what: &str, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();

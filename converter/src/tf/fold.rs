@@ -121,15 +121,6 @@ fn eval(
 }
 
 fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, String> {
-    fn go<T: Copy>(
-        a: &[T],
-        sa: &[usize],
-        b: &[T],
-        sb: &[usize],
-        f: impl Fn(T, T) -> T,
-    ) -> Result<(Vec<T>, Vec<usize>), String> {
-        broadcast(a, sa, b, sb, f)
-    }
     let out = match (&a.data, &b.data) {
         (Data::F32(x), Data::F32(y)) => {
             let f: fn(f32, f32) -> f32 = match op {
@@ -141,7 +132,7 @@ fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, 
                 "Minimum" => f32::min,
                 _ => return Ok(None),
             };
-            let (data, shape) = go(x, &a.shape, y, &b.shape, f)?;
+            let (data, shape) = broadcast(x, &a.shape, y, &b.shape, f)?;
             HostTensor {
                 shape,
                 data: Data::F32(data),
@@ -156,7 +147,7 @@ fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, 
                 "Minimum" => i32::min,
                 _ => return Ok(None),
             };
-            let (data, shape) = go(x, &a.shape, y, &b.shape, f)?;
+            let (data, shape) = broadcast(x, &a.shape, y, &b.shape, f)?;
             HostTensor {
                 shape,
                 data: Data::I32(data),
@@ -171,7 +162,7 @@ fn binary(op: &str, a: HostTensor, b: HostTensor) -> Result<Option<HostTensor>, 
                 "Minimum" => i64::min,
                 _ => return Ok(None),
             };
-            let (data, shape) = go(x, &a.shape, y, &b.shape, f)?;
+            let (data, shape) = broadcast(x, &a.shape, y, &b.shape, f)?;
             HostTensor {
                 shape,
                 data: Data::I64(data),
