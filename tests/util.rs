@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: locating the built binaries and the fixtures,
 //! running commands, reading TensorFlow's reference outputs.
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,4 +1,11 @@
 //! The edge-agent library: the device daemon's parts, each a module with a pure core and thin
 //! I/O around it. The binary (`main.rs`) wires them together.
 
+pub mod broker;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod metrics;
+pub mod mqtt;
 pub mod queue;
+pub mod request;

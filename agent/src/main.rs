@@ -1,12 +1,14 @@
 //! `edge-agent`: the device-side classifier of the Edge Fleet Agent.
 
 mod classify;
+mod run;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Classify images on the device with an edge bundle (see edge-convert).
+/// Classify images on the device with an edge bundle (see edge-convert): once from files
+/// (`classify`) or as a daemon taking requests over MQTT (`run`).
 ///
 /// Exit codes: 0 success, 1 failure (or an image could not be classified), 2 usage error.
 #[derive(Parser)]
@@ -22,12 +24,18 @@ enum Command {
     ///
     /// Example: edge-agent classify photo.jpg --bundle model.bundle --top-k 5
     Classify(classify::ClassifyArgs),
+    /// Run the device daemon: take requests over MQTT, queue them durably, classify, reply.
+    ///
+    /// Without a broker configured it starts an embedded one on 127.0.0.1:1883. Example:
+    /// edge-agent run --bundle model.bundle --queue-dir /tmp/q --device-id cam1
+    Run(Box<run::RunArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Classify(args) => classify::run(&args),
+        Command::Run(args) => run::run(*args),
     };
     match result {
         Ok(code) => code,

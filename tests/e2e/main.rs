@@ -3,4 +3,5 @@
 
 mod bad_inputs;
 mod classify_photos;
+mod daemon;
 mod sources;

@@ -255,6 +255,20 @@ impl Ledger {
         self.pending_bytes += payload_len;
     }
 
+    /// Whether one more item (a reply without a request body) fits under `max_items`.
+    pub(crate) fn admit_reply(&self) -> Admission {
+        let (items, bytes) = (self.items(), self.bytes());
+        if items >= self.limits.max_items.get() {
+            return Admission::Full { items, bytes };
+        }
+        Admission::Admit
+    }
+
+    pub(crate) fn on_reply_inserted(&mut self, seq: Seq) {
+        self.next_seq = self.next_seq.max(seq.0.saturating_add(1));
+        self.outbox += 1;
+    }
+
     pub(crate) fn decide_lease(
         &self,
         meta: ItemMeta,

@@ -122,6 +122,29 @@ impl Queue {
         Ok(EnqueueOutcome::Enqueued(seq))
     }
 
+    /// Answers a request without queueing it (refused at ingress, e.g. malformed or too
+    /// large): the reply goes straight to the outbox and is flushed, so the request may be
+    /// acknowledged on `Enqueued` exactly as after `enqueue`. Counts against `max_items`.
+    pub async fn reply_directly(&self, reply: &StoredReply) -> Result<EnqueueOutcome, QueueError> {
+        let record = reply.encode().map_err(|_| QueueError::RecordTooLarge {
+            record: "reply",
+            request_id: reply.request_id.clone(),
+        })?;
+        let seq = {
+            let mut ledger = self.ledger();
+            if let Admission::Full { items, bytes } = ledger.admit_reply() {
+                return Ok(EnqueueOutcome::Full { items, bytes });
+            }
+            let seq = ledger.next_seq();
+            self.inner.trees.insert_reply(seq, &record)?;
+            ledger.on_reply_inserted(seq);
+            seq
+        };
+        self.inner.db.flush_async().await?;
+        self.inner.watermark.raise(seq.get().saturating_add(1));
+        Ok(EnqueueOutcome::Enqueued(seq))
+    }
+
     /// Leases the oldest pending item, deciding at `now` whether it is work, expired, or
     /// dead-lettered. The new attempt count is flushed before the item is returned, so an
     /// item that crashes the process is counted. Undecodable items met on the way become

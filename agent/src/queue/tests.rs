@@ -396,3 +396,26 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
         std::thread::park();
     }
 }
+
+#[tokio::test]
+async fn direct_reply_goes_to_the_outbox_counts_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(2, 1_000, 3)).unwrap();
+    let first = enqueued(&q, &request("a", 10));
+    let direct = match q.reply_directly(&reply("bad")).await.unwrap() {
+        EnqueueOutcome::Enqueued(seq) => seq,
+        other => panic!("expected Enqueued, got {other:?}"),
+    };
+    assert!(direct > first, "sequence numbers keep increasing");
+    assert_eq!(q.stats(), stats(1, 0, 1, 0, 10));
+    assert!(
+        matches!(q.reply_directly(&reply("c")).await.unwrap(), EnqueueOutcome::Full { items: 2, .. }),
+        "a direct reply counts against max_items"
+    );
+    drop(q);
+    let q = Queue::open(dir.path(), limits(2, 1_000, 3)).unwrap();
+    assert_eq!(q.outbox().unwrap(), vec![(direct, reply("bad"))]);
+    assert!(q.reply_acked(direct).unwrap());
+    let next = enqueued(&q, &request("d", 10));
+    assert!(next > direct, "a reopened queue does not reuse the direct reply's number");
+}

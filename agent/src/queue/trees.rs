@@ -72,6 +72,18 @@ impl Trees {
         )
     }
 
+    /// A request answered without queueing (rejected at ingress): its reply enters the outbox
+    /// under a new sequence number, with the counter, all or nothing.
+    pub(crate) fn insert_reply(&self, seq: Seq, reply: &[u8]) -> sled::Result<()> {
+        let key = seq.to_key();
+        let next = seq.get().saturating_add(1).to_be_bytes();
+        run((&self.outbox, &self.meta).transaction(|(outbox, meta)| {
+            outbox.insert(&key, reply)?;
+            meta.insert(layout::META_NEXT_SEQ, &next)?;
+            Ok(())
+        }))
+    }
+
     /// Lease: pending → leased with the new attempt count; with `dead`, also records the dead
     /// letter. Returns whether the dead letter is new (not a rewrite after a crash).
     pub(crate) fn move_to_leased(&self, seq: Seq, meta: ItemMeta, dead: Option<&[u8]>) -> sled::Result<bool> {

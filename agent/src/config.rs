@@ -1,0 +1,613 @@
+//! The daemon's configuration: one TOML file, every key overridable by an `EDGE_AGENT_*`
+//! environment variable, the common ones by flags (highest precedence).
+//!
+//! Environment names are the key path in upper case with `__` between a table and its key:
+//! `mqtt.broker` is `EDGE_AGENT_MQTT__BROKER`, `device_id` is `EDGE_AGENT_DEVICE_ID`.
+//! Unknown keys and invalid values fail at start, naming the key and where it came from.
+//! `agent/examples/agent.toml` documents every key with its default.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::queue::QueueLimits;
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "EDGE_AGENT_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid configuration: key `{key}`: {reason}")]
+    Value { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This device's name in topics and replies; empty means the host name.
+    pub device_id: String,
+    pub model: ModelConfig,
+    pub mqtt: MqttConfig,
+    pub embedded_broker: EmbeddedBrokerConfig,
+    pub queue: QueueConfig,
+    pub workers: WorkersConfig,
+    pub limits: LimitsConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// The edge bundle to serve (written by edge-convert).
+    pub bundle: PathBuf,
+    /// Labels per reply when the request does not say.
+    pub top_k: u32,
+    /// Largest `top_k` a request may ask for.
+    pub max_top_k: u32,
+    /// Replies whose top-1 score is below this carry `"low_confidence": true`.
+    pub low_confidence_threshold: f32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttProtocol {
+    V5,
+    V311,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` (or `tcp://`); empty starts the embedded broker and connects to it.
+    pub broker: String,
+    pub protocol: MqttProtocol,
+    /// Empty means `edge-agent-<device_id>`. It must be stable: the broker keeps the session
+    /// (unacknowledged requests) under this name.
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    /// First segment of every topic.
+    pub topic_prefix: String,
+    /// When set, also take fleet-wide requests from `$share/<group>/<prefix>/fleet/classify`.
+    pub shared_group: String,
+    pub keep_alive_secs: u64,
+    /// How long the broker keeps the session (and the requests not yet acknowledged) while
+    /// the agent is away. MQTT 5 only; 3.1.1 sessions are kept until the broker drops them.
+    pub session_expiry_secs: u32,
+    /// Largest MQTT packet accepted, in bytes. Requests whose image exceeds
+    /// `limits.max_image_bytes` but fit here are answered `too_large`; larger packets are
+    /// refused by the broker (MQTT 5) or end the connection (3.1.1).
+    pub max_packet_bytes: u32,
+    /// Requests the broker may have in flight to this agent (MQTT 5 Receive Maximum).
+    /// Bounds memory: at most this many unacknowledged requests are held at once.
+    pub receive_maximum: u16,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedBrokerConfig {
+    /// Address of the embedded broker started when `mqtt.broker` is empty.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Directory of the sled queue; created if missing.
+    pub dir: PathBuf,
+    pub max_items: usize,
+    pub max_bytes: u64,
+    pub max_attempts: u32,
+    pub visibility_timeout_secs: u64,
+    pub max_dead_letters: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Requests classified at once; they share one optimised model.
+    pub count: usize,
+    /// Threads tract uses per inference.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest image accepted, in bytes (after base64 decoding for 3.1.1 envelopes).
+    pub max_image_bytes: usize,
+    /// Largest decoded image, in pixels; checked from the header before decoding.
+    pub max_pixels: u64,
+    /// Deadline applied to requests that carry none, in ms; 0 means none.
+    pub default_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the HTTP server.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `edge_agent=debug,info`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            device_id: String::new(),
+            model: ModelConfig::default(),
+            mqtt: MqttConfig::default(),
+            embedded_broker: EmbeddedBrokerConfig::default(),
+            queue: QueueConfig::default(),
+            workers: WorkersConfig::default(),
+            limits: LimitsConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            bundle: PathBuf::from("/var/lib/edge-agent/model.bundle"),
+            top_k: 5,
+            max_top_k: 100,
+            low_confidence_threshold: 0.5,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: String::new(),
+            protocol: MqttProtocol::V5,
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            topic_prefix: "edge".into(),
+            shared_group: String::new(),
+            keep_alive_secs: 30,
+            session_expiry_secs: 7 * 24 * 3600,
+            max_packet_bytes: 16 * 1024 * 1024,
+            receive_maximum: 16,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let limits = QueueLimits::default();
+        Self {
+            dir: PathBuf::from("/var/lib/edge-agent/queue"),
+            max_items: limits.max_items.get(),
+            max_bytes: limits.max_bytes.get(),
+            max_attempts: limits.max_attempts.get(),
+            visibility_timeout_secs: limits.visibility_timeout.as_secs(),
+            max_dead_letters: limits.max_dead_letters.get(),
+        }
+    }
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self { count: 1, threads: 1 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: 8 * 1024 * 1024,
+            max_pixels: 50_000_000,
+            default_deadline_ms: 0,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Flag values; `None` leaves the file or environment value.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    pub device_id: Option<String>,
+    pub bundle: Option<PathBuf>,
+    pub broker: Option<String>,
+    pub protocol: Option<MqttProtocol>,
+    pub queue_dir: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub threads: Option<usize>,
+    pub http_listen: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Overrides {
+    /// The overrides as a nested document in the configuration's shape.
+    fn document(&self) -> serde_json::Value {
+        let mut doc = serde_json::json!({});
+        let mut set = |table: Option<&str>, key: &str, value: serde_json::Value| match table {
+            None => doc[key] = value,
+            Some(t) => {
+                if doc.get(t).is_none() {
+                    doc[t] = serde_json::json!({});
+                }
+                doc[t][key] = value;
+            }
+        };
+        let v = |x: &dyn erased::ToJson| x.to_json();
+        if let Some(x) = &self.device_id {
+            set(None, "device_id", v(x));
+        }
+        if let Some(x) = &self.bundle {
+            set(Some("model"), "bundle", v(x));
+        }
+        if let Some(x) = &self.broker {
+            set(Some("mqtt"), "broker", v(x));
+        }
+        if let Some(x) = &self.protocol {
+            set(Some("mqtt"), "protocol", v(x));
+        }
+        if let Some(x) = &self.queue_dir {
+            set(Some("queue"), "dir", v(x));
+        }
+        if let Some(x) = &self.workers {
+            set(Some("workers"), "count", v(x));
+        }
+        if let Some(x) = &self.threads {
+            set(Some("workers"), "threads", v(x));
+        }
+        if let Some(x) = &self.http_listen {
+            set(Some("http"), "listen", v(x));
+        }
+        if let Some(x) = &self.log_format {
+            set(Some("log"), "format", v(x));
+        }
+        doc
+    }
+}
+
+mod erased {
+    pub trait ToJson {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> ToJson for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if given), then the `EDGE_AGENT_*` environment variables, then
+    /// flags; validated.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // EDGE_AGENT_CONFIG names the file (the `--config` flag), it is not a key.
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
+        figment = figment.merge(Serialized::defaults(overrides.document()));
+        let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(describe(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: &str| {
+            Err(ConfigError::Value {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        let segment_ok = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#', '\0']);
+        if !self.device_id.is_empty() && !segment_ok(&self.device_id) {
+            return bad("device_id", "must be one topic segment: no '/', '+', '#'");
+        }
+        if !self.mqtt.topic_prefix.split('/').all(segment_ok) {
+            return bad("mqtt.topic_prefix", "must be non-empty topic segments without '+' or '#'");
+        }
+        if !self.mqtt.shared_group.is_empty() && !segment_ok(&self.mqtt.shared_group) {
+            return bad("mqtt.shared_group", "must be one topic segment: no '/', '+', '#'");
+        }
+        if !self.mqtt.broker.is_empty() {
+            broker_address(&self.mqtt.broker).map_err(|reason| ConfigError::Value {
+                key: "mqtt.broker",
+                reason,
+            })?;
+        }
+        if self.mqtt.keep_alive_secs < 5 {
+            return bad("mqtt.keep_alive_secs", "must be at least 5");
+        }
+        if self.mqtt.receive_maximum == 0 {
+            return bad("mqtt.receive_maximum", "must be at least 1");
+        }
+        if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_max_ms < self.mqtt.reconnect_min_ms {
+            return bad(
+                "mqtt.reconnect_max_ms",
+                "reconnect_min_ms must be positive and not above reconnect_max_ms",
+            );
+        }
+        if (self.mqtt.max_packet_bytes as usize) < self.limits.max_image_bytes.saturating_add(1024) {
+            return bad(
+                "mqtt.max_packet_bytes",
+                "must exceed limits.max_image_bytes by at least 1 KiB (topic and properties)",
+            );
+        }
+        if self.limits.max_image_bytes == 0 {
+            return bad("limits.max_image_bytes", "must be positive");
+        }
+        if self.limits.max_pixels == 0 {
+            return bad("limits.max_pixels", "must be positive");
+        }
+        if self.model.top_k == 0 || self.model.top_k > self.model.max_top_k {
+            return bad("model.top_k", "must be between 1 and model.max_top_k");
+        }
+        if !(0.0..=1.0).contains(&self.model.low_confidence_threshold) {
+            return bad("model.low_confidence_threshold", "must be between 0 and 1");
+        }
+        if self.workers.count == 0 || self.workers.count > 64 {
+            return bad("workers.count", "must be between 1 and 64");
+        }
+        if self.workers.threads == 0 || self.workers.threads > 256 {
+            return bad("workers.threads", "must be between 1 and 256");
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
+            return bad("http.listen", "must be an address like 127.0.0.1:9464, or empty");
+        }
+        self.queue_limits()?;
+        Ok(())
+    }
+
+    pub fn queue_limits(&self) -> Result<QueueLimits, ConfigError> {
+        let q = &self.queue;
+        let positive = |key: &'static str| ConfigError::Value {
+            key,
+            reason: "must be positive".into(),
+        };
+        if q.visibility_timeout_secs == 0 {
+            return Err(positive("queue.visibility_timeout_secs"));
+        }
+        Ok(QueueLimits {
+            max_items: NonZeroUsize::new(q.max_items).ok_or_else(|| positive("queue.max_items"))?,
+            max_bytes: NonZeroU64::new(q.max_bytes).ok_or_else(|| positive("queue.max_bytes"))?,
+            max_attempts: NonZeroU32::new(q.max_attempts).ok_or_else(|| positive("queue.max_attempts"))?,
+            visibility_timeout: Duration::from_secs(q.visibility_timeout_secs),
+            max_dead_letters: NonZeroUsize::new(q.max_dead_letters)
+                .ok_or_else(|| positive("queue.max_dead_letters"))?,
+        })
+    }
+
+    /// The device id, or the host name when none is configured.
+    pub fn device_id(&self) -> String {
+        if !self.device_id.is_empty() {
+            return self.device_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
+            .collect();
+        if host.is_empty() { "edge-device".into() } else { host }
+    }
+}
+
+/// Figment's error with the key path and the source (file or environment variable).
+fn describe(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let mut s = String::new();
+            if !e.path.is_empty() {
+                s.push_str(&format!("key `{}`: ", e.path.join(".")));
+            }
+            s.push_str(&e.kind.to_string());
+            if let Some(md) = &e.metadata {
+                match &md.source {
+                    Some(source) => s.push_str(&format!(" (from {source})")),
+                    None => s.push_str(&format!(" (from {})", md.name)),
+                }
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `(host, port)` of a broker URL: `mqtt://host:port`, `tcp://host:port` or `host:port`.
+pub fn broker_address(url: &str) -> Result<(String, u16), String> {
+    let rest = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "unsupported scheme `{scheme}` (use mqtt:// or tcp://; TLS is not supported yet)"
+            ));
+        }
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("invalid port `{p}` in `{url}`"))?,
+        ),
+        None => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("no host in `{url}`"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    /// Loads `toml` with the environment `vars`, inside a jail (own cwd and environment).
+    fn load_str(toml: &str, vars: &[(&str, &str)], flags: &Overrides) -> Result<Config, String> {
+        let mut out = None;
+        Jail::expect_with(|jail| {
+            jail.create_file("agent.toml", toml)?;
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            out = Some(Config::load(Some(Path::new("agent.toml")), flags).map_err(|e| e.to_string()));
+            Ok(())
+        });
+        out.unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn example_config_documents_the_defaults() {
+        let example = include_str!("../examples/agent.toml");
+        let loaded = load_str(example, &[], &Overrides::default()).unwrap();
+        assert_eq!(loaded, Config::default(), "the example must document the defaults");
+        // Every key of the configuration appears in the example.
+        let doc = serde_json::to_value(Config::default()).unwrap();
+        for (table, value) in doc.as_object().unwrap() {
+            match value.as_object() {
+                Some(keys) => {
+                    assert!(example.contains(&format!("[{table}]")), "[{table}] missing");
+                    for key in keys.keys() {
+                        assert!(example.contains(&format!("\n{key} = ")), "{table}.{key} missing");
+                    }
+                }
+                None => assert!(example.contains(&format!("\n{table} = ")), "{table} missing"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_str("[mqtt]\nbrokr = \"x\"\n", &[], &Overrides::default()).unwrap_err();
+        assert!(err.contains("brokr"), "{err}");
+        let err = load_str("colour = 1\n", &[], &Overrides::default()).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let none = Overrides::default();
+        for (toml, key) in [
+            ("[workers]\ncount = \"many\"\n", "workers.count"),
+            ("[workers]\ncount = 0\n", "workers.count"),
+            ("[mqtt]\nprotocol = \"v4\"\n", "mqtt.protocol"),
+            ("[mqtt]\nbroker = \"ws://x\"\n", "mqtt.broker"),
+            ("[queue]\nmax_items = 0\n", "queue.max_items"),
+            ("[limits]\nmax_image_bytes = 99999999\n", "mqtt.max_packet_bytes"),
+            ("[http]\nlisten = \"nowhere\"\n", "http.listen"),
+        ] {
+            let err = load_str(toml, &[], &none).unwrap_err();
+            assert!(err.contains(key), "{toml:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/agent.toml")), &Overrides::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing(_)));
+    }
+
+    #[test]
+    fn environment_overrides_file_and_flags_override_both() {
+        let vars = [
+            ("EDGE_AGENT_MQTT__BROKER", "mqtt://env:1884"),
+            ("EDGE_AGENT_WORKERS__COUNT", "3"),
+            ("EDGE_AGENT_DEVICE_ID", "cam-env"),
+        ];
+        let file = "device_id = \"cam-file\"\n[mqtt]\nbroker = \"mqtt://file:1883\"\n";
+        let c = load_str(file, &vars, &Overrides::default()).unwrap();
+        assert_eq!(c.mqtt.broker, "mqtt://env:1884");
+        assert_eq!(c.workers.count, 3);
+        assert_eq!(c.device_id, "cam-env");
+
+        let flags = Overrides {
+            workers: Some(4),
+            device_id: Some("cam-flag".into()),
+            ..Overrides::default()
+        };
+        let c = load_str(file, &vars, &flags).unwrap();
+        assert_eq!(c.workers.count, 4);
+        assert_eq!(c.device_id, "cam-flag");
+        assert_eq!(c.mqtt.broker, "mqtt://env:1884");
+    }
+
+    #[test]
+    fn unknown_environment_key_is_named() {
+        let err = load_str("", &[("EDGE_AGENT_MQTT__BROKR", "x")], &Overrides::default()).unwrap_err();
+        assert!(err.contains("brokr") && err.contains("EDGE_AGENT_"), "{err}");
+    }
+
+    #[test]
+    fn broker_addresses() {
+        assert_eq!(broker_address("mqtt://h:1884").unwrap(), ("h".into(), 1884));
+        assert_eq!(broker_address("tcp://h").unwrap(), ("h".into(), 1883));
+        assert_eq!(broker_address("10.0.0.1:1").unwrap(), ("10.0.0.1".into(), 1));
+        assert!(broker_address("mqtt://:1").is_err());
+        assert!(broker_address("mqtt://h:x").is_err());
+        assert!(broker_address("mqtts://h").is_err());
+    }
+}

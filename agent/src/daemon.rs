@@ -1,0 +1,810 @@
+//! `edge-agent run`: the device daemon. MQTT in, durable queue, workers, replies out.
+//!
+//! ```text
+//!  connection task ──Message──► ingress ──enqueue+flush──► queue ──lease──► workers
+//!   (polls rumqttc)              │ then PUBACK                 ▲              │ classify,
+//!        ▲  │ PUBACK of a reply  │ (rejections: reply          │              │ complete
+//!        │  └──► acks ──► queue.reply_acked (leaves outbox)    │              ▼ (reply in outbox)
+//!        └──────────────────────────── publisher ◄─────────────┴──────────────┘
+//! ```
+//!
+//! Tasks share `Shared`; one publisher task sends every publish so the `PublishTracker` sees
+//! them in order (see `mqtt`). Backpressure: when the queue is full, ingress holds the
+//! message it has (unacknowledged) and waits for space; the broker stops sending once
+//! `receive_maximum` messages are unacknowledged, so memory stays bounded.
+//!
+//! Shutdown (SIGTERM/SIGINT): ingress stops taking messages (those not acknowledged are
+//! redelivered by the broker later), workers finish what they hold, the agent waits a little
+//! for the broker to acknowledge the last replies (those not acknowledged stay in the outbox
+//! and are published again at the next start), publishes its status as offline, disconnects
+//! and flushes the queue.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use edge_convert::preprocess::ImageLimits;
+use edge_convert::runtime::{Classifier, RuntimeOptions};
+
+use crate::config::{Config, MqttProtocol, broker_address};
+use crate::metrics::Metrics;
+use crate::mqtt::{self, Client, Event, Message, PublishTracker};
+use crate::queue::{EnqueueOutcome, Lease, Leased, Queue, QueueError, Seq, StoredReply, UnixMillis};
+use crate::request::{ErrorCode, Label, ModelRef, Reply, RequestPolicy, Timings, error_document};
+
+/// What the tracker tags publishes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Reply(Seq),
+    Status,
+}
+
+/// Work for the publisher task.
+enum PubCmd {
+    Publish {
+        tag: Tag,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        correlation_data: Option<Vec<u8>>,
+    },
+    /// The connection is up: subscribe (again), republish the outbox if needed.
+    Connected { session_present: bool, first: bool },
+}
+
+/// The daemon's state, as published on the status topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Online,
+    Backpressure,
+    ShuttingDown,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Backpressure => "backpressure",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+struct Topics {
+    requests: Vec<String>,
+    status: String,
+}
+
+struct Shared {
+    device: String,
+    config: Config,
+    queue: Queue,
+    classifier: Classifier,
+    model: ModelRef,
+    metrics: Metrics,
+    policy: RequestPolicy,
+    topics: Topics,
+    publish: mpsc::UnboundedSender<PubCmd>,
+    tracker: Mutex<PublishTracker<Tag>>,
+    /// New work was queued.
+    work: Notify,
+    /// Queue space was freed (a reply left the outbox or a request was completed).
+    space: Notify,
+    /// Something in the status changed.
+    status_changed: Notify,
+    connected: AtomicBool,
+    backpressure: AtomicBool,
+    /// Stop taking requests and leasing work.
+    stopping: CancellationToken,
+    /// Sequence numbers workers hold, released if shutdown times out.
+    in_flight: Mutex<HashSet<Seq>>,
+    started_at: UnixMillis,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    fn state(&self) -> State {
+        if self.stopping.is_cancelled() {
+            State::ShuttingDown
+        } else if self.backpressure.load(Ordering::Relaxed) {
+            State::Backpressure
+        } else {
+            State::Online
+        }
+    }
+
+    fn status_document(&self, state: &str) -> Vec<u8> {
+        let s = self.queue.stats();
+        let limits = self.queue.limits();
+        let doc = serde_json::json!({
+            "device": self.device,
+            "state": state,
+            "agent_version": env!("CARGO_PKG_VERSION"),
+            "model": self.model,
+            "queue": {
+                "pending": s.pending,
+                "leased": s.leased,
+                "outbox": s.outbox,
+                "dead": s.dead,
+                "bytes": s.bytes,
+                "max_items": limits.max_items,
+                "max_bytes": limits.max_bytes,
+            },
+            "started_at_ms": self.started_at.0,
+        });
+        serde_json::to_vec(&doc).unwrap_or_default()
+    }
+
+    fn publish_reply(&self, seq: Seq, reply: StoredReply) {
+        self.send(PubCmd::Publish {
+            tag: Tag::Reply(seq),
+            topic: reply.topic,
+            payload: reply.payload,
+            retain: false,
+            correlation_data: reply.correlation_data,
+        });
+    }
+
+    fn send(&self, cmd: PubCmd) {
+        // The publisher lives as long as the daemon; after it is gone nothing is sent, and
+        // the outbox keeps the replies for the next start.
+        let _ = self.publish.send(cmd);
+    }
+
+    fn set_backpressure(&self, on: bool) {
+        if self.backpressure.swap(on, Ordering::Relaxed) != on {
+            self.metrics.backpressure.set(i64::from(on));
+            if on {
+                warn!("queue full: not acknowledging requests until space frees");
+            } else {
+                info!("queue has space again");
+            }
+            self.status_changed.notify_one();
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<()> {
+    let device = config.device_id();
+    let prefix = config.mqtt.topic_prefix.clone();
+    let (host, port) = if config.mqtt.broker.is_empty() {
+        let listen = config.embedded_broker.listen;
+        crate::broker::start(listen, config.mqtt.protocol, config.mqtt.max_packet_bytes)?;
+        info!(%listen, "no broker configured: started the embedded broker");
+        (listen.ip().to_string(), listen.port())
+    } else {
+        broker_address(&config.mqtt.broker)
+            .map_err(|reason| anyhow::anyhow!("invalid configuration: key `mqtt.broker`: {reason}"))?
+    };
+
+    let queue_limits = config.queue_limits()?;
+    std::fs::create_dir_all(&config.queue.dir)
+        .with_context(|| format!("cannot create the queue directory {}", config.queue.dir.display()))?;
+    let queue = Queue::open(&config.queue.dir, queue_limits)?;
+    let stats = queue.stats();
+    info!(
+        dir = %config.queue.dir.display(),
+        pending = stats.pending, outbox = stats.outbox, dead = stats.dead,
+        "queue opened"
+    );
+
+    let options = RuntimeOptions {
+        threads: std::num::NonZeroUsize::new(config.workers.threads).unwrap_or(std::num::NonZeroUsize::MIN),
+        image_limits: ImageLimits {
+            max_bytes: config.limits.max_image_bytes,
+            max_pixels: config.limits.max_pixels,
+            ..ImageLimits::default()
+        },
+        ..RuntimeOptions::default()
+    };
+    let bundle = config.model.bundle.clone();
+    let start = Instant::now();
+    let classifier = tokio::task::spawn_blocking(move || Classifier::load(&bundle, &options))
+        .await?
+        .with_context(|| format!("cannot load the bundle {}", config.model.bundle.display()))?;
+    let model = ModelRef {
+        name: classifier.manifest().model.name.clone(),
+        version: classifier.manifest().model.version.clone(),
+    };
+    info!(model = %model.name, version = %model.version, load_ms = start.elapsed().as_millis() as u64, "model loaded");
+
+    let mut requests = vec![format!("{prefix}/{device}/classify")];
+    if !config.mqtt.shared_group.is_empty() {
+        requests.push(format!("$share/{}/{prefix}/fleet/classify", config.mqtt.shared_group));
+    }
+    let topics = Topics {
+        requests,
+        status: format!("{prefix}/{device}/status"),
+    };
+    let policy = RequestPolicy {
+        device_id: device.clone(),
+        default_reply_topic: format!("{prefix}/{device}/result"),
+        max_image_bytes: config.limits.max_image_bytes,
+        max_top_k: config.model.max_top_k,
+        default_deadline: (config.limits.default_deadline_ms > 0)
+            .then(|| Duration::from_millis(config.limits.default_deadline_ms)),
+    };
+    let metrics = Metrics::new();
+    metrics
+        .model
+        .get_or_create(&crate::metrics::ModelLabels {
+            name: model.name.clone(),
+            version: model.version.clone(),
+        })
+        .set(1);
+    let offline = serde_json::to_vec(&serde_json::json!({
+        "device": device, "state": "offline", "agent_version": env!("CARGO_PKG_VERSION"),
+        "model": model,
+    }))?;
+    let client_id = if config.mqtt.client_id.is_empty() {
+        format!("edge-agent-{device}")
+    } else {
+        config.mqtt.client_id.clone()
+    };
+    let settings = mqtt::Settings {
+        host,
+        port,
+        client_id,
+        protocol: config.mqtt.protocol,
+        username: config.mqtt.username.clone(),
+        password: config.mqtt.password.clone(),
+        keep_alive: Duration::from_secs(config.mqtt.keep_alive_secs),
+        session_expiry_secs: config.mqtt.session_expiry_secs,
+        max_packet_bytes: config.mqtt.max_packet_bytes,
+        receive_maximum: config.mqtt.receive_maximum,
+        will: (topics.status.clone(), offline.clone()),
+    };
+    let (client, connection) = mqtt::connect(&settings);
+    let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        device,
+        queue,
+        classifier,
+        model,
+        metrics,
+        policy,
+        topics,
+        publish: publish_tx,
+        tracker: Mutex::new(PublishTracker::default()),
+        work: Notify::new(),
+        space: Notify::new(),
+        status_changed: Notify::new(),
+        connected: AtomicBool::new(false),
+        backpressure: AtomicBool::new(false),
+        stopping: CancellationToken::new(),
+        in_flight: Mutex::new(HashSet::new()),
+        started_at: UnixMillis::now(),
+        config,
+    });
+
+    let http = match shared.config.http.listen.as_str() {
+        "" => None,
+        addr => Some(crate::http::serve(addr, shared_http(&shared)).await?),
+    };
+
+    let (ingress_tx, ingress_rx) = mpsc::unbounded_channel();
+    let conn_stop = CancellationToken::new();
+    let conn_task = tokio::spawn(connection_task(
+        connection,
+        shared.clone(),
+        ingress_tx,
+        conn_stop.clone(),
+    ));
+    let publisher = tokio::spawn(publisher_task(client.clone(), shared.clone(), publish_rx));
+    let ingress = tokio::spawn(ingress_task(client.clone(), shared.clone(), ingress_rx));
+    let workers: Vec<_> = (0..shared.config.workers.count)
+        .map(|i| tokio::spawn(worker_task(shared.clone()).instrument(info_span!("worker", n = i))))
+        .collect();
+    let housekeeping = tokio::spawn(housekeeping_task(shared.clone()));
+
+    wait_for_signal().await?;
+    info!("shutting down: no new requests; finishing the ones being classified");
+    shared.stopping.cancel();
+    shared.status_changed.notify_one();
+    shared.work.notify_waiters();
+    shared.space.notify_waiters();
+    ingress.abort();
+    let workers_done = futures_join(workers);
+    if tokio::time::timeout(Duration::from_secs(30), workers_done).await.is_err() {
+        warn!("workers did not finish within 30 s; releasing their requests");
+    }
+    let held: Vec<Seq> = lock(&shared.in_flight).drain().collect();
+    for seq in held {
+        if let Err(e) = shared.queue.release(seq) {
+            warn!(seq = seq.get(), "cannot release: {e}");
+        }
+    }
+    // Give the broker a moment to acknowledge the last replies.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && shared.connected.load(Ordering::Relaxed) {
+        if shared.queue.stats().outbox == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    housekeeping.abort();
+    shared.send(PubCmd::Publish {
+        tag: Tag::Status,
+        topic: shared.topics.status.clone(),
+        payload: offline,
+        retain: true,
+        correlation_data: None,
+    });
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && shared.connected.load(Ordering::Relaxed) && !lock(&shared.tracker).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = client.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn_stop.cancel();
+    let _ = conn_task.await;
+    publisher.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
+    shared.queue.flush().context("cannot flush the queue at shutdown")?;
+    let s = shared.queue.stats();
+    info!(pending = s.pending, leased = s.leased, outbox = s.outbox, "stopped");
+    Ok(())
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}
+
+fn shared_http(shared: &Arc<Shared>) -> crate::http::Probe {
+    let s = shared.clone();
+    let metrics = Arc::new(move || {
+        s.metrics.set_queue(&s.queue.stats());
+        s.metrics.render()
+    });
+    let s = shared.clone();
+    let ready = Arc::new(move || {
+        if s.stopping.is_cancelled() {
+            Err("shutting down".to_owned())
+        } else if !s.connected.load(Ordering::Relaxed) {
+            Err("not connected to the MQTT broker".to_owned())
+        } else {
+            Ok(())
+        }
+    });
+    crate::http::Probe { metrics, ready }
+}
+
+async fn connection_task(
+    mut connection: mqtt::Connection,
+    shared: Arc<Shared>,
+    ingress: mpsc::UnboundedSender<Message>,
+    stop: CancellationToken,
+) {
+    let min = Duration::from_millis(shared.config.mqtt.reconnect_min_ms);
+    let max = Duration::from_millis(shared.config.mqtt.reconnect_max_ms);
+    let mut backoff = min;
+    let mut first = true;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = connection.poll() => e,
+        };
+        match event {
+            Ok(Event::Connected { session_present }) => {
+                info!(session_present, "connected to the broker");
+                backoff = min;
+                shared.connected.store(true, Ordering::Relaxed);
+                shared.metrics.mqtt_connected.set(1);
+                shared.metrics.mqtt_connections.inc();
+                if !session_present {
+                    lock(&shared.tracker).reset();
+                }
+                shared.send(PubCmd::Connected { session_present, first });
+                first = false;
+            }
+            Ok(Event::Message(m)) => {
+                if ingress.send(m).is_err() {
+                    debug!("ingress stopped; message left unacknowledged");
+                }
+            }
+            Ok(Event::Published(pkid)) => lock(&shared.tracker).published(pkid),
+            Ok(Event::PubAck(pkid)) => {
+                let tag = lock(&shared.tracker).acked(pkid);
+                if let Some(Tag::Reply(seq)) = tag {
+                    match shared.queue.reply_acked(seq) {
+                        Ok(true) => {
+                            shared.metrics.replies_acked.inc();
+                            shared.space.notify_waiters();
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(seq = seq.get(), "cannot remove an acknowledged reply: {e}"),
+                    }
+                }
+            }
+            Ok(Event::Subscribed) => lock(&shared.tracker).subscribed(),
+            Ok(Event::Other) => {}
+            Err(e) => {
+                if shared.stopping.is_cancelled() {
+                    shared.connected.store(false, Ordering::Relaxed);
+                    debug!("connection closed: {e}");
+                } else if shared.connected.swap(false, Ordering::Relaxed) {
+                    warn!("lost the broker: {e}");
+                    shared.metrics.mqtt_connected.set(0);
+                } else {
+                    warn!("cannot reach the broker: {e}; retrying in {} ms", backoff.as_millis());
+                }
+                let jitter = Duration::from_millis(u64::from(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0)) % (backoff.as_millis() as u64 / 4 + 1));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
+
+async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<PubCmd>) {
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            PubCmd::Publish {
+                tag,
+                topic,
+                payload,
+                retain,
+                correlation_data,
+            } => {
+                lock(&shared.tracker).queued(tag);
+                if let Err(e) = client.publish(&topic, payload, retain, correlation_data).await {
+                    error!("cannot publish to {topic}: {e}");
+                }
+            }
+            PubCmd::Connected { session_present, first } => {
+                // The subscription also marks the end of a tracker reset (see `mqtt`).
+                if let Err(e) = client.subscribe(&shared.topics.requests).await {
+                    error!("cannot subscribe: {e}");
+                }
+                let state = shared.state();
+                lock(&shared.tracker).queued(Tag::Status);
+                if let Err(e) = client
+                    .publish(&shared.topics.status, shared.status_document(state.as_str()), true, None)
+                    .await
+                {
+                    error!("cannot publish the status: {e}");
+                }
+                if first || !session_present {
+                    match shared.queue.outbox() {
+                        Ok(replies) => {
+                            if !replies.is_empty() {
+                                info!(replies = replies.len(), "publishing replies not yet acknowledged");
+                            }
+                            for (seq, reply) in replies {
+                                lock(&shared.tracker).queued(Tag::Reply(seq));
+                                if let Err(e) = client
+                                    .publish(&reply.topic, reply.payload, false, reply.correlation_data)
+                                    .await
+                                {
+                                    error!("cannot publish to {}: {e}", reply.topic);
+                                }
+                            }
+                        }
+                        Err(e) => error!("cannot read the outbox: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Message>) {
+    while let Some(message) = rx.recv().await {
+        if shared.stopping.is_cancelled() {
+            return;
+        }
+        if !shared.topics_match(&message.topic) {
+            debug!(topic = %message.topic, "message on an unexpected topic ignored");
+            if let Some(ack) = &message.ack {
+                let _ = client.ack(ack).await;
+            }
+            continue;
+        }
+        let parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
+        let mut parsed = parsed.map_err(Box::new);
+        loop {
+            let outcome = match &parsed {
+                Ok(request) => shared.queue.enqueue_async(request).await,
+                Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
+            };
+            match outcome {
+                Ok(EnqueueOutcome::Enqueued(seq)) => {
+                    shared.set_backpressure(false);
+                    if let Some(ack) = &message.ack
+                        && let Err(e) = client.ack(ack).await
+                    {
+                        warn!("cannot acknowledge: {e} (the broker will redeliver)");
+                    }
+                    shared.metrics.acknowledged.inc();
+                    match parsed {
+                        Ok(request) => {
+                            debug!(id = %request.request_id, seq = seq.get(), "queued");
+                            shared.work.notify_one();
+                        }
+                        Err(rejected) => {
+                            info!(id = %rejected.reply.request_id, code = rejected.code.as_str(), "refused: {}", rejected.message);
+                            shared.metrics.count(rejected.code.as_str(), "ingress", "refused");
+                            shared.publish_reply(seq, rejected.reply);
+                        }
+                    }
+                    break;
+                }
+                Ok(EnqueueOutcome::Full { .. }) => {
+                    shared.set_backpressure(true);
+                    tokio::select! {
+                        _ = shared.stopping.cancelled() => return,
+                        _ = shared.space.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+                Ok(EnqueueOutcome::TooLarge { payload_bytes, max_bytes }) => {
+                    let Ok(request) = &parsed else { break };
+                    let message = format!("the image is {payload_bytes} bytes, the queue holds at most {max_bytes}");
+                    let reply = StoredReply {
+                        request_id: request.request_id.clone(),
+                        topic: request.reply_topic.clone(),
+                        correlation_data: request.correlation_data.clone(),
+                        protocol: request.protocol,
+                        payload: error_document(&request.request_id, &shared.device, None, ErrorCode::TooLarge, &message),
+                    };
+                    parsed = Err(Box::new(crate::request::Rejected { code: ErrorCode::TooLarge, message, reply }));
+                }
+                Err(e) => {
+                    error!("cannot store a request: {e}; not acknowledged, retrying");
+                    tokio::select! {
+                        _ = shared.stopping.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn topics_match(&self, topic: &str) -> bool {
+        let prefix = &self.config.mqtt.topic_prefix;
+        topic == format!("{prefix}/{}/classify", self.device)
+            || (!self.config.mqtt.shared_group.is_empty() && topic == format!("{prefix}/fleet/classify"))
+    }
+}
+
+async fn worker_task(shared: Arc<Shared>) {
+    loop {
+        if shared.stopping.is_cancelled() {
+            return;
+        }
+        let queue = shared.queue.clone();
+        let leased = tokio::task::spawn_blocking(move || queue.lease(UnixMillis::now())).await;
+        match leased {
+            Ok(Ok(Some(leased))) => {
+                let seq = leased.seq();
+                lock(&shared.in_flight).insert(seq);
+                let id = leased.lease().request().request_id.clone();
+                handle(&shared, leased)
+                    .instrument(info_span!("request", id = %id, seq = seq.get()))
+                    .await;
+                lock(&shared.in_flight).remove(&seq);
+            }
+            Ok(Ok(None)) => {
+                tokio::select! {
+                    _ = shared.stopping.cancelled() => return,
+                    _ = shared.work.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Ok(Err(e)) => {
+                error!("cannot lease from the queue: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                error!("lease task failed: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// A blocking task that catches its own panics can only fail to join if the runtime is
+/// shutting down, which ends the process anyway.
+fn unreachable_join(e: tokio::task::JoinError) -> ! {
+    error!("classification task lost: {e}");
+    std::process::exit(1)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn since_ms(t: UnixMillis) -> f64 {
+    UnixMillis::now().0.saturating_sub(t.0) as f64
+}
+
+async fn handle(shared: &Arc<Shared>, leased: Leased) {
+    let seq = leased.seq();
+    let (payload, outcome) = match leased {
+        Leased::Ready(lease) => classify(shared, lease).await,
+        Leased::Expired(lease) => {
+            let r = lease.request();
+            let msg = format!("the deadline passed {} ms after arrival, before classification", r.deadline.map(|d| d.0.saturating_sub(r.received_at.0)).unwrap_or(0));
+            (error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::DeadlineExceeded, &msg), Outcome::Error(ErrorCode::DeadlineExceeded, lease))
+        }
+        Leased::DeadLettered(lease) => {
+            let r = lease.request();
+            let msg = format!("the request failed {} times and was dead-lettered", lease.attempt());
+            error!("{msg}");
+            (error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::Internal, &msg), Outcome::Error(ErrorCode::Internal, lease))
+        }
+    };
+    let (code, lease) = match outcome {
+        Outcome::Ok(lease) => ("ok", lease),
+        Outcome::Error(code, lease) => (code.as_str(), lease),
+    };
+    let request = lease.into_request();
+    let reply = StoredReply {
+        request_id: request.request_id,
+        topic: request.reply_topic,
+        correlation_data: request.correlation_data,
+        protocol: request.protocol,
+        payload,
+    };
+    match shared.queue.complete_async(seq, &reply).await {
+        Ok(()) => {
+            shared.metrics.count(code, "local", "local_only");
+            shared.metrics.total.observe(since_ms(request.received_at) / 1e3);
+            shared.space.notify_waiters();
+            shared.publish_reply(seq, reply);
+        }
+        Err(QueueError::NotLeased { .. }) => {
+            warn!("the lease expired before the reply was stored; another worker will answer");
+        }
+        Err(e) => error!("cannot store the reply: {e}; the request will be retried"),
+    }
+}
+
+enum Outcome {
+    Ok(Lease),
+    Error(ErrorCode, Lease),
+}
+
+async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
+    let r = lease.request();
+    let queued = since_ms(r.received_at);
+    shared.metrics.queue_wait.observe(queued / 1e3);
+    let k = r.top_k.unwrap_or(shared.config.model.top_k) as usize;
+    let deadline_passed = r.deadline.is_some_and(|d| UnixMillis::now() >= d);
+    if deadline_passed {
+        let msg = format!("the deadline passed after {queued:.0} ms in the queue, before classification");
+        let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::DeadlineExceeded, &msg);
+        return (doc, Outcome::Error(ErrorCode::DeadlineExceeded, lease));
+    }
+    let s = shared.clone();
+    let (lease, result) = match tokio::task::spawn_blocking(move || {
+        let image = &lease.request().payload;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.classifier.classify(image, k)));
+        (lease, result)
+    })
+    .await
+    {
+        Ok((lease, Ok(result))) => (lease, result),
+        Ok((lease, Err(_panic))) => {
+            let r = lease.request();
+            error!("classification panicked");
+            let msg = "the classifier failed on this request";
+            let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::Internal, msg);
+            return (doc, Outcome::Error(ErrorCode::Internal, lease));
+        }
+        Err(e) => unreachable_join(e),
+    };
+    let r = lease.request();
+    match result {
+        Ok(c) => {
+            shared.metrics.preprocess.observe(c.preprocess.as_secs_f64());
+            shared.metrics.inference.observe(c.inference.as_secs_f64());
+            let best = c.top.first().map(|p| p.score).unwrap_or(0.0);
+            shared.metrics.confidence.observe(f64::from(best));
+            let reply = Reply {
+                id: &r.request_id,
+                device: &shared.device,
+                model: &shared.model,
+                source: "local",
+                reason: "local_only",
+                top: c
+                    .top
+                    .into_iter()
+                    .map(|p| Label {
+                        label: p.label,
+                        index: p.index,
+                        score: p.score,
+                    })
+                    .collect(),
+                low_confidence: best < shared.config.model.low_confidence_threshold,
+                timings_ms: Timings {
+                    queued,
+                    preprocess: ms(c.preprocess),
+                    inference: ms(c.inference),
+                    total: since_ms(r.received_at),
+                },
+            };
+            info!(top1 = best, inference_ms = ms(c.inference), "classified");
+            let doc = reply.to_json();
+            (doc, Outcome::Ok(lease))
+        }
+        Err(e) => {
+            let code = ErrorCode::from_runtime(e.code());
+            info!(code = code.as_str(), "cannot classify: {e}");
+            let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), code, &e.to_string());
+            (doc, Outcome::Error(code, lease))
+        }
+    }
+}
+
+async fn housekeeping_task(shared: Arc<Shared>) {
+    let mut last: Option<(State, crate::queue::QueueStats)> = None;
+    loop {
+        tokio::select! {
+            _ = shared.status_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let queue = shared.queue.clone();
+        match tokio::task::spawn_blocking(move || queue.requeue_expired(UnixMillis::now())).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                warn!(n, "leases expired; requests handed out again");
+                shared.work.notify_waiters();
+            }
+            Ok(Err(e)) => error!("cannot requeue expired leases: {e}"),
+            Err(e) => error!("requeue task failed: {e}"),
+        }
+        let stats = shared.queue.stats();
+        shared.metrics.set_queue(&stats);
+        let state = shared.state();
+        if shared.connected.load(Ordering::Relaxed) && last != Some((state, stats)) {
+            shared.send(PubCmd::Publish {
+                tag: Tag::Status,
+                topic: shared.topics.status.clone(),
+                payload: shared.status_document(state.as_str()),
+                retain: true,
+                correlation_data: None,
+            });
+            last = Some((state, stats));
+        }
+    }
+}
+
+/// For `--protocol` parsing in the binary.
+pub fn parse_protocol(s: &str) -> Result<MqttProtocol, String> {
+    match s {
+        "v5" | "5" => Ok(MqttProtocol::V5),
+        "v311" | "3.1.1" | "4" => Ok(MqttProtocol::V311),
+        other => Err(format!("unknown MQTT protocol `{other}` (v5 or v311)")),
+    }
+}

@@ -1,0 +1,434 @@
+//! One MQTT connection over rumqttc, MQTT 5 or 3.1.1 behind one interface, and the tracking
+//! that ties the broker's acknowledgements back to queue items.
+//!
+//! Settings that the durability contract rests on: manual acknowledgements (a request is
+//! PUBACKed by the caller after it is on disk), a persistent session (clean start off, a
+//! session expiry) so the broker redelivers what was not acknowledged, a maximum packet size
+//! large enough for images, a Receive Maximum that bounds the requests held in memory, and a
+//! retained last will.
+//!
+//! # Which reply did the broker acknowledge?
+//!
+//! rumqttc reports a PUBACK by packet id only, and assigns packet ids itself when a publish
+//! leaves. `PublishTracker` follows its rules: a tag is queued just before each publish is
+//! handed to the client (one task publishes, so tags and publishes keep one order); every
+//! `Outgoing::Publish(pkid)` event whose id is not already in flight takes the oldest queued
+//! tag (one in flight is a retransmission after a reconnect); a PUBACK returns the tag.
+//! When a connection fails, rumqttc keeps every publish not yet acknowledged and sends the
+//! in-flight ones again (same ids) and then the others in order if the broker still has the
+//! session. If it has not (`session_present` false), rumqttc drops them: the tracker is then
+//! reset, every reply still in the outbox is published again, and events from before the
+//! reset are ignored until the resubscription (sent after the reset) leaves, so a stale
+//! publish can never be taken for a new one. A reply is removed from the outbox only for its
+//! own PUBACK; the worst case of a mix-up is a duplicate, never a loss.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill as LastWillV5, Packet as PacketV5, PublishProperties,
+};
+use rumqttc::v5::mqttbytes::QoS as QoSV5;
+use rumqttc::{Outgoing, QoS};
+
+use crate::config::MqttProtocol;
+use crate::queue::Protocol;
+use crate::request::Inbound;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("MQTT connection: {0}")]
+    Connection(String),
+    #[error("MQTT client: {0}")]
+    Client(String),
+}
+
+/// What a connection needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub protocol: MqttProtocol,
+    pub username: String,
+    pub password: String,
+    pub keep_alive: Duration,
+    pub session_expiry_secs: u32,
+    pub max_packet_bytes: u32,
+    pub receive_maximum: u16,
+    /// Retained last will: topic and payload.
+    pub will: (String, Vec<u8>),
+}
+
+/// Replies and the status we publish at once; bounds rumqttc's outgoing state.
+const OUTGOING_INFLIGHT: u16 = 64;
+
+/// Sends requests to the connection; cheap to clone.
+#[derive(Clone)]
+pub enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+/// Polls the connection; owned by one task.
+pub enum Connection {
+    V5(Box<rumqttc::v5::EventLoop>),
+    V311(Box<rumqttc::EventLoop>),
+}
+
+/// What acknowledging a message needs.
+#[derive(Debug, Clone)]
+pub enum AckToken {
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+    V311(rumqttc::Publish),
+}
+
+/// An inbound message.
+#[derive(Debug)]
+pub struct Message {
+    pub protocol: Protocol,
+    pub topic: String,
+    pub payload: Bytes,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+    /// `None` for QoS 0 messages, which are not acknowledged.
+    pub ack: Option<AckToken>,
+}
+
+impl Message {
+    pub fn inbound(&self) -> Inbound<'_> {
+        Inbound {
+            protocol: self.protocol,
+            payload: &self.payload,
+            response_topic: self.response_topic.as_deref(),
+            correlation_data: self.correlation_data.as_deref(),
+            user_properties: &self.user_properties,
+        }
+    }
+}
+
+/// Connection events the daemon acts on.
+#[derive(Debug)]
+pub enum Event {
+    Connected { session_present: bool },
+    Message(Message),
+    /// A publish left with this packet id.
+    Published(u16),
+    /// The broker acknowledged our publish with this packet id.
+    PubAck(u16),
+    /// A subscribe request left (the resynchronisation barrier).
+    Subscribed,
+    Other,
+}
+
+pub fn connect(s: &Settings) -> (Client, Connection) {
+    let cap = 256;
+    match s.protocol {
+        MqttProtocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.host, s.port);
+            o.set_keep_alive(s.keep_alive)
+                .set_clean_start(false)
+                .set_session_expiry_interval(Some(s.session_expiry_secs))
+                .set_max_packet_size(Some(s.max_packet_bytes))
+                .set_receive_maximum(Some(s.receive_maximum))
+                .set_manual_acks(true)
+                .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
+                .set_connection_timeout(10)
+                .set_last_will(LastWillV5::new(
+                    &s.will.0,
+                    s.will.1.clone(),
+                    QoSV5::AtLeastOnce,
+                    true,
+                    None,
+                ));
+            if !s.username.is_empty() {
+                o.set_credentials(&s.username, &s.password);
+            }
+            let (c, l) = rumqttc::v5::AsyncClient::new(o, cap);
+            (Client::V5(c), Connection::V5(Box::new(l)))
+        }
+        MqttProtocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
+            let max = s.max_packet_bytes as usize;
+            o.set_keep_alive(s.keep_alive)
+                .set_clean_session(false)
+                .set_max_packet_size(max, max)
+                .set_manual_acks(true)
+                .set_inflight(OUTGOING_INFLIGHT)
+                .set_last_will(rumqttc::LastWill::new(&s.will.0, s.will.1.clone(), QoS::AtLeastOnce, true));
+            if !s.username.is_empty() {
+                o.set_credentials(&s.username, &s.password);
+            }
+            let (c, l) = rumqttc::AsyncClient::new(o, cap);
+            (Client::V311(c), Connection::V311(Box::new(l)))
+        }
+    }
+}
+
+fn client_err(e: impl std::fmt::Display) -> MqttError {
+    MqttError::Client(e.to_string())
+}
+
+impl Client {
+    /// Publishes at QoS 1; MQTT 5 replies carry the correlation data and a JSON content type.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        correlation_data: Option<Vec<u8>>,
+    ) -> Result<(), MqttError> {
+        match self {
+            Self::V5(c) => {
+                let props = PublishProperties {
+                    correlation_data: correlation_data.map(Bytes::from),
+                    content_type: Some("application/json".into()),
+                    payload_format_indicator: Some(1),
+                    ..PublishProperties::default()
+                };
+                c.publish_with_properties(topic, QoSV5::AtLeastOnce, retain, payload, props)
+                    .await
+                    .map_err(client_err)
+            }
+            Self::V311(c) => c
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .await
+                .map_err(client_err),
+        }
+    }
+
+    pub async fn subscribe(&self, filters: &[String]) -> Result<(), MqttError> {
+        match self {
+            Self::V5(c) => {
+                let subs = filters.iter().map(|f| {
+                    rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), QoSV5::AtLeastOnce)
+                });
+                c.subscribe_many(subs).await
+                    .map_err(client_err)
+            }
+            Self::V311(c) => {
+                let subs = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                c.subscribe_many(subs).await.map_err(client_err)
+            }
+        }
+    }
+
+    pub async fn ack(&self, token: &AckToken) -> Result<(), MqttError> {
+        match (self, token) {
+            (Self::V5(c), AckToken::V5(p)) => c.ack(p).await.map_err(client_err),
+            (Self::V311(c), AckToken::V311(p)) => c.ack(p).await.map_err(client_err),
+            _ => Err(MqttError::Client("acknowledgement of another protocol".into())),
+        }
+    }
+
+    pub async fn disconnect(&self) -> Result<(), MqttError> {
+        match self {
+            Self::V5(c) => c.disconnect().await.map_err(client_err),
+            Self::V311(c) => c.disconnect().await.map_err(client_err),
+        }
+    }
+}
+
+impl Connection {
+    /// The next event; an error means the connection is down (the next poll reconnects).
+    pub async fn poll(&mut self) -> Result<Event, MqttError> {
+        match self {
+            Self::V5(l) => {
+                let event = l.poll().await.map_err(|e| MqttError::Connection(e.to_string()))?;
+                Ok(match event {
+                    rumqttc::v5::Event::Incoming(p) => match p {
+                        PacketV5::ConnAck(c) => Event::Connected {
+                            session_present: c.session_present,
+                        },
+                        PacketV5::Publish(p) => Event::Message(message_v5(p)),
+                        PacketV5::PubAck(a) => Event::PubAck(a.pkid),
+                        _ => Event::Other,
+                    },
+                    rumqttc::v5::Event::Outgoing(o) => outgoing(o),
+                })
+            }
+            Self::V311(l) => {
+                let event = l.poll().await.map_err(|e| MqttError::Connection(e.to_string()))?;
+                Ok(match event {
+                    rumqttc::Event::Incoming(p) => match p {
+                        rumqttc::Packet::ConnAck(c) => Event::Connected {
+                            session_present: c.session_present,
+                        },
+                        rumqttc::Packet::Publish(p) => Event::Message(message_v311(p)),
+                        rumqttc::Packet::PubAck(a) => Event::PubAck(a.pkid),
+                        _ => Event::Other,
+                    },
+                    rumqttc::Event::Outgoing(o) => outgoing(o),
+                })
+            }
+        }
+    }
+}
+
+fn outgoing(o: Outgoing) -> Event {
+    match o {
+        Outgoing::Publish(pkid) if pkid != 0 => Event::Published(pkid),
+        Outgoing::Subscribe(_) => Event::Subscribed,
+        _ => Event::Other,
+    }
+}
+
+fn message_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Message {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let (response_topic, correlation_data, user_properties) = match &p.properties {
+        Some(props) => (
+            props.response_topic.clone(),
+            props.correlation_data.clone(),
+            props.user_properties.clone(),
+        ),
+        None => (None, None, Vec::new()),
+    };
+    let payload = p.payload.clone();
+    let ack = (p.qos != QoSV5::AtMostOnce).then_some(AckToken::V5(p));
+    Message {
+        protocol: Protocol::V5,
+        topic,
+        payload,
+        response_topic,
+        correlation_data,
+        user_properties,
+        ack,
+    }
+}
+
+fn message_v311(p: rumqttc::Publish) -> Message {
+    let topic = p.topic.clone();
+    let payload = p.payload.clone();
+    let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken::V311(p));
+    Message {
+        protocol: Protocol::V311,
+        topic,
+        payload,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        ack,
+    }
+}
+
+/// Ties PUBACKs to what was published (see the module doc). `T` is the caller's tag.
+#[derive(Debug)]
+pub struct PublishTracker<T> {
+    queued: VecDeque<T>,
+    in_flight: HashMap<u16, T>,
+    resyncing: bool,
+}
+
+impl<T> Default for PublishTracker<T> {
+    fn default() -> Self {
+        Self {
+            queued: VecDeque::new(),
+            in_flight: HashMap::new(),
+            resyncing: false,
+        }
+    }
+}
+
+impl<T> PublishTracker<T> {
+    /// Call just before handing a publish to the client.
+    pub fn queued(&mut self, tag: T) {
+        self.queued.push_back(tag);
+    }
+
+    /// A publish left with `pkid`.
+    pub fn published(&mut self, pkid: u16) {
+        if self.resyncing || self.in_flight.contains_key(&pkid) {
+            return;
+        }
+        if let Some(tag) = self.queued.pop_front() {
+            self.in_flight.insert(pkid, tag);
+        }
+    }
+
+    /// The broker acknowledged `pkid`: the tag it belongs to, if known.
+    pub fn acked(&mut self, pkid: u16) -> Option<T> {
+        self.in_flight.remove(&pkid)
+    }
+
+    /// The broker lost the session: forget everything until `subscribed`.
+    pub fn reset(&mut self) {
+        self.queued.clear();
+        self.in_flight.clear();
+        self.resyncing = true;
+    }
+
+    /// The subscription sent after `reset` left: events from now on are current.
+    pub fn subscribed(&mut self) {
+        self.resyncing = false;
+    }
+
+    pub fn len(&self) -> usize {
+        self.queued.len() + self.in_flight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_follow_publishes_and_acks() {
+        let mut t = PublishTracker::default();
+        t.queued("a");
+        t.queued("b");
+        t.published(1);
+        t.published(2);
+        assert_eq!(t.acked(2), Some("b"));
+        assert_eq!(t.acked(1), Some("a"));
+        assert_eq!(t.acked(1), None);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn retransmission_does_not_take_a_new_tag() {
+        let mut t = PublishTracker::default();
+        t.queued("a");
+        t.published(7);
+        t.queued("b");
+        // Reconnect with the session present: 7 goes out again, then b.
+        t.published(7);
+        t.published(8);
+        assert_eq!(t.acked(7), Some("a"));
+        assert_eq!(t.acked(8), Some("b"));
+    }
+
+    #[test]
+    fn reused_packet_id_after_ack_is_a_new_publish() {
+        let mut t = PublishTracker::default();
+        t.queued("a");
+        t.published(1);
+        assert_eq!(t.acked(1), Some("a"));
+        t.queued("b");
+        t.published(1);
+        assert_eq!(t.acked(1), Some("b"));
+    }
+
+    #[test]
+    fn after_reset_stale_events_are_ignored_until_subscribed() {
+        let mut t = PublishTracker::default();
+        t.queued("old");
+        t.published(1);
+        t.reset();
+        t.queued("new");
+        // A stale publish from before the reset leaves, then the barrier, then ours.
+        t.published(2);
+        assert_eq!(t.acked(2), None);
+        t.subscribed();
+        t.published(3);
+        assert_eq!(t.acked(1), None);
+        assert_eq!(t.acked(3), Some("new"));
+    }
+}

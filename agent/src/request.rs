@@ -1,0 +1,590 @@
+//! The MQTT request and reply formats (DESIGN.md section 4), independent of any connection:
+//! an inbound message becomes a `StoredRequest` or a rejection with its error reply, and
+//! results become reply documents.
+//!
+//! Requests
+//! - MQTT 5: the payload is the image (JPEG or PNG). Properties: Response Topic (where to
+//!   reply; default `<prefix>/<device>/result`), Correlation Data (echoed on the reply),
+//!   user properties `id`, `top_k`, `deadline_ms` (all optional).
+//! - MQTT 3.1.1: the payload is a JSON envelope
+//!   `{"id", "image_b64", "reply_to", "top_k", "deadline_ms"}`; only `image_b64` is required.
+//!
+//! The request id is the one the client gave (`id`), else the correlation data when it is
+//! short UTF-8, else one made up from the device, the arrival time and a counter. Replies
+//! always carry it so clients can drop duplicates (delivery is at-least-once).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{Protocol, StoredReply, StoredRequest, UnixMillis};
+
+/// The stable error codes of error replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request itself is malformed (3.1.1 envelope, bad property values).
+    InvalidRequest,
+    /// The image cannot be decoded (garbage, truncated).
+    InvalidImage,
+    /// The image exceeds the byte or pixel limits.
+    TooLarge,
+    /// Not JPEG or PNG.
+    UnsupportedFormat,
+    /// The deadline passed before the request was classified.
+    DeadlineExceeded,
+    /// The agent failed (and retried) or the model failed.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidImage => "invalid_image",
+            Self::TooLarge => "too_large",
+            Self::UnsupportedFormat => "unsupported_format",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The code for an error code string of the runtime (`RuntimeError::code`).
+    pub fn from_runtime(code: &str) -> Self {
+        match code {
+            "invalid_image" => Self::InvalidImage,
+            "too_large" => Self::TooLarge,
+            "unsupported_format" => Self::UnsupportedFormat,
+            _ => Self::Internal,
+        }
+    }
+
+    pub const ALL: [ErrorCode; 6] = [
+        Self::InvalidRequest,
+        Self::InvalidImage,
+        Self::TooLarge,
+        Self::UnsupportedFormat,
+        Self::DeadlineExceeded,
+        Self::Internal,
+    ];
+}
+
+/// What parsing needs to know about this agent.
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    pub device_id: String,
+    /// Reply topic when the request names none.
+    pub default_reply_topic: String,
+    pub max_image_bytes: usize,
+    pub max_top_k: u32,
+    pub default_deadline: Option<Duration>,
+}
+
+/// An MQTT message as received, protocol details already unpacked.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    pub protocol: Protocol,
+    pub payload: &'a [u8],
+    pub response_topic: Option<&'a str>,
+    pub correlation_data: Option<&'a [u8]>,
+    pub user_properties: &'a [(String, String)],
+}
+
+/// A request refused before it was queued, with the reply to send instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub code: ErrorCode,
+    pub message: String,
+    pub reply: StoredReply,
+}
+
+/// The 3.1.1 envelope. Unknown fields are ignored so clients can add their own.
+#[derive(Deserialize)]
+struct Envelope {
+    id: Option<String>,
+    image_b64: Option<String>,
+    reply_to: Option<String>,
+    top_k: Option<u32>,
+    deadline_ms: Option<u64>,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn generated_id(device: &str, now: UnixMillis) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{device}-{}-{n}", now.0)
+}
+
+/// Longest client-given request id kept, in bytes.
+const MAX_ID_BYTES: usize = 256;
+
+/// A valid topic to publish to: non-empty, no wildcards, no NUL, within MQTT's 65,535 bytes.
+pub fn valid_reply_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+}
+
+impl RequestPolicy {
+    /// Turns a message into a request to queue, or a rejection with its error reply.
+    pub fn parse(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Rejected> {
+        match msg.protocol {
+            Protocol::V5 => self.parse_v5(msg, now),
+            Protocol::V311 => self.parse_v311(msg, now),
+        }
+    }
+
+    fn parse_v5(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Rejected> {
+        let prop = |name: &str| {
+            msg.user_properties
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let correlation = msg.correlation_data.map(<[u8]>::to_vec);
+        let id = prop("id")
+            .filter(|id| !id.is_empty() && id.len() <= MAX_ID_BYTES)
+            .map(str::to_owned)
+            .or_else(|| {
+                msg.correlation_data
+                    .filter(|c| !c.is_empty() && c.len() <= MAX_ID_BYTES)
+                    .and_then(|c| std::str::from_utf8(c).ok())
+                    .filter(|s| s.chars().all(|c| !c.is_control()))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| generated_id(&self.device_id, now));
+        let topic_given = msg.response_topic.filter(|t| !t.is_empty());
+        let reply_topic = topic_given.unwrap_or(&self.default_reply_topic).to_owned();
+        let reject = |code, message: String, topic: &str| {
+            self.rejection(&id, topic, correlation.clone(), Protocol::V5, code, message)
+        };
+        if !valid_reply_topic(&reply_topic) {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                "the Response Topic is not a valid topic name".into(),
+                &self.default_reply_topic,
+            ));
+        }
+        let parse_num = |name: &str| -> Result<Option<u64>, Rejected> {
+            prop(name)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        reject(
+                            ErrorCode::InvalidRequest,
+                            format!("user property `{name}` must be a non-negative integer"),
+                            &reply_topic,
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let top_k = parse_num("top_k")?;
+        let deadline_ms = parse_num("deadline_ms")?;
+        self.build(
+            id,
+            reply_topic,
+            correlation,
+            Protocol::V5,
+            msg.payload.to_vec(),
+            top_k,
+            deadline_ms,
+            now,
+        )
+    }
+
+    fn parse_v311(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Rejected> {
+        let fallback_id = || generated_id(&self.device_id, now);
+        let envelope: Envelope = match serde_json::from_slice(msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                return Err(self.rejection(
+                    &fallback_id(),
+                    &self.default_reply_topic,
+                    None,
+                    Protocol::V311,
+                    ErrorCode::InvalidRequest,
+                    format!("the payload is not a JSON request envelope: {e}"),
+                ));
+            }
+        };
+        let id = envelope
+            .id
+            .filter(|id| !id.is_empty() && id.len() <= MAX_ID_BYTES)
+            .unwrap_or_else(fallback_id);
+        let reply_topic = envelope
+            .reply_to
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| self.default_reply_topic.clone());
+        let reject = |code, message: String, topic: &str| {
+            self.rejection(&id, topic, None, Protocol::V311, code, message)
+        };
+        if !valid_reply_topic(&reply_topic) {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                "`reply_to` is not a valid topic name".into(),
+                &self.default_reply_topic,
+            ));
+        }
+        let Some(b64) = envelope.image_b64 else {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                "the envelope has no `image_b64`".into(),
+                &reply_topic,
+            ));
+        };
+        // Refuse before decoding: base64 is 4/3 of the bytes it carries.
+        let decoded_len = b64.len() / 4 * 3;
+        if decoded_len > self.max_image_bytes + 3 {
+            return Err(reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "the image is about {decoded_len} bytes, the limit is {}",
+                    self.max_image_bytes
+                ),
+                &reply_topic,
+            ));
+        }
+        let image = match base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) {
+            Ok(image) => image,
+            Err(e) => {
+                return Err(reject(
+                    ErrorCode::InvalidRequest,
+                    format!("`image_b64` is not valid base64: {e}"),
+                    &reply_topic,
+                ));
+            }
+        };
+        self.build(
+            id,
+            reply_topic,
+            None,
+            Protocol::V311,
+            image,
+            envelope.top_k.map(u64::from),
+            envelope.deadline_ms,
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        id: String,
+        reply_topic: String,
+        correlation_data: Option<Vec<u8>>,
+        protocol: Protocol,
+        payload: Vec<u8>,
+        top_k: Option<u64>,
+        deadline_ms: Option<u64>,
+        now: UnixMillis,
+    ) -> Result<StoredRequest, Rejected> {
+        let reject = |code, message: String| {
+            self.rejection(&id, &reply_topic, correlation_data.clone(), protocol, code, message)
+        };
+        if payload.len() > self.max_image_bytes {
+            return Err(reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "the image is {} bytes, the limit is {}",
+                    payload.len(),
+                    self.max_image_bytes
+                ),
+            ));
+        }
+        if payload.is_empty() {
+            return Err(reject(ErrorCode::InvalidImage, "the image is empty".into()));
+        }
+        let top_k = match top_k {
+            None => None,
+            Some(k) if k >= 1 && k <= u64::from(self.max_top_k) => Some(k as u32),
+            Some(k) => {
+                return Err(reject(
+                    ErrorCode::InvalidRequest,
+                    format!("top_k {k} is outside 1..={}", self.max_top_k),
+                ));
+            }
+        };
+        let deadline = deadline_ms
+            .map(Duration::from_millis)
+            .or(self.default_deadline)
+            .map(|d| now.saturating_add(d));
+        Ok(StoredRequest {
+            request_id: id,
+            received_at: now,
+            deadline,
+            reply_topic,
+            correlation_data,
+            top_k,
+            protocol,
+            payload,
+        })
+    }
+
+    fn rejection(
+        &self,
+        id: &str,
+        topic: &str,
+        correlation_data: Option<Vec<u8>>,
+        protocol: Protocol,
+        code: ErrorCode,
+        message: String,
+    ) -> Rejected {
+        let reply = StoredReply {
+            request_id: id.to_owned(),
+            topic: topic.to_owned(),
+            correlation_data,
+            protocol,
+            payload: error_document(id, &self.device_id, None, code, &message),
+        };
+        Rejected { code, message, reply }
+    }
+}
+
+/// The model a reply names.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+}
+
+/// One label of a reply.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Label {
+    pub label: String,
+    pub index: usize,
+    pub score: f32,
+}
+
+/// Milliseconds spent in each stage.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct Timings {
+    /// From arrival to the start of classification.
+    pub queued: f64,
+    pub preprocess: f64,
+    pub inference: f64,
+    /// From arrival to the reply.
+    pub total: f64,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Reply<'a> {
+    pub id: &'a str,
+    pub device: &'a str,
+    pub model: &'a ModelRef,
+    /// `local` or `cluster`.
+    pub source: &'a str,
+    /// Why that path served it.
+    pub reason: &'a str,
+    pub top: Vec<Label>,
+    pub low_confidence: bool,
+    pub timings_ms: Timings,
+}
+
+impl Reply<'_> {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|e| {
+            error_document(self.id, self.device, None, ErrorCode::Internal, &e.to_string())
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: ErrorCode,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorReply<'a> {
+    id: &'a str,
+    device: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a ModelRef>,
+    error: ErrorBody<'a>,
+}
+
+/// `{"id", "device", "model"?, "error": {"code", "message"}}`.
+pub fn error_document(
+    id: &str,
+    device: &str,
+    model: Option<&ModelRef>,
+    code: ErrorCode,
+    message: &str,
+) -> Vec<u8> {
+    let reply = ErrorReply {
+        id,
+        device,
+        model,
+        error: ErrorBody { code, message },
+    };
+    // Serialising strings and numbers cannot fail; keep a literal fallback anyway.
+    serde_json::to_vec(&reply)
+        .unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"reply encoding failed"}}"#.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RequestPolicy {
+        RequestPolicy {
+            device_id: "cam1".into(),
+            default_reply_topic: "edge/cam1/result".into(),
+            max_image_bytes: 100,
+            max_top_k: 10,
+            default_deadline: None,
+        }
+    }
+
+    fn v5<'a>(payload: &'a [u8], props: &'a [(String, String)]) -> Inbound<'a> {
+        Inbound {
+            protocol: Protocol::V5,
+            payload,
+            response_topic: Some("app/replies"),
+            correlation_data: Some(b"corr-7"),
+            user_properties: props,
+        }
+    }
+
+    fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn error_code(r: &Rejected) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&r.reply.payload).unwrap();
+        v["error"]["code"].as_str().unwrap().to_owned()
+    }
+
+    const NOW: UnixMillis = UnixMillis(1_000_000);
+
+    #[test]
+    fn v5_request_takes_properties() {
+        let p = props(&[("id", "r1"), ("top_k", "3"), ("deadline_ms", "500")]);
+        let r = policy().parse(&v5(b"\xFF\xD8img", &p), NOW).unwrap();
+        assert_eq!(r.request_id, "r1");
+        assert_eq!(r.reply_topic, "app/replies");
+        assert_eq!(r.correlation_data.as_deref(), Some(&b"corr-7"[..]));
+        assert_eq!(r.top_k, Some(3));
+        assert_eq!(r.deadline, Some(UnixMillis(1_000_500)));
+        assert_eq!(r.payload, b"\xFF\xD8img");
+    }
+
+    #[test]
+    fn v5_id_falls_back_to_correlation_then_generated() {
+        let r = policy().parse(&v5(b"x", &[]), NOW).unwrap();
+        assert_eq!(r.request_id, "corr-7");
+        let binary = Inbound {
+            correlation_data: Some(&[0xFF, 0x00]),
+            response_topic: None,
+            ..v5(b"x", &[])
+        };
+        let r = policy().parse(&binary, NOW).unwrap();
+        assert!(r.request_id.starts_with("cam1-1000000-"), "{}", r.request_id);
+        assert_eq!(r.reply_topic, "edge/cam1/result");
+    }
+
+    #[test]
+    fn v5_rejections_have_codes_and_keep_correlation() {
+        let big = vec![0u8; 101];
+        let r = policy().parse(&v5(&big, &[]), NOW).unwrap_err();
+        assert_eq!((r.code, error_code(&r).as_str()), (ErrorCode::TooLarge, "too_large"));
+        assert_eq!(r.reply.topic, "app/replies");
+        assert_eq!(r.reply.correlation_data.as_deref(), Some(&b"corr-7"[..]));
+
+        let p = props(&[("top_k", "lots")]);
+        let r = policy().parse(&v5(b"x", &p), NOW).unwrap_err();
+        assert_eq!(error_code(&r), "invalid_request");
+        let p = props(&[("top_k", "11")]);
+        assert_eq!(policy().parse(&v5(b"x", &p), NOW).unwrap_err().code, ErrorCode::InvalidRequest);
+
+        let r = policy().parse(&v5(b"", &[]), NOW).unwrap_err();
+        assert_eq!(error_code(&r), "invalid_image");
+
+        let wild = Inbound {
+            response_topic: Some("a/#"),
+            ..v5(b"x", &[])
+        };
+        let r = policy().parse(&wild, NOW).unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidRequest);
+        assert_eq!(r.reply.topic, "edge/cam1/result");
+    }
+
+    fn v311(payload: &[u8]) -> Inbound<'_> {
+        Inbound {
+            protocol: Protocol::V311,
+            payload,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: &[],
+        }
+    }
+
+    #[test]
+    fn v311_envelope() {
+        let body = br#"{"id":"e1","image_b64":"/9j/","reply_to":"app/r","top_k":2,"deadline_ms":10,"extra":1}"#;
+        let r = policy().parse(&v311(body), NOW).unwrap();
+        assert_eq!(r.request_id, "e1");
+        assert_eq!(r.payload, [0xFF, 0xD8, 0xFF]);
+        assert_eq!(r.reply_topic, "app/r");
+        assert_eq!(r.top_k, Some(2));
+        assert_eq!(r.deadline, Some(UnixMillis(1_000_010)));
+        assert_eq!(r.protocol, Protocol::V311);
+    }
+
+    #[test]
+    fn v311_rejections() {
+        for (body, code) in [
+            (&b"not json"[..], "invalid_request"),
+            (br#"{"id":"e1"}"#, "invalid_request"),
+            (br#"{"id":"e1","image_b64":"!!!"}"#, "invalid_request"),
+            (br#"{"id":"e1","image_b64":""}"#, "invalid_image"),
+            (br#"{"id":"e1","image_b64":3}"#, "invalid_request"),
+        ] {
+            let r = policy().parse(&v311(body), NOW).unwrap_err();
+            assert_eq!(error_code(&r), code, "{}", String::from_utf8_lossy(body));
+        }
+        let big = format!(r#"{{"id":"e2","image_b64":"{}"}}"#, "A".repeat(200));
+        let r = policy().parse(&v311(big.as_bytes()), NOW).unwrap_err();
+        assert_eq!(error_code(&r), "too_large");
+        assert_eq!(r.reply.request_id, "e2");
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let r = policy().parse(&v311(deep.as_bytes()), NOW).unwrap_err();
+        assert_eq!(error_code(&r), "invalid_request");
+    }
+
+    #[test]
+    fn reply_documents() {
+        let model = ModelRef {
+            name: "m".into(),
+            version: "1".into(),
+        };
+        let reply = Reply {
+            id: "r1",
+            device: "cam1",
+            model: &model,
+            source: "local",
+            reason: "local",
+            top: vec![Label {
+                label: "cat".into(),
+                index: 3,
+                score: 0.9,
+            }],
+            low_confidence: false,
+            timings_ms: Timings::default(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&reply.to_json()).unwrap();
+        assert_eq!(v["id"], "r1");
+        assert_eq!(v["model"]["version"], "1");
+        assert_eq!(v["top"][0]["label"], "cat");
+        assert!(v["timings_ms"]["total"].is_number());
+        let e: serde_json::Value =
+            serde_json::from_slice(&error_document("r2", "cam1", Some(&model), ErrorCode::TooLarge, "big")).unwrap();
+        assert_eq!(e["error"]["code"], "too_large");
+        assert_eq!(e["model"]["name"], "m");
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}

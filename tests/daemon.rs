@@ -1,0 +1,472 @@
+//! Real processes for the daemon tests: a Mosquitto broker on a free port with its own config,
+//! `edge-agent run` processes, and an MQTT test client (rumqttc, MQTT 5 or 3.1.1).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+
+use crate::bin;
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {} failed", child.id());
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn mosquitto_binary() -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin"] {
+        let p = Path::new(dir).join("mosquitto");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("mosquitto not found: install the Debian package `mosquitto` (.ci/run does)")
+}
+
+/// A Mosquitto broker with persistence in its own temp dir, on a free port.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    verbose: bool,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Logs every packet (`log_type all`), so tests can count the agent's PUBACKs.
+    pub fn start_verbose() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(verbose: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+            verbose,
+        };
+        m.spawn();
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let d = self.dir.path().display();
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 persistence true\n\
+                 persistence_location {d}/\n\
+                 autosave_interval 1\n\
+                 max_queued_messages 100000\n\
+                 max_inflight_messages 20\n\
+                 log_dest file {d}/mosquitto.log\n\
+                 {types}",
+                port = self.port,
+                types = if self.verbose {
+                    "log_type all\n"
+                } else {
+                    "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+                }
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(10)),
+            "mosquitto did not listen on {}",
+            self.port
+        );
+    }
+
+    /// Stops the broker cleanly (it saves its persistence file) and starts it again.
+    pub fn restart(&mut self, down_for: Duration) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "-TERM");
+            wait_timeout(&mut child, Duration::from_secs(10)).expect("mosquitto stops on SIGTERM");
+        }
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// How to run one agent.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    pub device_id: String,
+    pub bundle: PathBuf,
+    /// `None`: the embedded broker, listening on `embedded_port`.
+    pub broker: Option<String>,
+    pub embedded_port: u16,
+    pub protocol: &'static str,
+    /// Extra `EDGE_AGENT_*` variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl AgentSpec {
+    pub fn new(device_id: &str, bundle: &Path, broker: Option<String>) -> Self {
+        Self {
+            device_id: device_id.into(),
+            bundle: bundle.into(),
+            broker,
+            embedded_port: 0,
+            protocol: "v5",
+            env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.into(), value.to_string()));
+        self
+    }
+}
+
+/// A running `edge-agent run`, its queue directory and HTTP port kept across restarts.
+pub struct Agent {
+    pub spec: AgentSpec,
+    pub queue_dir: PathBuf,
+    pub http_port: u16,
+    _dir: Arc<tempfile::TempDir>,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    pub starts: usize,
+}
+
+impl Agent {
+    /// Starts the agent and waits until `/readyz` says ready.
+    pub fn start(spec: AgentSpec) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut a = Agent {
+            spec,
+            queue_dir: dir.path().join("queue"),
+            http_port: free_port(),
+            _dir: Arc::new(dir),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            starts: 0,
+        };
+        a.spawn();
+        a.wait_ready(Duration::from_secs(60));
+        a
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(bin("edge-agent"));
+        cmd.arg("run")
+            .arg("--bundle")
+            .arg(&self.spec.bundle)
+            .arg("--queue-dir")
+            .arg(&self.queue_dir)
+            .args(["--device-id", &self.spec.device_id])
+            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--protocol", self.spec.protocol])
+            .env_remove("RUST_LOG")
+            .env("EDGE_AGENT_LOG__LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match &self.spec.broker {
+            Some(url) => {
+                cmd.args(["--broker", url]);
+            }
+            None => {
+                cmd.env(
+                    "EDGE_AGENT_EMBEDDED_BROKER__LISTEN",
+                    format!("127.0.0.1:{}", self.spec.embedded_port),
+                );
+            }
+        }
+        for (k, v) in &self.spec.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start edge-agent");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = self.log.clone();
+        let n = self.starts;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+                l.push_str(&format!("[{n}] {line}\n"));
+            }
+        });
+        self.starts += 1;
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `GET path` on the agent's HTTP port: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http_port, path)
+    }
+
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some((200, _)) = self.http_get("/readyz") {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("edge-agent exited with {status} before ready:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("edge-agent not ready after {timeout:?}:\n{}", self.log());
+    }
+
+    /// A metric's value (summed over its label sets), from `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics").unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        signal(&child, "-TERM");
+        wait_timeout(&mut child, Duration::from_secs(60)).expect("edge-agent exits after SIGTERM")
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Starts again after `kill9` or `terminate`.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP/1.0 GET (no client dependency needed for three endpoints).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A message the test client received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Bytes,
+    pub correlation_data: Option<Bytes>,
+    pub retain: bool,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!("reply on {} is not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload))
+        })
+    }
+}
+
+/// An MQTT 5 test client with a persistent session that records everything it receives.
+pub struct TestClient {
+    pub client: AsyncClient,
+    received: Arc<Mutex<Vec<Received>>>,
+    connects: Arc<Mutex<usize>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl TestClient {
+    /// Connects to `port` and subscribes to `filters` (QoS 1).
+    pub async fn connect(port: u16, id: &str, filters: &[&str]) -> Self {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(3600))
+            .set_max_packet_size(Some(64 * 1024 * 1024))
+            .set_outgoing_inflight_upper_limit(1000);
+        let (client, mut eventloop) = AsyncClient::new(o, 10_000);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connects = Arc::new(Mutex::new(0));
+        let (r, c) = (received.clone(), connects.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        r.lock().unwrap().push(Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.clone(),
+                            correlation_data: p.properties.as_ref().and_then(|p| p.correlation_data.clone()),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => *c.lock().unwrap() += 1,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        let me = TestClient {
+            client,
+            received,
+            connects,
+            _task: task,
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while *me.connects.lock().unwrap() == 0 {
+            assert!(Instant::now() < end, "test client cannot connect to port {port}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for f in filters {
+            me.client.subscribe(*f, QoS::AtLeastOnce).await.expect("subscribe");
+        }
+        // Let the subscriptions reach the broker before anything is published.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        me
+    }
+
+    /// An MQTT 5 request: raw image, Response Topic, Correlation Data, user properties.
+    pub async fn request(&self, topic: &str, image: &[u8], reply_to: &str, correlation: &str, props: &[(&str, &str)]) {
+        let properties = PublishProperties {
+            response_topic: Some(reply_to.into()),
+            correlation_data: Some(Bytes::copy_from_slice(correlation.as_bytes())),
+            user_properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..PublishProperties::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, image.to_vec(), properties)
+            .await
+            .expect("publish");
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish");
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Received> {
+        self.received().into_iter().filter(|r| r.topic == topic).collect()
+    }
+
+    /// Waits until `done` holds for the messages on `topic` or `timeout` passes.
+    pub async fn wait_for(&self, topic: &str, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let end = Instant::now() + timeout;
+        loop {
+            let got = self.on(topic);
+            if done(&got) || Instant::now() > end {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Replies on `topic` counted by request id.
+    pub fn replies_by_id(&self, topic: &str) -> HashMap<String, Vec<Value>> {
+        let mut by_id: HashMap<String, Vec<Value>> = HashMap::new();
+        for r in self.on(topic) {
+            let v = r.json();
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            by_id.entry(id).or_default().push(v);
+        }
+        by_id
+    }
+}

@@ -1,0 +1,453 @@
+//! `edge-agent run` end to end: a real Mosquitto broker (own config, free port), real agent
+//! processes, an MQTT test client. Most tests serve the real pretrained EfficientNet-Lite0
+//! (fast, and its answers are known); the backpressure test uses the slower seeded-weight
+//! Inception V3 so the queue stays full long enough to watch.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use edge_e2e::daemon::{Agent, AgentSpec, Mosquitto, TestClient, free_port};
+use edge_e2e::{bin, fixtures, run, shared_models, stderr};
+use serde_json::Value;
+
+use crate::classify_photos::efficientnet_bundle;
+
+fn coffee() -> Vec<u8> {
+    std::fs::read(shared_models().join("coffee.jpg")).unwrap()
+}
+
+fn camera() -> Vec<u8> {
+    std::fs::read(shared_models().join("camera.jpg")).unwrap()
+}
+
+/// What `edge-agent classify --json` says about the shared photo `name` (the reference the
+/// daemon's replies must match).
+fn classify_reference(name: &str) -> Vec<(String, f64)> {
+    let out = run(Command::new(bin("edge-agent"))
+        .args(["classify", "--json", "--top-k", "5", "--bundle"])
+        .arg(efficientnet_bundle())
+        .arg(shared_models().join(name)));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    labels(&doc["results"][0]["top"])
+}
+
+fn labels(top: &Value) -> Vec<(String, f64)> {
+    top.as_array()
+        .unwrap_or_else(|| panic!("no top-k in {top}"))
+        .iter()
+        .map(|p| (p["label"].as_str().unwrap().to_owned(), p["score"].as_f64().unwrap()))
+        .collect()
+}
+
+fn assert_same_top5(reply: &Value, reference: &[(String, f64)]) {
+    let got = labels(&reply["top"]);
+    assert_eq!(got.len(), 5, "{reply}");
+    for ((l, s), (rl, rs)) in got.iter().zip(reference) {
+        assert_eq!(l, rl, "labels differ: {reply}");
+        assert!((s - rs).abs() < 1e-5, "scores differ: {s} vs {rs}");
+    }
+}
+
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// The seeded-weight Inception V3 (slow on purpose here), converted once per run.
+fn inception_bundle() -> PathBuf {
+    static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    BUNDLE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let bundle = dir.path().join("inception_v3_seeded.bundle");
+            let f = fixtures();
+            let out = run(Command::new(bin("edge-convert"))
+                .arg("convert")
+                .arg(f.join("inception_v3_seeded_nhwc.onnx"))
+                .arg("-o")
+                .arg(&bundle)
+                .args(["--preset", "inception", "--labels"])
+                .arg(f.join("inception_v3_seeded_labels.txt")));
+            assert!(out.status.success(), "{}", stderr(&out));
+            (dir, bundle)
+        })
+        .1
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_request_gets_one_reply_with_its_correlation_data_and_the_right_top5() {
+    let reference = classify_reference("coffee.jpg");
+    assert_eq!(reference[0].0, "espresso");
+    let broker = Mosquitto::start();
+    let agent = block(|| Agent::start(AgentSpec::new("cam-v5", &efficientnet_bundle(), Some(broker.url()))));
+    let client = TestClient::connect(broker.port, "t-v5", &["app/replies", "edge/cam-v5/status"]).await;
+    client
+        .request("edge/cam-v5/classify", &coffee(), "app/replies", "corr-42", &[("id", "req-1")])
+        .await;
+    let got = client.wait_for("app/replies", Duration::from_secs(60), |r| !r.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_later = client.on("app/replies");
+    assert_eq!(got_later.len(), 1, "exactly one reply: {got_later:?}");
+    let reply = &got[0];
+    assert_eq!(reply.correlation_data.as_deref(), Some(&b"corr-42"[..]));
+    let v = reply.json();
+    assert_eq!(v["id"], "req-1");
+    assert_eq!(v["device"], "cam-v5");
+    assert_eq!(v["source"], "local");
+    assert_eq!(v["model"]["name"], "efficientnet_lite0");
+    assert_eq!(v["low_confidence"], false);
+    assert_same_top5(&v, &reference);
+    for t in ["queued", "preprocess", "inference", "total"] {
+        assert!(v["timings_ms"][t].as_f64().unwrap() >= 0.0, "{v}");
+    }
+
+    // Default reply topic, top_k from a user property.
+    let client2 = TestClient::connect(broker.port, "t-v5-2", &["edge/cam-v5/result"]).await;
+    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![("top_k".into(), "2".into()), ("id".into(), "req-2".into())],
+        ..Default::default()
+    };
+    client2
+        .client
+        .publish_with_properties("edge/cam-v5/classify", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, camera(), props)
+        .await
+        .unwrap();
+    let got = client2.wait_for("edge/cam-v5/result", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let v = got.first().expect("a reply on the default topic").json();
+    assert_eq!(v["id"], "req-2");
+    assert_eq!(v["top"].as_array().unwrap().len(), 2);
+    assert_eq!(v["top"][0]["label"], classify_reference("camera.jpg")[0].0.as_str());
+
+    // Status is retained and says online; metrics count both requests.
+    let status = client.wait_for("edge/cam-v5/status", Duration::from_secs(5), |r| !r.is_empty()).await;
+    let s = status.last().unwrap().json();
+    assert_eq!(s["state"], "online", "{s}");
+    assert_eq!(s["model"]["name"], "efficientnet_lite0");
+    let metrics = agent.http_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains(r#"edge_agent_requests_total{outcome="ok",path="local",reason="local_only"} 2"#),
+        "{metrics}"
+    );
+    for family in ["edge_agent_inference_seconds_bucket", "edge_agent_queue_wait_seconds_count", "edge_agent_confidence_bucket", "edge_agent_queue_items"] {
+        assert!(metrics.contains(family), "{family} missing");
+    }
+    assert_eq!(agent.http_get("/healthz").unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_json_envelope_gets_the_same_answer() {
+    let reference = classify_reference("coffee.jpg");
+    let broker = Mosquitto::start();
+    let mut spec = AgentSpec::new("cam-v311", &efficientnet_bundle(), Some(broker.url()));
+    spec.protocol = "v311";
+    let _agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-v311", &["app/r311"]).await;
+    let envelope = serde_json::json!({
+        "id": "env-1",
+        "image_b64": base64::engine::general_purpose::STANDARD.encode(coffee()),
+        "reply_to": "app/r311",
+        "top_k": 5,
+    });
+    client
+        .publish("edge/cam-v311/classify", serde_json::to_vec(&envelope).unwrap())
+        .await;
+    let got = client.wait_for("app/r311", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let v = got.first().expect("a reply").json();
+    assert_eq!(v["id"], "env-1");
+    assert_same_top5(&v, &reference);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_code_comes_from_a_matching_bad_request_and_the_agent_keeps_serving() {
+    let broker = Mosquitto::start();
+    let spec = AgentSpec::new("cam-err", &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_LIMITS__MAX_IMAGE_BYTES", 1_000_000)
+        .env("EDGE_AGENT_MQTT__MAX_PACKET_BYTES", 4_000_000);
+    let _agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-err", &["app/err"]).await;
+    let jpeg = coffee();
+    let mut truncated = jpeg[..jpeg.len() / 2].to_vec();
+    truncated.truncate(jpeg.len() / 2);
+    let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
+    let oversize = {
+        let mut v = jpeg.clone();
+        v.resize(1_500_000, 0);
+        v
+    };
+    // Requests queued ahead of the one with a 1 ms deadline, so it waits longer than that.
+    for i in 0..4 {
+        client.request("edge/cam-err/classify", &jpeg, "app/err", &format!("busy-{i}"), &[]).await;
+    }
+    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+        ("deadline", jpeg.clone(), vec![("deadline_ms", "1")], "deadline_exceeded"),
+        ("garbage", (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(), vec![], "unsupported_format"),
+        ("truncated", truncated, vec![], "invalid_image"),
+        ("oversize", oversize, vec![], "too_large"),
+        ("gif", gif, vec![], "unsupported_format"),
+        ("empty", Vec::new(), vec![], "invalid_image"),
+        ("bad-top-k", jpeg.clone(), vec![("top_k", "many")], "invalid_request"),
+        ("after", jpeg.clone(), vec![], "ok"),
+    ];
+    for (id, payload, props, _) in &cases {
+        client.request("edge/cam-err/classify", payload, "app/err", id, props).await;
+    }
+    let want = cases.len() + 4;
+    let got = client.wait_for("app/err", Duration::from_secs(90), |r| r.len() >= want).await;
+    let by_corr: HashMap<String, Value> = got
+        .iter()
+        .map(|r| (String::from_utf8_lossy(r.correlation_data.as_deref().unwrap_or_default()).into_owned(), r.json()))
+        .collect();
+    for (id, _, _, code) in &cases {
+        let v = by_corr.get(*id).unwrap_or_else(|| panic!("no reply for {id}; got {by_corr:?}"));
+        let got_code = v["error"]["code"].as_str().unwrap_or("ok");
+        assert_eq!(got_code, *code, "{id}: {v}");
+        if *code != "ok" {
+            assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+        }
+    }
+    // 3.1.1 envelopes that are not requests.
+    for (n, body) in [
+        b"{not json".to_vec(),
+        br#"{"id":"x","image_b64":"%%%"}"#.to_vec(),
+        format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        client.publish("edge/cam-err/classify", body).await;
+        let _ = n;
+    }
+    // The agent is MQTT 5 here, so these raw payloads are images to it; they still get
+    // replies, and the agent keeps serving.
+    client.request("edge/cam-err/classify", &jpeg, "app/err", "last", &[]).await;
+    let got = client
+        .wait_for("app/err", Duration::from_secs(60), |r| {
+            r.iter().any(|m| m.correlation_data.as_deref() == Some(b"last"))
+        })
+        .await;
+    let last = got.iter().find(|m| m.correlation_data.as_deref() == Some(b"last")).unwrap().json();
+    assert_eq!(last["top"][0]["label"], "espresso");
+}
+
+/// Sends `n` requests and returns their ids.
+async fn send_load(client: &TestClient, device: &str, reply_to: &str, n: usize, tag: &str) -> Vec<String> {
+    let image = coffee();
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{tag}-{i}");
+        client
+            .request(&format!("edge/{device}/classify"), &image, reply_to, &id, &[("id", &id)])
+            .await;
+        ids.push(id);
+    }
+    ids
+}
+
+fn summarize(what: &str, sent: &[String], by_id: &HashMap<String, Vec<Value>>, acknowledged: usize) {
+    let missing: Vec<&String> = sent.iter().filter(|id| !by_id.contains_key(*id)).collect();
+    let duplicates: usize = by_id.values().map(|v| v.len().saturating_sub(1)).sum();
+    let errors: Vec<&Value> = by_id.values().flatten().filter(|v| v.get("error").is_some()).collect();
+    println!(
+        "{what}: sent {} / acknowledged by the agent {acknowledged} / replied {} / duplicated {duplicates} / errors {}",
+        sent.len(),
+        by_id.len(),
+        errors.len()
+    );
+    assert!(missing.is_empty(), "{what}: {} requests never answered: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(errors.is_empty(), "{what}: error replies: {:?}", &errors[..errors.len().min(5)]);
+}
+
+/// PUBACKs the agent sent for requests, from the broker's log (every delivery it acknowledged,
+/// redeliveries included).
+fn agent_pubacks(broker: &Mosquitto, client_id: &str) -> usize {
+    broker
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("Received PUBACK from {client_id}")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_acknowledged_request() {
+    let broker = Mosquitto::start_verbose();
+    let mut agent = block(|| Agent::start(AgentSpec::new("cam-kill", &efficientnet_bundle(), Some(broker.url()))));
+    let client = TestClient::connect(broker.port, "t-kill", &["app/kill"]).await;
+    let sent = send_load(&client, "cam-kill", "app/kill", 500, "k").await;
+    let mut kills = 0;
+    for threshold in [60, 170, 290, 400] {
+        let got = client
+            .wait_for("app/kill", Duration::from_secs(120), |r| r.len() >= threshold)
+            .await;
+        assert!(got.len() >= threshold, "stalled at {} replies before kill {kills}", got.len());
+        // Vary the moment inside the request cycle (flush, classify, publish).
+        tokio::time::sleep(Duration::from_millis(7 * (kills as u64 + 1) * 3)).await;
+        block(|| agent.restart());
+        kills += 1;
+    }
+    let client_ids: HashSet<String> = sent.iter().cloned().collect();
+    let got = client
+        .wait_for("app/kill", Duration::from_secs(180), |_| {
+            let by = client.replies_by_id("app/kill");
+            client_ids.iter().all(|id| by.contains_key(id))
+        })
+        .await;
+    assert!(!got.is_empty());
+    let acked = agent_pubacks(&broker, "edge-agent-cam-kill");
+    let by_id = client.replies_by_id("app/kill");
+    println!("kill -9 test: {kills} kills");
+    summarize("kill -9", &sent, &by_id, acked);
+    assert!(kills >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_under_load_loses_no_acknowledged_request() {
+    let mut broker = Mosquitto::start_verbose();
+    let _agent = block(|| Agent::start(AgentSpec::new("cam-brk", &efficientnet_bundle(), Some(broker.url()))));
+    let client = TestClient::connect(broker.port, "t-brk", &["app/brk"]).await;
+    let sent = send_load(&client, "cam-brk", "app/brk", 300, "b").await;
+    let mut restarts = 0;
+    for threshold in [50, 130, 210] {
+        let got = client.wait_for("app/brk", Duration::from_secs(120), |r| r.len() >= threshold).await;
+        assert!(got.len() >= threshold, "stalled at {} replies before restart {restarts}", got.len());
+        block(|| broker.restart(Duration::from_millis(300)));
+        restarts += 1;
+    }
+    let ids: HashSet<String> = sent.iter().cloned().collect();
+    client
+        .wait_for("app/brk", Duration::from_secs(180), |_| {
+            let by = client.replies_by_id("app/brk");
+            ids.iter().all(|id| by.contains_key(id))
+        })
+        .await;
+    // Mosquitto appends to its log across restarts.
+    let acked = agent_pubacks(&broker, "edge-agent-cam-brk");
+    println!("broker restart test: {restarts} restarts");
+    summarize("broker restart", &sent, &client.replies_by_id("app/brk"), acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_stops_acknowledging_says_so_and_resumes() {
+    let broker = Mosquitto::start();
+    let spec = AgentSpec::new("cam-full", &inception_bundle(), Some(broker.url())).env("EDGE_AGENT_QUEUE__MAX_ITEMS", 3);
+    let agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-full", &["app/full", "edge/cam-full/status"]).await;
+    let sent = send_load(&client, "cam-full", "app/full", 12, "f").await;
+    let statuses = client
+        .wait_for("edge/cam-full/status", Duration::from_secs(60), |r| {
+            r.iter().any(|m| m.json()["state"] == "backpressure")
+        })
+        .await;
+    let full = statuses
+        .iter()
+        .map(|m| m.json())
+        .find(|s| s["state"] == "backpressure")
+        .expect("the status says backpressure while the queue is full");
+    let q = &full["queue"];
+    let held = q["pending"].as_u64().unwrap() + q["leased"].as_u64().unwrap() + q["outbox"].as_u64().unwrap();
+    assert!(held <= 3, "the queue holds at most max_items: {full}");
+    // While full, what the agent acknowledged never exceeds what it answered plus the bound.
+    let acked = agent.metric("edge_agent_requests_acknowledged_total");
+    let answered = client.on("app/full").len() as f64;
+    assert!(acked <= answered + 3.0 + 1.0, "acknowledged {acked} with {answered} answered");
+    let ids: HashSet<String> = sent.iter().cloned().collect();
+    client
+        .wait_for("app/full", Duration::from_secs(240), |_| {
+            let by = client.replies_by_id("app/full");
+            ids.iter().all(|id| by.contains_key(id))
+        })
+        .await;
+    summarize("queue full", &sent, &client.replies_by_id("app/full"), acked as usize);
+    let statuses = client.wait_for("edge/cam-full/status", Duration::from_secs(10), |r| {
+        r.last().is_some_and(|m| m.json()["state"] == "online")
+    }).await;
+    assert_eq!(statuses.last().unwrap().json()["state"], "online", "back online once space freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_on_a_shared_subscription_split_the_work_with_one_reply_each() {
+    let broker = Mosquitto::start();
+    let spec = |id: &str| AgentSpec::new(id, &efficientnet_bundle(), Some(broker.url())).env("EDGE_AGENT_MQTT__SHARED_GROUP", "fleet");
+    let _a = block(|| Agent::start(spec("cam-sa")));
+    let _b = block(|| Agent::start(spec("cam-sb")));
+    let client = TestClient::connect(broker.port, "t-share", &["app/share"]).await;
+    let image = coffee();
+    let n = 40;
+    for i in 0..n {
+        let id = format!("s-{i}");
+        client.request("edge/fleet/classify", &image, "app/share", &id, &[("id", &id)]).await;
+    }
+    client.wait_for("app/share", Duration::from_secs(120), |r| r.len() >= n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let by_id = client.replies_by_id("app/share");
+    assert_eq!(by_id.len(), n, "every request answered");
+    assert!(by_id.values().all(|v| v.len() == 1), "exactly one reply per request");
+    let mut per_device: HashMap<String, usize> = HashMap::new();
+    for v in by_id.values().flatten() {
+        *per_device.entry(v["device"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    println!("shared subscription split: {per_device:?}");
+    assert!(per_device.get("cam-sa").copied().unwrap_or(0) > 0 && per_device.get("cam-sb").copied().unwrap_or(0) > 0, "{per_device:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_no_leased_item_and_the_rest_is_answered_after_restart() {
+    let broker = Mosquitto::start();
+    let mut agent = block(|| Agent::start(AgentSpec::new("cam-term", &inception_bundle(), Some(broker.url()))));
+    let client = TestClient::connect(broker.port, "t-term", &["app/term", "edge/cam-term/status"]).await;
+    let sent = send_load(&client, "cam-term", "app/term", 8, "t").await;
+    client.wait_for("app/term", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let status = block(|| agent.terminate());
+    assert!(status.success(), "exit status {status}:\n{}", agent.log());
+    let db = sled::open(&agent.queue_dir).unwrap();
+    let leased = db.open_tree("leased").unwrap().len();
+    drop(db);
+    assert_eq!(leased, 0, "leased items left after SIGTERM");
+    let offline = client.wait_for("edge/cam-term/status", Duration::from_secs(5), |r| {
+        r.last().is_some_and(|m| m.json()["state"] == "offline")
+    }).await;
+    assert_eq!(offline.last().unwrap().json()["state"], "offline");
+    block(|| agent.start_again());
+    let ids: HashSet<String> = sent.iter().cloned().collect();
+    client
+        .wait_for("app/term", Duration::from_secs(120), |_| {
+            let by = client.replies_by_id("app/term");
+            ids.iter().all(|id| by.contains_key(id))
+        })
+        .await;
+    summarize("SIGTERM", &sent, &client.replies_by_id("app/term"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_sets_the_retained_status_offline_through_the_last_will() {
+    let broker = Mosquitto::start();
+    let mut agent = block(|| Agent::start(AgentSpec::new("cam-will", &efficientnet_bundle(), Some(broker.url()))));
+    let client = TestClient::connect(broker.port, "t-will", &["edge/cam-will/status"]).await;
+    client.wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty()).await;
+    block(|| agent.kill9());
+    let got = client.wait_for("edge/cam-will/status", Duration::from_secs(10), |r| {
+        r.last().is_some_and(|m| m.json()["state"] == "offline")
+    }).await;
+    assert_eq!(got.last().unwrap().json()["state"], "offline");
+    // A late subscriber sees the retained status.
+    let late = TestClient::connect(broker.port, "t-will-late", &["edge/cam-will/status"]).await;
+    let got = late.wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty()).await;
+    assert!(got[0].retain && got[0].json()["state"] == "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_serves_a_request_with_no_external_broker() {
+    let mut spec = AgentSpec::new("cam-emb", &efficientnet_bundle(), None);
+    spec.embedded_port = free_port();
+    let port = spec.embedded_port;
+    let _agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(port, "t-emb", &["app/emb"]).await;
+    client.request("edge/cam-emb/classify", &coffee(), "app/emb", "e1", &[("id", "e1")]).await;
+    let got = client.wait_for("app/emb", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let reply = got.first().expect("a reply through the embedded broker");
+    assert_eq!(reply.correlation_data.as_deref(), Some(&b"e1"[..]));
+    assert_eq!(reply.json()["top"][0]["label"], "espresso");
+}
