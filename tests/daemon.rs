@@ -85,6 +85,12 @@ impl Mosquitto {
 
     fn start_with(verbose: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        // Started as root, mosquitto drops to the `mosquitto` user: let it write its log and
+        // persistence file.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        }
         let mut m = Mosquitto {
             port: free_port(),
             dir,

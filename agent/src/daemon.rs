@@ -56,6 +56,8 @@ enum PubCmd {
     },
     /// The connection is up: subscribe (again), republish the outbox if needed.
     Connected { session_present: bool, first: bool },
+    /// Answered once every command before it was handed to the client.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The daemon's state, as published on the status topic.
@@ -340,6 +342,9 @@ pub async fn run(config: Config) -> Result<()> {
         retain: true,
         correlation_data: None,
     });
+    let (flushed, handed_over) = tokio::sync::oneshot::channel();
+    shared.send(PubCmd::Flush(flushed));
+    let _ = tokio::time::timeout(Duration::from_secs(2), handed_over).await;
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline && shared.connected.load(Ordering::Relaxed) && !lock(&shared.tracker).is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -478,6 +483,9 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
                 if let Err(e) = client.publish(&topic, payload, retain, correlation_data).await {
                     error!("cannot publish to {topic}: {e}");
                 }
+            }
+            PubCmd::Flush(done) => {
+                let _ = done.send(());
             }
             PubCmd::Connected { session_present, first } => {
                 // The subscription also marks the end of a tracker reset (see `mqtt`).

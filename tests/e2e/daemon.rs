@@ -52,6 +52,11 @@ fn assert_same_top5(reply: &Value, reference: &[(String, f64)]) {
     }
 }
 
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -306,13 +311,19 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_under_load_loses_no_acknowledged_request() {
     let mut broker = Mosquitto::start_verbose();
-    let _agent = block(|| Agent::start(AgentSpec::new("cam-brk", &efficientnet_bundle(), Some(broker.url()))));
+    let agent = block(|| Agent::start(AgentSpec::new("cam-brk", &efficientnet_bundle(), Some(broker.url()))));
     let client = TestClient::connect(broker.port, "t-brk", &["app/brk"]).await;
     let sent = send_load(&client, "cam-brk", "app/brk", 300, "b").await;
     let mut restarts = 0;
     for threshold in [50, 130, 210] {
         let got = client.wait_for("app/brk", Duration::from_secs(120), |r| r.len() >= threshold).await;
-        assert!(got.len() >= threshold, "stalled at {} replies before restart {restarts}", got.len());
+        assert!(
+            got.len() >= threshold,
+            "stalled at {} replies before restart {restarts}\nagent:\n{}\nbroker:\n{}",
+            got.len(),
+            tail(&agent.log().lines().filter(|l| !l.contains("classified")).collect::<Vec<_>>().join("\n"), 40),
+            tail(&broker.log(), 60)
+        );
         block(|| broker.restart(Duration::from_millis(300)));
         restarts += 1;
     }
