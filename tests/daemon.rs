@@ -299,7 +299,9 @@ impl Agent {
     pub fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.http_get("/metrics").unwrap_or_default();
         body.lines()
-            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+            .filter(|l| {
+                l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -346,7 +348,10 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -362,7 +367,11 @@ pub struct Received {
 impl Received {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
-            panic!("reply on {} is not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload))
+            panic!(
+                "reply on {} is not JSON ({e}): {:?}",
+                self.topic,
+                String::from_utf8_lossy(&self.payload)
+            )
         })
     }
 }
@@ -417,7 +426,10 @@ impl TestClient {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         for f in filters {
-            me.client.subscribe(*f, QoS::AtLeastOnce).await.expect("subscribe");
+            me.client
+                .subscribe(*f, QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
         }
         // Let the subscriptions reach the broker before anything is published.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -425,11 +437,21 @@ impl TestClient {
     }
 
     /// An MQTT 5 request: raw image, Response Topic, Correlation Data, user properties.
-    pub async fn request(&self, topic: &str, image: &[u8], reply_to: &str, correlation: &str, props: &[(&str, &str)]) {
+    pub async fn request(
+        &self,
+        topic: &str,
+        image: &[u8],
+        reply_to: &str,
+        correlation: &str,
+        props: &[(&str, &str)],
+    ) {
         let properties = PublishProperties {
             response_topic: Some(reply_to.into()),
             correlation_data: Some(Bytes::copy_from_slice(correlation.as_bytes())),
-            user_properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            user_properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..PublishProperties::default()
         };
         self.client
@@ -454,7 +476,12 @@ impl TestClient {
     }
 
     /// Waits until `done` holds for the messages on `topic` or `timeout` passes.
-    pub async fn wait_for(&self, topic: &str, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub async fn wait_for(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
         let end = Instant::now() + timeout;
         loop {
             let got = self.on(topic);

@@ -30,7 +30,7 @@ pub enum ConfigError {
     Value { key: &'static str, reason: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This device's name in topics and replies; empty means the host name.
@@ -154,22 +154,6 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter (`info`, `edge_agent=debug,info`); `RUST_LOG` overrides it.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            device_id: String::new(),
-            model: ModelConfig::default(),
-            mqtt: MqttConfig::default(),
-            embedded_broker: EmbeddedBrokerConfig::default(),
-            queue: QueueConfig::default(),
-            workers: WorkersConfig::default(),
-            limits: LimitsConfig::default(),
-            http: HttpConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for ModelConfig {
@@ -360,7 +344,10 @@ impl Config {
             return bad("device_id", "must be one topic segment: no '/', '+', '#'");
         }
         if !self.mqtt.topic_prefix.split('/').all(segment_ok) {
-            return bad("mqtt.topic_prefix", "must be non-empty topic segments without '+' or '#'");
+            return bad(
+                "mqtt.topic_prefix",
+                "must be non-empty topic segments without '+' or '#'",
+            );
         }
         if !self.mqtt.shared_group.is_empty() && !segment_ok(&self.mqtt.shared_group) {
             return bad("mqtt.shared_group", "must be one topic segment: no '/', '+', '#'");
@@ -444,7 +431,11 @@ impl Config {
             .chars()
             .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
             .collect();
-        if host.is_empty() { "edge-device".into() } else { host }
+        if host.is_empty() {
+            "edge-device".into()
+        } else {
+            host
+        }
     }
 }
 
@@ -502,6 +493,7 @@ mod tests {
     use figment::Jail;
 
     /// Loads `toml` with the environment `vars`, inside a jail (own cwd and environment).
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its large error type
     fn load_str(toml: &str, vars: &[(&str, &str)], flags: &Overrides) -> Result<Config, String> {
         let mut out = None;
         Jail::expect_with(|jail| {
@@ -524,7 +516,11 @@ mod tests {
     fn example_config_documents_the_defaults() {
         let example = include_str!("../examples/agent.toml");
         let loaded = load_str(example, &[], &Overrides::default()).unwrap();
-        assert_eq!(loaded, Config::default(), "the example must document the defaults");
+        assert_eq!(
+            loaded,
+            Config::default(),
+            "the example must document the defaults"
+        );
         // Every key of the configuration appears in the example.
         let doc = serde_json::to_value(Config::default()).unwrap();
         for (table, value) in doc.as_object().unwrap() {
@@ -567,7 +563,8 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/agent.toml")), &Overrides::default()).unwrap_err();
+        let err =
+            Config::load(Some(Path::new("/nonexistent/agent.toml")), &Overrides::default()).unwrap_err();
         assert!(matches!(err, ConfigError::Missing(_)));
     }
 

@@ -222,7 +222,10 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut requests = vec![format!("{prefix}/{device}/classify")];
     if !config.mqtt.shared_group.is_empty() {
-        requests.push(format!("$share/{}/{prefix}/fleet/classify", config.mqtt.shared_group));
+        requests.push(format!(
+            "$share/{}/{prefix}/fleet/classify",
+            config.mqtt.shared_group
+        ));
     }
     let topics = Topics {
         requests,
@@ -317,7 +320,10 @@ pub async fn run(config: Config) -> Result<()> {
     shared.space.notify_waiters();
     ingress.abort();
     let workers_done = futures_join(workers);
-    if tokio::time::timeout(Duration::from_secs(30), workers_done).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), workers_done)
+        .await
+        .is_err()
+    {
         warn!("workers did not finish within 30 s; releasing their requests");
     }
     let held: Vec<Seq> = lock(&shared.in_flight).drain().collect();
@@ -346,7 +352,10 @@ pub async fn run(config: Config) -> Result<()> {
     shared.send(PubCmd::Flush(flushed));
     let _ = tokio::time::timeout(Duration::from_secs(2), handed_over).await;
     let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && shared.connected.load(Ordering::Relaxed) && !lock(&shared.tracker).is_empty() {
+    while Instant::now() < deadline
+        && shared.connected.load(Ordering::Relaxed)
+        && !lock(&shared.tracker).is_empty()
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = client.disconnect().await;
@@ -357,9 +366,17 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(h) = http {
         h.abort();
     }
-    shared.queue.flush().context("cannot flush the queue at shutdown")?;
+    shared
+        .queue
+        .flush()
+        .context("cannot flush the queue at shutdown")?;
     let s = shared.queue.stats();
-    info!(pending = s.pending, leased = s.leased, outbox = s.outbox, "stopped");
+    info!(
+        pending = s.pending,
+        leased = s.leased,
+        outbox = s.outbox,
+        "stopped"
+    );
     Ok(())
 }
 
@@ -424,11 +441,14 @@ async fn connection_task(
                 if !session_present {
                     lock(&shared.tracker).reset();
                 }
-                shared.send(PubCmd::Connected { session_present, first });
+                shared.send(PubCmd::Connected {
+                    session_present,
+                    first,
+                });
                 first = false;
             }
             Ok(Event::Message(m)) => {
-                if ingress.send(m).is_err() {
+                if ingress.send(*m).is_err() {
                     debug!("ingress stopped; message left unacknowledged");
                 }
             }
@@ -456,9 +476,19 @@ async fn connection_task(
                     warn!("lost the broker: {e}");
                     shared.metrics.mqtt_connected.set(0);
                 } else {
-                    warn!("cannot reach the broker: {e}; retrying in {} ms", backoff.as_millis());
+                    warn!(
+                        "cannot reach the broker: {e}; retrying in {} ms",
+                        backoff.as_millis()
+                    );
                 }
-                let jitter = Duration::from_millis(u64::from(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0)) % (backoff.as_millis() as u64 / 4 + 1));
+                let jitter = Duration::from_millis(
+                    u64::from(
+                        SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.subsec_millis())
+                            .unwrap_or(0),
+                    ) % (backoff.as_millis() as u64 / 4 + 1),
+                );
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff + jitter) => {}
@@ -487,7 +517,10 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
             PubCmd::Flush(done) => {
                 let _ = done.send(());
             }
-            PubCmd::Connected { session_present, first } => {
+            PubCmd::Connected {
+                session_present,
+                first,
+            } => {
                 // The subscription also marks the end of a tracker reset (see `mqtt`).
                 if let Err(e) = client.subscribe(&shared.topics.requests).await {
                     error!("cannot subscribe: {e}");
@@ -495,7 +528,12 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
                 let state = shared.state();
                 lock(&shared.tracker).queued(Tag::Status);
                 if let Err(e) = client
-                    .publish(&shared.topics.status, shared.status_document(state.as_str()), true, None)
+                    .publish(
+                        &shared.topics.status,
+                        shared.status_document(state.as_str()),
+                        true,
+                        None,
+                    )
                     .await
                 {
                     error!("cannot publish the status: {e}");
@@ -536,8 +574,7 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
             }
             continue;
         }
-        let parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
-        let mut parsed = parsed.map_err(Box::new);
+        let mut parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
         loop {
             let outcome = match &parsed {
                 Ok(request) => shared.queue.enqueue_async(request).await,
@@ -573,17 +610,31 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     }
                 }
-                Ok(EnqueueOutcome::TooLarge { payload_bytes, max_bytes }) => {
+                Ok(EnqueueOutcome::TooLarge {
+                    payload_bytes,
+                    max_bytes,
+                }) => {
                     let Ok(request) = &parsed else { break };
-                    let message = format!("the image is {payload_bytes} bytes, the queue holds at most {max_bytes}");
+                    let message =
+                        format!("the image is {payload_bytes} bytes, the queue holds at most {max_bytes}");
                     let reply = StoredReply {
                         request_id: request.request_id.clone(),
                         topic: request.reply_topic.clone(),
                         correlation_data: request.correlation_data.clone(),
                         protocol: request.protocol,
-                        payload: error_document(&request.request_id, &shared.device, None, ErrorCode::TooLarge, &message),
+                        payload: error_document(
+                            &request.request_id,
+                            &shared.device,
+                            None,
+                            ErrorCode::TooLarge,
+                            &message,
+                        ),
                     };
-                    parsed = Err(Box::new(crate::request::Rejected { code: ErrorCode::TooLarge, message, reply }));
+                    parsed = Err(Box::new(crate::request::Rejected {
+                        code: ErrorCode::TooLarge,
+                        message,
+                        reply,
+                    }));
                 }
                 Err(e) => {
                     error!("cannot store a request: {e}; not acknowledged, retrying");
@@ -662,14 +713,40 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
         Leased::Ready(lease) => classify(shared, lease).await,
         Leased::Expired(lease) => {
             let r = lease.request();
-            let msg = format!("the deadline passed {} ms after arrival, before classification", r.deadline.map(|d| d.0.saturating_sub(r.received_at.0)).unwrap_or(0));
-            (error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::DeadlineExceeded, &msg), Outcome::Error(ErrorCode::DeadlineExceeded, lease))
+            let msg = format!(
+                "the deadline passed {} ms after arrival, before classification",
+                r.deadline
+                    .map(|d| d.0.saturating_sub(r.received_at.0))
+                    .unwrap_or(0)
+            );
+            (
+                error_document(
+                    &r.request_id,
+                    &shared.device,
+                    Some(&shared.model),
+                    ErrorCode::DeadlineExceeded,
+                    &msg,
+                ),
+                Outcome::Error(ErrorCode::DeadlineExceeded, lease),
+            )
         }
         Leased::DeadLettered(lease) => {
             let r = lease.request();
-            let msg = format!("the request failed {} times and was dead-lettered", lease.attempt());
+            let msg = format!(
+                "the request failed {} times and was dead-lettered",
+                lease.attempt()
+            );
             error!("{msg}");
-            (error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::Internal, &msg), Outcome::Error(ErrorCode::Internal, lease))
+            (
+                error_document(
+                    &r.request_id,
+                    &shared.device,
+                    Some(&shared.model),
+                    ErrorCode::Internal,
+                    &msg,
+                ),
+                Outcome::Error(ErrorCode::Internal, lease),
+            )
         }
     };
     let (code, lease) = match outcome {
@@ -711,13 +788,20 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
     let deadline_passed = r.deadline.is_some_and(|d| UnixMillis::now() >= d);
     if deadline_passed {
         let msg = format!("the deadline passed after {queued:.0} ms in the queue, before classification");
-        let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::DeadlineExceeded, &msg);
+        let doc = error_document(
+            &r.request_id,
+            &shared.device,
+            Some(&shared.model),
+            ErrorCode::DeadlineExceeded,
+            &msg,
+        );
         return (doc, Outcome::Error(ErrorCode::DeadlineExceeded, lease));
     }
     let s = shared.clone();
     let (lease, result) = match tokio::task::spawn_blocking(move || {
         let image = &lease.request().payload;
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.classifier.classify(image, k)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.classifier.classify(image, k)));
         (lease, result)
     })
     .await
@@ -727,7 +811,13 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
             let r = lease.request();
             error!("classification panicked");
             let msg = "the classifier failed on this request";
-            let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), ErrorCode::Internal, msg);
+            let doc = error_document(
+                &r.request_id,
+                &shared.device,
+                Some(&shared.model),
+                ErrorCode::Internal,
+                msg,
+            );
             return (doc, Outcome::Error(ErrorCode::Internal, lease));
         }
         Err(e) => unreachable_join(e),
@@ -769,7 +859,13 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         Err(e) => {
             let code = ErrorCode::from_runtime(e.code());
             info!(code = code.as_str(), "cannot classify: {e}");
-            let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), code, &e.to_string());
+            let doc = error_document(
+                &r.request_id,
+                &shared.device,
+                Some(&shared.model),
+                code,
+                &e.to_string(),
+            );
             (doc, Outcome::Error(code, lease))
         }
     }

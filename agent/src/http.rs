@@ -49,7 +49,9 @@ pub async fn serve(addr: &str, probe: Probe) -> Result<tokio::task::JoinHandle<(
                 async move {
                     match ready() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_owned()).into_response(),
-                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+                        Err(reason) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response()
+                        }
                     }
                 }
             }),

@@ -90,7 +90,11 @@ impl Metrics {
             queue_items.clone(),
         );
         let queue_bytes = Gauge::default();
-        registry.register("queue_bytes", "Image bytes of pending and leased requests", queue_bytes.clone());
+        registry.register(
+            "queue_bytes",
+            "Image bytes of pending and leased requests",
+            queue_bytes.clone(),
+        );
         let backpressure = Gauge::default();
         registry.register(
             "backpressure",
@@ -98,7 +102,11 @@ impl Metrics {
             backpressure.clone(),
         );
         let mqtt_connected = Gauge::default();
-        registry.register("mqtt_connected", "1 while connected to the broker", mqtt_connected.clone());
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the broker",
+            mqtt_connected.clone(),
+        );
         let mqtt_connections = Counter::default();
         registry.register(
             "mqtt_connections",
@@ -110,12 +118,20 @@ impl Metrics {
             registry.register_with_unit(name, help, prometheus_client::registry::Unit::Seconds, h.clone());
             h
         };
-        let queue_wait = hist(&mut registry, "queue_wait", "From arrival to the start of classification");
+        let queue_wait = hist(
+            &mut registry,
+            "queue_wait",
+            "From arrival to the start of classification",
+        );
         let preprocess = hist(&mut registry, "preprocess", "Image decoding and resizing");
         let inference = hist(&mut registry, "inference", "Model inference");
         let total = hist(&mut registry, "request", "From arrival to the reply");
-        let confidence = Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99].into_iter());
-        registry.register("confidence", "Top-1 score of local classifications", confidence.clone());
+        let confidence = Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]);
+        registry.register(
+            "confidence",
+            "Top-1 score of local classifications",
+            confidence.clone(),
+        );
         let model = Family::<ModelLabels, Gauge>::default();
         registry.register("model", "The model being served (value 1)", model.clone());
         Self {

@@ -26,10 +26,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{
-    LastWill as LastWillV5, Packet as PacketV5, PublishProperties,
-};
 use rumqttc::v5::mqttbytes::QoS as QoSV5;
+use rumqttc::v5::mqttbytes::v5::{LastWill as LastWillV5, Packet as PacketV5, PublishProperties};
 use rumqttc::{Outgoing, QoS};
 
 use crate::config::MqttProtocol;
@@ -112,8 +110,10 @@ impl Message {
 /// Connection events the daemon acts on.
 #[derive(Debug)]
 pub enum Event {
-    Connected { session_present: bool },
-    Message(Message),
+    Connected {
+        session_present: bool,
+    },
+    Message(Box<Message>),
     /// A publish left with this packet id.
     Published(u16),
     /// The broker acknowledged our publish with this packet id.
@@ -157,7 +157,12 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
                 .set_max_packet_size(max, max)
                 .set_manual_acks(true)
                 .set_inflight(OUTGOING_INFLIGHT)
-                .set_last_will(rumqttc::LastWill::new(&s.will.0, s.will.1.clone(), QoS::AtLeastOnce, true));
+                .set_last_will(rumqttc::LastWill::new(
+                    &s.will.0,
+                    s.will.1.clone(),
+                    QoS::AtLeastOnce,
+                    true,
+                ));
             if !s.username.is_empty() {
                 o.set_credentials(&s.username, &s.password);
             }
@@ -202,11 +207,10 @@ impl Client {
     pub async fn subscribe(&self, filters: &[String]) -> Result<(), MqttError> {
         match self {
             Self::V5(c) => {
-                let subs = filters.iter().map(|f| {
-                    rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), QoSV5::AtLeastOnce)
-                });
-                c.subscribe_many(subs).await
-                    .map_err(client_err)
+                let subs = filters
+                    .iter()
+                    .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), QoSV5::AtLeastOnce));
+                c.subscribe_many(subs).await.map_err(client_err)
             }
             Self::V311(c) => {
                 let subs = filters
@@ -244,7 +248,7 @@ impl Connection {
                         PacketV5::ConnAck(c) => Event::Connected {
                             session_present: c.session_present,
                         },
-                        PacketV5::Publish(p) => Event::Message(message_v5(p)),
+                        PacketV5::Publish(p) => Event::Message(Box::new(message_v5(p))),
                         PacketV5::PubAck(a) => Event::PubAck(a.pkid),
                         _ => Event::Other,
                     },
@@ -258,7 +262,7 @@ impl Connection {
                         rumqttc::Packet::ConnAck(c) => Event::Connected {
                             session_present: c.session_present,
                         },
-                        rumqttc::Packet::Publish(p) => Event::Message(message_v311(p)),
+                        rumqttc::Packet::Publish(p) => Event::Message(Box::new(message_v311(p))),
                         rumqttc::Packet::PubAck(a) => Event::PubAck(a.pkid),
                         _ => Event::Other,
                     },

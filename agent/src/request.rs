@@ -127,14 +127,14 @@ pub fn valid_reply_topic(topic: &str) -> bool {
 
 impl RequestPolicy {
     /// Turns a message into a request to queue, or a rejection with its error reply.
-    pub fn parse(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Rejected> {
+    pub fn parse(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Box<Rejected>> {
         match msg.protocol {
             Protocol::V5 => self.parse_v5(msg, now),
             Protocol::V311 => self.parse_v311(msg, now),
         }
     }
 
-    fn parse_v5(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Rejected> {
+    fn parse_v5(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Box<Rejected>> {
         let prop = |name: &str| {
             msg.user_properties
                 .iter()
@@ -166,7 +166,7 @@ impl RequestPolicy {
                 &self.default_reply_topic,
             ));
         }
-        let parse_num = |name: &str| -> Result<Option<u64>, Rejected> {
+        let parse_num = |name: &str| -> Result<Option<u64>, Box<Rejected>> {
             prop(name)
                 .map(|v| {
                     v.trim().parse::<u64>().map_err(|_| {
@@ -193,7 +193,7 @@ impl RequestPolicy {
         )
     }
 
-    fn parse_v311(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Rejected> {
+    fn parse_v311(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Box<Rejected>> {
         let fallback_id = || generated_id(&self.device_id, now);
         let envelope: Envelope = match serde_json::from_slice(msg.payload) {
             Ok(e) => e,
@@ -278,9 +278,16 @@ impl RequestPolicy {
         top_k: Option<u64>,
         deadline_ms: Option<u64>,
         now: UnixMillis,
-    ) -> Result<StoredRequest, Rejected> {
+    ) -> Result<StoredRequest, Box<Rejected>> {
         let reject = |code, message: String| {
-            self.rejection(&id, &reply_topic, correlation_data.clone(), protocol, code, message)
+            self.rejection(
+                &id,
+                &reply_topic,
+                correlation_data.clone(),
+                protocol,
+                code,
+                message,
+            )
         };
         if payload.len() > self.max_image_bytes {
             return Err(reject(
@@ -329,7 +336,7 @@ impl RequestPolicy {
         protocol: Protocol,
         code: ErrorCode,
         message: String,
-    ) -> Rejected {
+    ) -> Box<Rejected> {
         let reply = StoredReply {
             request_id: id.to_owned(),
             topic: topic.to_owned(),
@@ -337,7 +344,7 @@ impl RequestPolicy {
             protocol,
             payload: error_document(id, &self.device_id, None, code, &message),
         };
-        Rejected { code, message, reply }
+        Box::new(Rejected { code, message, reply })
     }
 }
 
@@ -449,7 +456,10 @@ mod tests {
     }
 
     fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn error_code(r: &Rejected) -> String {
@@ -489,7 +499,10 @@ mod tests {
     fn v5_rejections_have_codes_and_keep_correlation() {
         let big = vec![0u8; 101];
         let r = policy().parse(&v5(&big, &[]), NOW).unwrap_err();
-        assert_eq!((r.code, error_code(&r).as_str()), (ErrorCode::TooLarge, "too_large"));
+        assert_eq!(
+            (r.code, error_code(&r).as_str()),
+            (ErrorCode::TooLarge, "too_large")
+        );
         assert_eq!(r.reply.topic, "app/replies");
         assert_eq!(r.reply.correlation_data.as_deref(), Some(&b"corr-7"[..]));
 
@@ -497,7 +510,10 @@ mod tests {
         let r = policy().parse(&v5(b"x", &p), NOW).unwrap_err();
         assert_eq!(error_code(&r), "invalid_request");
         let p = props(&[("top_k", "11")]);
-        assert_eq!(policy().parse(&v5(b"x", &p), NOW).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            policy().parse(&v5(b"x", &p), NOW).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
 
         let r = policy().parse(&v5(b"", &[]), NOW).unwrap_err();
         assert_eq!(error_code(&r), "invalid_image");
@@ -523,7 +539,8 @@ mod tests {
 
     #[test]
     fn v311_envelope() {
-        let body = br#"{"id":"e1","image_b64":"/9j/","reply_to":"app/r","top_k":2,"deadline_ms":10,"extra":1}"#;
+        let body =
+            br#"{"id":"e1","image_b64":"/9j/","reply_to":"app/r","top_k":2,"deadline_ms":10,"extra":1}"#;
         let r = policy().parse(&v311(body), NOW).unwrap();
         assert_eq!(r.request_id, "e1");
         assert_eq!(r.payload, [0xFF, 0xD8, 0xFF]);
@@ -579,8 +596,14 @@ mod tests {
         assert_eq!(v["model"]["version"], "1");
         assert_eq!(v["top"][0]["label"], "cat");
         assert!(v["timings_ms"]["total"].is_number());
-        let e: serde_json::Value =
-            serde_json::from_slice(&error_document("r2", "cam1", Some(&model), ErrorCode::TooLarge, "big")).unwrap();
+        let e: serde_json::Value = serde_json::from_slice(&error_document(
+            "r2",
+            "cam1",
+            Some(&model),
+            ErrorCode::TooLarge,
+            "big",
+        ))
+        .unwrap();
         assert_eq!(e["error"]["code"], "too_large");
         assert_eq!(e["model"]["name"], "m");
         for code in ErrorCode::ALL {

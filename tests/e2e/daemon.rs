@@ -39,7 +39,12 @@ fn labels(top: &Value) -> Vec<(String, f64)> {
     top.as_array()
         .unwrap_or_else(|| panic!("no top-k in {top}"))
         .iter()
-        .map(|p| (p["label"].as_str().unwrap().to_owned(), p["score"].as_f64().unwrap()))
+        .map(|p| {
+            (
+                p["label"].as_str().unwrap().to_owned(),
+                p["score"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -88,12 +93,26 @@ async fn v5_request_gets_one_reply_with_its_correlation_data_and_the_right_top5(
     let reference = classify_reference("coffee.jpg");
     assert_eq!(reference[0].0, "espresso");
     let broker = Mosquitto::start();
-    let agent = block(|| Agent::start(AgentSpec::new("cam-v5", &efficientnet_bundle(), Some(broker.url()))));
+    let agent = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-v5",
+            &efficientnet_bundle(),
+            Some(broker.url()),
+        ))
+    });
     let client = TestClient::connect(broker.port, "t-v5", &["app/replies", "edge/cam-v5/status"]).await;
     client
-        .request("edge/cam-v5/classify", &coffee(), "app/replies", "corr-42", &[("id", "req-1")])
+        .request(
+            "edge/cam-v5/classify",
+            &coffee(),
+            "app/replies",
+            "corr-42",
+            &[("id", "req-1")],
+        )
         .await;
-    let got = client.wait_for("app/replies", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let got = client
+        .wait_for("app/replies", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got_later = client.on("app/replies");
     assert_eq!(got_later.len(), 1, "exactly one reply: {got_later:?}");
@@ -118,17 +137,30 @@ async fn v5_request_gets_one_reply_with_its_correlation_data_and_the_right_top5(
     };
     client2
         .client
-        .publish_with_properties("edge/cam-v5/classify", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, camera(), props)
+        .publish_with_properties(
+            "edge/cam-v5/classify",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            camera(),
+            props,
+        )
         .await
         .unwrap();
-    let got = client2.wait_for("edge/cam-v5/result", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let got = client2
+        .wait_for("edge/cam-v5/result", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
     let v = got.first().expect("a reply on the default topic").json();
     assert_eq!(v["id"], "req-2");
     assert_eq!(v["top"].as_array().unwrap().len(), 2);
-    assert_eq!(v["top"][0]["label"], classify_reference("camera.jpg")[0].0.as_str());
+    assert_eq!(
+        v["top"][0]["label"],
+        classify_reference("camera.jpg")[0].0.as_str()
+    );
 
     // Status is retained and says online; metrics count both requests.
-    let status = client.wait_for("edge/cam-v5/status", Duration::from_secs(5), |r| !r.is_empty()).await;
+    let status = client
+        .wait_for("edge/cam-v5/status", Duration::from_secs(5), |r| !r.is_empty())
+        .await;
     let s = status.last().unwrap().json();
     assert_eq!(s["state"], "online", "{s}");
     assert_eq!(s["model"]["name"], "efficientnet_lite0");
@@ -137,7 +169,12 @@ async fn v5_request_gets_one_reply_with_its_correlation_data_and_the_right_top5(
         metrics.contains(r#"edge_agent_requests_total{outcome="ok",path="local",reason="local_only"} 2"#),
         "{metrics}"
     );
-    for family in ["edge_agent_inference_seconds_bucket", "edge_agent_queue_wait_seconds_count", "edge_agent_confidence_bucket", "edge_agent_queue_items"] {
+    for family in [
+        "edge_agent_inference_seconds_bucket",
+        "edge_agent_queue_wait_seconds_count",
+        "edge_agent_confidence_bucket",
+        "edge_agent_queue_items",
+    ] {
         assert!(metrics.contains(family), "{family} missing");
     }
     assert_eq!(agent.http_get("/healthz").unwrap().0, 200);
@@ -160,7 +197,9 @@ async fn v311_json_envelope_gets_the_same_answer() {
     client
         .publish("edge/cam-v311/classify", serde_json::to_vec(&envelope).unwrap())
         .await;
-    let got = client.wait_for("app/r311", Duration::from_secs(60), |r| !r.is_empty()).await;
+    let got = client
+        .wait_for("app/r311", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
     let v = got.first().expect("a reply").json();
     assert_eq!(v["id"], "env-1");
     assert_same_top5(&v, &reference);
@@ -185,29 +224,65 @@ async fn every_error_code_comes_from_a_matching_bad_request_and_the_agent_keeps_
     };
     // Requests queued ahead of the one with a 1 ms deadline, so it waits longer than that.
     for i in 0..4 {
-        client.request("edge/cam-err/classify", &jpeg, "app/err", &format!("busy-{i}"), &[]).await;
+        client
+            .request(
+                "edge/cam-err/classify",
+                &jpeg,
+                "app/err",
+                &format!("busy-{i}"),
+                &[],
+            )
+            .await;
     }
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
-        ("deadline", jpeg.clone(), vec![("deadline_ms", "1")], "deadline_exceeded"),
-        ("garbage", (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(), vec![], "unsupported_format"),
+    // (correlation id, payload, user properties, expected code)
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "deadline",
+            jpeg.clone(),
+            vec![("deadline_ms", "1")],
+            "deadline_exceeded",
+        ),
+        (
+            "garbage",
+            (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            vec![],
+            "unsupported_format",
+        ),
         ("truncated", truncated, vec![], "invalid_image"),
         ("oversize", oversize, vec![], "too_large"),
         ("gif", gif, vec![], "unsupported_format"),
         ("empty", Vec::new(), vec![], "invalid_image"),
-        ("bad-top-k", jpeg.clone(), vec![("top_k", "many")], "invalid_request"),
+        (
+            "bad-top-k",
+            jpeg.clone(),
+            vec![("top_k", "many")],
+            "invalid_request",
+        ),
         ("after", jpeg.clone(), vec![], "ok"),
     ];
     for (id, payload, props, _) in &cases {
-        client.request("edge/cam-err/classify", payload, "app/err", id, props).await;
+        client
+            .request("edge/cam-err/classify", payload, "app/err", id, props)
+            .await;
     }
     let want = cases.len() + 4;
-    let got = client.wait_for("app/err", Duration::from_secs(90), |r| r.len() >= want).await;
+    let got = client
+        .wait_for("app/err", Duration::from_secs(90), |r| r.len() >= want)
+        .await;
     let by_corr: HashMap<String, Value> = got
         .iter()
-        .map(|r| (String::from_utf8_lossy(r.correlation_data.as_deref().unwrap_or_default()).into_owned(), r.json()))
+        .map(|r| {
+            (
+                String::from_utf8_lossy(r.correlation_data.as_deref().unwrap_or_default()).into_owned(),
+                r.json(),
+            )
+        })
         .collect();
     for (id, _, _, code) in &cases {
-        let v = by_corr.get(*id).unwrap_or_else(|| panic!("no reply for {id}; got {by_corr:?}"));
+        let v = by_corr
+            .get(*id)
+            .unwrap_or_else(|| panic!("no reply for {id}; got {by_corr:?}"));
         let got_code = v["error"]["code"].as_str().unwrap_or("ok");
         assert_eq!(got_code, *code, "{id}: {v}");
         if *code != "ok" {
@@ -228,13 +303,19 @@ async fn every_error_code_comes_from_a_matching_bad_request_and_the_agent_keeps_
     }
     // The agent is MQTT 5 here, so these raw payloads are images to it; they still get
     // replies, and the agent keeps serving.
-    client.request("edge/cam-err/classify", &jpeg, "app/err", "last", &[]).await;
+    client
+        .request("edge/cam-err/classify", &jpeg, "app/err", "last", &[])
+        .await;
     let got = client
         .wait_for("app/err", Duration::from_secs(60), |r| {
             r.iter().any(|m| m.correlation_data.as_deref() == Some(b"last"))
         })
         .await;
-    let last = got.iter().find(|m| m.correlation_data.as_deref() == Some(b"last")).unwrap().json();
+    let last = got
+        .iter()
+        .find(|m| m.correlation_data.as_deref() == Some(b"last"))
+        .unwrap()
+        .json();
     assert_eq!(last["top"][0]["label"], "espresso");
 }
 
@@ -245,7 +326,13 @@ async fn send_load(client: &TestClient, device: &str, reply_to: &str, n: usize, 
     for i in 0..n {
         let id = format!("{tag}-{i}");
         client
-            .request(&format!("edge/{device}/classify"), &image, reply_to, &id, &[("id", &id)])
+            .request(
+                &format!("edge/{device}/classify"),
+                &image,
+                reply_to,
+                &id,
+                &[("id", &id)],
+            )
             .await;
         ids.push(id);
     }
@@ -255,15 +342,28 @@ async fn send_load(client: &TestClient, device: &str, reply_to: &str, n: usize, 
 fn summarize(what: &str, sent: &[String], by_id: &HashMap<String, Vec<Value>>, acknowledged: usize) {
     let missing: Vec<&String> = sent.iter().filter(|id| !by_id.contains_key(*id)).collect();
     let duplicates: usize = by_id.values().map(|v| v.len().saturating_sub(1)).sum();
-    let errors: Vec<&Value> = by_id.values().flatten().filter(|v| v.get("error").is_some()).collect();
+    let errors: Vec<&Value> = by_id
+        .values()
+        .flatten()
+        .filter(|v| v.get("error").is_some())
+        .collect();
     println!(
         "{what}: sent {} / acknowledged by the agent {acknowledged} / replied {} / duplicated {duplicates} / errors {}",
         sent.len(),
         by_id.len(),
         errors.len()
     );
-    assert!(missing.is_empty(), "{what}: {} requests never answered: {:?}", missing.len(), &missing[..missing.len().min(10)]);
-    assert!(errors.is_empty(), "{what}: error replies: {:?}", &errors[..errors.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{what}: {} requests never answered: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        errors.is_empty(),
+        "{what}: error replies: {:?}",
+        &errors[..errors.len().min(5)]
+    );
 }
 
 /// PUBACKs the agent sent for requests, from the broker's log (every delivery it acknowledged,
@@ -279,7 +379,13 @@ fn agent_pubacks(broker: &Mosquitto, client_id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_request() {
     let broker = Mosquitto::start_verbose();
-    let mut agent = block(|| Agent::start(AgentSpec::new("cam-kill", &efficientnet_bundle(), Some(broker.url()))));
+    let mut agent = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-kill",
+            &efficientnet_bundle(),
+            Some(broker.url()),
+        ))
+    });
     let client = TestClient::connect(broker.port, "t-kill", &["app/kill"]).await;
     let sent = send_load(&client, "cam-kill", "app/kill", 500, "k").await;
     let mut kills = 0;
@@ -287,7 +393,11 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
         let got = client
             .wait_for("app/kill", Duration::from_secs(120), |r| r.len() >= threshold)
             .await;
-        assert!(got.len() >= threshold, "stalled at {} replies before kill {kills}", got.len());
+        assert!(
+            got.len() >= threshold,
+            "stalled at {} replies before kill {kills}",
+            got.len()
+        );
         // Vary the moment inside the request cycle (flush, classify, publish).
         tokio::time::sleep(Duration::from_millis(7 * (kills as u64 + 1) * 3)).await;
         block(|| agent.restart());
@@ -311,17 +421,33 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_under_load_loses_no_acknowledged_request() {
     let mut broker = Mosquitto::start_verbose();
-    let agent = block(|| Agent::start(AgentSpec::new("cam-brk", &efficientnet_bundle(), Some(broker.url()))));
+    let agent = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-brk",
+            &efficientnet_bundle(),
+            Some(broker.url()),
+        ))
+    });
     let client = TestClient::connect(broker.port, "t-brk", &["app/brk"]).await;
     let sent = send_load(&client, "cam-brk", "app/brk", 300, "b").await;
     let mut restarts = 0;
     for threshold in [50, 130, 210] {
-        let got = client.wait_for("app/brk", Duration::from_secs(120), |r| r.len() >= threshold).await;
+        let got = client
+            .wait_for("app/brk", Duration::from_secs(120), |r| r.len() >= threshold)
+            .await;
         assert!(
             got.len() >= threshold,
             "stalled at {} replies before restart {restarts}\nagent:\n{}\nbroker:\n{}",
             got.len(),
-            tail(&agent.log().lines().filter(|l| !l.contains("classified")).collect::<Vec<_>>().join("\n"), 40),
+            tail(
+                &agent
+                    .log()
+                    .lines()
+                    .filter(|l| !l.contains("classified"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                40
+            ),
             tail(&broker.log(), 60)
         );
         block(|| broker.restart(Duration::from_millis(300)));
@@ -343,7 +469,8 @@ async fn broker_restart_under_load_loses_no_acknowledged_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_stops_acknowledging_says_so_and_resumes() {
     let broker = Mosquitto::start();
-    let spec = AgentSpec::new("cam-full", &inception_bundle(), Some(broker.url())).env("EDGE_AGENT_QUEUE__MAX_ITEMS", 3);
+    let spec = AgentSpec::new("cam-full", &inception_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_QUEUE__MAX_ITEMS", 3);
     let agent = block(|| Agent::start(spec));
     let client = TestClient::connect(broker.port, "t-full", &["app/full", "edge/cam-full/status"]).await;
     let sent = send_load(&client, "cam-full", "app/full", 12, "f").await;
@@ -363,7 +490,10 @@ async fn full_queue_stops_acknowledging_says_so_and_resumes() {
     // While full, what the agent acknowledged never exceeds what it answered plus the bound.
     let acked = agent.metric("edge_agent_requests_acknowledged_total");
     let answered = client.on("app/full").len() as f64;
-    assert!(acked <= answered + 3.0 + 1.0, "acknowledged {acked} with {answered} answered");
+    assert!(
+        acked <= answered + 3.0 + 1.0,
+        "acknowledged {acked} with {answered} answered"
+    );
     let ids: HashSet<String> = sent.iter().cloned().collect();
     client
         .wait_for("app/full", Duration::from_secs(240), |_| {
@@ -371,17 +501,31 @@ async fn full_queue_stops_acknowledging_says_so_and_resumes() {
             ids.iter().all(|id| by.contains_key(id))
         })
         .await;
-    summarize("queue full", &sent, &client.replies_by_id("app/full"), acked as usize);
-    let statuses = client.wait_for("edge/cam-full/status", Duration::from_secs(10), |r| {
-        r.last().is_some_and(|m| m.json()["state"] == "online")
-    }).await;
-    assert_eq!(statuses.last().unwrap().json()["state"], "online", "back online once space freed");
+    summarize(
+        "queue full",
+        &sent,
+        &client.replies_by_id("app/full"),
+        acked as usize,
+    );
+    let statuses = client
+        .wait_for("edge/cam-full/status", Duration::from_secs(10), |r| {
+            r.last().is_some_and(|m| m.json()["state"] == "online")
+        })
+        .await;
+    assert_eq!(
+        statuses.last().unwrap().json()["state"],
+        "online",
+        "back online once space freed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_on_a_shared_subscription_split_the_work_with_one_reply_each() {
     let broker = Mosquitto::start();
-    let spec = |id: &str| AgentSpec::new(id, &efficientnet_bundle(), Some(broker.url())).env("EDGE_AGENT_MQTT__SHARED_GROUP", "fleet");
+    let spec = |id: &str| {
+        AgentSpec::new(id, &efficientnet_bundle(), Some(broker.url()))
+            .env("EDGE_AGENT_MQTT__SHARED_GROUP", "fleet")
+    };
     let _a = block(|| Agent::start(spec("cam-sa")));
     let _b = block(|| Agent::start(spec("cam-sb")));
     let client = TestClient::connect(broker.port, "t-share", &["app/share"]).await;
@@ -389,37 +533,60 @@ async fn two_agents_on_a_shared_subscription_split_the_work_with_one_reply_each(
     let n = 40;
     for i in 0..n {
         let id = format!("s-{i}");
-        client.request("edge/fleet/classify", &image, "app/share", &id, &[("id", &id)]).await;
+        client
+            .request("edge/fleet/classify", &image, "app/share", &id, &[("id", &id)])
+            .await;
     }
-    client.wait_for("app/share", Duration::from_secs(120), |r| r.len() >= n).await;
+    client
+        .wait_for("app/share", Duration::from_secs(120), |r| r.len() >= n)
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let by_id = client.replies_by_id("app/share");
     assert_eq!(by_id.len(), n, "every request answered");
-    assert!(by_id.values().all(|v| v.len() == 1), "exactly one reply per request");
+    assert!(
+        by_id.values().all(|v| v.len() == 1),
+        "exactly one reply per request"
+    );
     let mut per_device: HashMap<String, usize> = HashMap::new();
     for v in by_id.values().flatten() {
-        *per_device.entry(v["device"].as_str().unwrap().to_owned()).or_default() += 1;
+        *per_device
+            .entry(v["device"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     println!("shared subscription split: {per_device:?}");
-    assert!(per_device.get("cam-sa").copied().unwrap_or(0) > 0 && per_device.get("cam-sb").copied().unwrap_or(0) > 0, "{per_device:?}");
+    assert!(
+        per_device.get("cam-sa").copied().unwrap_or(0) > 0
+            && per_device.get("cam-sb").copied().unwrap_or(0) > 0,
+        "{per_device:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_leaves_no_leased_item_and_the_rest_is_answered_after_restart() {
     let broker = Mosquitto::start();
-    let mut agent = block(|| Agent::start(AgentSpec::new("cam-term", &inception_bundle(), Some(broker.url()))));
+    let mut agent = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-term",
+            &inception_bundle(),
+            Some(broker.url()),
+        ))
+    });
     let client = TestClient::connect(broker.port, "t-term", &["app/term", "edge/cam-term/status"]).await;
     let sent = send_load(&client, "cam-term", "app/term", 8, "t").await;
-    client.wait_for("app/term", Duration::from_secs(60), |r| !r.is_empty()).await;
+    client
+        .wait_for("app/term", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
     let status = block(|| agent.terminate());
     assert!(status.success(), "exit status {status}:\n{}", agent.log());
     let db = sled::open(&agent.queue_dir).unwrap();
     let leased = db.open_tree("leased").unwrap().len();
     drop(db);
     assert_eq!(leased, 0, "leased items left after SIGTERM");
-    let offline = client.wait_for("edge/cam-term/status", Duration::from_secs(5), |r| {
-        r.last().is_some_and(|m| m.json()["state"] == "offline")
-    }).await;
+    let offline = client
+        .wait_for("edge/cam-term/status", Duration::from_secs(5), |r| {
+            r.last().is_some_and(|m| m.json()["state"] == "offline")
+        })
+        .await;
     assert_eq!(offline.last().unwrap().json()["state"], "offline");
     block(|| agent.start_again());
     let ids: HashSet<String> = sent.iter().cloned().collect();
@@ -435,17 +602,29 @@ async fn sigterm_leaves_no_leased_item_and_the_rest_is_answered_after_restart() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_sets_the_retained_status_offline_through_the_last_will() {
     let broker = Mosquitto::start();
-    let mut agent = block(|| Agent::start(AgentSpec::new("cam-will", &efficientnet_bundle(), Some(broker.url()))));
+    let mut agent = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-will",
+            &efficientnet_bundle(),
+            Some(broker.url()),
+        ))
+    });
     let client = TestClient::connect(broker.port, "t-will", &["edge/cam-will/status"]).await;
-    client.wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty()).await;
+    client
+        .wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty())
+        .await;
     block(|| agent.kill9());
-    let got = client.wait_for("edge/cam-will/status", Duration::from_secs(10), |r| {
-        r.last().is_some_and(|m| m.json()["state"] == "offline")
-    }).await;
+    let got = client
+        .wait_for("edge/cam-will/status", Duration::from_secs(10), |r| {
+            r.last().is_some_and(|m| m.json()["state"] == "offline")
+        })
+        .await;
     assert_eq!(got.last().unwrap().json()["state"], "offline");
     // A late subscriber sees the retained status.
     let late = TestClient::connect(broker.port, "t-will-late", &["edge/cam-will/status"]).await;
-    let got = late.wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty()).await;
+    let got = late
+        .wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty())
+        .await;
     assert!(got[0].retain && got[0].json()["state"] == "offline");
 }
 
@@ -456,9 +635,72 @@ async fn embedded_broker_serves_a_request_with_no_external_broker() {
     let port = spec.embedded_port;
     let _agent = block(|| Agent::start(spec));
     let client = TestClient::connect(port, "t-emb", &["app/emb"]).await;
-    client.request("edge/cam-emb/classify", &coffee(), "app/emb", "e1", &[("id", "e1")]).await;
-    let got = client.wait_for("app/emb", Duration::from_secs(60), |r| !r.is_empty()).await;
+    client
+        .request(
+            "edge/cam-emb/classify",
+            &coffee(),
+            "app/emb",
+            "e1",
+            &[("id", "e1")],
+        )
+        .await;
+    let got = client
+        .wait_for("app/emb", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
     let reply = got.first().expect("a reply through the embedded broker");
     assert_eq!(reply.correlation_data.as_deref(), Some(&b"e1"[..]));
     assert_eq!(reply.json()["top"][0]["label"], "espresso");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_keeps_crashing_the_agent_is_dead_lettered_with_an_internal_error() {
+    let broker = Mosquitto::start();
+    let spec = AgentSpec::new("cam-dead", &inception_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_QUEUE__MAX_ATTEMPTS", 1);
+    let mut agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-dead", &["app/dead"]).await;
+    client
+        .request(
+            "edge/cam-dead/classify",
+            &coffee(),
+            "app/dead",
+            "d1",
+            &[("id", "d1")],
+        )
+        .await;
+    // Crash the agent while it holds the request (its one allowed attempt).
+    let leased = r#"edge_agent_queue_items{state="leased"} 1"#;
+    let mut held = false;
+    for _ in 0..1000 {
+        if agent
+            .http_get("/metrics")
+            .is_some_and(|(_, m)| m.contains(leased))
+        {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(held, "the request was never seen leased");
+    block(|| agent.restart());
+    let got = client
+        .wait_for("app/dead", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
+    let v = got.first().expect("a reply after the restart").json();
+    assert_eq!(v["id"], "d1");
+    assert_eq!(v["error"]["code"], "internal", "{v}");
+    // The agent keeps serving.
+    client
+        .request(
+            "edge/cam-dead/classify",
+            &coffee(),
+            "app/dead",
+            "d2",
+            &[("id", "d2")],
+        )
+        .await;
+    let got = client
+        .wait_for("app/dead", Duration::from_secs(60), |r| r.len() >= 2)
+        .await;
+    assert!(got[1].json()["top"].is_array(), "{}", got[1].json());
 }

@@ -409,7 +409,10 @@ async fn direct_reply_goes_to_the_outbox_counts_and_survives_reopen() {
     assert!(direct > first, "sequence numbers keep increasing");
     assert_eq!(q.stats(), stats(1, 0, 1, 0, 10));
     assert!(
-        matches!(q.reply_directly(&reply("c")).await.unwrap(), EnqueueOutcome::Full { items: 2, .. }),
+        matches!(
+            q.reply_directly(&reply("c")).await.unwrap(),
+            EnqueueOutcome::Full { items: 2, .. }
+        ),
         "a direct reply counts against max_items"
     );
     drop(q);
@@ -417,5 +420,8 @@ async fn direct_reply_goes_to_the_outbox_counts_and_survives_reopen() {
     assert_eq!(q.outbox().unwrap(), vec![(direct, reply("bad"))]);
     assert!(q.reply_acked(direct).unwrap());
     let next = enqueued(&q, &request("d", 10));
-    assert!(next > direct, "a reopened queue does not reuse the direct reply's number");
+    assert!(
+        next > direct,
+        "a reopened queue does not reuse the direct reply's number"
+    );
 }
