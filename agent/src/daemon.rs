@@ -20,7 +20,7 @@
 //! and flushes the queue.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -101,6 +101,8 @@ struct Shared {
     /// Something in the status changed.
     status_changed: Notify,
     connected: AtomicBool,
+    /// Counts connections; a message is acknowledged only on the connection it came on.
+    epoch: AtomicU64,
     backpressure: AtomicBool,
     /// Stop taking requests and leasing work.
     stopping: CancellationToken,
@@ -285,6 +287,7 @@ pub async fn run(config: Config) -> Result<()> {
         space: Notify::new(),
         status_changed: Notify::new(),
         connected: AtomicBool::new(false),
+        epoch: AtomicU64::new(0),
         backpressure: AtomicBool::new(false),
         stopping: CancellationToken::new(),
         in_flight: Mutex::new(HashSet::new()),
@@ -297,7 +300,7 @@ pub async fn run(config: Config) -> Result<()> {
         addr => Some(crate::http::serve(addr, shared_http(&shared)).await?),
     };
 
-    let (ingress_tx, ingress_rx) = mpsc::unbounded_channel();
+    let (ingress_tx, ingress_rx) = mpsc::unbounded_channel::<(u64, Message)>();
     let conn_stop = CancellationToken::new();
     let conn_task = tokio::spawn(connection_task(
         connection,
@@ -419,7 +422,7 @@ fn shared_http(shared: &Arc<Shared>) -> crate::http::Probe {
 async fn connection_task(
     mut connection: mqtt::Connection,
     shared: Arc<Shared>,
-    ingress: mpsc::UnboundedSender<Message>,
+    ingress: mpsc::UnboundedSender<(u64, Message)>,
     stop: CancellationToken,
 ) {
     let min = Duration::from_millis(shared.config.mqtt.reconnect_min_ms);
@@ -446,9 +449,10 @@ async fn connection_task(
                     first,
                 });
                 first = false;
+                shared.epoch.fetch_add(1, Ordering::SeqCst);
             }
             Ok(Event::Message(m)) => {
-                if ingress.send(*m).is_err() {
+                if ingress.send((shared.epoch.load(Ordering::SeqCst), *m)).is_err() {
                     debug!("ingress stopped; message left unacknowledged");
                 }
             }
@@ -562,10 +566,18 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
     }
 }
 
-async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Message>) {
-    while let Some(message) = rx.recv().await {
+async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, Message)>) {
+    while let Some((epoch, message)) = rx.recv().await {
         if shared.stopping.is_cancelled() {
             return;
+        }
+        // A message from a connection that has since dropped cannot be acknowledged (its
+        // packet id now means nothing, or another message); the broker redelivers it if it
+        // kept the session. Taking it anyway would only make a duplicate.
+        let current = || shared.epoch.load(Ordering::SeqCst) == epoch;
+        if !current() {
+            debug!("message from a previous connection left to the broker's redelivery");
+            continue;
         }
         if !shared.topics_match(&message.topic) {
             debug!(topic = %message.topic, "message on an unexpected topic ignored");
@@ -584,6 +596,7 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                 Ok(EnqueueOutcome::Enqueued(seq)) => {
                     shared.set_backpressure(false);
                     if let Some(ack) = &message.ack
+                        && current()
                         && let Err(e) = client.ack(ack).await
                     {
                         warn!("cannot acknowledge: {e} (the broker will redeliver)");

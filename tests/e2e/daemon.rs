@@ -704,3 +704,45 @@ async fn a_request_that_keeps_crashing_the_agent_is_dead_lettered_with_an_intern
         .await;
     assert!(got[1].json()["top"].is_array(), "{}", got[1].json());
 }
+
+#[test]
+fn invalid_configuration_fails_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("agent.toml");
+    std::fs::write(&bad, "[queue]\nmax_itemz = 3\n").unwrap();
+    let agent = || {
+        let mut c = Command::new(bin("edge-agent"));
+        c.arg("run").env_remove("EDGE_AGENT_CONFIG");
+        c
+    };
+    let out = run(agent().arg("--config").arg(&bad));
+    let err = edge_e2e::assert_clean_failure(&out, "unknown key");
+    assert!(err.contains("max_itemz"), "{err}");
+
+    std::fs::write(&bad, "[mqtt]\nprotocol = \"v4\"\n").unwrap();
+    let err = edge_e2e::assert_clean_failure(&run(agent().arg("--config").arg(&bad)), "bad value");
+    assert!(err.contains("mqtt.protocol"), "{err}");
+
+    let out = run(agent().env("EDGE_AGENT_WORKERS__COUNT", "0"));
+    let err = edge_e2e::assert_clean_failure(&out, "bad environment value");
+    assert!(err.contains("workers.count"), "{err}");
+
+    let out = run(agent().arg("--config").arg(dir.path().join("missing.toml")));
+    let err = edge_e2e::assert_clean_failure(&out, "missing file");
+    assert!(err.contains("does not exist"), "{err}");
+
+    // A bundle that cannot be loaded stops the agent with the path named.
+    let out = run(agent()
+        .args([
+            "--http-listen",
+            "",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--queue-dir",
+        ])
+        .arg(dir.path().join("q"))
+        .arg("--bundle")
+        .arg(dir.path().join("nothing.bundle")));
+    let err = edge_e2e::assert_clean_failure(&out, "missing bundle");
+    assert!(err.contains("nothing.bundle"), "{err}");
+}

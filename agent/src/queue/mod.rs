@@ -13,6 +13,10 @@
 //!                 └─ crash ─┘
 //! ```
 //!
+//! A request refused at ingress (malformed, too large) skips the queue: `reply_directly`
+//! writes its error reply straight into the outbox under a new sequence number and flushes,
+//! and the request is acknowledged after that, like an enqueued one.
+//!
 //! # Trees and key layout
 //!
 //! One sled database per queue directory. Every key in the data trees is the item's sequence
@@ -56,6 +60,7 @@
 //! | call | flushed before it returns | so the caller may |
 //! |------|---------------------------|-------------------|
 //! | `enqueue` → `Enqueued` | body, pending entry, counter | PUBACK the request |
+//! | `reply_directly` → `Enqueued` | the reply in outbox, counter | PUBACK the refused request, publish the reply |
 //! | `lease` | the raised attempt count | run the worker (a crash in it is counted) |
 //! | `complete` | removal of body and lease, reply in outbox | publish the reply |
 //! | `reply_acked`, `release`, `requeue_expired` | nothing (sled's background flush, 500 ms) | - |
