@@ -93,13 +93,7 @@ async fn v5_request_gets_one_reply_with_its_correlation_data_and_the_right_top5(
     let reference = classify_reference("coffee.jpg");
     assert_eq!(reference[0].0, "espresso");
     let broker = Mosquitto::start();
-    let agent = block(|| {
-        Agent::start(AgentSpec::new(
-            "cam-v5",
-            &efficientnet_bundle(),
-            Some(broker.url()),
-        ))
-    });
+    let agent = efficientnet_agent("cam-v5", &broker);
     let client = TestClient::connect(broker.port, "t-v5", &["app/replies", "edge/cam-v5/status"]).await;
     client
         .request(
@@ -319,6 +313,22 @@ async fn every_error_code_comes_from_a_matching_bad_request_and_the_agent_keeps_
     assert_eq!(last["top"][0]["label"], "espresso");
 }
 
+/// Waits until every id in `sent` has a reply on `topic` (or `timeout` passes).
+async fn wait_answered(client: &TestClient, topic: &str, sent: &[String], timeout: Duration) {
+    let ids: HashSet<&String> = sent.iter().collect();
+    client
+        .wait_for(topic, timeout, |_| {
+            let by = client.replies_by_id(topic);
+            ids.iter().all(|id| by.contains_key(*id))
+        })
+        .await;
+}
+
+/// An agent serving EfficientNet-Lite0 through `broker`.
+fn efficientnet_agent(device: &str, broker: &Mosquitto) -> Agent {
+    block(|| Agent::start(AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))))
+}
+
 /// Sends `n` requests and returns their ids.
 async fn send_load(client: &TestClient, device: &str, reply_to: &str, n: usize, tag: &str) -> Vec<String> {
     let image = coffee();
@@ -379,13 +389,7 @@ fn agent_pubacks(broker: &Mosquitto, client_id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_request() {
     let broker = Mosquitto::start_verbose();
-    let mut agent = block(|| {
-        Agent::start(AgentSpec::new(
-            "cam-kill",
-            &efficientnet_bundle(),
-            Some(broker.url()),
-        ))
-    });
+    let mut agent = efficientnet_agent("cam-kill", &broker);
     let client = TestClient::connect(broker.port, "t-kill", &["app/kill"]).await;
     let sent = send_load(&client, "cam-kill", "app/kill", 500, "k").await;
     let mut kills = 0;
@@ -403,14 +407,7 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
         block(|| agent.restart());
         kills += 1;
     }
-    let client_ids: HashSet<String> = sent.iter().cloned().collect();
-    let got = client
-        .wait_for("app/kill", Duration::from_secs(180), |_| {
-            let by = client.replies_by_id("app/kill");
-            client_ids.iter().all(|id| by.contains_key(id))
-        })
-        .await;
-    assert!(!got.is_empty());
+    wait_answered(&client, "app/kill", &sent, Duration::from_secs(180)).await;
     let acked = agent_pubacks(&broker, "edge-agent-cam-kill");
     let by_id = client.replies_by_id("app/kill");
     println!("kill -9 test: {kills} kills");
@@ -421,13 +418,7 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_under_load_loses_no_acknowledged_request() {
     let mut broker = Mosquitto::start_verbose();
-    let agent = block(|| {
-        Agent::start(AgentSpec::new(
-            "cam-brk",
-            &efficientnet_bundle(),
-            Some(broker.url()),
-        ))
-    });
+    let agent = efficientnet_agent("cam-brk", &broker);
     let client = TestClient::connect(broker.port, "t-brk", &["app/brk"]).await;
     let sent = send_load(&client, "cam-brk", "app/brk", 300, "b").await;
     let mut restarts = 0;
@@ -453,13 +444,7 @@ async fn broker_restart_under_load_loses_no_acknowledged_request() {
         block(|| broker.restart(Duration::from_millis(300)));
         restarts += 1;
     }
-    let ids: HashSet<String> = sent.iter().cloned().collect();
-    client
-        .wait_for("app/brk", Duration::from_secs(180), |_| {
-            let by = client.replies_by_id("app/brk");
-            ids.iter().all(|id| by.contains_key(id))
-        })
-        .await;
+    wait_answered(&client, "app/brk", &sent, Duration::from_secs(180)).await;
     // Mosquitto appends to its log across restarts.
     let acked = agent_pubacks(&broker, "edge-agent-cam-brk");
     println!("broker restart test: {restarts} restarts");
@@ -494,13 +479,7 @@ async fn full_queue_stops_acknowledging_says_so_and_resumes() {
         acked <= answered + 3.0 + 1.0,
         "acknowledged {acked} with {answered} answered"
     );
-    let ids: HashSet<String> = sent.iter().cloned().collect();
-    client
-        .wait_for("app/full", Duration::from_secs(240), |_| {
-            let by = client.replies_by_id("app/full");
-            ids.iter().all(|id| by.contains_key(id))
-        })
-        .await;
+    wait_answered(&client, "app/full", &sent, Duration::from_secs(240)).await;
     summarize(
         "queue full",
         &sent,
@@ -589,26 +568,14 @@ async fn sigterm_leaves_no_leased_item_and_the_rest_is_answered_after_restart() 
         .await;
     assert_eq!(offline.last().unwrap().json()["state"], "offline");
     block(|| agent.start_again());
-    let ids: HashSet<String> = sent.iter().cloned().collect();
-    client
-        .wait_for("app/term", Duration::from_secs(120), |_| {
-            let by = client.replies_by_id("app/term");
-            ids.iter().all(|id| by.contains_key(id))
-        })
-        .await;
+    wait_answered(&client, "app/term", &sent, Duration::from_secs(120)).await;
     summarize("SIGTERM", &sent, &client.replies_by_id("app/term"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_sets_the_retained_status_offline_through_the_last_will() {
     let broker = Mosquitto::start();
-    let mut agent = block(|| {
-        Agent::start(AgentSpec::new(
-            "cam-will",
-            &efficientnet_bundle(),
-            Some(broker.url()),
-        ))
-    });
+    let mut agent = efficientnet_agent("cam-will", &broker);
     let client = TestClient::connect(broker.port, "t-will", &["edge/cam-will/status"]).await;
     client
         .wait_for("edge/cam-will/status", Duration::from_secs(5), |r| !r.is_empty())
