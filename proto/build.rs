@@ -1,5 +1,6 @@
 //! Compiles the vendored .proto files under `proto/` (no system `protoc`: `protox` parses them,
-//! `prost-build` generates the Rust types, one `<package>.rs` per protobuf package in `OUT_DIR`).
+//! `prost-build` generates the Rust types and `tonic-prost-build` the gRPC servers and clients of
+//! their services, one `<package>.rs` per protobuf package in `OUT_DIR`).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("file_descriptor_set.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
-    prost_build::Config::new().compile_fds(compiler.file_descriptor_set())?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .build_transport(true)
+        .compile_fds_with_config(compiler.file_descriptor_set(), prost_build::Config::new())?;
     Ok(())
 }
 

@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod pool;
 pub mod queue;
 pub mod request;

@@ -2,6 +2,7 @@
 
 mod classify;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,11 @@ enum Command {
     /// Without a broker configured it starts an embedded one on 127.0.0.1:1883. Example:
     /// edge-agent run --bundle model.bundle --queue-dir /tmp/q --device-id cam1
     Run(Box<run::RunArgs>),
+    /// Run the overflow pool's gRPC server (TF Serving PredictionService, KServe v2
+    /// GRPCInferenceService, grpc.health.v1) on one bundle.
+    ///
+    /// Example: edge-agent serve --bundle model.bundle --listen 0.0.0.0:9000
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify(args) => classify::run(&args),
         Command::Run(args) => run::run(*args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -104,9 +104,14 @@ fn toml_of(config: &Config) -> Result<String> {
 }
 
 fn init_logging(config: &Config) -> Result<()> {
+    init_logging_with(config.log.format, &config.log.level)
+}
+
+/// Logs to stderr, human or JSON, filtered by `RUST_LOG` or else `level`.
+pub fn init_logging_with(format: LogFormat, level: &str) -> Result<()> {
     let mut filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => EnvFilter::try_new(f).context("invalid RUST_LOG")?,
-        _ => EnvFilter::try_new(&config.log.level)
+        _ => EnvFilter::try_new(level)
             .map_err(|e| anyhow::anyhow!("invalid configuration: key `log.level`: {e}"))?,
     };
     // The embedded broker logs every connection at info; keep its warnings unless asked.
@@ -118,7 +123,7 @@ fn init_logging(config: &Config) -> Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match config.log.format {
+    match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }

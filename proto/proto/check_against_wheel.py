@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Checks the vendored .proto files against the descriptors embedded in the TensorFlow wheel.
+"""Checks the vendored .proto files against the descriptors embedded in their wheels.
 
 Compares every message, field (name, number, label, type, type name, oneof, proto3 optional,
-packed), enum value, reserved range/name and file option of the FileDescriptorSet that
-`cargo build -p edge-proto` compiled from the vendored files (`edge_proto::FILE_DESCRIPTOR_SET`,
-written to `$OUT_DIR/file_descriptor_set.bin`) with the wheel's `*_pb2` descriptors.
+packed and other options), enum value, reserved range/name, service, method (name, request and
+response types, client/server streaming, options) and file option of the FileDescriptorSet that
+`cargo build -p edge-proto` compiled from the vendored `tensorflow/` and `tensorflow_serving/`
+files (`edge_proto::FILE_DESCRIPTOR_SET`, written to `$OUT_DIR/file_descriptor_set.bin`) with the
+`*_pb2` descriptors of the `tensorflow` and `tensorflow-serving-api` wheels. (The KServe file is
+checked by `check_kserve_against_triton.py`.)
 
-Usage: <venv>/bin/python check_against_wheel.py path/to/file_descriptor_set.bin
+Usage (TensorFlow installed in the venv, the unzipped tensorflow-serving-api wheel on
+PYTHONPATH):
+
+    PYTHONPATH=/path/to/unzipped/tensorflow_serving_api-wheel \
+        <venv>/bin/python check_against_wheel.py path/to/file_descriptor_set.bin
 """
 
 import importlib
@@ -44,10 +51,10 @@ def main():
     fds = descriptor_pb2.FileDescriptorSet()
     with open(sys.argv[1], "rb") as f:
         fds.ParseFromString(f.read())
-    checked = 0
+    checked = services = methods = 0
     for ours in fds.file:
-        if ours.name.startswith("google/protobuf/"):
-            continue
+        if not ours.name.startswith(("tensorflow/", "tensorflow_serving/")):
+            continue  # google/protobuf/* come with protox; kserve/* are not from these wheels
         module = importlib.import_module(ours.name[: -len(".proto")].replace("/", ".") + "_pb2")
         theirs = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(theirs)
@@ -56,7 +63,12 @@ def main():
             print(f"MISMATCH {ours.name}\n--- vendored\n{a}\n--- wheel\n{b}")
             sys.exit(1)
         checked += 1
-    print(f"{checked} vendored files match the wheel's descriptors")
+        services += len(ours.service)
+        methods += sum(len(s.method) for s in ours.service)
+    print(
+        f"{checked} vendored files ({services} services, {methods} methods) match the wheels' "
+        "descriptors"
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""Regenerates the vendored TensorFlow .proto files from an installed TensorFlow wheel.
+"""Regenerates the vendored TensorFlow and TensorFlow Serving .proto files from their wheels.
 
-The TensorFlow pip wheel ships no .proto sources, but every generated `*_pb2.py` module embeds
-the exact serialized FileDescriptorProto it was compiled from. This script prints those
-descriptors back as .proto source (same paths, packages, messages, field numbers, options;
-comments are not kept by protoc in the descriptors, so there are none), and checks the result
-round-trips: see README.md.
+The `tensorflow` and `tensorflow-serving-api` pip wheels ship no .proto sources, but every
+generated `*_pb2.py` module embeds the exact serialized FileDescriptorProto it was compiled from.
+This script prints those descriptors back as .proto source (same paths, packages, messages,
+field numbers, services, methods, options; comments are not kept by protoc in the descriptors,
+so there are none); `check_against_wheel.py` checks the result round-trips: see README.md.
 
-Usage: <venv>/bin/python regenerate_from_wheel.py [OUT_DIR]   (default: this directory)
+Usage (TensorFlow installed in the venv, the unzipped tensorflow-serving-api wheel on
+PYTHONPATH):
+
+    PYTHONPATH=/path/to/unzipped/tensorflow_serving_api-wheel \
+        <venv>/bin/python regenerate_from_wheel.py [OUT_DIR]   (default: this directory)
 """
 
 import importlib
+import importlib.metadata
 import os
 import sys
 
@@ -38,6 +43,10 @@ ROOTS = [
     "tensorflow/core/protobuf/struct.proto",
     "tensorflow/core/protobuf/saver.proto",
     "tensorflow/core/protobuf/tensor_bundle.proto",
+    # TensorFlow Serving's gRPC API (package tensorflow.serving), from tensorflow-serving-api;
+    # its imports bring predict, model, get_model_metadata, classification, regression,
+    # inference, input and tensorflow/core/example/{example,feature}.proto.
+    "tensorflow_serving/apis/prediction_service.proto",
 ]
 
 SCALARS = {
@@ -90,6 +99,8 @@ def field_options(field):
     for f, value in field.options.ListFields():
         if f.name in ("packed", "deprecated", "lazy"):
             opts.append(f"{f.name} = {'true' if value else 'false'}")
+        elif f.name in ("jstype", "ctype"):
+            opts.append(f"{f.name} = {f.enum_type.values_by_number[value].name}")
         else:
             raise SystemExit(f"unsupported field option {f.name} on {field.name}")
     if field.HasField("json_name") and field.json_name != default_json_name(field.name):
@@ -184,13 +195,36 @@ def message(m, ind, syntax):
     return out
 
 
-def render(fdp, version):
+def service(s):
+    if s.options.ListFields():
+        raise SystemExit(f"options on service {s.name} not supported")
+    out = [f"service {s.name} {{"]
+    for m in s.method:
+        if m.options.ListFields():
+            raise SystemExit(f"options on method {s.name}.{m.name} not supported")
+        req = ("stream " if m.client_streaming else "") + m.input_type
+        resp = ("stream " if m.server_streaming else "") + m.output_type
+        out.append(f"  rpc {m.name}({req}) returns ({resp});")
+    out.append("}")
+    return out
+
+
+def wheel_of(name):
+    """The wheel (distribution name and version) a vendored file's descriptor comes from."""
+    dist = "tensorflow-serving-api" if name.startswith("tensorflow_serving/") else "tensorflow"
+    try:
+        return f"{dist} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        import tensorflow as tf  # tensorflow_cpu and friends install as module `tensorflow`
+
+        return f"{dist} {tf.__version__}"
+
+
+def render(fdp, wheel):
     syntax = fdp.syntax or "proto2"
-    if fdp.service:
-        raise SystemExit(f"services in {fdp.name} not supported")
     out = [
         f"// Generated from the serialized descriptor of {fdp.name}",
-        f"// embedded in the tensorflow {version} wheel; see README.md. Do not edit.",
+        f"// embedded in the {wheel} wheel; see README.md. Do not edit.",
         "",
         f'syntax = "{syntax}";',
         "",
@@ -209,12 +243,15 @@ def render(fdp, version):
     for m in fdp.message_type:
         out.append("")
         out += message(m, "", syntax)
+    for svc in fdp.service:
+        out.append("")
+        out += service(svc)
+    if fdp.extension:
+        raise SystemExit(f"extensions in {fdp.name} not supported")
     return "\n".join(out) + "\n"
 
 
 def main():
-    import tensorflow as tf  # noqa: F401  (version only)
-
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     todo, seen = list(ROOTS), set()
     while todo:
@@ -227,7 +264,7 @@ def main():
         path = os.path.join(out_dir, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
-            f.write(render(fdp, tf.__version__))
+            f.write(render(fdp, wheel_of(name)))
     print(f"wrote {len(seen)} files under {out_dir}")
 
 

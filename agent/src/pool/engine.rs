@@ -1,0 +1,227 @@
+//! The pool's inference engine: one optimised model shared by every request, a limit on the
+//! requests held at once (beyond it: `RESOURCE_EXHAUSTED`), a fixed number of inference
+//! slots, and optional dynamic batching.
+//!
+//! Bundles have batch size 1 (tract ran batch 4 slower per image than batch 1 on these CPUs),
+//! so a "batch" here is a group of queued images run back to back on one slot: batching
+//! bounds how long an image waits for company (`max_queue_delay`) and how many run in one
+//! turn (`max_batch_size`), and it is off by default because it only adds that wait
+//! (measured in BENCHMARKS.md by the pool benchmark).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
+
+use edge_convert::runtime::{Classifier, Prediction, Tensor};
+
+use super::metrics::PoolMetrics;
+
+/// What an image or tensor becomes.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Probabilities of every output class (softmax applied for logit models).
+    pub probabilities: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("the server is at its concurrency limit ({0} requests); retry later")]
+    Exhausted(usize),
+    #[error("the server is draining")]
+    Draining,
+    #[error("inference failed: {0}")]
+    Internal(String),
+}
+
+/// One unit of work: an encoded image or a preprocessed input tensor.
+pub enum Item {
+    Encoded(Vec<u8>),
+    Tensor(Tensor),
+}
+
+struct Job {
+    item: Item,
+    enqueued: Instant,
+    done: oneshot::Sender<Result<Scored, EngineError>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Requests held at once (queued or running).
+    pub max_concurrent_requests: usize,
+    /// Inferences run at once.
+    pub slots: usize,
+    /// `None`: no batching.
+    pub batching: Option<Batching>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+}
+
+pub struct Engine {
+    classifier: Arc<Classifier>,
+    requests: Arc<Semaphore>,
+    max_requests: usize,
+    slots: Arc<Semaphore>,
+    batcher: Option<mpsc::Sender<Job>>,
+    metrics: Arc<PoolMetrics>,
+}
+
+/// Held while a request is admitted.
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Engine {
+    pub fn new(classifier: Arc<Classifier>, options: EngineOptions, metrics: Arc<PoolMetrics>) -> Self {
+        let slots = Arc::new(Semaphore::new(options.slots.max(1)));
+        let batcher = options.batching.map(|b| {
+            let (tx, rx) = mpsc::channel(options.max_concurrent_requests.max(1) * 4);
+            tokio::spawn(batcher(rx, b, classifier.clone(), slots.clone(), metrics.clone()));
+            tx
+        });
+        Self {
+            classifier,
+            requests: Arc::new(Semaphore::new(options.max_concurrent_requests.max(1))),
+            max_requests: options.max_concurrent_requests.max(1),
+            slots,
+            batcher,
+            metrics,
+        }
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    /// Admits a request, or refuses it at the concurrency limit.
+    pub fn admit(&self) -> Result<Admission, EngineError> {
+        match self.requests.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Admission { _permit: permit }),
+            Err(TryAcquireError::NoPermits) => Err(EngineError::Exhausted(self.max_requests)),
+            Err(TryAcquireError::Closed) => Err(EngineError::Draining),
+        }
+    }
+
+    /// Stops admitting requests; those admitted finish.
+    pub fn close(&self) {
+        self.requests.close();
+    }
+
+    /// Requests admitted right now.
+    pub fn in_flight(&self) -> usize {
+        self.max_requests - self.requests.available_permits()
+    }
+
+    /// Scores every item (in order); fails on the first item that fails.
+    pub async fn score(&self, items: Vec<Item>) -> Result<Vec<Scored>, EngineError> {
+        let mut pending = Vec::with_capacity(items.len());
+        for item in items {
+            let (done, result) = oneshot::channel();
+            let job = Job {
+                item,
+                enqueued: Instant::now(),
+                done,
+            };
+            match &self.batcher {
+                Some(tx) => tx.send(job).await.map_err(|_| EngineError::Draining)?,
+                None => {
+                    let (classifier, slots, metrics) =
+                        (self.classifier.clone(), self.slots.clone(), self.metrics.clone());
+                    tokio::spawn(async move {
+                        let Ok(_slot) = slots.acquire_owned().await else {
+                            let _ = job.done.send(Err(EngineError::Draining));
+                            return;
+                        };
+                        metrics.batch_size.observe(1.0);
+                        run_jobs(classifier, vec![job], metrics).await;
+                    });
+                }
+            }
+            pending.push(result);
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for r in pending {
+            out.push(
+                r.await
+                    .map_err(|_| EngineError::Internal("inference task lost".into()))??,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
+        self.classifier.top_k(probabilities, k)
+    }
+}
+
+/// Runs jobs one after another on a blocking thread and answers each.
+async fn run_jobs(classifier: Arc<Classifier>, jobs: Vec<Job>, metrics: Arc<PoolMetrics>) {
+    let handle = tokio::task::spawn_blocking(move || {
+        for job in jobs {
+            metrics.queue_wait.observe(job.enqueued.elapsed().as_secs_f64());
+            let start = Instant::now();
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_one(&classifier, job.item)))
+                    .unwrap_or_else(|_| {
+                        Err(EngineError::Internal("the model panicked on this input".into()))
+                    });
+            metrics.inference.observe(start.elapsed().as_secs_f64());
+            let _ = job.done.send(result);
+        }
+    });
+    if let Err(e) = handle.await {
+        tracing::error!("inference thread failed: {e}");
+    }
+}
+
+fn score_one(classifier: &Classifier, item: Item) -> Result<Scored, EngineError> {
+    let tensor = match item {
+        Item::Encoded(bytes) => classifier
+            .preprocessor()
+            .tensor_from_bytes(&bytes)
+            .map_err(|e| EngineError::InvalidArgument(format!("{e} ({})", e.code())))?,
+        Item::Tensor(t) => t,
+    };
+    let probabilities = classifier
+        .infer(tensor)
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    Ok(Scored { probabilities })
+}
+
+async fn batcher(
+    mut rx: mpsc::Receiver<Job>,
+    b: Batching,
+    classifier: Arc<Classifier>,
+    slots: Arc<Semaphore>,
+    metrics: Arc<PoolMetrics>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + b.max_queue_delay;
+        while jobs.len() < b.max_batch_size {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => jobs.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            for job in jobs {
+                let _ = job.done.send(Err(EngineError::Draining));
+            }
+            return;
+        };
+        metrics.batch_size.observe(jobs.len() as f64);
+        let (classifier, metrics) = (classifier.clone(), metrics.clone());
+        tokio::spawn(async move {
+            run_jobs(classifier, jobs, metrics).await;
+            drop(slot);
+        });
+    }
+}

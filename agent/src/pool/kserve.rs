@@ -1,0 +1,354 @@
+//! KServe v2 / Open Inference Protocol: `inference.GRPCInferenceService` on the shared
+//! engine.
+//!
+//! `ModelInfer` takes one input: `BYTES` `[N]` of encoded JPEG/PNG images (outputs `classes`,
+//! BYTES `[N, k]`, and `scores`, FP32 `[N, k]`; `k` from the request parameter `top_k`, else
+//! the server's `--top-k`), or `FP32` `[N, ...]` with the bundle's input shape after the batch
+//! (output `probabilities`, FP32 `[N, classes]`). Inputs come as typed `contents` or as
+//! `raw_input_contents` (BYTES elements each prefixed by their u32 little-endian length,
+//! FP32 little-endian); replies use raw contents when the request did, typed otherwise.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use edge_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use edge_proto::inference::{
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, infer_parameter, model_infer_response,
+    model_metadata_response,
+};
+
+use super::Pool;
+use super::engine::Item;
+
+pub struct KServe {
+    pub pool: Arc<Pool>,
+}
+
+impl KServe {
+    fn check_model(&self, name: &str, version: &str) -> Result<(), Status> {
+        let p = &self.pool;
+        if name != p.model_name {
+            return Err(Status::not_found(format!(
+                "model `{name}` is not served here (this server serves `{}`)",
+                p.model_name
+            )));
+        }
+        if !version.is_empty() && version != p.model_version {
+            return Err(Status::not_found(format!(
+                "version `{version}` of `{name}` is not served here (version {})",
+                p.model_version
+            )));
+        }
+        Ok(())
+    }
+
+    async fn infer_inner(&self, req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+        self.check_model(&req.model_name, &req.model_version)?;
+        let p = &self.pool;
+        if req.inputs.len() != 1 {
+            return Err(Status::invalid_argument(format!(
+                "expected exactly one input, got {}",
+                req.inputs.len()
+            )));
+        }
+        let raw = !req.raw_input_contents.is_empty();
+        if raw && req.raw_input_contents.len() != req.inputs.len() {
+            return Err(Status::invalid_argument(
+                "raw_input_contents must have one entry per input",
+            ));
+        }
+        let input = &req.inputs[0];
+        if raw && input.contents.is_some() {
+            return Err(Status::invalid_argument(
+                "an input cannot have both typed contents and raw_input_contents",
+            ));
+        }
+        let top_k = match req
+            .parameters
+            .get("top_k")
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            None => p.top_k,
+            Some(infer_parameter::ParameterChoice::Int64Param(k)) if *k >= 1 => *k as usize,
+            Some(other) => {
+                return Err(Status::invalid_argument(format!(
+                    "parameter top_k must be a positive int64, got {other:?}"
+                )));
+            }
+        };
+        let (outputs, raw_outputs) = match input.datatype.as_str() {
+            "BYTES" => {
+                let images: Vec<Vec<u8>> = if raw {
+                    split_raw_bytes(&req.raw_input_contents[0]).map_err(Status::invalid_argument)?
+                } else {
+                    input
+                        .contents
+                        .as_ref()
+                        .map(|c| c.bytes_contents.clone())
+                        .unwrap_or_default()
+                };
+                if input.shape.len() != 1 || input.shape[0] != images.len() as i64 {
+                    return Err(Status::invalid_argument(format!(
+                        "BYTES input shape {:?} does not match its {} elements (expected [N])",
+                        input.shape,
+                        images.len()
+                    )));
+                }
+                p.check_batch(images.len())?;
+                let n = images.len();
+                let scored = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
+                let mut classes = Vec::new();
+                let mut scores = Vec::new();
+                for s in &scored {
+                    for pred in p.engine.top_k(&s.probabilities, top_k) {
+                        classes.push(pred.label.into_bytes());
+                        scores.push(pred.score);
+                    }
+                }
+                let k = (scores.len() / n.max(1)) as i64;
+                let shape = vec![n as i64, k];
+                let class_out = output("classes", "BYTES", shape.clone());
+                let score_out = output("scores", "FP32", shape);
+                if raw {
+                    let raw_classes = join_raw_bytes(&classes);
+                    let raw_scores = scores.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (vec![class_out, score_out], vec![raw_classes, raw_scores])
+                } else {
+                    (
+                        vec![
+                            with_contents(
+                                class_out,
+                                InferTensorContents {
+                                    bytes_contents: classes,
+                                    ..Default::default()
+                                },
+                            ),
+                            with_contents(
+                                score_out,
+                                InferTensorContents {
+                                    fp32_contents: scores,
+                                    ..Default::default()
+                                },
+                            ),
+                        ],
+                        Vec::new(),
+                    )
+                }
+            }
+            "FP32" => {
+                let values: Vec<f32> = if raw {
+                    super::le_f32s(&req.raw_input_contents[0])?
+                } else {
+                    input
+                        .contents
+                        .as_ref()
+                        .map(|c| c.fp32_contents.clone())
+                        .unwrap_or_default()
+                };
+                let items = p
+                    .split_tensor(&input.shape, values)
+                    .map_err(Status::invalid_argument)?;
+                let n = items.len();
+                let scored = p.score(items).await?;
+                let classes = scored.first().map(|s| s.probabilities.len()).unwrap_or(0);
+                let probs: Vec<f32> = scored.into_iter().flat_map(|s| s.probabilities).collect();
+                let out = output("probabilities", "FP32", vec![n as i64, classes as i64]);
+                if raw {
+                    (
+                        vec![out],
+                        vec![probs.iter().flat_map(|v| v.to_le_bytes()).collect()],
+                    )
+                } else {
+                    (
+                        vec![with_contents(
+                            out,
+                            InferTensorContents {
+                                fp32_contents: probs,
+                                ..Default::default()
+                            },
+                        )],
+                        Vec::new(),
+                    )
+                }
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "input datatype {other} is not supported (BYTES images or FP32 tensor)"
+                )));
+            }
+        };
+        // Requested outputs filter the reply.
+        let wanted: Vec<&str> = req.outputs.iter().map(|o| o.name.as_str()).collect();
+        for w in &wanted {
+            if !outputs.iter().any(|o| o.name == *w) {
+                return Err(Status::invalid_argument(format!("unknown output `{w}`")));
+            }
+        }
+        let keep = |name: &str| wanted.is_empty() || wanted.contains(&name);
+        let mut kept = Vec::new();
+        let mut kept_raw = Vec::new();
+        for (i, o) in outputs.into_iter().enumerate() {
+            if keep(&o.name) {
+                if let Some(r) = raw_outputs.get(i) {
+                    kept_raw.push(r.clone());
+                }
+                kept.push(o);
+            }
+        }
+        Ok(ModelInferResponse {
+            model_name: p.model_name.clone(),
+            model_version: p.model_version.clone(),
+            id: req.id,
+            parameters: Default::default(),
+            outputs: kept,
+            raw_output_contents: kept_raw,
+        })
+    }
+}
+
+fn output(name: &str, datatype: &str, shape: Vec<i64>) -> model_infer_response::InferOutputTensor {
+    model_infer_response::InferOutputTensor {
+        name: name.to_owned(),
+        datatype: datatype.to_owned(),
+        shape,
+        parameters: Default::default(),
+        contents: None,
+    }
+}
+
+fn with_contents(
+    mut o: model_infer_response::InferOutputTensor,
+    contents: InferTensorContents,
+) -> model_infer_response::InferOutputTensor {
+    o.contents = Some(contents);
+    o
+}
+
+/// BYTES raw contents: each element is its u32 little-endian length, then its bytes.
+pub fn split_raw_bytes(raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err("raw BYTES input ends inside a length prefix".into());
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(format!("raw BYTES element of {len} bytes overruns the input"));
+        }
+        out.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    Ok(out)
+}
+
+pub fn join_raw_bytes(items: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 4).sum());
+    for i in items {
+        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
+        out.extend_from_slice(i);
+    }
+    out
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for KServe {
+    async fn server_live(
+        &self,
+        _r: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _r: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: !self.pool.is_draining(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        r: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let r = r.into_inner();
+        let ready = self.check_model(&r.name, &r.version).is_ok() && !self.pool.is_draining();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _r: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "edge-agent".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let r = r.into_inner();
+        self.check_model(&r.name, &r.version)?;
+        let p = &self.pool;
+        let manifest = p.engine.classifier().manifest();
+        let mut tensor_shape = vec![-1i64];
+        tensor_shape.extend(manifest.input.shape.iter().skip(1).map(|&d| d as i64));
+        let meta = |name: &str, datatype: &str, shape: Vec<i64>| model_metadata_response::TensorMetadata {
+            name: name.to_owned(),
+            datatype: datatype.to_owned(),
+            shape,
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: p.model_name.clone(),
+            versions: vec![p.model_version.clone()],
+            platform: "tract_nnef".into(),
+            inputs: vec![
+                meta("images", "BYTES", vec![-1]),
+                meta(&manifest.input.name, "FP32", tensor_shape),
+            ],
+            outputs: vec![
+                meta("classes", "BYTES", vec![-1, p.top_k as i64]),
+                meta("scores", "FP32", vec![-1, p.top_k as i64]),
+                meta("probabilities", "FP32", vec![-1, manifest.labels.len() as i64]),
+            ],
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        r: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let start = Instant::now();
+        let result = match self.pool.admit() {
+            Ok(_admission) => self.infer_inner(r.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        self.pool.record("kserve.ModelInfer", &result, start);
+        result.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_bytes_round_trip_and_reject_overruns() {
+        let items = vec![b"abc".to_vec(), Vec::new(), vec![0xFF; 300]];
+        let raw = join_raw_bytes(&items);
+        assert_eq!(split_raw_bytes(&raw).unwrap(), items);
+        assert!(split_raw_bytes(&raw[..raw.len() - 1]).is_err());
+        assert!(split_raw_bytes(&[1, 0]).is_err());
+        assert!(split_raw_bytes(&[5, 0, 0, 0, 1]).is_err());
+    }
+}
