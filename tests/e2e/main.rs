@@ -4,4 +4,5 @@
 mod bad_inputs;
 mod classify_photos;
 mod daemon;
+mod pool;
 mod sources;
