@@ -43,6 +43,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub offload: OffloadConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -139,6 +140,86 @@ pub struct LimitsConfig {
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the HTTP server.
     pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadProtocol {
+    /// `tensorflow.serving.PredictionService/Predict` (edge-agent serve, TF Serving).
+    Tfserving,
+    /// `inference.GRPCInferenceService/ModelInfer` (edge-agent serve, Triton, KServe).
+    Kserve,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadPayload {
+    /// The encoded image as received (small uplink).
+    Jpeg,
+    /// The preprocessed input tensor (for signatures that take one).
+    Tensor,
+}
+
+/// The cluster pool (DESIGN.md sections 5 and 6). Offload is off without endpoints and DNS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    pub protocol: OffloadProtocol,
+    /// Static pool endpoints, `host:port`.
+    pub endpoints: Vec<String>,
+    /// A DNS name with port (a Kubernetes headless Service) re-resolved periodically.
+    pub dns: String,
+    pub dns_refresh_secs: u64,
+    /// Model name on the pool (`model_spec.name` / `model_name`).
+    pub model_name: String,
+    /// TF Serving signature (`predict_images` for JPEG bytes, `predict_tensor` for tensors).
+    pub signature: String,
+    /// Input name for tensors.
+    pub input_name: String,
+    pub send: OffloadPayload,
+    /// Deadline of one cluster call, in ms.
+    pub timeout_ms: u64,
+    /// Offload when the estimated local wait exceeds this, in ms; 0: never for load.
+    pub max_local_wait_ms: u64,
+    /// Ask the cluster when the local top-1 score is below this; 0: never.
+    pub min_confidence: f32,
+    /// Consecutive failed requests that open the circuit breaker.
+    pub failure_threshold: u32,
+    /// Seconds the breaker stays open before one probe request.
+    pub open_secs: u64,
+    /// Seconds a failing endpoint is left out.
+    pub eject_secs: u64,
+    /// PEM files; with `tls_ca` the connection is TLS, with `tls_cert` + `tls_key` mTLS.
+    pub tls_ca: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// Name to verify in the pool's certificate when it differs from the endpoint host.
+    pub tls_domain: String,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        Self {
+            protocol: OffloadProtocol::Tfserving,
+            endpoints: Vec::new(),
+            dns: String::new(),
+            dns_refresh_secs: 10,
+            model_name: "inception".into(),
+            signature: "predict_images".into(),
+            input_name: "input".into(),
+            send: OffloadPayload::Jpeg,
+            timeout_ms: 2000,
+            max_local_wait_ms: 1000,
+            min_confidence: 0.0,
+            failure_threshold: 3,
+            open_secs: 10,
+            eject_secs: 5,
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_domain: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -396,6 +477,32 @@ impl Config {
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return bad("http.listen", "must be an address like 127.0.0.1:9464, or empty");
+        }
+        let o = &self.offload;
+        if o.timeout_ms == 0 {
+            return bad("offload.timeout_ms", "must be positive");
+        }
+        if o.failure_threshold == 0 {
+            return bad("offload.failure_threshold", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&o.min_confidence) {
+            return bad("offload.min_confidence", "must be between 0 and 1");
+        }
+        if o.endpoints.iter().any(|e| {
+            e.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        }) {
+            return bad("offload.endpoints", "each endpoint must be host:port");
+        }
+        if !o.dns.is_empty()
+            && o.dns
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return bad(
+                "offload.dns",
+                "must be name:port, e.g. edge-pool-headless.ml.svc.cluster.local:9000",
+            );
         }
         self.queue_limits()?;
         Ok(())

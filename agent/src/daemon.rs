@@ -109,6 +109,9 @@ struct Shared {
     /// Sequence numbers workers hold, released if shutdown times out.
     in_flight: Mutex<HashSet<Seq>>,
     started_at: UnixMillis,
+    offload: Option<Arc<crate::offload::Offload>>,
+    /// Recent local preprocessing + inference time per request, ms (f64 bits; EWMA).
+    local_latency_ms: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -271,6 +274,10 @@ pub async fn run(config: Config) -> Result<()> {
         receive_maximum: config.mqtt.receive_maximum,
         will: (topics.status.clone(), offline.clone()),
     };
+    let offload = crate::offload::Offload::new(&config.offload)?;
+    if let Some(o) = &offload {
+        info!(endpoints = ?config.offload.endpoints, dns = %config.offload.dns, protocol = ?config.offload.protocol, healthy = o.healthy_endpoints(), "cluster offload on");
+    }
     let (client, connection) = mqtt::connect(&settings);
     let (publish_tx, publish_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -292,6 +299,8 @@ pub async fn run(config: Config) -> Result<()> {
         stopping: CancellationToken::new(),
         in_flight: Mutex::new(HashSet::new()),
         started_at: UnixMillis::now(),
+        offload,
+        local_latency_ms: AtomicU64::new(0f64.to_bits()),
         config,
     });
 
@@ -405,6 +414,15 @@ fn shared_http(shared: &Arc<Shared>) -> crate::http::Probe {
     let s = shared.clone();
     let metrics = Arc::new(move || {
         s.metrics.set_queue(&s.queue.stats());
+        if let Some(o) = &s.offload {
+            let state = match o.breaker_state() {
+                crate::offload::BreakerState::Closed => 0,
+                crate::offload::BreakerState::Open => 1,
+                crate::offload::BreakerState::HalfOpen => 2,
+            };
+            s.metrics.breaker.set(state);
+            s.metrics.cluster_endpoints.set(o.healthy_endpoints() as i64);
+        }
         s.metrics.render()
     });
     let s = shared.clone();
@@ -663,6 +681,20 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
 }
 
 impl Shared {
+    /// Expected wait for local inference of a new request: queue depth x recent latency /
+    /// workers.
+    fn estimated_wait_ms(&self) -> f64 {
+        let latency = f64::from_bits(self.local_latency_ms.load(Ordering::Relaxed));
+        let pending = self.queue.stats().pending as f64;
+        pending * latency / self.config.workers.count.max(1) as f64
+    }
+
+    fn observe_local_latency(&self, ms: f64) {
+        let old = f64::from_bits(self.local_latency_ms.load(Ordering::Relaxed));
+        let new = if old == 0.0 { ms } else { 0.8 * old + 0.2 * ms };
+        self.local_latency_ms.store(new.to_bits(), Ordering::Relaxed);
+    }
+
     fn topics_match(&self, topic: &str) -> bool {
         let prefix = &self.config.mqtt.topic_prefix;
         topic == format!("{prefix}/{}/classify", self.device)
@@ -763,9 +795,9 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
             )
         }
     };
-    let (code, lease) = match outcome {
-        Outcome::Ok(lease) => ("ok", lease),
-        Outcome::Error(code, lease) => (code.as_str(), lease),
+    let (code, path, reason, lease) = match outcome {
+        Outcome::Ok(lease, path, reason) => ("ok", path, reason, lease),
+        Outcome::Error(code, lease) => (code.as_str(), "local", "error", lease),
     };
     let request = lease.into_request();
     let reply = StoredReply {
@@ -777,7 +809,7 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
     };
     match shared.queue.complete_async(seq, &reply).await {
         Ok(()) => {
-            shared.metrics.count(code, "local", "local_only");
+            shared.metrics.count(code, path, reason);
             shared.metrics.total.observe(since_ms(request.received_at) / 1e3);
             shared.space.notify_waiters();
             shared.publish_reply(seq, reply);
@@ -790,8 +822,15 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
 }
 
 enum Outcome {
-    Ok(Lease),
+    /// Answered, by this path, for this reason.
+    Ok(Lease, &'static str, &'static str),
     Error(ErrorCode, Lease),
+}
+
+/// Which path served a request and why (`source` and `reason` of the reply).
+struct Route {
+    source: &'static str,
+    reason: &'static str,
 }
 
 async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
@@ -811,6 +850,37 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         );
         return (doc, Outcome::Error(ErrorCode::DeadlineExceeded, lease));
     }
+    let offload = shared.offload.as_ref();
+    let mut local_reason = if offload.is_some() { "local" } else { "local_only" };
+
+    // Load: offload when the local wait would exceed the target and the cluster is up.
+    if let Some(o) = offload {
+        let target = shared.config.offload.max_local_wait_ms as f64;
+        let wait = shared.estimated_wait_ms();
+        if target > 0.0 && wait > target && o.available() {
+            debug!(wait_ms = wait, "offloading for load");
+            match cluster(shared, o, &lease, k).await {
+                Ok((labels, cluster_ms)) => {
+                    return cluster_reply(
+                        shared,
+                        lease,
+                        labels,
+                        queued,
+                        cluster_ms,
+                        Route {
+                            source: "cluster",
+                            reason: "load",
+                        },
+                    );
+                }
+                Err(e) => {
+                    warn!("cluster failed, answering locally: {e}");
+                    local_reason = "cluster_failed";
+                }
+            }
+        }
+    }
+
     let s = shared.clone();
     let (lease, result) = match tokio::task::spawn_blocking(move || {
         let image = &lease.request().payload;
@@ -841,24 +911,48 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         Ok(c) => {
             shared.metrics.preprocess.observe(c.preprocess.as_secs_f64());
             shared.metrics.inference.observe(c.inference.as_secs_f64());
+            shared.observe_local_latency(ms(c.preprocess) + ms(c.inference));
             let best = c.top.first().map(|p| p.score).unwrap_or(0.0);
             shared.metrics.confidence.observe(f64::from(best));
+            let threshold = shared.config.offload.min_confidence;
+            if let Some(o) = offload
+                && best < threshold
+            {
+                if o.available() {
+                    match cluster(shared, o, &lease, k).await {
+                        Ok((labels, cluster_ms)) => {
+                            let route = Route {
+                                source: "cluster",
+                                reason: "low_confidence",
+                            };
+                            return cluster_reply(shared, lease, labels, queued, cluster_ms, route);
+                        }
+                        Err(e) => {
+                            warn!("cluster failed on a low-confidence request, answering locally: {e}");
+                            local_reason = "low_confidence_cluster_failed";
+                        }
+                    }
+                } else {
+                    local_reason = "low_confidence_cluster_unavailable";
+                }
+            }
+            let r = lease.request();
             let reply = Reply {
                 id: &r.request_id,
                 device: &shared.device,
                 model: &shared.model,
                 source: "local",
-                reason: "local_only",
+                reason: local_reason,
                 top: c
                     .top
                     .into_iter()
                     .map(|p| Label {
                         label: p.label,
-                        index: p.index,
+                        index: Some(p.index),
                         score: p.score,
                     })
                     .collect(),
-                low_confidence: best < shared.config.model.low_confidence_threshold,
+                low_confidence: best < shared.config.model.low_confidence_threshold || best < threshold,
                 timings_ms: Timings {
                     queued,
                     preprocess: ms(c.preprocess),
@@ -866,9 +960,14 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
                     total: since_ms(r.received_at),
                 },
             };
-            info!(top1 = best, inference_ms = ms(c.inference), "classified");
+            info!(
+                top1 = best,
+                inference_ms = ms(c.inference),
+                reason = local_reason,
+                "classified"
+            );
             let doc = reply.to_json();
-            (doc, Outcome::Ok(lease))
+            (doc, Outcome::Ok(lease, "local", local_reason))
         }
         Err(e) => {
             let code = ErrorCode::from_runtime(e.code());
@@ -883,6 +982,102 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
             (doc, Outcome::Error(code, lease))
         }
     }
+}
+
+/// Asks the cluster; returns its labels and how long the call took (ms).
+async fn cluster(
+    shared: &Arc<Shared>,
+    offload: &Arc<crate::offload::Offload>,
+    lease: &Lease,
+    k: usize,
+) -> Result<(Vec<Label>, f64), crate::offload::OffloadError> {
+    use crate::offload::{Answer, OffloadError, Payload};
+    let image = &lease.request().payload;
+    let start = Instant::now();
+    let answer = if crate::offload::wants_tensor(&shared.config.offload) {
+        let s = shared.clone();
+        let bytes = image.clone();
+        let tensor =
+            tokio::task::spawn_blocking(move || s.classifier.preprocessor().tensor_from_bytes(&bytes))
+                .await
+                .map_err(|e| OffloadError::Failed(format!("preprocessing task: {e}")))?
+                .map_err(|e| OffloadError::Failed(format!("preprocessing: {e}")))?;
+        let shape = tensor.shape().to_vec();
+        let values = tensor
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>())
+            .map_err(|e| OffloadError::Failed(format!("tensor: {e}")))?
+            .to_vec();
+        offload.classify(Payload::Tensor(&shape, &values), k).await
+    } else {
+        offload.classify(Payload::Encoded(image), k).await
+    };
+    let cluster_ms = ms(start.elapsed());
+    shared.metrics.cluster.observe(cluster_ms / 1e3);
+    let (answer, endpoint) = answer?;
+    debug!(%endpoint, cluster_ms, "answered by the cluster");
+    let labels = match answer {
+        Answer::Labels(v) => {
+            let manifest = shared.classifier.manifest();
+            v.into_iter()
+                .map(|(label, score)| Label {
+                    index: manifest
+                        .labels
+                        .iter()
+                        .position(|l| *l == label)
+                        .map(|i| i + manifest.output.label_offset),
+                    label,
+                    score,
+                })
+                .collect()
+        }
+        Answer::Probabilities(p) => shared
+            .classifier
+            .top_k(&p, k)
+            .into_iter()
+            .map(|p| Label {
+                label: p.label,
+                index: Some(p.index),
+                score: p.score,
+            })
+            .collect(),
+    };
+    Ok((labels, cluster_ms))
+}
+
+fn cluster_reply(
+    shared: &Arc<Shared>,
+    lease: Lease,
+    labels: Vec<Label>,
+    queued: f64,
+    cluster_ms: f64,
+    route: Route,
+) -> (Vec<u8>, Outcome) {
+    let r = lease.request();
+    let best = labels.first().map(|l| l.score).unwrap_or(0.0);
+    let reply = Reply {
+        id: &r.request_id,
+        device: &shared.device,
+        model: &shared.model,
+        source: route.source,
+        reason: route.reason,
+        top: labels,
+        low_confidence: best < shared.config.model.low_confidence_threshold,
+        timings_ms: Timings {
+            queued,
+            preprocess: 0.0,
+            inference: cluster_ms,
+            total: since_ms(r.received_at),
+        },
+    };
+    info!(
+        top1 = best,
+        cluster_ms,
+        reason = route.reason,
+        "classified by the cluster"
+    );
+    let doc = reply.to_json();
+    (doc, Outcome::Ok(lease, route.source, route.reason))
 }
 
 async fn housekeeping_task(shared: Arc<Shared>) {

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod offload;
 pub mod pool;
 pub mod queue;
 pub mod request;

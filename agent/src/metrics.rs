@@ -46,6 +46,9 @@ pub struct Metrics {
     pub inference: Histogram,
     pub total: Histogram,
     pub confidence: Histogram,
+    pub cluster: Histogram,
+    pub breaker: Gauge,
+    pub cluster_endpoints: Gauge,
     pub model: Family<ModelLabels, Gauge>,
 }
 
@@ -132,6 +135,23 @@ impl Metrics {
             "Top-1 score of local classifications",
             confidence.clone(),
         );
+        let cluster = hist(
+            &mut registry,
+            "cluster",
+            "Calls to the cluster pool, retry included",
+        );
+        let breaker = Gauge::default();
+        registry.register(
+            "cluster_breaker",
+            "Circuit breaker of the cluster pool: 0 closed, 1 open, 2 half-open",
+            breaker.clone(),
+        );
+        let cluster_endpoints = Gauge::default();
+        registry.register(
+            "cluster_endpoints_healthy",
+            "Cluster endpoints not ejected",
+            cluster_endpoints.clone(),
+        );
         let model = Family::<ModelLabels, Gauge>::default();
         registry.register("model", "The model being served (value 1)", model.clone());
         Self {
@@ -149,6 +169,9 @@ impl Metrics {
             inference,
             total,
             confidence,
+            cluster,
+            breaker,
+            cluster_endpoints,
             model,
         }
     }

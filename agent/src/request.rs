@@ -359,7 +359,10 @@ pub struct ModelRef {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Label {
     pub label: String,
-    pub index: usize,
+    /// Index in the model's output; absent when the cluster answered with a label the
+    /// local model does not have.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
     pub score: f32,
 }
 
@@ -585,7 +588,7 @@ mod tests {
             reason: "local",
             top: vec![Label {
                 label: "cat".into(),
-                index: 3,
+                index: Some(3),
                 score: 0.9,
             }],
             low_confidence: false,

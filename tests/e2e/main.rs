@@ -4,5 +4,6 @@
 mod bad_inputs;
 mod classify_photos;
 mod daemon;
+mod offload;
 mod pool;
 mod sources;

@@ -28,15 +28,20 @@ use prost::Message;
 
 use crate::classify_photos::efficientnet_bundle;
 
-struct Server {
+pub struct Server {
     child: Option<Child>,
-    port: u16,
+    pub port: u16,
     http_port: u16,
 }
 
 impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let (port, http_port) = (free_port(), free_port());
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// A pool serving EfficientNet-Lite0 as model `inception` on `port`.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        let http_port = free_port();
         let child = Command::new(bin("edge-agent"))
             .arg("serve")
             .arg("--bundle")
@@ -56,7 +61,7 @@ impl Server {
         }
     }
 
-    async fn channel(&self) -> Channel {
+    pub async fn channel(&self) -> Channel {
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))

@@ -1,0 +1,557 @@
+//! The agent's way to the cluster pool: gRPC to `edge-agent serve`, TensorFlow Serving or any
+//! KServe v2 server (Triton, KServe, MLServer).
+//!
+//! - Endpoints come from a static list and/or a DNS name re-resolved periodically (a
+//!   Kubernetes headless Service: one address per ready pod). Each endpoint has its own
+//!   lazily connected channel and requests go round-robin over the healthy ones, because a
+//!   ClusterIP Service would pin the one HTTP/2 connection to one pod.
+//! - The agent tracks endpoint health itself: a failed call (unavailable, timeout, overload,
+//!   connection error) ejects the endpoint for `eject_secs`; it is re-admitted after that
+//!   (tonic's balancer alone keeps routing to dead endpoints).
+//! - Every call has the configured deadline; a failed call is retried once on another
+//!   endpoint.
+//! - A circuit breaker over the whole pool opens after `failure_threshold` consecutive failed
+//!   requests: while open nothing is sent; after `open_secs` one request probes (half-open),
+//!   and its success closes the breaker.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use edge_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use edge_proto::inference::{InferParameter, ModelInferRequest, infer_parameter, model_infer_request};
+use edge_proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
+use edge_proto::tensorflow::serving::{ModelSpec, PredictRequest};
+use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto, tensor_shape_proto};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
+use tracing::{debug, info, warn};
+
+use crate::config::{OffloadConfig, OffloadPayload, OffloadProtocol};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the cluster failed: {0}")]
+    Failed(String),
+    #[error("offload configuration: {0}")]
+    Config(String),
+}
+
+/// What is sent: the encoded image, or the input tensor our preprocessing made.
+pub enum Payload<'a> {
+    Encoded(&'a [u8]),
+    /// Shape (batch 1 first) and values.
+    Tensor(&'a [usize], &'a [f32]),
+}
+
+/// The cluster's answer: labels with scores, or all probabilities (tensor signatures).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Labels(Vec<(String, f32)>),
+    Probabilities(Vec<f32>),
+}
+
+struct Endpoint {
+    addr: String,
+    channel: Channel,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl Endpoint {
+    fn healthy(&self, now: Instant) -> bool {
+        lock(&self.ejected_until).is_none_or(|t| now >= t)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The breaker's state, as exported in metrics (0 closed, 1 open, 2 half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Breaker {
+    failures: u32,
+    opened_at: Option<Instant>,
+    probing: bool,
+}
+
+pub struct Offload {
+    cfg: OffloadConfig,
+    tls: Option<ClientTlsConfig>,
+    endpoints: RwLock<Vec<Arc<Endpoint>>>,
+    next: AtomicUsize,
+    breaker: Mutex<Breaker>,
+}
+
+impl Offload {
+    /// Builds the client; `None` when no endpoint and no DNS name are configured.
+    pub fn new(cfg: &OffloadConfig) -> Result<Option<Arc<Self>>, OffloadError> {
+        if cfg.endpoints.is_empty() && cfg.dns.is_empty() {
+            return Ok(None);
+        }
+        let tls = tls_config(cfg)?;
+        let offload = Arc::new(Self {
+            cfg: cfg.clone(),
+            tls,
+            endpoints: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            breaker: Mutex::new(Breaker {
+                failures: 0,
+                opened_at: None,
+                probing: false,
+            }),
+        });
+        let mut list = Vec::new();
+        for addr in &cfg.endpoints {
+            list.push(offload.endpoint(addr)?);
+        }
+        *offload
+            .endpoints
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+        if !cfg.dns.is_empty() {
+            let o = offload.clone();
+            tokio::spawn(async move { o.resolve_forever().await });
+        }
+        Ok(Some(offload))
+    }
+
+    fn endpoint(&self, addr: &str) -> Result<Arc<Endpoint>, OffloadError> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut e = TonicEndpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| OffloadError::Config(format!("invalid endpoint `{addr}`: {e}")))?
+            .connect_timeout(Duration::from_millis(self.cfg.timeout_ms))
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            e = e
+                .tls_config(tls.clone())
+                .map_err(|e| OffloadError::Config(format!("TLS for `{addr}`: {e}")))?;
+        }
+        Ok(Arc::new(Endpoint {
+            addr: addr.to_owned(),
+            channel: e.connect_lazy(),
+            ejected_until: Mutex::new(None),
+        }))
+    }
+
+    /// Re-resolves the DNS name every `dns_refresh_secs`, keeping the static endpoints and
+    /// the channels of addresses that stay.
+    async fn resolve_forever(self: Arc<Self>) {
+        loop {
+            match tokio::net::lookup_host(self.cfg.dns.as_str()).await {
+                Ok(addrs) => {
+                    let mut wanted: Vec<String> = self.cfg.endpoints.clone();
+                    for a in addrs {
+                        let s = a.to_string();
+                        if !wanted.contains(&s) {
+                            wanted.push(s);
+                        }
+                    }
+                    let current = self
+                        .endpoints
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    let mut next = Vec::new();
+                    for addr in &wanted {
+                        match current.iter().find(|e| &e.addr == addr) {
+                            Some(e) => next.push(e.clone()),
+                            None => match self.endpoint(addr) {
+                                Ok(e) => next.push(e),
+                                Err(e) => warn!("{e}"),
+                            },
+                        }
+                    }
+                    if next.len() != current.len() || next.iter().zip(&current).any(|(a, b)| a.addr != b.addr)
+                    {
+                        info!(endpoints = ?wanted, "cluster endpoints changed");
+                    }
+                    *self
+                        .endpoints
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+                }
+                Err(e) => warn!(dns = %self.cfg.dns, "cannot resolve the cluster's DNS name: {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(self.cfg.dns_refresh_secs.max(1))).await;
+        }
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        let b = lock(&self.breaker);
+        match b.opened_at {
+            None => BreakerState::Closed,
+            Some(t) if t.elapsed() >= Duration::from_secs(self.cfg.open_secs) => BreakerState::HalfOpen,
+            Some(_) => BreakerState::Open,
+        }
+    }
+
+    /// Whether a request would be sent now (breaker closed, or half-open with no probe out,
+    /// and some endpoint healthy).
+    pub fn available(&self) -> bool {
+        let state = self.breaker_state();
+        let breaker_ok = match state {
+            BreakerState::Closed => true,
+            BreakerState::HalfOpen => !lock(&self.breaker).probing,
+            BreakerState::Open => false,
+        };
+        breaker_ok && self.healthy_endpoints() > 0
+    }
+
+    pub fn healthy_endpoints(&self) -> usize {
+        let now = Instant::now();
+        self.endpoints
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|e| e.healthy(now))
+            .count()
+    }
+
+    /// Admits a request through the breaker: `Ok(probe)` if it may go (`probe` when it is
+    /// the half-open probe).
+    fn admit(&self) -> Result<bool, OffloadError> {
+        let mut b = lock(&self.breaker);
+        match b.opened_at {
+            None => Ok(false),
+            Some(t) if t.elapsed() >= Duration::from_secs(self.cfg.open_secs) && !b.probing => {
+                b.probing = true;
+                Ok(true)
+            }
+            Some(_) => Err(OffloadError::Unavailable("circuit breaker open".into())),
+        }
+    }
+
+    fn settle(&self, ok: bool, probe: bool) {
+        let mut b = lock(&self.breaker);
+        if probe {
+            b.probing = false;
+        }
+        if ok {
+            if b.opened_at.is_some() {
+                info!("cluster answered: circuit breaker closed");
+            }
+            b.failures = 0;
+            b.opened_at = None;
+        } else {
+            b.failures = b.failures.saturating_add(1);
+            if probe || (b.opened_at.is_none() && b.failures >= self.cfg.failure_threshold) {
+                if b.opened_at.is_none() || probe {
+                    warn!(
+                        failures = b.failures,
+                        "circuit breaker open: local only for {} s", self.cfg.open_secs
+                    );
+                }
+                b.opened_at = Some(Instant::now());
+            }
+        }
+    }
+
+    fn pick(&self, avoid: Option<&str>) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        let list = self
+            .endpoints
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if list.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..list.len())
+            .map(|i| &list[(start + i) % list.len()])
+            .find(|e| e.healthy(now) && Some(e.addr.as_str()) != avoid)
+            .cloned()
+    }
+
+    /// Classifies on the cluster: one try, and one retry on another endpoint.
+    pub async fn classify(
+        &self,
+        payload: Payload<'_>,
+        top_k: usize,
+    ) -> Result<(Answer, String), OffloadError> {
+        let probe = self.admit()?;
+        let mut last_err = OffloadError::Unavailable("no healthy cluster endpoint".into());
+        let mut tried: Option<String> = None;
+        for _ in 0..2 {
+            let Some(ep) = self.pick(tried.as_deref()) else {
+                break;
+            };
+            match self.call(&ep, &payload, top_k).await {
+                Ok(answer) => {
+                    self.settle(true, probe);
+                    return Ok((answer, ep.addr.clone()));
+                }
+                Err((retryable, e)) => {
+                    debug!(endpoint = %ep.addr, "cluster call failed: {e}");
+                    if retryable {
+                        *lock(&ep.ejected_until) =
+                            Some(Instant::now() + Duration::from_secs(self.cfg.eject_secs));
+                        warn!(endpoint = %ep.addr, "endpoint ejected for {} s: {e}", self.cfg.eject_secs);
+                    }
+                    last_err = OffloadError::Failed(format!("{}: {e}", ep.addr));
+                    tried = Some(ep.addr.clone());
+                    if !retryable {
+                        break;
+                    }
+                }
+            }
+        }
+        self.settle(false, probe);
+        Err(last_err)
+    }
+
+    /// One call; the error says whether another endpoint might do better.
+    async fn call(
+        &self,
+        ep: &Endpoint,
+        payload: &Payload<'_>,
+        top_k: usize,
+    ) -> Result<Answer, (bool, String)> {
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let retryable = |s: &tonic::Status| {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+            )
+        };
+        let fail = |s: tonic::Status| (retryable(&s), format!("{}: {}", s.code(), s.message()));
+        let answer = match self.cfg.protocol {
+            OffloadProtocol::Tfserving => {
+                let mut req = tonic::Request::new(self.predict_request(payload));
+                req.set_timeout(timeout);
+                let mut client = PredictionServiceClient::new(ep.channel.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+                    .max_encoding_message_size(64 * 1024 * 1024);
+                let call = tokio::time::timeout(timeout, client.predict(req)).await;
+                let resp = call
+                    .map_err(|_| (true, "deadline exceeded".to_owned()))?
+                    .map_err(fail)?
+                    .into_inner();
+                read_predict(&resp.outputs, top_k).map_err(|e| (false, e))?
+            }
+            OffloadProtocol::Kserve => {
+                let mut req = tonic::Request::new(self.infer_request(payload, top_k));
+                req.set_timeout(timeout);
+                let mut client = GrpcInferenceServiceClient::new(ep.channel.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+                    .max_encoding_message_size(64 * 1024 * 1024);
+                let call = tokio::time::timeout(timeout, client.model_infer(req)).await;
+                let resp = call
+                    .map_err(|_| (true, "deadline exceeded".to_owned()))?
+                    .map_err(fail)?
+                    .into_inner();
+                read_infer(&resp, top_k).map_err(|e| (false, e))?
+            }
+        };
+        Ok(answer)
+    }
+
+    fn predict_request(&self, payload: &Payload<'_>) -> PredictRequest {
+        let shape = |dims: &[i64]| {
+            Some(TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|&size| tensor_shape_proto::Dim {
+                        size,
+                        name: String::new(),
+                    })
+                    .collect(),
+                unknown_rank: false,
+            })
+        };
+        let (key, tensor) = match payload {
+            Payload::Encoded(bytes) => (
+                "images".to_owned(),
+                TensorProto {
+                    dtype: DataType::DtString as i32,
+                    tensor_shape: shape(&[1]),
+                    string_val: vec![bytes.to_vec()],
+                    ..TensorProto::default()
+                },
+            ),
+            Payload::Tensor(dims, values) => (
+                self.cfg.input_name.clone(),
+                TensorProto {
+                    dtype: DataType::DtFloat as i32,
+                    tensor_shape: shape(&dims.iter().map(|&d| d as i64).collect::<Vec<_>>()),
+                    tensor_content: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    ..TensorProto::default()
+                },
+            ),
+        };
+        PredictRequest {
+            model_spec: Some(ModelSpec {
+                name: self.cfg.model_name.clone(),
+                signature_name: self.cfg.signature.clone(),
+                version_choice: None,
+            }),
+            inputs: [(key, tensor)].into(),
+            ..PredictRequest::default()
+        }
+    }
+
+    fn infer_request(&self, payload: &Payload<'_>, top_k: usize) -> ModelInferRequest {
+        let (input, raw) = match payload {
+            Payload::Encoded(bytes) => {
+                let mut raw = Vec::with_capacity(bytes.len() + 4);
+                raw.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                raw.extend_from_slice(bytes);
+                (
+                    model_infer_request::InferInputTensor {
+                        name: "images".into(),
+                        datatype: "BYTES".into(),
+                        shape: vec![1],
+                        ..Default::default()
+                    },
+                    raw,
+                )
+            }
+            Payload::Tensor(dims, values) => (
+                model_infer_request::InferInputTensor {
+                    name: self.cfg.input_name.clone(),
+                    datatype: "FP32".into(),
+                    shape: dims.iter().map(|&d| d as i64).collect(),
+                    ..Default::default()
+                },
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        };
+        ModelInferRequest {
+            model_name: self.cfg.model_name.clone(),
+            parameters: [(
+                "top_k".to_owned(),
+                InferParameter {
+                    parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(top_k as i64)),
+                },
+            )]
+            .into(),
+            inputs: vec![input],
+            raw_input_contents: vec![raw],
+            ..Default::default()
+        }
+    }
+}
+
+fn read_predict(
+    outputs: &std::collections::HashMap<String, TensorProto>,
+    top_k: usize,
+) -> Result<Answer, String> {
+    if let (Some(classes), Some(scores)) = (outputs.get("classes"), outputs.get("scores")) {
+        let scores: Vec<f32> = if scores.tensor_content.is_empty() {
+            scores.float_val.clone()
+        } else {
+            le_f32s(&scores.tensor_content)?
+        };
+        let labels = classes
+            .string_val
+            .iter()
+            .zip(scores)
+            .take(top_k)
+            .map(|(c, s)| (String::from_utf8_lossy(c).into_owned(), s))
+            .collect();
+        return Ok(Answer::Labels(labels));
+    }
+    if let Some(p) = outputs.get("probabilities") {
+        let v = if p.tensor_content.is_empty() {
+            p.float_val.clone()
+        } else {
+            le_f32s(&p.tensor_content)?
+        };
+        return Ok(Answer::Probabilities(v));
+    }
+    Err(format!(
+        "the reply has neither classes+scores nor probabilities (outputs: {})",
+        outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+    ))
+}
+
+fn read_infer(resp: &edge_proto::inference::ModelInferResponse, top_k: usize) -> Result<Answer, String> {
+    let find = |name: &str| resp.outputs.iter().position(|o| o.name == name);
+    let floats = |i: usize| -> Result<Vec<f32>, String> {
+        match resp.raw_output_contents.get(i) {
+            Some(raw) => le_f32s(raw),
+            None => Ok(resp.outputs[i]
+                .contents
+                .as_ref()
+                .map(|c| c.fp32_contents.clone())
+                .unwrap_or_default()),
+        }
+    };
+    if let (Some(ci), Some(si)) = (find("classes"), find("scores")) {
+        let classes: Vec<Vec<u8>> = match resp.raw_output_contents.get(ci) {
+            Some(raw) => crate::pool::kserve::split_raw_bytes(raw)?,
+            None => resp.outputs[ci]
+                .contents
+                .as_ref()
+                .map(|c| c.bytes_contents.clone())
+                .unwrap_or_default(),
+        };
+        let labels = classes
+            .iter()
+            .zip(floats(si)?)
+            .take(top_k)
+            .map(|(c, s)| (String::from_utf8_lossy(c).into_owned(), s))
+            .collect();
+        return Ok(Answer::Labels(labels));
+    }
+    if let Some(pi) = find("probabilities") {
+        return Ok(Answer::Probabilities(floats(pi)?));
+    }
+    Err("the reply has neither classes+scores nor probabilities".into())
+}
+
+fn le_f32s(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    crate::pool::le_f32s(bytes).map_err(|s| s.message().to_owned())
+}
+
+fn tls_config(cfg: &OffloadConfig) -> Result<Option<ClientTlsConfig>, OffloadError> {
+    if cfg.tls_ca.is_empty() {
+        if !cfg.tls_cert.is_empty() || !cfg.tls_key.is_empty() {
+            return Err(OffloadError::Config(
+                "key `offload.tls_ca`: client certificates need TLS, which needs the CA that signed the pool's certificate".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let read = |key: &str, path: &str| {
+        std::fs::read(path)
+            .map_err(|e| OffloadError::Config(format!("key `offload.{key}`: cannot read {path}: {e}")))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = tls.ca_certificate(Certificate::from_pem(read("tls_ca", &cfg.tls_ca)?));
+    if !cfg.tls_domain.is_empty() {
+        tls = tls.domain_name(cfg.tls_domain.clone());
+    }
+    match (cfg.tls_cert.is_empty(), cfg.tls_key.is_empty()) {
+        (true, true) => {}
+        (false, false) => {
+            tls = tls.identity(Identity::from_pem(
+                read("tls_cert", &cfg.tls_cert)?,
+                read("tls_key", &cfg.tls_key)?,
+            ));
+        }
+        _ => {
+            return Err(OffloadError::Config(
+                "offload.tls_cert and offload.tls_key go together (mTLS)".into(),
+            ));
+        }
+    }
+    Ok(Some(tls))
+}
+
+/// What the local payload should be for this configuration.
+pub fn wants_tensor(cfg: &OffloadConfig) -> bool {
+    cfg.send == OffloadPayload::Tensor
+}

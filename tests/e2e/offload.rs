@@ -1,0 +1,201 @@
+//! The agent's offload path against real `edge-agent serve` pools: cascade on low
+//! confidence, overflow on load, both protocols and payloads, endpoint ejection with retry
+//! on another endpoint, circuit breaker open and recovery, local fallback. Real Mosquitto,
+//! real agent and pool processes; EfficientNet-Lite0 on both sides.
+
+use std::time::{Duration, Instant};
+
+use edge_e2e::daemon::{Agent, AgentSpec, Mosquitto, TestClient, free_port};
+use serde_json::Value;
+
+use crate::classify_photos::efficientnet_bundle;
+use crate::pool::Server;
+
+fn coffee() -> Vec<u8> {
+    std::fs::read(edge_e2e::shared_models().join("coffee.jpg")).unwrap()
+}
+
+fn agent_with_pool(device: &str, broker: &Mosquitto, endpoints: &[u16], extra: &[(&str, &str)]) -> Agent {
+    let list: Vec<String> = endpoints.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let mut spec = AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_OFFLOAD__ENDPOINTS", format!("[{}]", list.join(",")))
+        .env("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", 5000)
+        .env("EDGE_AGENT_OFFLOAD__OPEN_SECS", 2)
+        .env("EDGE_AGENT_OFFLOAD__EJECT_SECS", 1);
+    for (k, v) in extra {
+        spec = spec.env(k, v);
+    }
+    tokio::task::block_in_place(|| Agent::start(spec))
+}
+
+/// Sends one request and returns its reply.
+async fn ask(client: &TestClient, device: &str, id: &str) -> Value {
+    let topic = format!("app/{device}");
+    client
+        .request(
+            &format!("edge/{device}/classify"),
+            &coffee(),
+            &topic,
+            id,
+            &[("id", id)],
+        )
+        .await;
+    let got = client
+        .wait_for(&topic, Duration::from_secs(60), |r| {
+            r.iter().any(|m| m.json()["id"] == id)
+        })
+        .await;
+    got.into_iter()
+        .map(|m| m.json())
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no reply for {id}"))
+}
+
+async fn wait_pool(server: &Server) {
+    let _ = server.channel().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_confidence_goes_to_the_cluster_falls_back_when_it_dies_and_the_breaker_recovers() {
+    let broker = Mosquitto::start();
+    let port = free_port();
+    let pool = Server::start_on(port, &[]);
+    wait_pool(&pool).await;
+    let agent = agent_with_pool(
+        "cam-cascade",
+        &broker,
+        &[port],
+        &[
+            ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99"),
+            ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+        ],
+    );
+    let client = TestClient::connect(broker.port, "t-cascade", &["app/cam-cascade"]).await;
+
+    // espresso scores 0.95 locally, under 0.99: the cluster answers.
+    let v = ask(&client, "cam-cascade", "c1").await;
+    assert_eq!(
+        (v["source"].as_str(), v["reason"].as_str()),
+        (Some("cluster"), Some("low_confidence")),
+        "{v}"
+    );
+    assert_eq!(v["top"][0]["label"], "espresso");
+    assert_eq!(
+        v["top"][0]["index"], 967,
+        "cluster labels are mapped to local indices: {v}"
+    );
+
+    // The pool dies: local answers, flagged. The dead endpoint is ejected for eject_secs (1 s)
+    // after each failure; asking once it is back in makes each request a real attempt, and
+    // the third consecutive failure opens the breaker.
+    drop(pool);
+    let mut reasons = Vec::new();
+    for i in 0..4 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let v = ask(&client, "cam-cascade", &format!("d{i}")).await;
+        assert_eq!(v["source"], "local", "{v}");
+        assert_eq!(v["low_confidence"], true, "{v}");
+        assert_eq!(v["top"][0]["label"], "espresso");
+        reasons.push(v["reason"].as_str().unwrap().to_owned());
+    }
+    println!("reasons while the pool is down: {reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "low_confidence_cluster_failed"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.last().unwrap(),
+        "low_confidence_cluster_unavailable",
+        "{reasons:?}"
+    );
+    assert_eq!(agent.metric("edge_agent_cluster_breaker"), 1.0, "breaker open");
+
+    // The pool comes back on the same port: after open_secs a probe closes the breaker.
+    let pool = Server::start_on(port, &[]);
+    wait_pool(&pool).await;
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let v = ask(&client, "cam-cascade", &format!("r{n}")).await;
+        if v["source"] == "cluster" {
+            break;
+        }
+        assert!(Instant::now() < end, "the breaker never closed: {v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        agent.metric("edge_agent_cluster_breaker"),
+        0.0,
+        "breaker closed again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_with_tensors_and_a_dead_endpoint_is_retried_on_the_live_one() {
+    let broker = Mosquitto::start();
+    let pool = Server::start(&[]);
+    wait_pool(&pool).await;
+    let dead = free_port();
+    let _agent = agent_with_pool(
+        "cam-ks",
+        &broker,
+        &[dead, pool.port],
+        &[
+            ("EDGE_AGENT_OFFLOAD__PROTOCOL", "kserve"),
+            ("EDGE_AGENT_OFFLOAD__SEND", "tensor"),
+            ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99"),
+            ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+        ],
+    );
+    let client = TestClient::connect(broker.port, "t-ks", &["app/cam-ks"]).await;
+    for i in 0..6 {
+        let v = ask(&client, "cam-ks", &format!("k{i}")).await;
+        assert_eq!(
+            v["source"], "cluster",
+            "request {i} should reach the live endpoint: {v}"
+        );
+        assert_eq!(v["top"][0]["label"], "espresso");
+        let score = v["top"][0]["score"].as_f64().unwrap();
+        assert!((score - 0.9547).abs() < 1e-3, "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_local_queue_overflows_to_the_cluster() {
+    let broker = Mosquitto::start();
+    let pool = Server::start(&[]);
+    wait_pool(&pool).await;
+    let _agent = agent_with_pool(
+        "cam-load",
+        &broker,
+        &[pool.port],
+        &[("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "1")],
+    );
+    let client = TestClient::connect(broker.port, "t-load", &["app/cam-load"]).await;
+    let image = coffee();
+    let n = 30;
+    for i in 0..n {
+        let id = format!("l{i}");
+        client
+            .request(
+                "edge/cam-load/classify",
+                &image,
+                "app/cam-load",
+                &id,
+                &[("id", &id)],
+            )
+            .await;
+    }
+    let got = client
+        .wait_for("app/cam-load", Duration::from_secs(120), |r| r.len() >= n)
+        .await;
+    let replies: Vec<Value> = got.iter().map(|m| m.json()).collect();
+    let load = replies.iter().filter(|v| v["reason"] == "load").count();
+    let local = replies.iter().filter(|v| v["source"] == "local").count();
+    println!("overflow: {load} of {n} by the cluster for load, {local} local");
+    assert!(load > 0, "nothing overflowed: {replies:?}");
+    assert!(replies.iter().all(|v| v["top"][0]["label"] == "espresso"));
+}
