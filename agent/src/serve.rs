@@ -63,6 +63,15 @@ pub struct ServeArgs {
     /// After the listener closes: seconds to finish requests in flight.
     #[arg(long, env = "EDGE_POOL_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     drain_timeout_secs: u64,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "EDGE_POOL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EDGE_POOL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates it signed (mTLS).
+    #[arg(long, env = "EDGE_POOL_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log format: human or json.
     #[arg(long, env = "EDGE_POOL_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -101,6 +110,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         max_image_bytes: positive("max-image-bytes", args.max_image_bytes)?,
         drain_delay: Duration::from_secs(args.drain_delay_secs),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        tls: args.tls_cert.zip(args.tls_key),
+        tls_client_ca: args.tls_client_ca,
     };
     let format = match args.log_format.as_str() {
         "human" => edge_agent::config::LogFormat::Human,

@@ -199,3 +199,116 @@ async fn a_long_local_queue_overflows_to_the_cluster() {
     assert!(load > 0, "nothing overflowed: {replies:?}");
     assert!(replies.iter().all(|v| v["top"][0]["label"] == "espresso"));
 }
+
+/// A CA, a server certificate for `localhost` and a client certificate, as PEM files in `dir`:
+/// (ca, server cert, server key, client cert, client key).
+fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("localhost");
+    let (client_cert, client_key) = leaf("edge-agent-client");
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_pool_answers_an_agent_with_a_client_certificate_and_refuses_one_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server_cert, server_key, client_cert, client_key] = certificates(dir.path());
+    let s = |p: &std::path::PathBuf| p.display().to_string();
+    let pool = Server::start(&[
+        "--tls-cert",
+        &s(&server_cert),
+        "--tls-key",
+        &s(&server_key),
+        "--tls-client-ca",
+        &s(&ca),
+    ]);
+    // Wait until it listens (the plaintext health check cannot pass on a TLS port).
+    let end = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", pool.port)).is_err() {
+        assert!(Instant::now() < end, "TLS pool did not listen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let broker = Mosquitto::start();
+    let tls = [
+        ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99"),
+        ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+        ("EDGE_AGENT_OFFLOAD__TLS_DOMAIN", "localhost"),
+    ];
+    let ca_s = s(&ca);
+    let (cert_s, key_s) = (s(&client_cert), s(&client_key));
+    let mut with_cert = tls.to_vec();
+    with_cert.extend([
+        ("EDGE_AGENT_OFFLOAD__TLS_CA", ca_s.as_str()),
+        ("EDGE_AGENT_OFFLOAD__TLS_CERT", cert_s.as_str()),
+        ("EDGE_AGENT_OFFLOAD__TLS_KEY", key_s.as_str()),
+    ]);
+    let _good = agent_with_pool("cam-mtls", &broker, &[pool.port], &with_cert);
+    let mut without_cert = tls.to_vec();
+    without_cert.push(("EDGE_AGENT_OFFLOAD__TLS_CA", ca_s.as_str()));
+    let _bad = agent_with_pool("cam-nocert", &broker, &[pool.port], &without_cert);
+    let client = TestClient::connect(broker.port, "t-mtls", &["app/cam-mtls", "app/cam-nocert"]).await;
+
+    let v = ask(&client, "cam-mtls", "m1").await;
+    assert_eq!(
+        (v["source"].as_str(), v["reason"].as_str()),
+        (Some("cluster"), Some("low_confidence")),
+        "{v}"
+    );
+    let v = ask(&client, "cam-nocert", "n1").await;
+    assert_eq!(
+        v["source"], "local",
+        "a pool requiring client certificates must refuse: {v}"
+    );
+    assert_eq!(v["reason"], "low_confidence_cluster_failed", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_found_through_dns_are_used() {
+    let broker = Mosquitto::start();
+    let pool = Server::start(&[]);
+    wait_pool(&pool).await;
+    let dns = format!("localhost:{}", pool.port);
+    let spec = AgentSpec::new("cam-dns", &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_OFFLOAD__DNS", &dns)
+        .env("EDGE_AGENT_OFFLOAD__DNS_REFRESH_SECS", 1)
+        .env("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99")
+        .env("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", 0);
+    let agent = tokio::task::block_in_place(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-dns", &["app/cam-dns"]).await;
+    // The first resolution happens in the background; `localhost` may also give ::1, where
+    // nothing listens: that endpoint is ejected and the request retried on 127.0.0.1.
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let v = ask(&client, "cam-dns", &format!("dns{n}")).await;
+        if v["source"] == "cluster" {
+            break;
+        }
+        assert!(Instant::now() < end, "never reached the pool through {dns}: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(agent.metric("edge_agent_cluster_endpoints_healthy") >= 1.0);
+}

@@ -53,6 +53,26 @@ pub struct ServeConfig {
     pub max_image_bytes: usize,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
+    /// PEM certificate chain and key: serve gRPC over TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// PEM CA: require client certificates signed by it (mTLS).
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+fn server_tls(config: &ServeConfig) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let Some((cert, key)) = &config.tls else {
+        if config.tls_client_ca.is_some() {
+            anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key");
+        }
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// The state the gRPC services share.
@@ -259,8 +279,13 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     info!(listen = %config.listen, "serving tensorflow.serving.PredictionService, inference.GRPCInferenceService, grpc.health.v1.Health");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls(&config)? {
+        info!(mtls = config.tls_client_ca.is_some(), "gRPC over TLS");
+        builder = builder.tls_config(tls).context("invalid TLS configuration")?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(tf)
             .add_service(ks)
