@@ -496,3 +496,53 @@ async fn sigterm_turns_health_not_serving_keeps_answering_then_exits_cleanly() {
     };
     assert!(exit.success(), "{exit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_batching_groups_concurrent_requests_and_answers_each_correctly() {
+    let server = Server::start(&[
+        "--max-batch-size",
+        "4",
+        "--max-queue-delay-ms",
+        "50",
+        "--workers",
+        "1",
+    ]);
+    let channel = server.channel().await;
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut tf = PredictionServiceClient::new(channel.clone());
+        let name = if i % 2 == 0 { "coffee.jpg" } else { "camera.jpg" };
+        calls.push(tokio::spawn(async move {
+            let r = tf
+                .predict(images_request(vec![photo(name)]))
+                .await
+                .expect("Predict")
+                .into_inner();
+            (name, r.outputs["classes"].string_val[0].clone())
+        }));
+    }
+    for c in calls {
+        let (name, top) = c.await.unwrap();
+        let want: &[u8] = if name == "coffee.jpg" {
+            b"espresso"
+        } else {
+            b"tripod"
+        };
+        assert_eq!(top, want, "{name}");
+    }
+    let (_, metrics) = edge_e2e::daemon::http_get(server.http_port, "/metrics").unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let (items, turns) = (
+        value("edge_pool_batch_size_sum"),
+        value("edge_pool_batch_size_count"),
+    );
+    println!("batching: {items} items in {turns} turns");
+    assert_eq!(items, 8.0);
+    assert!(turns < 8.0, "no request was grouped: {turns} turns");
+}
