@@ -160,6 +160,13 @@ pub enum OffloadPayload {
     Tensor,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolScores {
+    Probabilities,
+    Logits,
+}
+
 /// The cluster pool (DESIGN.md sections 5 and 6). Offload is off without endpoints and DNS.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -181,8 +188,14 @@ pub struct OffloadConfig {
     pub timeout_ms: u64,
     /// Offload when the estimated local wait exceeds this, in ms; 0: never for load.
     pub max_local_wait_ms: u64,
-    /// Ask the cluster when the local top-1 score is below this; 0: never.
+    /// Ask the cluster when the local confidence is below this; 0: never.
     pub min_confidence: f32,
+    /// How confidence is measured: top-1 probability, top-1 minus top-2, or normalised
+    /// entropy.
+    pub confidence_measure: crate::routing::ConfidenceMeasure,
+    /// What the pool's scores are: `probabilities`, or `logits` (TF Serving's Inception
+    /// export returns the top-5 raw logits); replies say which.
+    pub pool_scores: PoolScores,
     /// Consecutive failed requests that open the circuit breaker.
     pub failure_threshold: u32,
     /// Seconds the breaker stays open before one probe request.
@@ -211,6 +224,8 @@ impl Default for OffloadConfig {
             timeout_ms: 2000,
             max_local_wait_ms: 1000,
             min_confidence: 0.0,
+            confidence_measure: crate::routing::ConfidenceMeasure::Top1,
+            pool_scores: PoolScores::Probabilities,
             failure_threshold: 3,
             open_secs: 10,
             eject_secs: 5,

@@ -915,8 +915,10 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
             let best = c.top.first().map(|p| p.score).unwrap_or(0.0);
             shared.metrics.confidence.observe(f64::from(best));
             let threshold = shared.config.offload.min_confidence;
+            let measure = shared.config.offload.confidence_measure;
+            let confidence = crate::routing::confidence(measure, &c.probabilities);
             if let Some(o) = offload
-                && best < threshold
+                && confidence < threshold
             {
                 if o.available() {
                     match cluster(shared, o, &lease, k).await {
@@ -952,7 +954,8 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
                         score: p.score,
                     })
                     .collect(),
-                low_confidence: best < shared.config.model.low_confidence_threshold || best < threshold,
+                score_kind: "probability",
+                low_confidence: best < shared.config.model.low_confidence_threshold || confidence < threshold,
                 timings_ms: Timings {
                     queued,
                     preprocess: ms(c.preprocess),
@@ -1055,6 +1058,7 @@ fn cluster_reply(
 ) -> (Vec<u8>, Outcome) {
     let r = lease.request();
     let best = labels.first().map(|l| l.score).unwrap_or(0.0);
+    let logits = shared.config.offload.pool_scores == crate::config::PoolScores::Logits;
     let reply = Reply {
         id: &r.request_id,
         device: &shared.device,
@@ -1062,7 +1066,9 @@ fn cluster_reply(
         source: route.source,
         reason: route.reason,
         top: labels,
-        low_confidence: best < shared.config.model.low_confidence_threshold,
+        score_kind: if logits { "logit" } else { "probability" },
+        // Logits say nothing against a probability threshold.
+        low_confidence: !logits && best < shared.config.model.low_confidence_threshold,
         timings_ms: Timings {
             queued,
             preprocess: 0.0,

@@ -11,3 +11,4 @@ pub mod offload;
 pub mod pool;
 pub mod queue;
 pub mod request;
+pub mod routing;

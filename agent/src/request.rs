@@ -388,6 +388,8 @@ pub struct Reply<'a> {
     /// Why that path served it.
     pub reason: &'a str,
     pub top: Vec<Label>,
+    /// `probability`, or `logit` when a pool answered with raw logits.
+    pub score_kind: &'a str,
     pub low_confidence: bool,
     pub timings_ms: Timings,
 }
@@ -591,6 +593,7 @@ mod tests {
                 index: Some(3),
                 score: 0.9,
             }],
+            score_kind: "probability",
             low_confidence: false,
             timings_ms: Timings::default(),
         };

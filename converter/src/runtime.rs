@@ -73,6 +73,9 @@ pub struct Prediction {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Classification {
     pub top: Vec<Prediction>,
+    /// Every class's probability (for confidence measures beyond the top-1 score).
+    #[serde(skip)]
+    pub probabilities: Vec<f32>,
     /// Decode, crop, resize and normalise.
     #[serde(serialize_with = "ser_ms")]
     pub preprocess: Duration,
@@ -170,6 +173,7 @@ impl Classifier {
         let inference = start.elapsed();
         Ok(Classification {
             top: self.top_k(&probabilities, top_k),
+            probabilities,
             preprocess,
             inference,
         })
