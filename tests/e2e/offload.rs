@@ -198,6 +198,14 @@ async fn a_long_local_queue_overflows_to_the_cluster() {
     println!("overflow: {load} of {n} by the cluster for load, {local} local");
     assert!(load > 0, "nothing overflowed: {replies:?}");
     assert!(replies.iter().all(|v| v["top"][0]["label"] == "espresso"));
+    // Once the queue has drained, requests stay local again.
+    for i in 0..3 {
+        let v = ask(&client, "cam-load", &format!("after{i}")).await;
+        assert_eq!(
+            v["source"], "local",
+            "the queue is empty, no reason to offload: {v}"
+        );
+    }
 }
 
 /// A CA, a server certificate for `localhost` and a client certificate, as PEM files in `dir`:
@@ -311,4 +319,139 @@ async fn endpoints_found_through_dns_are_used() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(agent.metric("edge_agent_cluster_endpoints_healthy") >= 1.0);
+}
+
+fn pool_images(pool: &Server) -> f64 {
+    let (_, m) = edge_e2e::daemon::http_get(pool.http_port, "/metrics").unwrap_or_default();
+    m.lines()
+        .find(|l| l.starts_with("edge_pool_images_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pools_share_the_load_survive_one_dying_and_all_down_means_local_within_the_deadline() {
+    let broker = Mosquitto::start();
+    let mut pools: Vec<Option<Server>> = (0..3).map(|_| Some(Server::start(&["--workers", "1"]))).collect();
+    for p in pools.iter().flatten() {
+        wait_pool(p).await;
+    }
+    let ports: Vec<u16> = pools.iter().flatten().map(|p| p.port).collect();
+    let agent = agent_with_pool(
+        "cam-three",
+        &broker,
+        &ports,
+        &[
+            ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99"),
+            ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+            ("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", "1000"),
+            ("EDGE_AGENT_OFFLOAD__EJECT_SECS", "30"),
+            ("EDGE_AGENT_WORKERS__COUNT", "2"),
+        ],
+    );
+    let client = TestClient::connect(broker.port, "t-three", &["app/cam-three"]).await;
+    let image = coffee();
+    let n = 60;
+    for i in 0..n {
+        let id = format!("t{i}");
+        client
+            .request(
+                "edge/cam-three/classify",
+                &image,
+                "app/cam-three",
+                &id,
+                &[("id", &id)],
+            )
+            .await;
+    }
+    client
+        .wait_for("app/cam-three", Duration::from_secs(120), |r| r.len() >= 20)
+        .await;
+    // Kill pool 1 mid-run.
+    let mut counts = vec![0.0; 3];
+    counts[1] = pool_images(pools[1].as_ref().unwrap());
+    pools[1] = None;
+    let got = client
+        .wait_for("app/cam-three", Duration::from_secs(180), |r| r.len() >= n)
+        .await;
+    counts[0] = pool_images(pools[0].as_ref().unwrap());
+    counts[2] = pool_images(pools[2].as_ref().unwrap());
+    println!(
+        "per-endpoint requests (pool 1 killed after its {}): {counts:?}",
+        counts[1]
+    );
+    let replies: Vec<Value> = got.iter().map(|m| m.json()).collect();
+    assert_eq!(replies.len(), n);
+    let not_cluster: Vec<&Value> = replies.iter().filter(|v| v["source"] != "cluster").collect();
+    assert!(
+        not_cluster.is_empty(),
+        "killing one pool failed requests: {not_cluster:?}"
+    );
+    assert!(counts.iter().all(|&c| c > 0.0), "load did not spread: {counts:?}");
+
+    // All three down: every request answered locally, within deadline + local inference.
+    pools.clear();
+    let deadline_ms = 3000.0;
+    for i in 0..8 {
+        let id = format!("down{i}");
+        client
+            .request(
+                "edge/cam-three/classify",
+                &image,
+                "app/cam-three",
+                &id,
+                &[("id", &id), ("deadline_ms", "3000")],
+            )
+            .await;
+    }
+    let got = client
+        .wait_for("app/cam-three", Duration::from_secs(120), |r| r.len() >= n + 8)
+        .await;
+    let down: Vec<Value> = got
+        .iter()
+        .map(|m| m.json())
+        .filter(|v| v["id"].as_str().unwrap_or("").starts_with("down"))
+        .collect();
+    assert_eq!(down.len(), 8);
+    let mut worst = 0.0f64;
+    for v in &down {
+        assert_eq!(v["source"], "local", "{v}");
+        assert_eq!(v["low_confidence"], true, "{v}");
+        let t = &v["timings_ms"];
+        let local = t["preprocess"].as_f64().unwrap() + t["inference"].as_f64().unwrap();
+        let total = t["total"].as_f64().unwrap();
+        worst = worst.max(total - local);
+        assert!(
+            total <= deadline_ms + local,
+            "waited {total} ms (local {local} ms): {v}"
+        );
+    }
+    println!("pool down: worst wait beyond local inference {worst:.0} ms (deadline {deadline_ms} ms)");
+    assert!(agent.metric("edge_agent_cluster_endpoints_healthy") < 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confident_answer_stays_local() {
+    let broker = Mosquitto::start();
+    let pool = Server::start(&[]);
+    wait_pool(&pool).await;
+    let _agent = agent_with_pool(
+        "cam-sure",
+        &broker,
+        &[pool.port],
+        &[
+            ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.5"),
+            ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+        ],
+    );
+    let client = TestClient::connect(broker.port, "t-sure", &["app/cam-sure"]).await;
+    for i in 0..3 {
+        let v = ask(&client, "cam-sure", &format!("s{i}")).await;
+        assert_eq!(
+            (v["source"].as_str(), v["reason"].as_str()),
+            (Some("local"), Some("local")),
+            "{v}"
+        );
+    }
+    assert_eq!(pool_images(&pool), 0.0, "nothing reached the pool");
 }

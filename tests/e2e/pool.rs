@@ -31,7 +31,7 @@ use crate::classify_photos::efficientnet_bundle;
 pub struct Server {
     child: Option<Child>,
     pub port: u16,
-    http_port: u16,
+    pub http_port: u16,
 }
 
 impl Server {
