@@ -3,6 +3,7 @@
 
 mod bad_inputs;
 mod classify_photos;
+mod conformance;
 mod daemon;
 mod offload;
 mod pool;

@@ -1,0 +1,35 @@
+"""NVIDIA's tritonclient (KServe v2 gRPC) against a pool server.
+
+Usage: python triton_client.py HOST:PORT MODEL IMAGE...
+Prints one JSON document: server readiness, model metadata, and ModelInfer answers for the
+images sent as a BYTES tensor (classes and scores, top 5).
+"""
+
+import json
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+target, model, *images = sys.argv[1:]
+client = grpcclient.InferenceServerClient(url=target)
+out = {
+    "live": client.is_server_live(),
+    "ready": client.is_server_ready(),
+    "model_ready": client.is_model_ready(model),
+}
+meta = client.get_model_metadata(model, as_json=True)
+out["metadata"] = {"name": meta["name"], "versions": meta.get("versions", []),
+                   "inputs": [i["name"] + ":" + i["datatype"] for i in meta["inputs"]]}
+data = np.array([open(p, "rb").read() for p in images], dtype=np.object_)
+inp = grpcclient.InferInput("images", [len(images)], "BYTES")
+inp.set_data_from_numpy(data)
+outputs = [grpcclient.InferRequestedOutput("classes"), grpcclient.InferRequestedOutput("scores")]
+result = client.infer(model, [inp], outputs=outputs, parameters={"top_k": 5})
+classes = result.as_numpy("classes")
+scores = result.as_numpy("scores")
+out["images"] = [
+    [[c.decode() if isinstance(c, bytes) else str(c), float(s)] for c, s in zip(classes[i], scores[i])]
+    for i in range(len(images))
+]
+print(json.dumps(out))
