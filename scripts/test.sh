@@ -14,3 +14,5 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"
+# The device's systemd unit: verify clean, exposure OK or better.
+agent/packaging/check-unit.sh

@@ -326,6 +326,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     wait_for_signal().await?;
     info!("shutting down: no new requests; finishing the ones being classified");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shared.stopping.cancel();
     shared.status_changed.notify_one();
     shared.work.notify_waiters();
@@ -1088,7 +1089,17 @@ fn cluster_reply(
 
 async fn housekeeping_task(shared: Arc<Shared>) {
     let mut last: Option<(State, crate::queue::QueueStats)> = None;
+    // systemd's watchdog is fed from here, at least twice per period: if this loop stalls
+    // (a wedged runtime or queue), systemd restarts the agent.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut fed = Instant::now();
     loop {
+        if let Some(period) = watchdog
+            && fed.elapsed() >= period / 3
+        {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            fed = Instant::now();
+        }
         tokio::select! {
             _ = shared.status_changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
