@@ -36,3 +36,8 @@ for rx, ra in zip(x["results"], a["results"]):
 print(f"aarch64 (qemu) vs x86_64: same top-5 for {len(x['results'])} images, max score difference {worst:.2e}")
 assert worst <= 1e-4, worst
 PY
+
+# The arm64 Debian package from the same binary (installed on devices, not here).
+deb="$(cargo deb -p edge-agent --target aarch64-unknown-linux-gnu --no-build --profile dev 2>/dev/null | tail -1)"
+dpkg-deb --info "$deb" | grep -q "Architecture: arm64"
+echo "arm64 package: $deb"
