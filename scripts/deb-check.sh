@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
 cargo build --workspace --bins --locked
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 deb="$(cargo deb -p edge-agent --no-build --profile dev 2>/dev/null | tail -1)"
-[[ -f "$deb" ]] || deb="$(ls -t target/debian/edge-agent_*.deb | head -1)"
+[[ -f "$deb" ]] || deb="$(ls -t "$target"/debian/edge-agent_*_amd64.deb | head -1)"
 echo "package: $deb"
 dpkg-deb --info "$deb" | sed -n '1,12p'
 dpkg -i "$deb"
@@ -22,7 +23,7 @@ agent/packaging/check-unit.sh /usr/bin/edge-agent
 models=${EDGE_SHARED_DIR:-$(cd .. && pwd)/shared}/models
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-target/debug/edge-convert convert "$models/efficientnet_lite0.onnx" -o "$work/model.bundle" \
+"$target/debug/edge-convert" convert "$models/efficientnet_lite0.onnx" -o "$work/model.bundle" \
     --preset efficientnet-lite --labels "$models/imagenet_labels.txt" >/dev/null
 out="$(/usr/bin/edge-agent classify --bundle "$work/model.bundle" --top-k 1 "$models/coffee.jpg")"
 echo "$out"
