@@ -110,6 +110,12 @@ struct Shared {
     in_flight: Mutex<HashSet<Seq>>,
     started_at: UnixMillis,
     offload: Option<Arc<crate::offload::Offload>>,
+    /// Requests answered since start, by path (for the status).
+    answered_local: AtomicU64,
+    answered_cluster: AtomicU64,
+    answered_errors: AtomicU64,
+    /// The last error reply's code and message (for the status).
+    last_error: Mutex<Option<(&'static str, String)>>,
     /// Recent local preprocessing + inference time per request, ms (f64 bits; EWMA).
     local_latency_ms: AtomicU64,
 }
@@ -147,6 +153,19 @@ impl Shared {
                 "max_bytes": limits.max_bytes,
             },
             "started_at_ms": self.started_at.0,
+            "uptime_s": UnixMillis::now().0.saturating_sub(self.started_at.0) / 1000,
+            "answered": {
+                "local": self.answered_local.load(Ordering::Relaxed),
+                "cluster": self.answered_cluster.load(Ordering::Relaxed),
+                "errors": self.answered_errors.load(Ordering::Relaxed),
+            },
+            "pool": self.offload.as_ref().map(|o| serde_json::json!({
+                "breaker": format!("{:?}", o.breaker_state()).to_lowercase(),
+                "healthy_endpoints": o.healthy_endpoints(),
+            })),
+            "last_error": lock(&self.last_error)
+                .as_ref()
+                .map(|(code, message)| serde_json::json!({"code": code, "message": message})),
         });
         serde_json::to_vec(&doc).unwrap_or_default()
     }
@@ -300,6 +319,10 @@ pub async fn run(config: Config) -> Result<()> {
         in_flight: Mutex::new(HashSet::new()),
         started_at: UnixMillis::now(),
         offload,
+        answered_local: AtomicU64::new(0),
+        answered_cluster: AtomicU64::new(0),
+        answered_errors: AtomicU64::new(0),
+        last_error: Mutex::new(None),
         local_latency_ms: AtomicU64::new(0f64.to_bits()),
         config,
     });
@@ -630,6 +653,9 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                         Err(rejected) => {
                             info!(id = %rejected.reply.request_id, code = rejected.code.as_str(), "refused: {}", rejected.message);
                             shared.metrics.count(rejected.code.as_str(), "ingress", "refused");
+                            shared.answered_errors.fetch_add(1, Ordering::Relaxed);
+                            *lock(&shared.last_error) =
+                                Some((rejected.code.as_str(), rejected.message.clone()));
                             shared.publish_reply(seq, rejected.reply);
                         }
                     }
@@ -739,6 +765,14 @@ async fn worker_task(shared: Arc<Shared>) {
     }
 }
 
+/// The `error.message` of an error reply document.
+fn error_message(doc: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(doc)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// A blocking task that catches its own panics can only fail to join if the runtime is
 /// shutting down, which ends the process anyway.
 fn unreachable_join(e: tokio::task::JoinError) -> ! {
@@ -811,6 +845,15 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
     match shared.queue.complete_async(seq, &reply).await {
         Ok(()) => {
             shared.metrics.count(code, path, reason);
+            let counter = match (code, path) {
+                ("ok", "cluster") => &shared.answered_cluster,
+                ("ok", _) => &shared.answered_local,
+                _ => {
+                    *lock(&shared.last_error) = Some((code, error_message(&reply.payload)));
+                    &shared.answered_errors
+                }
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             shared.metrics.total.observe(since_ms(request.received_at) / 1e3);
             shared.space.notify_waiters();
             shared.publish_reply(seq, reply);
@@ -1088,7 +1131,7 @@ fn cluster_reply(
 }
 
 async fn housekeeping_task(shared: Arc<Shared>) {
-    let mut last: Option<(State, crate::queue::QueueStats)> = None;
+    let mut last: Option<(State, crate::queue::QueueStats, u64)> = None;
     // systemd's watchdog is fed from here, at least twice per period: if this loop stalls
     // (a wedged runtime or queue), systemd restarts the agent.
     let watchdog = sd_notify::watchdog_enabled();
@@ -1117,7 +1160,10 @@ async fn housekeeping_task(shared: Arc<Shared>) {
         let stats = shared.queue.stats();
         shared.metrics.set_queue(&stats);
         let state = shared.state();
-        if shared.connected.load(Ordering::Relaxed) && last != Some((state, stats)) {
+        let answered = shared.answered_local.load(Ordering::Relaxed)
+            + shared.answered_cluster.load(Ordering::Relaxed)
+            + shared.answered_errors.load(Ordering::Relaxed);
+        if shared.connected.load(Ordering::Relaxed) && last != Some((state, stats, answered)) {
             shared.send(PubCmd::Publish {
                 tag: Tag::Status,
                 topic: shared.topics.status.clone(),
@@ -1125,7 +1171,7 @@ async fn housekeeping_task(shared: Arc<Shared>) {
                 retain: true,
                 correlation_data: None,
             });
-            last = Some((state, stats));
+            last = Some((state, stats, answered));
         }
     }
 }

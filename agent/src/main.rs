@@ -1,6 +1,7 @@
 //! `edge-agent`: the device-side classifier of the Edge Fleet Agent.
 
 mod classify;
+mod fleet;
 mod run;
 mod serve;
 
@@ -35,6 +36,10 @@ enum Command {
     ///
     /// Example: edge-agent serve --bundle model.bundle --listen 0.0.0.0:9000
     Serve(Box<serve::ServeArgs>),
+    /// List every device's retained status from the fleet's broker.
+    ///
+    /// Example: edge-agent fleet-status --broker mqtt://broker:1883 [--json]
+    FleetStatus(fleet::FleetArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => classify::run(&args),
         Command::Run(args) => run::run(*args),
         Command::Serve(args) => serve::run(*args),
+        Command::FleetStatus(args) => fleet::run(args),
     };
     match result {
         Ok(code) => code,

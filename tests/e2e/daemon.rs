@@ -67,7 +67,7 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// The seeded-weight Inception V3 (slow on purpose here), converted once per run.
-fn inception_bundle() -> PathBuf {
+pub fn inception_bundle() -> PathBuf {
     static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
     BUNDLE
         .get_or_init(|| {
@@ -712,4 +712,66 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
         .arg(dir.path().join("nothing.bundle")));
     let err = edge_e2e::assert_clean_failure(&out, "missing bundle");
     assert!(err.contains("nothing.bundle"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_status_lists_every_running_agent_with_its_model() {
+    let broker = Mosquitto::start();
+    let _a = efficientnet_agent("cam-fa", &broker);
+    let _b = block(|| Agent::start(AgentSpec::new("cam-fb", &inception_bundle(), Some(broker.url()))));
+    let client = TestClient::connect(broker.port, "t-fleet", &["app/fleet"]).await;
+    client
+        .request(
+            "edge/cam-fa/classify",
+            &coffee(),
+            "app/fleet",
+            "f1",
+            &[("id", "f1")],
+        )
+        .await;
+    client
+        .wait_for("app/fleet", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the status is republished on change
+    let out = block(|| {
+        run(Command::new(bin("edge-agent")).args([
+            "fleet-status",
+            "--json",
+            "--quiet-ms",
+            "500",
+            "--broker",
+            &broker.url(),
+        ]))
+    });
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by: HashMap<&str, &Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["device"].as_str().unwrap(), s))
+        .collect();
+    assert_eq!(by["cam-fa"]["model"]["name"], "efficientnet_lite0", "{list}");
+    assert_eq!(
+        by["cam-fb"]["model"]["name"], "inception_v3_seeded_nhwc",
+        "{list}"
+    );
+    assert_eq!(by["cam-fa"]["state"], "online");
+    assert_eq!(by["cam-fa"]["answered"]["local"], 1, "{list}");
+    assert!(by["cam-fb"]["uptime_s"].is_u64());
+    // The table names both.
+    let out = block(|| {
+        run(Command::new(bin("edge-agent")).args([
+            "fleet-status",
+            "--quiet-ms",
+            "500",
+            "--broker",
+            &broker.url(),
+        ]))
+    });
+    let table = edge_e2e::stdout(&out);
+    assert!(
+        table.contains("cam-fa") && table.contains("cam-fb") && table.contains("efficientnet_lite0 1"),
+        "{table}"
+    );
 }
