@@ -2,13 +2,14 @@
 # Checks the systemd unit: `systemd-analyze verify` is clean and `systemd-analyze security
 # --offline=true` rates it OK or better (exposure <= 3.0). Usage: check-unit.sh [EDGE_AGENT_BIN]
 # (verify needs ExecStart's binary to exist: without an installed /usr/bin/edge-agent the
-# unit is checked with ExecStart pointing at EDGE_AGENT_BIN, default the debug build).
+# unit is checked with ExecStart pointing at EDGE_AGENT_BIN, default the debug build in
+# ${CARGO_TARGET_DIR:-target}).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 unit="$here/edge-agent.service"
 bin="${1:-/usr/bin/edge-agent}"
 if [[ ! -x "$bin" ]]; then
-    bin="$(cd "$here/../.." && pwd -P)/target/debug/edge-agent"
+    bin="${CARGO_TARGET_DIR:-$(cd "$here/../.." && pwd -P)/target}/debug/edge-agent"
 fi
 [[ -x "$bin" ]] || { echo "check-unit.sh: no edge-agent binary at $bin" >&2; exit 1; }
 work="$(mktemp -d)"
