@@ -58,6 +58,8 @@ enum PubCmd {
     Connected { session_present: bool, first: bool },
     /// Answered once every command before it was handed to the client.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Drain (`false`: unsubscribe from requests) or resume (`true`: subscribe again).
+    Requests(bool),
 }
 
 /// The daemon's state, as published on the status topic.
@@ -65,6 +67,10 @@ enum PubCmd {
 enum State {
     Online,
     Backpressure,
+    /// Drain requested: no new requests; some are still queued or unacknowledged.
+    Draining,
+    /// Drained: nothing left; resume to take requests again.
+    Drained,
     ShuttingDown,
 }
 
@@ -73,6 +79,8 @@ impl State {
         match self {
             Self::Online => "online",
             Self::Backpressure => "backpressure",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -80,6 +88,8 @@ impl State {
 
 struct Topics {
     requests: Vec<String>,
+    /// `<prefix>/<device>/control`: `{"command": "drain" | "resume"}`.
+    control: String,
     status: String,
 }
 
@@ -104,6 +114,8 @@ struct Shared {
     /// Counts connections; a message is acknowledged only on the connection it came on.
     epoch: AtomicU64,
     backpressure: AtomicBool,
+    /// Drained by a control command: not subscribed to requests.
+    draining: AtomicBool,
     /// Stop taking requests and leasing work.
     stopping: CancellationToken,
     /// Sequence numbers workers hold, released if shutdown times out.
@@ -128,6 +140,13 @@ impl Shared {
     fn state(&self) -> State {
         if self.stopping.is_cancelled() {
             State::ShuttingDown
+        } else if self.draining.load(Ordering::Relaxed) {
+            let s = self.queue.stats();
+            if s.pending + s.leased + s.outbox == 0 {
+                State::Drained
+            } else {
+                State::Draining
+            }
         } else if self.backpressure.load(Ordering::Relaxed) {
             State::Backpressure
         } else {
@@ -253,6 +272,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let topics = Topics {
         requests,
+        control: format!("{prefix}/{device}/control"),
         status: format!("{prefix}/{device}/status"),
     };
     let policy = RequestPolicy {
@@ -315,6 +335,7 @@ pub async fn run(config: Config) -> Result<()> {
         connected: AtomicBool::new(false),
         epoch: AtomicU64::new(0),
         backpressure: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
         stopping: CancellationToken::new(),
         in_flight: Mutex::new(HashSet::new()),
         started_at: UnixMillis::now(),
@@ -564,12 +585,26 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
             PubCmd::Flush(done) => {
                 let _ = done.send(());
             }
+            PubCmd::Requests(take) => {
+                let result = if take {
+                    client.subscribe(&shared.topics.requests).await
+                } else {
+                    client.unsubscribe(&shared.topics.requests).await
+                };
+                if let Err(e) = result {
+                    error!("cannot change the request subscriptions: {e}");
+                }
+            }
             PubCmd::Connected {
                 session_present,
                 first,
             } => {
                 // The subscription also marks the end of a tracker reset (see `mqtt`).
-                if let Err(e) = client.subscribe(&shared.topics.requests).await {
+                let mut filters = vec![shared.topics.control.clone()];
+                if !shared.draining.load(Ordering::Relaxed) {
+                    filters.extend(shared.topics.requests.iter().cloned());
+                }
+                if let Err(e) = client.subscribe(&filters).await {
                     error!("cannot subscribe: {e}");
                 }
                 let state = shared.state();
@@ -620,6 +655,13 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
         let current = || shared.epoch.load(Ordering::SeqCst) == epoch;
         if !current() {
             debug!("message from a previous connection left to the broker's redelivery");
+            continue;
+        }
+        if message.topic == shared.topics.control {
+            control(&shared, &message.payload);
+            if let Some(ack) = &message.ack {
+                let _ = client.ack(ack).await;
+            }
             continue;
         }
         if !shared.topics_match(&message.topic) {
@@ -763,6 +805,37 @@ async fn worker_task(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// A command on the control topic: `drain` (unsubscribe from requests, finish the queue,
+/// status `draining` then `drained`) or `resume`. Both idempotent; JSON `{"command": ...}` or
+/// the bare word.
+fn control(shared: &Arc<Shared>, payload: &[u8]) {
+    let text = String::from_utf8_lossy(payload);
+    let command = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["command"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| text.trim().to_owned());
+    match command.as_str() {
+        "drain" => {
+            if !shared.draining.swap(true, Ordering::Relaxed) {
+                info!("drain: no new requests; finishing the queue");
+                shared.send(PubCmd::Requests(false));
+            }
+        }
+        "resume" => {
+            if shared.draining.swap(false, Ordering::Relaxed) {
+                info!("resume: taking requests again");
+                shared.send(PubCmd::Requests(true));
+            }
+        }
+        other => {
+            warn!("unknown control command `{other}` (drain, resume)");
+            *lock(&shared.last_error) =
+                Some(("invalid_request", format!("unknown control command `{other}`")));
+        }
+    }
+    shared.status_changed.notify_one();
 }
 
 /// The `error.message` of an error reply document.

@@ -221,6 +221,16 @@ impl Client {
         }
     }
 
+    pub async fn unsubscribe(&self, filters: &[String]) -> Result<(), MqttError> {
+        for f in filters {
+            match self {
+                Self::V5(c) => c.unsubscribe(f.clone()).await.map_err(client_err)?,
+                Self::V311(c) => c.unsubscribe(f.clone()).await.map_err(client_err)?,
+            }
+        }
+        Ok(())
+    }
+
     pub async fn ack(&self, token: &AckToken) -> Result<(), MqttError> {
         match (self, token) {
             (Self::V5(c), AckToken::V5(p)) => c.ack(p).await.map_err(client_err),

@@ -775,3 +775,79 @@ async fn fleet_status_lists_every_running_agent_with_its_model() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_what_was_acknowledged_then_takes_nothing_until_resume() {
+    let broker = Mosquitto::start();
+    let agent = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-drain",
+            &inception_bundle(),
+            Some(broker.url()),
+        ))
+    });
+    let client = TestClient::connect(broker.port, "t-drain", &["app/drain", "edge/cam-drain/status"]).await;
+    let sent = send_load(&client, "cam-drain", "app/drain", 8, "dr").await;
+    client
+        .wait_for("app/drain", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
+    client
+        .publish("edge/cam-drain/control", br#"{"command":"drain"}"#.to_vec())
+        .await;
+    client.publish("edge/cam-drain/control", b"drain".to_vec()).await; // idempotent
+    let statuses = client
+        .wait_for("edge/cam-drain/status", Duration::from_secs(120), |r| {
+            r.last().is_some_and(|m| m.json()["state"] == "drained")
+        })
+        .await;
+    assert_eq!(statuses.last().unwrap().json()["state"], "drained");
+    let acked = agent.metric("edge_agent_requests_acknowledged_total");
+    summarize("drain", &sent, &client.replies_by_id("app/drain"), acked as usize);
+    assert_eq!(
+        acked, 8.0,
+        "every request sent before the drain was taken and answered"
+    );
+
+    // Drained: a new request is neither acknowledged nor answered.
+    client
+        .request(
+            "edge/cam-drain/classify",
+            &coffee(),
+            "app/drain",
+            "while-drained",
+            &[("id", "while-drained")],
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.metric("edge_agent_requests_acknowledged_total"), 8.0);
+    assert!(!client.replies_by_id("app/drain").contains_key("while-drained"));
+
+    // Resume: requests are taken again.
+    client
+        .publish("edge/cam-drain/control", br#"{"command":"resume"}"#.to_vec())
+        .await;
+    client
+        .wait_for("edge/cam-drain/status", Duration::from_secs(10), |r| {
+            r.last().is_some_and(|m| m.json()["state"] == "online")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .request(
+            "edge/cam-drain/classify",
+            &coffee(),
+            "app/drain",
+            "after",
+            &[("id", "after")],
+        )
+        .await;
+    let got = client
+        .wait_for("app/drain", Duration::from_secs(60), |r| {
+            r.iter().any(|m| m.json()["id"] == "after")
+        })
+        .await;
+    assert!(
+        got.iter().any(|m| m.json()["id"] == "after"),
+        "resume restores service"
+    );
+}
