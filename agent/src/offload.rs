@@ -22,7 +22,7 @@ use edge_proto::inference::grpc_inference_service_client::GrpcInferenceServiceCl
 use edge_proto::inference::{InferParameter, ModelInferRequest, infer_parameter, model_infer_request};
 use edge_proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use edge_proto::tensorflow::serving::{ModelSpec, PredictRequest};
-use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto, tensor_shape_proto};
+use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tracing::{debug, info, warn};
 
@@ -359,18 +359,7 @@ impl Offload {
     }
 
     fn predict_request(&self, payload: &Payload<'_>) -> PredictRequest {
-        let shape = |dims: &[i64]| {
-            Some(TensorShapeProto {
-                dim: dims
-                    .iter()
-                    .map(|&size| tensor_shape_proto::Dim {
-                        size,
-                        name: String::new(),
-                    })
-                    .collect(),
-                unknown_rank: false,
-            })
-        };
+        let shape = |dims: &[i64]| Some(TensorShapeProto::from_dims(dims));
         let (key, tensor) = match payload {
             Payload::Encoded(bytes) => (
                 "images".to_owned(),
@@ -405,9 +394,7 @@ impl Offload {
     fn infer_request(&self, payload: &Payload<'_>, top_k: usize) -> ModelInferRequest {
         let (input, raw) = match payload {
             Payload::Encoded(bytes) => {
-                let mut raw = Vec::with_capacity(bytes.len() + 4);
-                raw.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                raw.extend_from_slice(bytes);
+                let raw = crate::pool::kserve::join_raw_bytes(&[bytes.to_vec()]);
                 (
                     model_infer_request::InferInputTensor {
                         name: "images".into(),

@@ -40,6 +40,27 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 pub mod tensorflow {
     include!(concat!(env!("OUT_DIR"), "/tensorflow.rs"));
 
+    impl TensorShapeProto {
+        /// A known-rank shape with these dimension sizes (-1 for unknown).
+        pub fn from_dims(dims: &[i64]) -> Self {
+            Self {
+                dim: dims
+                    .iter()
+                    .map(|&size| tensor_shape_proto::Dim {
+                        size,
+                        name: String::new(),
+                    })
+                    .collect(),
+                unknown_rank: false,
+            }
+        }
+
+        /// The dimension sizes.
+        pub fn sizes(&self) -> Vec<i64> {
+            self.dim.iter().map(|d| d.size).collect()
+        }
+    }
+
     /// TensorFlow Serving's gRPC API (package `tensorflow.serving`): service
     /// `PredictionService` (`Predict`, `Classify`, `Regress`, `MultiInference`,
     /// `GetModelMetadata`) with its server ([`serving::prediction_service_server`]) and client

@@ -19,7 +19,7 @@ use edge_proto::tensorflow::serving::prediction_service_client::PredictionServic
 use edge_proto::tensorflow::serving::{
     GetModelMetadataRequest, ModelSpec, PredictRequest, SignatureDefMap, model_spec,
 };
-use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto, tensor_shape_proto};
+use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
 use edge_proto::tonic::transport::Channel;
 use edge_proto::tonic_health::pb::HealthCheckRequest;
 use edge_proto::tonic_health::pb::health_check_response::ServingStatus;
@@ -111,16 +111,7 @@ fn photo(name: &str) -> Vec<u8> {
 }
 
 fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
-    Some(TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&size| tensor_shape_proto::Dim {
-                size,
-                name: String::new(),
-            })
-            .collect(),
-        unknown_rank: false,
-    })
+    Some(TensorShapeProto::from_dims(dims))
 }
 
 fn spec(name: &str, signature: &str) -> Option<ModelSpec> {

@@ -28,7 +28,7 @@ use edge_proto::tensorflow::serving::{
     RegressionRequest, RegressionResponse, SignatureDefMap, model_spec::VersionChoice,
 };
 use edge_proto::tensorflow::{
-    DataType, SignatureDef, TensorInfo, TensorProto, TensorShapeProto, tensor_info, tensor_shape_proto,
+    DataType, SignatureDef, TensorInfo, TensorProto, TensorShapeProto, tensor_info,
 };
 
 use super::Pool;
@@ -42,23 +42,10 @@ pub struct TfServing {
     pub pool: Arc<Pool>,
 }
 
-fn shape(dims: &[i64]) -> TensorShapeProto {
-    TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&size| tensor_shape_proto::Dim {
-                size,
-                name: String::new(),
-            })
-            .collect(),
-        unknown_rank: false,
-    }
-}
-
 fn dims(t: &TensorProto) -> Vec<i64> {
     t.tensor_shape
         .as_ref()
-        .map(|s| s.dim.iter().map(|d| d.size).collect())
+        .map(TensorShapeProto::sizes)
         .unwrap_or_default()
 }
 
@@ -170,7 +157,7 @@ impl TfServing {
                     "classes".to_owned(),
                     TensorProto {
                         dtype: DataType::DtString as i32,
-                        tensor_shape: Some(shape(&[n as i64, kk])),
+                        tensor_shape: Some(TensorShapeProto::from_dims(&[n as i64, kk])),
                         string_val: classes,
                         ..TensorProto::default()
                     },
@@ -181,7 +168,7 @@ impl TfServing {
                     "scores".to_owned(),
                     TensorProto {
                         dtype: DataType::DtFloat as i32,
-                        tensor_shape: Some(shape(&[n as i64, kk])),
+                        tensor_shape: Some(TensorShapeProto::from_dims(&[n as i64, kk])),
                         float_val: scores,
                         ..TensorProto::default()
                     },
@@ -205,7 +192,7 @@ impl TfServing {
                 "probabilities".to_owned(),
                 TensorProto {
                     dtype: DataType::DtFloat as i32,
-                    tensor_shape: Some(shape(&[n as i64, classes as i64])),
+                    tensor_shape: Some(TensorShapeProto::from_dims(&[n as i64, classes as i64])),
                     float_val: scored.into_iter().flat_map(|s| s.probabilities).collect(),
                     ..TensorProto::default()
                 },
@@ -224,7 +211,7 @@ impl TfServing {
         tensor_dims.extend(input.shape.iter().skip(1).map(|&d| d as i64));
         let info = |name: &str, dtype: DataType, dims: &[i64]| TensorInfo {
             dtype: dtype as i32,
-            tensor_shape: Some(shape(dims)),
+            tensor_shape: Some(TensorShapeProto::from_dims(dims)),
             encoding: Some(tensor_info::Encoding::Name(name.to_owned())),
         };
         let images = SignatureDef {
