@@ -87,7 +87,10 @@ impl State {
 }
 
 struct Topics {
+    /// Subscription filters for requests.
     requests: Vec<String>,
+    /// Topics requests arrive on (the shared subscription's without `$share/<group>/`).
+    request_topics: Vec<String>,
     /// `<prefix>/<device>/control`: `{"command": "drain" | "resume"}`.
     control: String,
     status: String,
@@ -264,14 +267,17 @@ pub async fn run(config: Config) -> Result<()> {
     info!(model = %model.name, version = %model.version, load_ms = start.elapsed().as_millis() as u64, "model loaded");
 
     let mut requests = vec![format!("{prefix}/{device}/classify")];
+    let mut request_topics = requests.clone();
     if !config.mqtt.shared_group.is_empty() {
         requests.push(format!(
             "$share/{}/{prefix}/fleet/classify",
             config.mqtt.shared_group
         ));
+        request_topics.push(format!("{prefix}/fleet/classify"));
     }
     let topics = Topics {
         requests,
+        request_topics,
         control: format!("{prefix}/{device}/control"),
         status: format!("{prefix}/{device}/status"),
     };
@@ -765,9 +771,7 @@ impl Shared {
     }
 
     fn topics_match(&self, topic: &str) -> bool {
-        let prefix = &self.config.mqtt.topic_prefix;
-        topic == format!("{prefix}/{}/classify", self.device)
-            || (!self.config.mqtt.shared_group.is_empty() && topic == format!("{prefix}/fleet/classify"))
+        self.topics.request_topics.iter().any(|t| t == topic)
     }
 }
 
@@ -873,34 +877,15 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
                     .map(|d| d.0.saturating_sub(r.received_at.0))
                     .unwrap_or(0)
             );
-            (
-                error_document(
-                    &r.request_id,
-                    &shared.device,
-                    Some(&shared.model),
-                    ErrorCode::DeadlineExceeded,
-                    &msg,
-                ),
-                Outcome::Error(ErrorCode::DeadlineExceeded, lease),
-            )
+            fail(shared, lease, ErrorCode::DeadlineExceeded, &msg)
         }
         Leased::DeadLettered(lease) => {
-            let r = lease.request();
             let msg = format!(
                 "the request failed {} times and was dead-lettered",
                 lease.attempt()
             );
             error!("{msg}");
-            (
-                error_document(
-                    &r.request_id,
-                    &shared.device,
-                    Some(&shared.model),
-                    ErrorCode::Internal,
-                    &msg,
-                ),
-                Outcome::Error(ErrorCode::Internal, lease),
-            )
+            fail(shared, lease, ErrorCode::Internal, &msg)
         }
     };
     let (code, path, reason, lease) = match outcome {
@@ -938,6 +923,13 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
     }
 }
 
+/// An error reply for a leased request, naming the model.
+fn fail(shared: &Shared, lease: Lease, code: ErrorCode, message: &str) -> (Vec<u8>, Outcome) {
+    let r = lease.request();
+    let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), code, message);
+    (doc, Outcome::Error(code, lease))
+}
+
 enum Outcome {
     /// Answered, by this path, for this reason.
     Ok(Lease, &'static str, &'static str),
@@ -958,14 +950,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
     let deadline_passed = r.deadline.is_some_and(|d| UnixMillis::now() >= d);
     if deadline_passed {
         let msg = format!("the deadline passed after {queued:.0} ms in the queue, before classification");
-        let doc = error_document(
-            &r.request_id,
-            &shared.device,
-            Some(&shared.model),
-            ErrorCode::DeadlineExceeded,
-            &msg,
-        );
-        return (doc, Outcome::Error(ErrorCode::DeadlineExceeded, lease));
+        return fail(shared, lease, ErrorCode::DeadlineExceeded, &msg);
     }
     let offload = shared.offload.as_ref();
     let mut local_reason = if offload.is_some() { "local" } else { "local_only" };
@@ -1009,21 +994,12 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
     {
         Ok((lease, Ok(result))) => (lease, result),
         Ok((lease, Err(_panic))) => {
-            let r = lease.request();
             error!("classification panicked");
             let msg = "the classifier failed on this request";
-            let doc = error_document(
-                &r.request_id,
-                &shared.device,
-                Some(&shared.model),
-                ErrorCode::Internal,
-                msg,
-            );
-            return (doc, Outcome::Error(ErrorCode::Internal, lease));
+            return fail(shared, lease, ErrorCode::Internal, msg);
         }
         Err(e) => unreachable_join(e),
     };
-    let r = lease.request();
     match result {
         Ok(c) => {
             shared.metrics.preprocess.observe(c.preprocess.as_secs_f64());
@@ -1092,14 +1068,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         Err(e) => {
             let code = ErrorCode::from_runtime(e.code());
             info!(code = code.as_str(), "cannot classify: {e}");
-            let doc = error_document(
-                &r.request_id,
-                &shared.device,
-                Some(&shared.model),
-                code,
-                &e.to_string(),
-            );
-            (doc, Outcome::Error(code, lease))
+            fail(shared, lease, code, &e.to_string())
         }
     }
 }
