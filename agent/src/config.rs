@@ -339,7 +339,7 @@ impl Default for LogConfig {
 }
 
 /// Flag values; `None` leaves the file or environment value.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub device_id: Option<String>,
     pub bundle: Option<PathBuf>,
@@ -353,58 +353,23 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// The overrides as a nested document in the configuration's shape.
-    fn document(&self) -> serde_json::Value {
-        let mut doc = serde_json::json!({});
-        let mut set = |table: Option<&str>, key: &str, value: serde_json::Value| match table {
-            None => doc[key] = value,
-            Some(t) => {
-                if doc.get(t).is_none() {
-                    doc[t] = serde_json::json!({});
-                }
-                doc[t][key] = value;
+    /// Merges each flag that was given at its key path (`mqtt.broker`, ...).
+    fn merge_into(&self, mut figment: Figment) -> Figment {
+        fn put<T: Serialize>(f: Figment, key: &str, value: &Option<T>) -> Figment {
+            match value {
+                Some(v) => f.merge(Serialized::default(key, v)),
+                None => f,
             }
-        };
-        let v = |x: &dyn erased::ToJson| x.to_json();
-        if let Some(x) = &self.device_id {
-            set(None, "device_id", v(x));
         }
-        if let Some(x) = &self.bundle {
-            set(Some("model"), "bundle", v(x));
-        }
-        if let Some(x) = &self.broker {
-            set(Some("mqtt"), "broker", v(x));
-        }
-        if let Some(x) = &self.protocol {
-            set(Some("mqtt"), "protocol", v(x));
-        }
-        if let Some(x) = &self.queue_dir {
-            set(Some("queue"), "dir", v(x));
-        }
-        if let Some(x) = &self.workers {
-            set(Some("workers"), "count", v(x));
-        }
-        if let Some(x) = &self.threads {
-            set(Some("workers"), "threads", v(x));
-        }
-        if let Some(x) = &self.http_listen {
-            set(Some("http"), "listen", v(x));
-        }
-        if let Some(x) = &self.log_format {
-            set(Some("log"), "format", v(x));
-        }
-        doc
-    }
-}
-
-mod erased {
-    pub trait ToJson {
-        fn to_json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> ToJson for T {
-        fn to_json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
+        figment = put(figment, "device_id", &self.device_id);
+        figment = put(figment, "model.bundle", &self.bundle);
+        figment = put(figment, "mqtt.broker", &self.broker);
+        figment = put(figment, "mqtt.protocol", &self.protocol);
+        figment = put(figment, "queue.dir", &self.queue_dir);
+        figment = put(figment, "workers.count", &self.workers);
+        figment = put(figment, "workers.threads", &self.threads);
+        figment = put(figment, "http.listen", &self.http_listen);
+        put(figment, "log.format", &self.log_format)
     }
 }
 
@@ -421,7 +386,7 @@ impl Config {
         }
         // EDGE_AGENT_CONFIG names the file (the `--config` flag), it is not a key.
         figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
-        figment = figment.merge(Serialized::defaults(overrides.document()));
+        figment = overrides.merge_into(figment);
         let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(describe(e)))?;
         config.validate()?;
         Ok(config)

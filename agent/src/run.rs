@@ -70,7 +70,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
-        print!("{}", toml_of(&config)?);
+        print!(
+            "{}",
+            toml::to_string(&config).context("cannot print the configuration")?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(&config)?;
@@ -82,25 +85,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(edge_agent::daemon::run(config))?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn toml_of(config: &Config) -> Result<String> {
-    let value = serde_json::to_value(config)?;
-    let mut out = String::new();
-    for (key, v) in value.as_object().into_iter().flatten() {
-        if !v.is_object() {
-            out.push_str(&format!("{key} = {v}\n"));
-        }
-    }
-    for (table, v) in value.as_object().into_iter().flatten() {
-        if let Some(keys) = v.as_object() {
-            out.push_str(&format!("\n[{table}]\n"));
-            for (key, v) in keys {
-                out.push_str(&format!("{key} = {v}\n"));
-            }
-        }
-    }
-    Ok(out)
 }
 
 fn init_logging(config: &Config) -> Result<()> {

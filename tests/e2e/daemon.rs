@@ -851,3 +851,30 @@ async fn drain_finishes_what_was_acknowledged_then_takes_nothing_until_resume() 
         "resume restores service"
     );
 }
+
+#[test]
+fn print_config_shows_the_effective_configuration_as_loadable_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = run(Command::new(bin("edge-agent"))
+        .args(["run", "--print-config", "--device-id", "cam-pc"])
+        .env("EDGE_AGENT_WORKERS__COUNT", "3")
+        .env_remove("EDGE_AGENT_CONFIG"));
+    assert!(printed.status.success(), "{}", stderr(&printed));
+    let text = edge_e2e::stdout(&printed);
+    assert!(
+        text.contains("device_id = \"cam-pc\"") && text.contains("count = 3"),
+        "{text}"
+    );
+    let file = dir.path().join("effective.toml");
+    std::fs::write(&file, &text).unwrap();
+    let again = run(Command::new(bin("edge-agent"))
+        .args(["run", "--print-config", "--config"])
+        .arg(&file)
+        .env_remove("EDGE_AGENT_CONFIG"));
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(
+        edge_e2e::stdout(&again),
+        text,
+        "the printed configuration loads back to itself"
+    );
+}
