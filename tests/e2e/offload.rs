@@ -51,6 +51,19 @@ async fn ask(client: &TestClient, device: &str, id: &str) -> Value {
         .unwrap_or_else(|| panic!("no reply for {id}"))
 }
 
+/// Asks again every 300 ms until the cluster answers; fails with `why` after `timeout`.
+async fn ask_until_cluster(client: &TestClient, device: &str, timeout: Duration, why: &str) {
+    let end = Instant::now() + timeout;
+    for n in 0.. {
+        let v = ask(client, device, &format!("retry{n}")).await;
+        if v["source"] == "cluster" {
+            return;
+        }
+        assert!(Instant::now() < end, "{why}: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 async fn wait_pool(server: &Server) {
     let _ = server.channel().await;
 }
@@ -115,17 +128,13 @@ async fn low_confidence_goes_to_the_cluster_falls_back_when_it_dies_and_the_brea
     // The pool comes back on the same port: after open_secs a probe closes the breaker.
     let pool = Server::start_on(port, &[]);
     wait_pool(&pool).await;
-    let end = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let v = ask(&client, "cam-cascade", &format!("r{n}")).await;
-        if v["source"] == "cluster" {
-            break;
-        }
-        assert!(Instant::now() < end, "the breaker never closed: {v}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    ask_until_cluster(
+        &client,
+        "cam-cascade",
+        Duration::from_secs(30),
+        "the breaker never closed",
+    )
+    .await;
     assert_eq!(
         agent.metric("edge_agent_cluster_breaker"),
         0.0,
@@ -307,17 +316,8 @@ async fn endpoints_found_through_dns_are_used() {
     let client = TestClient::connect(broker.port, "t-dns", &["app/cam-dns"]).await;
     // The first resolution happens in the background; `localhost` may also give ::1, where
     // nothing listens: that endpoint is ejected and the request retried on 127.0.0.1.
-    let end = Instant::now() + Duration::from_secs(20);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let v = ask(&client, "cam-dns", &format!("dns{n}")).await;
-        if v["source"] == "cluster" {
-            break;
-        }
-        assert!(Instant::now() < end, "never reached the pool through {dns}: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let why = format!("never reached the pool through {dns}");
+    ask_until_cluster(&client, "cam-dns", Duration::from_secs(20), &why).await;
     assert!(agent.metric("edge_agent_cluster_endpoints_healthy") >= 1.0);
 }
 
