@@ -597,10 +597,12 @@ async fn kill_9_sets_the_retained_status_offline_through_the_last_will() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_serves_a_request_with_no_external_broker() {
-    let mut spec = AgentSpec::new("cam-emb", &efficientnet_bundle(), None);
+    // Also the JSON log format: one object per line.
+    let mut spec =
+        AgentSpec::new("cam-emb", &efficientnet_bundle(), None).env("EDGE_AGENT_LOG__FORMAT", "json");
     spec.embedded_port = free_port();
     let port = spec.embedded_port;
-    let _agent = block(|| Agent::start(spec));
+    let agent = block(|| Agent::start(spec));
     let client = TestClient::connect(port, "t-emb", &["app/emb"]).await;
     client
         .request(
@@ -617,6 +619,13 @@ async fn embedded_broker_serves_a_request_with_no_external_broker() {
     let reply = got.first().expect("a reply through the embedded broker");
     assert_eq!(reply.correlation_data.as_deref(), Some(&b"e1"[..]));
     assert_eq!(reply.json()["top"][0]["label"], "espresso");
+    let log = agent.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|v| v["message"] == "model loaded"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
