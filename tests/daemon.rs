@@ -362,6 +362,8 @@ pub struct Received {
     pub payload: Bytes,
     pub correlation_data: Option<Bytes>,
     pub retain: bool,
+    /// When the client's event loop read it.
+    pub at: Instant,
 }
 
 impl Received {
@@ -406,6 +408,7 @@ impl TestClient {
                             payload: p.payload.clone(),
                             correlation_data: p.properties.as_ref().and_then(|p| p.correlation_data.clone()),
                             retain: p.retain,
+                            at: Instant::now(),
                         });
                     }
                     Ok(Event::Incoming(Packet::ConnAck(_))) => *c.lock().unwrap() += 1,
@@ -469,6 +472,11 @@ impl TestClient {
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Everything received since the last `take` (or the start), removed from the record.
+    pub fn take(&self) -> Vec<Received> {
+        std::mem::take(&mut *self.received.lock().unwrap())
     }
 
     pub fn on(&self, topic: &str) -> Vec<Received> {

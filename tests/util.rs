@@ -2,6 +2,7 @@
 //! running commands, reading TensorFlow's reference outputs.
 
 pub mod daemon;
+pub mod pool;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -15,11 +16,15 @@ pub fn workspace() -> PathBuf {
 }
 
 /// A binary of this workspace, built by `cargo build --bins` (the README's test command
-/// does that first) next to the test executable.
+/// does that first) next to the test executable (or next to `edge-bench`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>;
+    // target/<profile>/edge-bench -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -200,4 +205,32 @@ fn crc32(data: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// EfficientNet-Lite0 converted once per test run (shared by the tests that need a real,
+/// valid bundle).
+pub fn efficientnet_bundle() -> std::path::PathBuf {
+    static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> = std::sync::OnceLock::new();
+    BUNDLE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = convert_efficientnet(dir.path());
+            (dir, path)
+        })
+        .1
+        .clone()
+}
+
+fn convert_efficientnet(dir: &std::path::Path) -> std::path::PathBuf {
+    let models = shared_models();
+    let bundle = dir.join("efficientnet_lite0.bundle");
+    let out = run(Command::new(bin("edge-convert"))
+        .arg("convert")
+        .arg(models.join("efficientnet_lite0.onnx"))
+        .arg("-o")
+        .arg(&bundle)
+        .args(["--preset", "efficientnet-lite", "--labels"])
+        .arg(models.join("imagenet_labels.txt")));
+    assert!(out.status.success(), "convert failed:\n{}", stderr(&out));
+    bundle
 }

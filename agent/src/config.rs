@@ -118,10 +118,30 @@ pub struct QueueConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersConfig {
-    /// Requests classified at once; they share one optimised model.
+    /// Requests classified at once; they share one optimised model. 0: one per CPU core.
     pub count: usize,
-    /// Threads tract uses per inference.
+    /// Threads an inference running alone uses. 0: every CPU core.
     pub threads: usize,
+    /// Adaptive parallelism: an inference running alone uses `threads` threads (lowest
+    /// latency); inferences running side by side use one thread each (highest throughput).
+    /// false: every inference uses `threads` threads.
+    pub adaptive: bool,
+}
+
+impl WorkersConfig {
+    /// `count` with 0 resolved to the number of CPU cores.
+    pub fn count(&self) -> usize {
+        if self.count == 0 { cpus() } else { self.count }
+    }
+
+    /// `threads` with 0 resolved to the number of CPU cores.
+    pub fn threads(&self) -> usize {
+        if self.threads == 0 { cpus() } else { self.threads }
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -307,7 +327,11 @@ impl Default for QueueConfig {
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        Self { count: 1, threads: 1 }
+        Self {
+            count: 0,
+            threads: 0,
+            adaptive: true,
+        }
     }
 }
 
@@ -449,11 +473,11 @@ impl Config {
         if !(0.0..=1.0).contains(&self.model.low_confidence_threshold) {
             return bad("model.low_confidence_threshold", "must be between 0 and 1");
         }
-        if self.workers.count == 0 || self.workers.count > 64 {
-            return bad("workers.count", "must be between 1 and 64");
+        if self.workers.count > 64 {
+            return bad("workers.count", "must be between 0 (one per CPU core) and 64");
         }
-        if self.workers.threads == 0 || self.workers.threads > 256 {
-            return bad("workers.threads", "must be between 1 and 256");
+        if self.workers.threads > 256 {
+            return bad("workers.threads", "must be between 0 (every CPU core) and 256");
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return bad("http.listen", "must be an address like 127.0.0.1:9464, or empty");
@@ -636,7 +660,7 @@ mod tests {
         let none = Overrides::default();
         for (toml, key) in [
             ("[workers]\ncount = \"many\"\n", "workers.count"),
-            ("[workers]\ncount = 0\n", "workers.count"),
+            ("[workers]\ncount = 65\n", "workers.count"),
             ("[mqtt]\nprotocol = \"v4\"\n", "mqtt.protocol"),
             ("[mqtt]\nbroker = \"ws://x\"\n", "mqtt.broker"),
             ("[queue]\nmax_items = 0\n", "queue.max_items"),

@@ -34,7 +34,7 @@ use edge_convert::runtime::{Classifier, RuntimeOptions};
 
 use crate::config::{Config, MqttProtocol, broker_address};
 use crate::metrics::Metrics;
-use crate::mqtt::{self, Client, Event, Message, PublishTracker};
+use crate::mqtt::{self, AckToken, Client, Event, Message, PublishTracker};
 use crate::queue::{EnqueueOutcome, Lease, Leased, Queue, QueueError, Seq, StoredReply, UnixMillis};
 use crate::request::{ErrorCode, Label, ModelRef, Reply, RequestPolicy, Timings, error_document};
 
@@ -247,7 +247,8 @@ pub async fn run(config: Config) -> Result<()> {
     );
 
     let options = RuntimeOptions {
-        threads: std::num::NonZeroUsize::new(config.workers.threads).unwrap_or(std::num::NonZeroUsize::MIN),
+        threads: std::num::NonZeroUsize::new(config.workers.threads()).unwrap_or(std::num::NonZeroUsize::MIN),
+        adaptive: config.workers.adaptive,
         image_limits: ImageLimits {
             max_bytes: config.limits.max_image_bytes,
             max_pixels: config.limits.max_pixels,
@@ -369,7 +370,7 @@ pub async fn run(config: Config) -> Result<()> {
     ));
     let publisher = tokio::spawn(publisher_task(client.clone(), shared.clone(), publish_rx));
     let ingress = tokio::spawn(ingress_task(client.clone(), shared.clone(), ingress_rx));
-    let workers: Vec<_> = (0..shared.config.workers.count)
+    let workers: Vec<_> = (0..shared.config.workers.count())
         .map(|i| tokio::spawn(worker_task(shared.clone()).instrument(info_span!("worker", n = i))))
         .collect();
     let housekeeping = tokio::spawn(housekeeping_task(shared.clone()));
@@ -650,7 +651,50 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
     }
 }
 
+/// Requests written together before one flush (group commit), at most.
+const MAX_GROUP: usize = 32;
+
+/// A request stored without a flush yet: acknowledged once a flush covers it.
+struct Held {
+    ack: Option<AckToken>,
+    epoch: u64,
+    seq: Seq,
+    id: String,
+}
+
+/// Acknowledges the held requests, in arrival order, once they are on disk: `flushed` says
+/// a flush since their writes already covered them, else one is done here. On a failed
+/// flush they stay held (and unacknowledged) for the next one.
+async fn settle(client: &Client, shared: &Shared, held: &mut Vec<Held>, flushed: bool) {
+    let Some(last) = held.last().map(|h| h.seq) else {
+        return;
+    };
+    if !flushed && let Err(e) = shared.queue.flush_through(last).await {
+        error!(
+            "cannot flush the queue: {e}; {} requests not acknowledged yet",
+            held.len()
+        );
+        return;
+    }
+    for h in held.drain(..) {
+        if let Some(ack) = &h.ack
+            && shared.epoch.load(Ordering::SeqCst) == h.epoch
+            && let Err(e) = client.ack(ack).await
+        {
+            warn!("cannot acknowledge: {e} (the broker will redeliver)");
+        }
+        shared.metrics.acknowledged.inc();
+        debug!(id = %h.id, seq = h.seq.get(), "queued");
+        shared.work.notify_one();
+    }
+}
+
+/// Stores each request and acknowledges it once it is on disk. Requests that arrive
+/// together share one flush (group commit): while more messages are already waiting, a
+/// request is written without a flush and its acknowledgement held until the flush of the
+/// last one (at most `MAX_GROUP` at a time). Acknowledgements keep the arrival order.
 async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, Message)>) {
+    let mut held: Vec<Held> = Vec::new();
     while let Some((epoch, message)) = rx.recv().await {
         if shared.stopping.is_cancelled() {
             return;
@@ -659,6 +703,10 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
         // packet id now means nothing, or another message); the broker redelivers it if it
         // kept the session. Taking it anyway would only make a duplicate.
         let current = || shared.epoch.load(Ordering::SeqCst) == epoch;
+        let request_topic = message.topic != shared.topics.control && shared.topics_match(&message.topic);
+        if !request_topic || !current() {
+            settle(&client, &shared, &mut held, false).await;
+        }
         if !current() {
             debug!("message from a previous connection left to the broker's redelivery");
             continue;
@@ -679,13 +727,27 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
         }
         let mut parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
         loop {
+            let group = !rx.is_empty() && held.len() < MAX_GROUP;
             let outcome = match &parsed {
+                Ok(request) if group => shared.queue.enqueue_unflushed(request),
                 Ok(request) => shared.queue.enqueue_async(request).await,
                 Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
             };
             match outcome {
+                Ok(EnqueueOutcome::Enqueued(seq)) if group && parsed.is_ok() => {
+                    shared.set_backpressure(false);
+                    held.push(Held {
+                        ack: message.ack.clone(),
+                        epoch,
+                        seq,
+                        id: parsed.as_ref().map(|r| r.request_id.clone()).unwrap_or_default(),
+                    });
+                    break;
+                }
                 Ok(EnqueueOutcome::Enqueued(seq)) => {
                     shared.set_backpressure(false);
+                    // This flush covered the held writes too; they go first.
+                    settle(&client, &shared, &mut held, true).await;
                     if let Some(ack) = &message.ack
                         && current()
                         && let Err(e) = client.ack(ack).await
@@ -710,6 +772,7 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                     break;
                 }
                 Ok(EnqueueOutcome::Full { .. }) => {
+                    settle(&client, &shared, &mut held, false).await;
                     shared.set_backpressure(true);
                     tokio::select! {
                         _ = shared.stopping.cancelled() => return,
@@ -753,6 +816,7 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
             }
         }
     }
+    settle(&client, &shared, &mut held, false).await;
 }
 
 impl Shared {
@@ -761,7 +825,7 @@ impl Shared {
     fn estimated_wait_ms(&self) -> f64 {
         let latency = f64::from_bits(self.local_latency_ms.load(Ordering::Relaxed));
         let pending = self.queue.stats().pending as f64;
-        pending * latency / self.config.workers.count.max(1) as f64
+        pending * latency / self.config.workers.count() as f64
     }
 
     fn observe_local_latency(&self, ms: f64) {

@@ -31,10 +31,10 @@ pub struct RunArgs {
     /// Directory of the durable queue [key queue.dir].
     #[arg(long, value_name = "DIR")]
     queue_dir: Option<PathBuf>,
-    /// Requests classified at once [key workers.count].
+    /// Requests classified at once; 0: one per CPU core [key workers.count].
     #[arg(long)]
     workers: Option<usize>,
-    /// Threads per inference [key workers.threads].
+    /// Threads an inference running alone uses; 0: every core [key workers.threads].
     #[arg(long)]
     threads: Option<usize>,
     /// Address for /metrics, /healthz, /readyz; "" disables [key http.listen].

@@ -34,9 +34,13 @@ pub struct ServeArgs {
     /// Inferences run at once (default: the number of CPUs).
     #[arg(long, env = "EDGE_POOL_WORKERS")]
     workers: Option<usize>,
-    /// tract threads per inference.
-    #[arg(long, env = "EDGE_POOL_THREADS", default_value_t = 1)]
-    threads: usize,
+    /// tract threads an inference running alone uses (default: the number of CPUs); under
+    /// load each inference runs on one thread (see --fixed-threads).
+    #[arg(long, env = "EDGE_POOL_THREADS")]
+    threads: Option<usize>,
+    /// Always use --threads threads per inference instead of adapting to the load.
+    #[arg(long, env = "EDGE_POOL_FIXED_THREADS")]
+    fixed_threads: bool,
     /// Requests held at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "EDGE_POOL_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]
     max_concurrent_requests: usize,
@@ -99,7 +103,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         model_name: args.model_name,
         top_k: positive("top-k", args.top_k)?,
         workers: positive("workers", args.workers.unwrap_or(cpus))?,
-        threads: positive("threads", args.threads)?,
+        threads: positive("threads", args.threads.unwrap_or(cpus))?,
+        adaptive: !args.fixed_threads,
         max_concurrent_requests: positive("max-concurrent-requests", args.max_concurrent_requests)?,
         max_batch_items: positive("max-batch-items", args.max_batch_items)?,
         batching: (args.max_batch_size > 0).then(|| Batching {

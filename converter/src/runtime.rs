@@ -5,10 +5,11 @@
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tract_core::prelude::{IntoTValue, RunOptions, TypedModel, TypedRunnableModel, tvec};
-use tract_linalg::multithread::Executor;
+use tract_linalg::multithread::{Executor, multithread_tract_scope};
 
 use crate::bundle::{self, BundleError, Manifest, manifest::OutputKind};
 use crate::preprocess::{ImageError, ImageLimits, Preprocessor};
@@ -18,8 +19,13 @@ pub use tract_core::prelude::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
-    /// Threads tract uses for one inference (matrix products split across them).
+    /// Threads tract uses for an inference (matrix products split across them).
     pub threads: NonZeroUsize,
+    /// Adaptive parallelism: an inference that runs alone uses `threads` threads (lowest
+    /// latency); while another inference of the same classifier is running it runs on its
+    /// caller's thread only (one single-threaded inference per core gives the highest
+    /// throughput, and threads split across concurrent inferences only contend).
+    pub adaptive: bool,
     /// Largest bundle file accepted.
     pub max_bundle_bytes: u64,
     pub image_limits: ImageLimits,
@@ -31,6 +37,7 @@ impl Default for RuntimeOptions {
     fn default() -> Self {
         RuntimeOptions {
             threads: NonZeroUsize::MIN,
+            adaptive: true,
             max_bundle_bytes: 2 << 30,
             image_limits: ImageLimits::default(),
             dct_scaling: true,
@@ -91,6 +98,11 @@ pub struct Classifier {
     manifest: Manifest,
     plan: Arc<TypedRunnableModel>,
     preprocessor: Preprocessor,
+    /// `threads` > 1: the pool an inference splits its matrix products over.
+    pool: Option<Executor>,
+    adaptive: bool,
+    /// Inferences running now (adaptive parallelism).
+    running: AtomicUsize,
 }
 
 impl Classifier {
@@ -110,16 +122,13 @@ impl Classifier {
         let model = model
             .into_optimized()
             .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
-        let executor = match options.threads.get() {
-            1 => Executor::SingleThread,
-            n => Executor::multithread(n),
-        };
-        let run_options = RunOptions {
-            executor: Some(executor),
-            ..RunOptions::default()
+        // The plan carries no executor: each inference picks one (see `infer`).
+        let pool = match options.threads.get() {
+            1 => None,
+            n => Some(Executor::multithread_with_name(n, "edge-infer")),
         };
         let plan = model
-            .into_runnable_with_options(&run_options)
+            .into_runnable_with_options(&RunOptions::default())
             .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
         let preprocessor = Preprocessor::new(
             manifest.preprocessing.clone(),
@@ -131,6 +140,9 @@ impl Classifier {
             manifest,
             plan,
             preprocessor,
+            pool,
+            adaptive: options.adaptive,
+            running: AtomicUsize::new(0),
         })
     }
 
@@ -145,10 +157,14 @@ impl Classifier {
     /// Runs the network on one input tensor; returns the probabilities of every output
     /// class (softmax applied when the model outputs logits).
     pub fn infer(&self, input: Tensor) -> Result<Vec<f32>, RuntimeError> {
-        let outputs = self
-            .plan
-            .run(tvec![input.into_tvalue()])
+        let running = Running::enter(&self.running);
+        let executor = match &self.pool {
+            Some(pool) if !self.adaptive || running.alone => pool.clone(),
+            _ => Executor::SingleThread,
+        };
+        let outputs = multithread_tract_scope(executor, || self.plan.run(tvec![input.into_tvalue()]))
             .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
+        drop(running);
         let output = outputs
             .first()
             .ok_or_else(|| RuntimeError::Inference("model gave no output".into()))?;
@@ -187,6 +203,29 @@ impl Classifier {
 
 /// The `k` most probable classes, best first; classes below the label offset (a background
 /// class) are skipped. Ties keep the lower index first.
+/// Counts an inference as running for as long as it lives.
+struct Running<'a> {
+    count: &'a AtomicUsize,
+    /// No other inference was running when this one started.
+    alone: bool,
+}
+
+impl<'a> Running<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        Running {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub fn top_k(manifest: &Manifest, probabilities: &[f32], k: usize) -> Vec<Prediction> {
     let offset = manifest.output.label_offset;
     let mut indices: Vec<usize> = (offset..probabilities.len()).collect();

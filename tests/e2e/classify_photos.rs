@@ -6,33 +6,7 @@ use std::process::Command;
 use edge_e2e::{bin, run, shared_models, stderr, stdout};
 use serde_json::Value;
 
-/// EfficientNet-Lite0 converted once per test run (shared by the tests that need a real,
-/// valid bundle).
-pub fn efficientnet_bundle() -> std::path::PathBuf {
-    static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> = std::sync::OnceLock::new();
-    BUNDLE
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = convert_efficientnet(dir.path());
-            (dir, path)
-        })
-        .1
-        .clone()
-}
-
-fn convert_efficientnet(dir: &std::path::Path) -> std::path::PathBuf {
-    let models = shared_models();
-    let bundle = dir.join("efficientnet_lite0.bundle");
-    let out = run(Command::new(bin("edge-convert"))
-        .arg("convert")
-        .arg(models.join("efficientnet_lite0.onnx"))
-        .arg("-o")
-        .arg(&bundle)
-        .args(["--preset", "efficientnet-lite", "--labels"])
-        .arg(models.join("imagenet_labels.txt")));
-    assert!(out.status.success(), "convert failed:\n{}", stderr(&out));
-    bundle
-}
+pub use edge_e2e::efficientnet_bundle;
 
 #[test]
 fn efficientnet_names_espresso_and_tripod_like_onnx_runtime() {

@@ -3,140 +3,30 @@
 //! EfficientNet-Lite0 so the answers are known (espresso, tripod).
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edge_convert::bundle::read_manifest;
 use edge_convert::preprocess::{ImageLimits, Preprocessor};
-use edge_e2e::daemon::free_port;
-use edge_e2e::{bin, shared_models};
+use edge_e2e::shared_models;
 use edge_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use edge_proto::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelMetadataRequest, ModelReadyRequest,
     ServerLiveRequest, ServerReadyRequest, infer_parameter, model_infer_request,
 };
 use edge_proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
-use edge_proto::tensorflow::serving::{
-    GetModelMetadataRequest, ModelSpec, PredictRequest, SignatureDefMap, model_spec,
-};
-use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
-use edge_proto::tonic::transport::Channel;
+use edge_proto::tensorflow::serving::{GetModelMetadataRequest, PredictRequest, SignatureDefMap, model_spec};
+use edge_proto::tensorflow::{DataType, TensorProto};
 use edge_proto::tonic_health::pb::HealthCheckRequest;
 use edge_proto::tonic_health::pb::health_check_response::ServingStatus;
 use edge_proto::tonic_health::pb::health_client::HealthClient;
 use prost::Message;
 
 use crate::classify_photos::efficientnet_bundle;
-
-pub struct Server {
-    child: Option<Child>,
-    pub port: u16,
-    pub http_port: u16,
-}
-
-impl Server {
-    pub fn start(extra: &[&str]) -> Self {
-        Self::start_on(free_port(), extra)
-    }
-
-    /// A pool serving EfficientNet-Lite0 as model `inception` on `port`.
-    pub fn start_on(port: u16, extra: &[&str]) -> Self {
-        let http_port = free_port();
-        let child = Command::new(bin("edge-agent"))
-            .arg("serve")
-            .arg("--bundle")
-            .arg(efficientnet_bundle())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--model-name", "inception", "--drain-delay-secs", "2"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start edge-agent serve");
-        Server {
-            child: Some(child),
-            port,
-            http_port,
-        }
-    }
-
-    pub async fn channel(&self) -> Channel {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
-                .unwrap()
-                .connect()
-                .await
-            {
-                let mut health = HealthClient::new(c.clone());
-                if let Ok(r) = health
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    && r.into_inner().status == ServingStatus::Serving as i32
-                {
-                    return c;
-                }
-            }
-            assert!(Instant::now() < end, "edge-agent serve not SERVING after 60 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn terminate(&mut self) -> Child {
-        let child = self.child.take().expect("running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        child
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+pub use edge_e2e::pool::Server;
+use edge_e2e::pool::{images_request, shape, spec};
 
 fn photo(name: &str) -> Vec<u8> {
     std::fs::read(shared_models().join(name)).unwrap()
-}
-
-fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
-    Some(TensorShapeProto::from_dims(dims))
-}
-
-fn spec(name: &str, signature: &str) -> Option<ModelSpec> {
-    Some(ModelSpec {
-        name: name.into(),
-        signature_name: signature.into(),
-        version_choice: None,
-    })
-}
-
-fn images_request(images: Vec<Vec<u8>>) -> PredictRequest {
-    let n = images.len() as i64;
-    PredictRequest {
-        model_spec: spec("inception", "predict_images"),
-        inputs: HashMap::from([(
-            "images".to_owned(),
-            TensorProto {
-                dtype: DataType::DtString as i32,
-                tensor_shape: shape(&[n]),
-                string_val: images,
-                ..TensorProto::default()
-            },
-        )]),
-        ..PredictRequest::default()
-    }
 }
 
 /// The input tensor our own preprocessing makes of a photo (what an agent sends with

@@ -43,8 +43,10 @@ pub struct ServeConfig {
     pub top_k: usize,
     /// Inferences run at once.
     pub workers: usize,
-    /// tract threads per inference.
+    /// tract threads an inference running alone uses.
     pub threads: usize,
+    /// One thread per inference while several run (see `RuntimeOptions::adaptive`).
+    pub adaptive: bool,
     pub max_concurrent_requests: usize,
     /// Images or tensors per request.
     pub max_batch_items: usize,
@@ -198,6 +200,7 @@ fn to_status(e: EngineError) -> Status {
 pub async fn run(config: ServeConfig) -> Result<()> {
     let options = RuntimeOptions {
         threads: NonZeroUsize::new(config.threads).unwrap_or(NonZeroUsize::MIN),
+        adaptive: config.adaptive,
         image_limits: ImageLimits {
             max_bytes: config.max_image_bytes,
             ..ImageLimits::default()

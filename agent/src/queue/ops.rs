@@ -98,6 +98,44 @@ impl Queue {
         Ok(outcome)
     }
 
+    /// Group commit, first half: stores a request without flushing. It is not durable, and
+    /// must not be acknowledged, until a later flush ([`Queue::flush_through`], or any
+    /// `enqueue`/`enqueue_async`/`reply_directly`, since a flush covers every earlier write).
+    pub fn enqueue_unflushed(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
+        self.write_request(request)
+    }
+
+    /// Group commit, second half: flushes every write so far; requests enqueued up to `seq`
+    /// are then durable and may be acknowledged.
+    pub async fn flush_through(&self, seq: Seq) -> Result<(), QueueError> {
+        self.inner.db.flush_async().await?;
+        self.inner.watermark.raise(seq.get().saturating_add(1));
+        Ok(())
+    }
+
+    /// Group commit of requests that arrived together: one flush for all. The outcomes are
+    /// in order; the `Enqueued` ones are durable when this returns. An error leaves none of
+    /// them acknowledgeable (some may still reach the disk and be queued twice on
+    /// redelivery: at-least-once).
+    pub async fn enqueue_many_async(
+        &self,
+        requests: &[&StoredRequest],
+    ) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut last = None;
+        for request in requests {
+            let outcome = self.enqueue_unflushed(request)?;
+            if let EnqueueOutcome::Enqueued(seq) = outcome {
+                last = Some(seq);
+            }
+            outcomes.push(outcome);
+        }
+        if let Some(seq) = last {
+            self.flush_through(seq).await?;
+        }
+        Ok(outcomes)
+    }
+
     fn write_request(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
         let too_large = |_| QueueError::RecordTooLarge {
             record: "request",

@@ -425,3 +425,47 @@ async fn direct_reply_goes_to_the_outbox_counts_and_survives_reopen() {
         "a reopened queue does not reuse the direct reply's number"
     );
 }
+
+#[tokio::test]
+async fn group_commit_stores_what_fits_in_order_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(3, 1_000, 3)).unwrap();
+    let (a, b, c, d) = (
+        request("a", 10),
+        request("b", 10),
+        request("c", 2_000),
+        request("d", 10),
+    );
+    let outcomes = q.enqueue_many_async(&[&a, &b, &c, &d]).await.unwrap();
+    let seqs: Vec<Seq> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            EnqueueOutcome::Enqueued(seq) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs.len(), 3, "{outcomes:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in arrival order: {seqs:?}");
+    assert!(
+        matches!(
+            outcomes[2],
+            EnqueueOutcome::TooLarge {
+                payload_bytes: 2_000,
+                ..
+            }
+        ),
+        "{outcomes:?}"
+    );
+    let full = q.enqueue_many_async(&[&request("e", 1)]).await.unwrap();
+    assert!(
+        matches!(full[..], [EnqueueOutcome::Full { items: 3, .. }]),
+        "{full:?}"
+    );
+    drop(q);
+    let q = Queue::open(dir.path(), limits(3, 1_000, 3)).unwrap();
+    let mut ids = Vec::new();
+    while let Some(Leased::Ready(lease)) = q.lease(T0).unwrap() {
+        ids.push(lease.request().request_id.clone());
+    }
+    assert_eq!(ids, ["a", "b", "d"]);
+}

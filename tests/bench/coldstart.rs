@@ -1,0 +1,144 @@
+//! Benchmark 6: Cold start: a fresh process from start to ready to infer, with the bundle against
+//! loading the source ONNX; its peak RSS against the model's weight bytes.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use edge_convert::bundle;
+use edge_convert::runtime::{Classifier, RuntimeOptions};
+use tract_core::ops::konst::Const;
+use tract_onnx::prelude::*;
+
+use crate::Ctx;
+use crate::report::{Report, Target};
+use crate::stats::{median, ms};
+
+const S: &str = "cold start";
+
+/// The child: load, get ready to infer, report.
+pub fn child(bundle: Option<&Path>, onnx: Option<&Path>) -> Result<()> {
+    let start = Instant::now();
+    match (bundle, onnx) {
+        (Some(b), None) => {
+            let options = RuntimeOptions {
+                threads: NonZeroUsize::MIN,
+                ..RuntimeOptions::default()
+            };
+            let c = Classifier::load(b, &options)?;
+            std::hint::black_box(&c);
+        }
+        (None, Some(o)) => {
+            let plan = tract_onnx::onnx()
+                .model_for_path(o)?
+                .with_input_fact(0, f32::fact([1, 299, 299, 3]).into())?
+                .into_optimized()?
+                .into_runnable()?;
+            std::hint::black_box(&plan);
+        }
+        _ => bail!("give --bundle or --onnx"),
+    }
+    let ready = ms(start.elapsed());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({"ready_ms": ready, "peak_rss_kb": hwm_kb})
+    );
+    Ok(())
+}
+
+/// Bytes of every constant (weights) in the bundle's graph.
+fn weight_bytes(path: &Path) -> Result<u64> {
+    let b = bundle::load(path, u64::MAX)?;
+    Ok(b.model
+        .nodes
+        .iter()
+        .filter_map(|n| n.op_as::<Const>())
+        .map(|c| (c.val().len() * c.val().datum_type().size_of()) as u64)
+        .sum())
+}
+
+/// Spawns a child: (wall ms from spawn to exit, peak RSS bytes).
+fn spawn(arg: &str, path: &Path) -> Result<(f64, f64)> {
+    let exe = std::env::current_exe()?;
+    let start = Instant::now();
+    let out = Command::new(exe).arg("load").arg(arg).arg(path).output()?;
+    let wall = ms(start.elapsed());
+    if !out.status.success() {
+        bail!(
+            "cold-start child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
+    Ok((wall, v["peak_rss_kb"].as_f64().unwrap_or(f64::NAN) * 1024.0))
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    // The bundle made from the same ONNX the baseline loads.
+    let bundle = ctx
+        .candidates
+        .iter()
+        .find(|(name, _)| name.contains("NHWC"))
+        .map(|(_, p)| p.clone())
+        .context("no NHWC bundle")?;
+    let weights = weight_bytes(&bundle)? as f64;
+    let (mut b, mut o, mut rss_b, mut rss_o) = (vec![], vec![], vec![], vec![]);
+    spawn("--bundle", &bundle)?; // page cache warm for both
+    spawn("--onnx", &ctx.onnx_nhwc)?;
+    for _ in 0..ctx.rounds {
+        let (t, r) = spawn("--bundle", &bundle)?;
+        b.push(t);
+        rss_b.push(r);
+        let (t, r) = spawn("--onnx", &ctx.onnx_nhwc)?;
+        o.push(t);
+        rss_o.push(r);
+    }
+    report.row(
+        S,
+        "process start to ready, bundle",
+        median(&b),
+        "ms",
+        Some(("source ONNX", median(&o))),
+        Target::RatioAtMost(0.5),
+    );
+    report.row(
+        S,
+        format!("peak RSS at ready, bundle (weights {:.1} MB)", weights / 1e6),
+        median(&rss_b) / 1e6,
+        "MB",
+        Some(("2 x weight bytes", 2.0 * weights / 1e6)),
+        Target::RatioAtMost(1.0),
+    );
+    report.row(
+        S,
+        "peak RSS at ready, source ONNX",
+        median(&rss_o) / 1e6,
+        "MB",
+        Some(("weight bytes", weights / 1e6)),
+        Target::None,
+    );
+    report.note(
+        S,
+        format!(
+            "A fresh `edge-bench load` process per measurement ({} rounds, alternating, page cache warm): \
+             the bundle through `Classifier::load` (read, NNEF parse, optimise, plan) against \
+             tract-onnx loading {} with the input shape fixed (parse, type, optimise, plan); wall time \
+             from spawn to exit, peak RSS from the child's VmHWM.",
+            ctx.rounds,
+            ctx.onnx_nhwc
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
+    );
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Benchmark 5: Durable enqueue: requests per second and MB/s into the sled queue with the flush
+//! that precedes the PUBACK, 100 KB payloads, against writing the same bytes with fsync to a
+//! plain file.
+
+use std::io::Write;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use edge_agent::queue::{EnqueueOutcome, Protocol, Queue, QueueLimits, StoredRequest, UnixMillis};
+
+use crate::Ctx;
+use crate::report::{Report, Target};
+use crate::stats::median;
+
+const S: &str = "queue";
+const PAYLOAD: usize = 100 * 1024;
+const GROUP: usize = 8;
+
+fn request(i: usize) -> StoredRequest {
+    StoredRequest {
+        request_id: format!("req-{i}"),
+        received_at: UnixMillis::now(),
+        deadline: None,
+        reply_topic: format!("app/replies/{i}"),
+        correlation_data: Some(i.to_be_bytes().to_vec()),
+        top_k: Some(5),
+        protocol: Protocol::V5,
+        payload: vec![(i % 251) as u8; PAYLOAD],
+    }
+}
+
+fn limits() -> QueueLimits {
+    QueueLimits {
+        max_items: NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
+        max_bytes: NonZeroU64::new(8 << 30).unwrap_or(NonZeroU64::MIN),
+        max_attempts: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
+        visibility_timeout: Duration::from_secs(60),
+        max_dead_letters: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
+    }
+}
+
+/// Requests per second into a fresh queue in `dir`, `group` requests per flush.
+async fn queue_rate(dir: &Path, requests: &[StoredRequest], group: usize) -> Result<f64> {
+    let q = Queue::open(dir, limits())?;
+    let start = Instant::now();
+    for chunk in requests.chunks(group) {
+        let refs: Vec<&StoredRequest> = chunk.iter().collect();
+        let outcomes = if group == 1 {
+            vec![q.enqueue_async(refs[0]).await?]
+        } else {
+            q.enqueue_many_async(&refs).await?
+        };
+        if let Some(o) = outcomes
+            .iter()
+            .find(|o| !matches!(o, EnqueueOutcome::Enqueued(_)))
+        {
+            anyhow::bail!("not enqueued: {o:?}");
+        }
+    }
+    Ok(requests.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The same bytes appended to a plain file, `fdatasync` after every `group` requests.
+fn file_rate(path: &Path, requests: &[StoredRequest], group: usize) -> Result<f64> {
+    let mut f = std::fs::File::create(path)?;
+    let start = Instant::now();
+    for chunk in requests.chunks(group) {
+        for r in chunk {
+            f.write_all(&r.payload)?;
+        }
+        f.sync_data()?;
+    }
+    Ok(requests.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let n = 96;
+    let requests: Vec<StoredRequest> = (0..n).map(request).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    let (mut single, mut grouped, mut file, mut file_grouped) = (vec![], vec![], vec![], vec![]);
+    let base = ctx.scratch.path().join("queue-bench");
+    for round in 0..ctx.rounds {
+        let dir = |name: &str| base.join(format!("{round}-{name}"));
+        for d in ["single", "grouped", "file"] {
+            std::fs::create_dir_all(dir(d)).context("scratch")?;
+        }
+        single.push(rt.block_on(queue_rate(&dir("single"), &requests, 1))?);
+        file.push(file_rate(&dir("file").join("plain"), &requests, 1)?);
+        grouped.push(rt.block_on(queue_rate(&dir("grouped"), &requests, GROUP))?);
+        file_grouped.push(file_rate(&dir("file").join("plain-grouped"), &requests, GROUP)?);
+        let _ = std::fs::remove_dir_all(base.join(format!("{round}-single")));
+        let _ = std::fs::remove_dir_all(base.join(format!("{round}-grouped")));
+        let _ = std::fs::remove_dir_all(base.join(format!("{round}-file")));
+    }
+    let (single, grouped, file, file_grouped) = (
+        median(&single),
+        median(&grouped),
+        median(&file),
+        median(&file_grouped),
+    );
+    let mb = |rate: f64| rate * PAYLOAD as f64 / 1e6;
+    report.row(
+        S,
+        "durable enqueue, one request per flush",
+        single,
+        "req/s",
+        Some(("plain file, fdatasync per request", file)),
+        Target::RatioAtLeast(0.5),
+    );
+    report.row(
+        S,
+        format!("durable enqueue, group commit of {GROUP} arriving together"),
+        grouped,
+        "req/s",
+        Some(("plain file, fdatasync per request", file)),
+        Target::RatioAtLeast(0.5),
+    );
+    report.row(
+        S,
+        format!("durable enqueue, group commit of {GROUP}, vs the file grouped the same way"),
+        grouped,
+        "req/s",
+        Some((&format!("plain file, fdatasync per {GROUP}"), file_grouped)),
+        Target::None,
+    );
+    report.note(
+        S,
+        format!(
+            "{n} requests of {} KB each per round into a fresh queue on the scratch disk ({}), {} rounds \
+             interleaved with the file. MB/s: queue {:.1} (one per flush) and {:.1} (grouped); file \
+             {:.1} and {:.1}. One request per flush is what the daemon's ingress does when requests \
+             arrive one at a time; it commits every request already waiting in one flush \
+             (`Queue::enqueue_many_async`) when several arrive together.",
+            PAYLOAD / 1024,
+            ctx.scratch.path().display(),
+            ctx.rounds,
+            mb(single),
+            mb(grouped),
+            mb(file),
+            mb(file_grouped)
+        ),
+    );
+    Ok(())
+}
