@@ -57,6 +57,13 @@ pub struct ModelConfig {
     pub max_top_k: u32,
     /// Replies whose top-1 score is below this carry `"low_confidence": true`.
     pub low_confidence_threshold: f32,
+    /// Where rolled-out bundles are kept (`current.bundle`, `previous.bundle`, the staging
+    /// file); empty means `models` beside `queue.dir`.
+    pub dir: PathBuf,
+    /// Largest bundle loaded or downloaded, in bytes.
+    pub max_bundle_bytes: u64,
+    /// Deadline of a bundle download (connection to last byte), in seconds.
+    pub fetch_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -279,6 +286,9 @@ impl Default for ModelConfig {
             top_k: 5,
             max_top_k: 100,
             low_confidence_threshold: 0.5,
+            dir: PathBuf::new(),
+            max_bundle_bytes: 2 << 30,
+            fetch_timeout_secs: 300,
         }
     }
 }
@@ -473,6 +483,12 @@ impl Config {
         if !(0.0..=1.0).contains(&self.model.low_confidence_threshold) {
             return bad("model.low_confidence_threshold", "must be between 0 and 1");
         }
+        if self.model.max_bundle_bytes == 0 {
+            return bad("model.max_bundle_bytes", "must be positive");
+        }
+        if self.model.fetch_timeout_secs == 0 {
+            return bad("model.fetch_timeout_secs", "must be positive");
+        }
         if self.workers.count > 64 {
             return bad("workers.count", "must be between 0 (one per CPU core) and 64");
         }
@@ -529,6 +545,17 @@ impl Config {
             max_dead_letters: NonZeroUsize::new(q.max_dead_letters)
                 .ok_or_else(|| positive("queue.max_dead_letters"))?,
         })
+    }
+
+    /// The model directory: `model.dir`, or `models` beside the queue directory.
+    pub fn model_dir(&self) -> PathBuf {
+        if !self.model.dir.as_os_str().is_empty() {
+            return self.model.dir.clone();
+        }
+        match self.queue.dir.parent() {
+            Some(parent) => parent.join("models"),
+            None => PathBuf::from("models"),
+        }
     }
 
     /// The device id, or the host name when none is configured.

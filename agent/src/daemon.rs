@@ -34,6 +34,10 @@ use edge_convert::runtime::{Classifier, RuntimeOptions};
 
 use crate::config::{Config, MqttProtocol, broker_address};
 use crate::metrics::Metrics;
+use crate::model::fetch::{FetchLimits, Source};
+use crate::model::rollout::{Command as ModelCommand, Rollout};
+use crate::model::store::ModelStore;
+use crate::model::{Current, ReloadError};
 use crate::mqtt::{self, AckToken, Client, Event, Message, PublishTracker};
 use crate::queue::{EnqueueOutcome, Lease, Leased, Queue, QueueError, Seq, StoredReply, UnixMillis};
 use crate::request::{ErrorCode, Label, ModelRef, Reply, RequestPolicy, Timings, error_document};
@@ -91,17 +95,40 @@ struct Topics {
     requests: Vec<String>,
     /// Topics requests arrive on (the shared subscription's without `$share/<group>/`).
     request_topics: Vec<String>,
-    /// `<prefix>/<device>/control`: `{"command": "drain" | "resume"}`.
+    /// `<prefix>/<device>/control`: `{"command": "drain" | "resume" | "reload" | "rollback"}`.
     control: String,
     status: String,
+}
+
+/// The model serving requests and the name replies give it. A request takes the `Arc` once
+/// and keeps it to its reply, so a reload never changes the model under it.
+struct Served {
+    classifier: Classifier,
+    model: ModelRef,
+}
+
+impl Served {
+    fn new(classifier: Classifier) -> Self {
+        let model = ModelRef {
+            name: classifier.manifest().model.name.clone(),
+            version: classifier.manifest().model.version.clone(),
+        };
+        Self { classifier, model }
+    }
 }
 
 struct Shared {
     device: String,
     config: Config,
     queue: Queue,
-    classifier: Classifier,
-    model: ModelRef,
+    served: Current<Served>,
+    rollout: Arc<Rollout>,
+    /// Reload and rollback commands, run one at a time by the model task.
+    model_commands: mpsc::UnboundedSender<ModelCommand>,
+    /// The last reload or rollback: command, state, source, and why it failed.
+    model_reload: Mutex<Option<serde_json::Value>>,
+    /// Bumped when the status changes in a way the queue and counters do not show.
+    status_epoch: AtomicU64,
     metrics: Metrics,
     policy: RequestPolicy,
     topics: Topics,
@@ -164,7 +191,8 @@ impl Shared {
             "device": self.device,
             "state": state,
             "agent_version": env!("CARGO_PKG_VERSION"),
-            "model": self.model,
+            "model": self.served.get().model,
+            "model_reload": lock(&self.model_reload).clone(),
             "queue": {
                 "pending": s.pending,
                 "leased": s.leased,
@@ -254,18 +282,34 @@ pub async fn run(config: Config) -> Result<()> {
             max_pixels: config.limits.max_pixels,
             ..ImageLimits::default()
         },
+        max_bundle_bytes: config.model.max_bundle_bytes,
         ..RuntimeOptions::default()
     };
-    let bundle = config.model.bundle.clone();
+    let store = ModelStore::open(&config.model_dir())?;
+    let rollout = Arc::new(Rollout::new(
+        store,
+        config.model.bundle.clone(),
+        options,
+        FetchLimits {
+            max_bytes: config.model.max_bundle_bytes,
+            timeout: Duration::from_secs(config.model.fetch_timeout_secs),
+        },
+    ));
     let start = Instant::now();
-    let classifier = tokio::task::spawn_blocking(move || Classifier::load(&bundle, &options))
+    let r = rollout.clone();
+    let classifier = tokio::task::spawn_blocking(move || r.load_initial())
         .await?
         .with_context(|| format!("cannot load the bundle {}", config.model.bundle.display()))?;
-    let model = ModelRef {
-        name: classifier.manifest().model.name.clone(),
-        version: classifier.manifest().model.version.clone(),
-    };
-    info!(model = %model.name, version = %model.version, load_ms = start.elapsed().as_millis() as u64, "model loaded");
+    let served = Served::new(classifier);
+    let model = served.model.clone();
+    info!(
+        model = %model.name, version = %model.version, bundle = %rollout.serving().display(),
+        load_ms = start.elapsed().as_millis() as u64, "model loaded"
+    );
+    // Installed before the agent reports ready: SIGHUP's default action would end it.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+    let (model_tx, model_rx) = mpsc::unbounded_channel();
 
     let mut requests = vec![format!("{prefix}/{device}/classify")];
     let mut request_topics = requests.clone();
@@ -291,17 +335,15 @@ pub async fn run(config: Config) -> Result<()> {
             .then(|| Duration::from_millis(config.limits.default_deadline_ms)),
     };
     let metrics = Metrics::new();
-    metrics
-        .model
-        .get_or_create(&crate::metrics::ModelLabels {
-            name: model.name.clone(),
-            version: model.version.clone(),
-        })
-        .set(1);
-    let offline = serde_json::to_vec(&serde_json::json!({
-        "device": device, "state": "offline", "agent_version": env!("CARGO_PKG_VERSION"),
-        "model": model,
-    }))?;
+    metrics.set_model(&model.name, &model.version);
+    let offline_document = |device: &str, model: &ModelRef| {
+        serde_json::to_vec(&serde_json::json!({
+            "device": device, "state": "offline", "agent_version": env!("CARGO_PKG_VERSION"),
+            "model": model,
+        }))
+    };
+    // The last will names the model served when the connection was made.
+    let offline = offline_document(&device, &model)?;
     let client_id = if config.mqtt.client_id.is_empty() {
         format!("edge-agent-{device}")
     } else {
@@ -329,8 +371,11 @@ pub async fn run(config: Config) -> Result<()> {
     let shared = Arc::new(Shared {
         device,
         queue,
-        classifier,
-        model,
+        served: Current::new(served),
+        rollout,
+        model_commands: model_tx,
+        model_reload: Mutex::new(None),
+        status_epoch: AtomicU64::new(0),
         metrics,
         policy,
         topics,
@@ -374,6 +419,8 @@ pub async fn run(config: Config) -> Result<()> {
         .map(|i| tokio::spawn(worker_task(shared.clone()).instrument(info_span!("worker", n = i))))
         .collect();
     let housekeeping = tokio::spawn(housekeeping_task(shared.clone()));
+    let model_task = tokio::spawn(model_task(shared.clone(), model_rx));
+    let sighup = tokio::spawn(sighup_task(shared.clone(), hangup));
 
     wait_for_signal().await?;
     info!("shutting down: no new requests; finishing the ones being classified");
@@ -405,10 +452,12 @@ pub async fn run(config: Config) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     housekeeping.abort();
+    sighup.abort();
+    model_task.abort();
     shared.send(PubCmd::Publish {
         tag: Tag::Status,
         topic: shared.topics.status.clone(),
-        payload: offline,
+        payload: offline_document(&shared.device, &shared.served.get().model)?,
         retain: true,
         correlation_data: None,
     });
@@ -876,15 +925,32 @@ async fn worker_task(shared: Arc<Shared>) {
 }
 
 /// A command on the control topic: `drain` (unsubscribe from requests, finish the queue,
-/// status `draining` then `drained`) or `resume`. Both idempotent; JSON `{"command": ...}` or
-/// the bare word.
+/// status `draining` then `drained`) or `resume`, both idempotent; `reload` (with `source`, a
+/// path or URL, and `sha256`; without a source the configured bundle) and `rollback`, run
+/// in order by the model task. JSON `{"command": ...}` or the bare word.
 fn control(shared: &Arc<Shared>, payload: &[u8]) {
     let text = String::from_utf8_lossy(payload);
-    let command = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
+    let doc = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let command = doc
+        .as_ref()
         .and_then(|v| v["command"].as_str().map(str::to_owned))
         .unwrap_or_else(|| text.trim().to_owned());
+    let field = |name: &str| {
+        doc.as_ref()
+            .and_then(|v| v[name].as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
     match command.as_str() {
+        "reload" => {
+            let _ = shared.model_commands.send(ModelCommand::Reload {
+                source: field("source").map(|s| Source::parse(&s)),
+                sha256: field("sha256"),
+            });
+        }
+        "rollback" => {
+            let _ = shared.model_commands.send(ModelCommand::Rollback);
+        }
         "drain" => {
             if !shared.draining.swap(true, Ordering::Relaxed) {
                 info!("drain: no new requests; finishing the queue");
@@ -898,12 +964,84 @@ fn control(shared: &Arc<Shared>, payload: &[u8]) {
             }
         }
         other => {
-            warn!("unknown control command `{other}` (drain, resume)");
+            warn!("unknown control command `{other}` (drain, resume, reload, rollback)");
             *lock(&shared.last_error) =
                 Some(("invalid_request", format!("unknown control command `{other}`")));
         }
     }
     shared.status_changed.notify_one();
+}
+
+/// SIGHUP: reload the configured bundle from disk.
+async fn sighup_task(shared: Arc<Shared>, mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        info!("SIGHUP: reloading {}", shared.config.model.bundle.display());
+        let _ = shared.model_commands.send(ModelCommand::Reload {
+            source: None,
+            sha256: None,
+        });
+    }
+}
+
+/// Runs reload and rollback commands one at a time: the candidate is fetched, loaded and
+/// smoke-tested on a blocking thread while the current model keeps serving, then swapped in.
+/// A failure leaves the current model serving and says why in the status.
+async fn model_task(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<ModelCommand>) {
+    while let Some(command) = commands.recv().await {
+        let name = command.name();
+        let source = command.source_name(shared.rollout.configured());
+        let report = |state: &str, extra: serde_json::Value| {
+            let mut doc = serde_json::json!({
+                "command": name,
+                "state": state,
+                "source": source,
+                "at_ms": UnixMillis::now().0,
+            });
+            if let (Some(d), serde_json::Value::Object(extra)) = (doc.as_object_mut(), extra) {
+                d.extend(extra);
+            }
+            *lock(&shared.model_reload) = Some(doc);
+            shared.status_epoch.fetch_add(1, Ordering::Relaxed);
+            shared.status_changed.notify_one();
+        };
+        info!(command = name, %source, "model {name}: fetching, loading and checking");
+        report("running", serde_json::Value::Null);
+        let start = Instant::now();
+        let rollout = shared.rollout.clone();
+        let c = command.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rollout.run(&c)))
+                .unwrap_or_else(|_| Err(ReloadError::Internal("the model load panicked".into())))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ReloadError::Internal(format!("the reload task failed: {e}"))));
+        match result {
+            Ok(classifier) => {
+                let served = Arc::new(Served::new(classifier));
+                let old = shared.served.replace(served.clone());
+                let model = &served.model;
+                shared.metrics.set_model(&model.name, &model.version);
+                shared.metrics.count_reload(name, "ok");
+                info!(
+                    command = name, %source,
+                    from = %format!("{} {}", old.model.name, old.model.version),
+                    to = %format!("{} {}", model.name, model.version),
+                    ms = start.elapsed().as_millis() as u64,
+                    "model swapped; requests already started finish on the previous one"
+                );
+                report("ok", serde_json::json!({"model": model}));
+            }
+            Err(e) => {
+                warn!(command = name, %source, kind = e.kind(), "model {name} refused, the current model keeps serving: {e}");
+                shared.metrics.count_reload(name, e.kind());
+                *lock(&shared.last_error) = Some(("model_reload_failed", e.to_string()));
+                report(
+                    "failed",
+                    serde_json::json!({"kind": e.kind(), "reason": e.to_string()}),
+                );
+            }
+        }
+    }
 }
 
 /// The `error.message` of an error reply document.
@@ -990,7 +1128,8 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
 /// An error reply for a leased request, naming the model.
 fn fail(shared: &Shared, lease: Lease, code: ErrorCode, message: &str) -> (Vec<u8>, Outcome) {
     let r = lease.request();
-    let doc = error_document(&r.request_id, &shared.device, Some(&shared.model), code, message);
+    let served = shared.served.get();
+    let doc = error_document(&r.request_id, &shared.device, Some(&served.model), code, message);
     (doc, Outcome::Error(code, lease))
 }
 
@@ -1007,6 +1146,8 @@ struct Route {
 }
 
 async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
+    // This request's model, to its reply, whatever reloads happen meanwhile.
+    let served = shared.served.get();
     let r = lease.request();
     let queued = since_ms(r.received_at);
     shared.metrics.queue_wait.observe(queued / 1e3);
@@ -1025,10 +1166,11 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         let wait = shared.estimated_wait_ms();
         if target > 0.0 && wait > target && o.available() {
             debug!(wait_ms = wait, "offloading for load");
-            match cluster(shared, o, &lease, k).await {
+            match cluster(shared, &served, o, &lease, k).await {
                 Ok((labels, cluster_ms)) => {
                     return cluster_reply(
                         shared,
+                        &served.model,
                         lease,
                         labels,
                         queued,
@@ -1047,7 +1189,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         }
     }
 
-    let s = shared.clone();
+    let s = served.clone();
     let (lease, result) = match tokio::task::spawn_blocking(move || {
         let image = &lease.request().payload;
         let result =
@@ -1078,13 +1220,21 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
                 && confidence < threshold
             {
                 if o.available() {
-                    match cluster(shared, o, &lease, k).await {
+                    match cluster(shared, &served, o, &lease, k).await {
                         Ok((labels, cluster_ms)) => {
                             let route = Route {
                                 source: "cluster",
                                 reason: "low_confidence",
                             };
-                            return cluster_reply(shared, lease, labels, queued, cluster_ms, route);
+                            return cluster_reply(
+                                shared,
+                                &served.model,
+                                lease,
+                                labels,
+                                queued,
+                                cluster_ms,
+                                route,
+                            );
                         }
                         Err(e) => {
                             warn!("cluster failed on a low-confidence request, answering locally: {e}");
@@ -1099,7 +1249,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
             let reply = Reply {
                 id: &r.request_id,
                 device: &shared.device,
-                model: &shared.model,
+                model: &served.model,
                 source: "local",
                 reason: local_reason,
                 top: c
@@ -1140,6 +1290,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
 /// Asks the cluster; returns its labels and how long the call took (ms).
 async fn cluster(
     shared: &Arc<Shared>,
+    served: &Arc<Served>,
     offload: &Arc<crate::offload::Offload>,
     lease: &Lease,
     k: usize,
@@ -1148,7 +1299,7 @@ async fn cluster(
     let image = &lease.request().payload;
     let start = Instant::now();
     let answer = if crate::offload::wants_tensor(&shared.config.offload) {
-        let s = shared.clone();
+        let s = served.clone();
         let bytes = image.clone();
         let tensor =
             tokio::task::spawn_blocking(move || s.classifier.preprocessor().tensor_from_bytes(&bytes))
@@ -1171,7 +1322,7 @@ async fn cluster(
     debug!(%endpoint, cluster_ms, "answered by the cluster");
     let labels = match answer {
         Answer::Labels(v) => {
-            let manifest = shared.classifier.manifest();
+            let manifest = served.classifier.manifest();
             v.into_iter()
                 .map(|(label, score)| Label {
                     index: manifest
@@ -1184,7 +1335,7 @@ async fn cluster(
                 })
                 .collect()
         }
-        Answer::Probabilities(p) => shared
+        Answer::Probabilities(p) => served
             .classifier
             .top_k(&p, k)
             .into_iter()
@@ -1200,6 +1351,7 @@ async fn cluster(
 
 fn cluster_reply(
     shared: &Arc<Shared>,
+    model: &ModelRef,
     lease: Lease,
     labels: Vec<Label>,
     queued: f64,
@@ -1212,7 +1364,7 @@ fn cluster_reply(
     let reply = Reply {
         id: &r.request_id,
         device: &shared.device,
-        model: &shared.model,
+        model,
         source: route.source,
         reason: route.reason,
         top: labels,
@@ -1237,7 +1389,7 @@ fn cluster_reply(
 }
 
 async fn housekeeping_task(shared: Arc<Shared>) {
-    let mut last: Option<(State, crate::queue::QueueStats, u64)> = None;
+    let mut last: Option<(State, crate::queue::QueueStats, u64, u64)> = None;
     // systemd's watchdog is fed from here, at least twice per period: if this loop stalls
     // (a wedged runtime or queue), systemd restarts the agent.
     let watchdog = sd_notify::watchdog_enabled();
@@ -1269,7 +1421,8 @@ async fn housekeeping_task(shared: Arc<Shared>) {
         let answered = shared.answered_local.load(Ordering::Relaxed)
             + shared.answered_cluster.load(Ordering::Relaxed)
             + shared.answered_errors.load(Ordering::Relaxed);
-        if shared.connected.load(Ordering::Relaxed) && last != Some((state, stats, answered)) {
+        let epoch = shared.status_epoch.load(Ordering::Relaxed);
+        if shared.connected.load(Ordering::Relaxed) && last != Some((state, stats, answered, epoch)) {
             shared.send(PubCmd::Publish {
                 tag: Tag::Status,
                 topic: shared.topics.status.clone(),
@@ -1277,7 +1430,7 @@ async fn housekeeping_task(shared: Arc<Shared>) {
                 retain: true,
                 correlation_data: None,
             });
-            last = Some((state, stats, answered));
+            last = Some((state, stats, answered, epoch));
         }
     }
 }

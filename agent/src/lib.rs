@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod mqtt;
 pub mod offload;
 pub mod pool;

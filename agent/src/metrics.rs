@@ -31,6 +31,14 @@ pub struct ModelLabels {
     pub version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `reload` or `rollback`.
+    pub command: String,
+    /// `ok` or why it was refused (`ReloadError::kind`).
+    pub outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<OutcomeLabels, Counter>,
@@ -50,6 +58,7 @@ pub struct Metrics {
     pub breaker: Gauge,
     pub cluster_endpoints: Gauge,
     pub model: Family<ModelLabels, Gauge>,
+    pub model_reloads: Family<ReloadLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -154,6 +163,12 @@ impl Metrics {
         );
         let model = Family::<ModelLabels, Gauge>::default();
         registry.register("model", "The model being served (value 1)", model.clone());
+        let model_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "model_reloads",
+            "Reload and rollback commands, by outcome (ok or why the model was kept)",
+            model_reloads.clone(),
+        );
         Self {
             registry,
             requests,
@@ -173,7 +188,28 @@ impl Metrics {
             breaker,
             cluster_endpoints,
             model,
+            model_reloads,
         }
+    }
+
+    /// The model gauge names `name`/`version` only (the one replaced is removed).
+    pub fn set_model(&self, name: &str, version: &str) {
+        self.model.clear();
+        self.model
+            .get_or_create(&ModelLabels {
+                name: name.to_owned(),
+                version: version.to_owned(),
+            })
+            .set(1);
+    }
+
+    pub fn count_reload(&self, command: &str, outcome: &str) {
+        self.model_reloads
+            .get_or_create(&ReloadLabels {
+                command: command.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn count(&self, outcome: &str, path: &str, reason: &str) {
