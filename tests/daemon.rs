@@ -36,7 +36,7 @@ fn wait_for_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
-fn signal(child: &Child, sig: &str) {
+pub fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.id().to_string()])
         .status()
@@ -304,6 +304,12 @@ impl Agent {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Sends SIGHUP (reload the configured bundle).
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().expect("agent running");
+        signal(child, "-HUP");
     }
 
     pub fn kill9(&mut self) {

@@ -79,6 +79,11 @@ impl Server {
         }
     }
 
+    /// Sends SIGHUP (reload the bundle file).
+    pub fn sighup(&self) {
+        crate::daemon::signal(self.child.as_ref().expect("running"), "-HUP");
+    }
+
     pub fn terminate(&mut self) -> Child {
         let child = self.child.take().expect("running");
         let ok = Command::new("kill")

@@ -123,8 +123,9 @@ struct Shared {
     queue: Queue,
     served: Current<Served>,
     rollout: Arc<Rollout>,
-    /// Reload and rollback commands, run one at a time by the model task.
-    model_commands: mpsc::UnboundedSender<ModelCommand>,
+    /// Reload and rollback commands with the id the operator gave them, run one at a time
+    /// by the model task.
+    model_commands: mpsc::UnboundedSender<(ModelCommand, Option<String>)>,
     /// The last reload or rollback: command, state, source, and why it failed.
     model_reload: Mutex<Option<serde_json::Value>>,
     /// Bumped when the status changes in a way the queue and counters do not show.
@@ -927,7 +928,8 @@ async fn worker_task(shared: Arc<Shared>) {
 /// A command on the control topic: `drain` (unsubscribe from requests, finish the queue,
 /// status `draining` then `drained`) or `resume`, both idempotent; `reload` (with `source`, a
 /// path or URL, and `sha256`; without a source the configured bundle) and `rollback`, run
-/// in order by the model task. JSON `{"command": ...}` or the bare word.
+/// in order by the model task, their outcome in the status's `model_reload` (with the
+/// command's `id` if it has one). JSON `{"command": ...}` or the bare word.
 fn control(shared: &Arc<Shared>, payload: &[u8]) {
     let text = String::from_utf8_lossy(payload);
     let doc = serde_json::from_str::<serde_json::Value>(&text).ok();
@@ -943,13 +945,14 @@ fn control(shared: &Arc<Shared>, payload: &[u8]) {
     };
     match command.as_str() {
         "reload" => {
-            let _ = shared.model_commands.send(ModelCommand::Reload {
+            let command = ModelCommand::Reload {
                 source: field("source").map(|s| Source::parse(&s)),
                 sha256: field("sha256"),
-            });
+            };
+            let _ = shared.model_commands.send((command, field("id")));
         }
         "rollback" => {
-            let _ = shared.model_commands.send(ModelCommand::Rollback);
+            let _ = shared.model_commands.send((ModelCommand::Rollback, field("id")));
         }
         "drain" => {
             if !shared.draining.swap(true, Ordering::Relaxed) {
@@ -976,23 +979,28 @@ fn control(shared: &Arc<Shared>, payload: &[u8]) {
 async fn sighup_task(shared: Arc<Shared>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
         info!("SIGHUP: reloading {}", shared.config.model.bundle.display());
-        let _ = shared.model_commands.send(ModelCommand::Reload {
+        let command = ModelCommand::Reload {
             source: None,
             sha256: None,
-        });
+        };
+        let _ = shared.model_commands.send((command, Some("sighup".into())));
     }
 }
 
 /// Runs reload and rollback commands one at a time: the candidate is fetched, loaded and
 /// smoke-tested on a blocking thread while the current model keeps serving, then swapped in.
 /// A failure leaves the current model serving and says why in the status.
-async fn model_task(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<ModelCommand>) {
-    while let Some(command) = commands.recv().await {
+async fn model_task(
+    shared: Arc<Shared>,
+    mut commands: mpsc::UnboundedReceiver<(ModelCommand, Option<String>)>,
+) {
+    while let Some((command, id)) = commands.recv().await {
         let name = command.name();
         let source = command.source_name(shared.rollout.configured());
         let report = |state: &str, extra: serde_json::Value| {
             let mut doc = serde_json::json!({
                 "command": name,
+                "id": id,
                 "state": state,
                 "source": source,
                 "at_ms": UnixMillis::now().0,

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::classify_photos::efficientnet_bundle;
 
-fn coffee() -> Vec<u8> {
+pub(crate) fn coffee() -> Vec<u8> {
     std::fs::read(shared_models().join("coffee.jpg")).unwrap()
 }
 
@@ -62,7 +62,7 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn block<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 

@@ -7,4 +7,5 @@ mod conformance;
 mod daemon;
 mod offload;
 mod pool;
+mod reload;
 mod sources;

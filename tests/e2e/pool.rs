@@ -25,7 +25,7 @@ use crate::classify_photos::efficientnet_bundle;
 pub use edge_e2e::pool::Server;
 use edge_e2e::pool::{images_request, shape, spec};
 
-fn photo(name: &str) -> Vec<u8> {
+pub fn photo(name: &str) -> Vec<u8> {
     std::fs::read(shared_models().join(name)).unwrap()
 }
 

@@ -8,15 +8,20 @@
 //! turn (`max_batch_size`), and it is off by default because it measured slower: 22.8 and
 //! 20.6 images/s with batches of 4 against 25.6 and 24.4 without (EfficientNet-Lite0, 2
 //! slots, concurrency 4, this 2-core machine; see the README).
+//!
+//! The model can be replaced while serving ([`Engine::replace`], on SIGHUP): a request takes
+//! the model once when it is scored and all its items run on it, so requests in flight finish
+//! on the old model and none fails.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 
-use edge_convert::runtime::{Classifier, Prediction, Tensor};
+use edge_convert::runtime::{Classifier, Tensor};
 
 use super::metrics::PoolMetrics;
+use crate::model::Current;
 
 /// What an image or tensor becomes.
 #[derive(Debug, Clone)]
@@ -45,6 +50,7 @@ pub enum Item {
 
 struct Job {
     item: Item,
+    classifier: Arc<Classifier>,
     enqueued: Instant,
     done: oneshot::Sender<Result<Scored, EngineError>>,
 }
@@ -66,7 +72,7 @@ pub struct Batching {
 }
 
 pub struct Engine {
-    classifier: Arc<Classifier>,
+    model: Current<Classifier>,
     requests: Arc<Semaphore>,
     max_requests: usize,
     slots: Arc<Semaphore>,
@@ -80,15 +86,15 @@ pub struct Admission {
 }
 
 impl Engine {
-    pub fn new(classifier: Arc<Classifier>, options: EngineOptions, metrics: Arc<PoolMetrics>) -> Self {
+    pub fn new(classifier: Classifier, options: EngineOptions, metrics: Arc<PoolMetrics>) -> Self {
         let slots = Arc::new(Semaphore::new(options.slots.max(1)));
         let batcher = options.batching.map(|b| {
             let (tx, rx) = mpsc::channel(options.max_concurrent_requests.max(1) * 4);
-            tokio::spawn(batcher(rx, b, classifier.clone(), slots.clone(), metrics.clone()));
+            tokio::spawn(batcher(rx, b, slots.clone(), metrics.clone()));
             tx
         });
         Self {
-            classifier,
+            model: Current::new(classifier),
             requests: Arc::new(Semaphore::new(options.max_concurrent_requests.max(1))),
             max_requests: options.max_concurrent_requests.max(1),
             slots,
@@ -97,8 +103,14 @@ impl Engine {
         }
     }
 
-    pub fn classifier(&self) -> &Classifier {
-        &self.classifier
+    /// The model serving now.
+    pub fn classifier(&self) -> Arc<Classifier> {
+        self.model.get()
+    }
+
+    /// Serves `classifier` from now on; requests already being scored finish on the old one.
+    pub fn replace(&self, classifier: Classifier) -> Arc<Classifier> {
+        self.model.replace(Arc::new(classifier))
     }
 
     /// Admits a request, or refuses it at the concurrency limit.
@@ -120,28 +132,30 @@ impl Engine {
         self.max_requests - self.requests.available_permits()
     }
 
-    /// Scores every item (in order); fails on the first item that fails.
-    pub async fn score(&self, items: Vec<Item>) -> Result<Vec<Scored>, EngineError> {
+    /// Scores every item (in order) on one model, returned with the scores; fails on the
+    /// first item that fails.
+    pub async fn score(&self, items: Vec<Item>) -> Result<(Arc<Classifier>, Vec<Scored>), EngineError> {
+        let classifier = self.model.get();
         let mut pending = Vec::with_capacity(items.len());
         for item in items {
             let (done, result) = oneshot::channel();
             let job = Job {
                 item,
+                classifier: classifier.clone(),
                 enqueued: Instant::now(),
                 done,
             };
             match &self.batcher {
                 Some(tx) => tx.send(job).await.map_err(|_| EngineError::Draining)?,
                 None => {
-                    let (classifier, slots, metrics) =
-                        (self.classifier.clone(), self.slots.clone(), self.metrics.clone());
+                    let (slots, metrics) = (self.slots.clone(), self.metrics.clone());
                     tokio::spawn(async move {
                         let Ok(_slot) = slots.acquire_owned().await else {
                             let _ = job.done.send(Err(EngineError::Draining));
                             return;
                         };
                         metrics.batch_size.observe(1.0);
-                        run_jobs(classifier, vec![job], metrics).await;
+                        run_jobs(vec![job], metrics).await;
                     });
                 }
             }
@@ -154,20 +168,17 @@ impl Engine {
                     .map_err(|_| EngineError::Internal("inference task lost".into()))??,
             );
         }
-        Ok(out)
-    }
-
-    pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
-        self.classifier.top_k(probabilities, k)
+        Ok((classifier, out))
     }
 }
 
 /// Runs jobs one after another on a blocking thread and answers each.
-async fn run_jobs(classifier: Arc<Classifier>, jobs: Vec<Job>, metrics: Arc<PoolMetrics>) {
+async fn run_jobs(jobs: Vec<Job>, metrics: Arc<PoolMetrics>) {
     let handle = tokio::task::spawn_blocking(move || {
         for job in jobs {
             metrics.queue_wait.observe(job.enqueued.elapsed().as_secs_f64());
             let start = Instant::now();
+            let classifier = job.classifier;
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_one(&classifier, job.item)))
                     .unwrap_or_else(|_| {
@@ -196,13 +207,7 @@ fn score_one(classifier: &Classifier, item: Item) -> Result<Scored, EngineError>
     Ok(Scored { probabilities })
 }
 
-async fn batcher(
-    mut rx: mpsc::Receiver<Job>,
-    b: Batching,
-    classifier: Arc<Classifier>,
-    slots: Arc<Semaphore>,
-    metrics: Arc<PoolMetrics>,
-) {
+async fn batcher(mut rx: mpsc::Receiver<Job>, b: Batching, slots: Arc<Semaphore>, metrics: Arc<PoolMetrics>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + b.max_queue_delay;
@@ -219,9 +224,9 @@ async fn batcher(
             return;
         };
         metrics.batch_size.observe(jobs.len() as f64);
-        let (classifier, metrics) = (classifier.clone(), metrics.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            run_jobs(classifier, jobs, metrics).await;
+            run_jobs(jobs, metrics).await;
             drop(slot);
         });
     }

@@ -37,10 +37,10 @@ impl KServe {
                 p.model_name
             )));
         }
-        if !version.is_empty() && version != p.model_version {
+        let served = p.model_version();
+        if !version.is_empty() && version != served {
             return Err(Status::not_found(format!(
-                "version `{version}` of `{name}` is not served here (version {})",
-                p.model_version
+                "version `{version}` of `{name}` is not served here (version {served})"
             )));
         }
         Ok(())
@@ -100,11 +100,11 @@ impl KServe {
                 }
                 p.check_batch(images.len())?;
                 let n = images.len();
-                let scored = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
+                let (model, scored) = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
                 let mut classes = Vec::new();
                 let mut scores = Vec::new();
                 for s in &scored {
-                    for pred in p.engine.top_k(&s.probabilities, top_k) {
+                    for pred in model.top_k(&s.probabilities, top_k) {
                         classes.push(pred.label.into_bytes());
                         scores.push(pred.score);
                     }
@@ -153,7 +153,7 @@ impl KServe {
                     .split_tensor(&input.shape, values)
                     .map_err(Status::invalid_argument)?;
                 let n = items.len();
-                let scored = p.score(items).await?;
+                let (_, scored) = p.score(items).await?;
                 let classes = scored.first().map(|s| s.probabilities.len()).unwrap_or(0);
                 let probs: Vec<f32> = scored.into_iter().flat_map(|s| s.probabilities).collect();
                 let out = output("probabilities", "FP32", vec![n as i64, classes as i64]);
@@ -201,7 +201,7 @@ impl KServe {
         }
         Ok(ModelInferResponse {
             model_name: p.model_name.clone(),
-            model_version: p.model_version.clone(),
+            model_version: p.model_version(),
             id: req.id,
             parameters: Default::default(),
             outputs: kept,
@@ -300,7 +300,8 @@ impl GrpcInferenceService for KServe {
         let r = r.into_inner();
         self.check_model(&r.name, &r.version)?;
         let p = &self.pool;
-        let manifest = p.engine.classifier().manifest();
+        let model = p.engine.classifier();
+        let manifest = model.manifest();
         let mut tensor_shape = vec![-1i64];
         tensor_shape.extend(manifest.input.shape.iter().skip(1).map(|&d| d as i64));
         let meta = |name: &str, datatype: &str, shape: Vec<i64>| model_metadata_response::TensorMetadata {
@@ -310,7 +311,7 @@ impl GrpcInferenceService for KServe {
         };
         Ok(Response::new(ModelMetadataResponse {
             name: p.model_name.clone(),
-            versions: vec![p.model_version.clone()],
+            versions: vec![manifest.model.version.clone()],
             platform: "tract_nnef".into(),
             inputs: vec![
                 meta("images", "BYTES", vec![-1]),

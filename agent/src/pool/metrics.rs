@@ -16,6 +16,12 @@ pub struct CallLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or why the model was kept (`ReloadError::kind`).
+    pub outcome: String,
+}
+
 pub struct PoolMetrics {
     registry: Registry,
     pub requests: Family<CallLabels, Counter>,
@@ -25,6 +31,8 @@ pub struct PoolMetrics {
     pub inference: Histogram,
     pub batch_size: Histogram,
     pub in_flight: Gauge,
+    pub model: Family<crate::metrics::ModelLabels, Gauge>,
+    pub reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for PoolMetrics {
@@ -78,8 +86,18 @@ impl PoolMetrics {
             "Requests admitted and not yet answered",
             in_flight.clone(),
         );
+        let model = Family::<crate::metrics::ModelLabels, Gauge>::default();
+        registry.register("model", "The model being served (value 1)", model.clone());
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "model_reloads",
+            "Bundle reloads (SIGHUP) by outcome: ok or why the model was kept",
+            reloads.clone(),
+        );
         Self {
             registry,
+            model,
+            reloads,
             requests,
             images,
             latency,
@@ -98,6 +116,25 @@ impl PoolMetrics {
             })
             .inc();
         self.latency.observe(seconds);
+    }
+
+    /// The model gauge names `name`/`version` only.
+    pub fn set_model(&self, name: &str, version: &str) {
+        self.model.clear();
+        self.model
+            .get_or_create(&crate::metrics::ModelLabels {
+                name: name.to_owned(),
+                version: version.to_owned(),
+            })
+            .set(1);
+    }
+
+    pub fn count_reload(&self, outcome: &str) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn render(&self) -> String {

@@ -6,6 +6,8 @@
 //! On SIGTERM it drains: health turns NOT_SERVING at once (readiness probes and client-side
 //! balancers stop sending), requests keep being served for `drain_delay` while that
 //! propagates, then the server stops accepting connections and finishes what it holds.
+//! On SIGHUP it reloads the bundle file: the new model is loaded and smoke-tested beside the
+//! one serving, then swapped in (see [`engine`]); if it fails the old model keeps serving.
 
 pub mod engine;
 pub mod kserve;
@@ -80,8 +82,8 @@ fn server_tls(config: &ServeConfig) -> Result<Option<tonic::transport::ServerTls
 /// The state the gRPC services share.
 pub struct Pool {
     pub engine: Engine,
+    /// The name clients address; kept across reloads.
     pub model_name: String,
-    pub model_version: String,
     pub top_k: usize,
     pub max_batch_items: usize,
     pub metrics: Arc<PoolMetrics>,
@@ -93,9 +95,14 @@ impl Pool {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// The version of the model serving now (it changes on reload).
+    pub fn model_version(&self) -> String {
+        self.engine.classifier().manifest().model.version.clone()
+    }
+
     /// The model version as TF Serving's numeric version, when it is one.
     pub fn model_version_number(&self) -> Option<i64> {
-        self.model_version.parse().ok()
+        self.model_version().parse().ok()
     }
 
     pub fn admit(&self) -> Result<engine::Admission, Status> {
@@ -115,7 +122,8 @@ impl Pool {
         Ok(())
     }
 
-    pub async fn score(&self, items: Vec<Item>) -> Result<Vec<Scored>, Status> {
+    /// Scores the items on one model, returned with the scores (for labels and version).
+    pub async fn score(&self, items: Vec<Item>) -> Result<(Arc<Classifier>, Vec<Scored>), Status> {
         let n = items.len() as u64;
         self.metrics.in_flight.inc();
         let result = self.engine.score(items).await.map_err(to_status);
@@ -128,7 +136,8 @@ impl Pool {
 
     /// Splits a `[N, ...]` float tensor into N model inputs of the bundle's shape.
     pub fn split_tensor(&self, dims: &[i64], values: Vec<f32>) -> Result<Vec<Item>, String> {
-        let input = &self.engine.classifier().manifest().input.shape;
+        let classifier = self.engine.classifier();
+        let input = &classifier.manifest().input.shape;
         let per_item: Vec<usize> = input.iter().skip(1).copied().collect();
         let item_len: usize = per_item.iter().product();
         let want: Vec<String> = per_item.iter().map(|d| d.to_string()).collect();
@@ -209,7 +218,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     };
     let bundle = config.bundle.clone();
     let start = Instant::now();
-    let classifier = tokio::task::spawn_blocking(move || Classifier::load(&bundle, &options))
+    let opts = options.clone();
+    let classifier = tokio::task::spawn_blocking(move || Classifier::load(&bundle, &opts))
         .await?
         .with_context(|| format!("cannot load the bundle {}", config.bundle.display()))?;
     let manifest = classifier.manifest().clone();
@@ -219,8 +229,12 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .unwrap_or_else(|| manifest.model.name.clone());
     info!(model = %model_name, version = %manifest.model.version, load_ms = start.elapsed().as_millis() as u64, "model loaded");
     let metrics = Arc::new(PoolMetrics::new());
+    metrics.set_model(&manifest.model.name, &manifest.model.version);
+    // Installed before the server reports SERVING: SIGHUP's default action would end it.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
     let engine = Engine::new(
-        Arc::new(classifier),
+        classifier,
         EngineOptions {
             max_concurrent_requests: config.max_concurrent_requests,
             slots: config.workers,
@@ -231,7 +245,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let pool = Arc::new(Pool {
         engine,
         model_name,
-        model_version: manifest.model.version.clone(),
         top_k: config.top_k,
         max_batch_items: config.max_batch_items,
         metrics: metrics.clone(),
@@ -297,7 +310,15 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             }),
     );
 
+    let reloader = tokio::spawn(reload_on_sighup(
+        hangup,
+        pool.clone(),
+        config.bundle.clone(),
+        options,
+    ));
+
     crate::daemon::wait_for_signal().await?;
+    reloader.abort();
     info!(
         delay_ms = config.drain_delay.as_millis() as u64,
         "draining: health NOT_SERVING, still serving"
@@ -324,6 +345,50 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         h.abort();
     }
     Ok(())
+}
+
+/// SIGHUP: load the bundle file again, smoke-test it, swap it in; on failure keep serving.
+async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
+    pool: Arc<Pool>,
+    bundle: PathBuf,
+    options: RuntimeOptions,
+) {
+    while hangup.recv().await.is_some() {
+        info!(bundle = %bundle.display(), "SIGHUP: reloading the bundle");
+        let start = Instant::now();
+        let (path, opts) = (bundle.clone(), options.clone());
+        let loaded = tokio::task::spawn_blocking(move || crate::model::load_checked(&path, &opts))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::model::ReloadError::Internal(format!(
+                    "the reload task failed: {e}"
+                )))
+            });
+        match loaded {
+            Ok(classifier) => {
+                let (name, version) = {
+                    let m = &classifier.manifest().model;
+                    (m.name.clone(), m.version.clone())
+                };
+                let old = pool.engine.replace(classifier);
+                pool.metrics.set_model(&name, &version);
+                pool.metrics.count_reload("ok");
+                info!(
+                    from = %old.manifest().model.version, to = %version, model = %name,
+                    ms = start.elapsed().as_millis() as u64,
+                    "model swapped; requests in flight finish on the previous one"
+                );
+            }
+            Err(e) => {
+                pool.metrics.count_reload(e.kind());
+                warn!(
+                    kind = e.kind(),
+                    "reload refused, the current model keeps serving: {e}"
+                );
+            }
+        }
+    }
 }
 
 fn tokio_stream_listener(listener: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

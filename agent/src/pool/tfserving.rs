@@ -64,23 +64,24 @@ impl TfServing {
         match &spec.version_choice {
             None => {}
             Some(VersionChoice::Version(v)) if Some(*v) == p.model_version_number() => {}
-            Some(VersionChoice::VersionLabel(l)) if l == "stable" || *l == p.model_version => {}
+            Some(VersionChoice::VersionLabel(l)) if l == "stable" || *l == p.model_version() => {}
             Some(other) => {
                 return Err(Status::not_found(format!(
                     "Servable not found for request: {other:?} of {}; this server has version {}",
-                    spec.name, p.model_version
+                    spec.name,
+                    p.model_version()
                 )));
             }
         }
         Ok(spec.signature_name.clone())
     }
 
-    fn response_spec(&self, signature: &str) -> ModelSpec {
-        let p = &self.pool;
+    /// The spec of a response; `version` is that of the model that answered.
+    fn response_spec(&self, signature: &str, version: &str) -> ModelSpec {
         ModelSpec {
-            name: p.model_name.clone(),
+            name: self.pool.model_name.clone(),
             signature_name: signature.to_owned(),
-            version_choice: p.model_version_number().map(VersionChoice::Version),
+            version_choice: version.parse().ok().map(VersionChoice::Version),
         }
     }
 
@@ -131,6 +132,7 @@ impl TfServing {
         let wanted = |name: &str| req.output_filter.is_empty() || req.output_filter.iter().any(|f| f == name);
         let p = &self.pool;
         let mut out = HashMap::new();
+        let version;
         if signature == SIG_IMAGES {
             if !is_string {
                 return Err(Status::invalid_argument(format!(
@@ -141,12 +143,13 @@ impl TfServing {
             let images = tensor.string_val;
             p.check_batch(images.len())?;
             let n = images.len();
-            let scored = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
-            let k = p.top_k.min(p.engine.classifier().manifest().labels.len().max(1));
+            let (model, scored) = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
+            version = model.manifest().model.version.clone();
+            let k = p.top_k.min(model.manifest().labels.len().max(1));
             let mut classes = Vec::with_capacity(n * k);
             let mut scores = Vec::with_capacity(n * k);
             for s in &scored {
-                for pred in p.engine.top_k(&s.probabilities, k) {
+                for pred in model.top_k(&s.probabilities, k) {
                     classes.push(pred.label.into_bytes());
                     scores.push(pred.score);
                 }
@@ -186,7 +189,8 @@ impl TfServing {
                 .split_tensor(&dims(&tensor), values)
                 .map_err(Status::invalid_argument)?;
             let n = items.len();
-            let scored = p.score(items).await?;
+            let (model, scored) = p.score(items).await?;
+            version = model.manifest().model.version.clone();
             let classes = scored.first().map(|s| s.probabilities.len()).unwrap_or(0);
             out.insert(
                 "probabilities".to_owned(),
@@ -199,14 +203,15 @@ impl TfServing {
             );
         }
         Ok(PredictResponse {
-            model_spec: Some(self.response_spec(signature)),
+            model_spec: Some(self.response_spec(signature, &version)),
             outputs: out,
         })
     }
 
     fn signature_defs(&self) -> SignatureDefMap {
         let p = &self.pool;
-        let input = &p.engine.classifier().manifest().input;
+        let model = p.engine.classifier();
+        let input = &model.manifest().input;
         let mut tensor_dims = vec![-1i64];
         tensor_dims.extend(input.shape.iter().skip(1).map(|&d| d as i64));
         let info = |name: &str, dtype: DataType, dims: &[i64]| TensorInfo {
@@ -230,7 +235,7 @@ impl TfServing {
             method_name: "tensorflow/serving/predict".into(),
             ..SignatureDef::default()
         };
-        let classes = p.engine.classifier().manifest().labels.len() as i64;
+        let classes = model.manifest().labels.len() as i64;
         let tensor = SignatureDef {
             inputs: [(
                 input.name.clone(),
@@ -294,7 +299,7 @@ impl PredictionService for TfServing {
             value: self.signature_defs().encode_to_vec(),
         };
         Ok(Response::new(GetModelMetadataResponse {
-            model_spec: Some(self.response_spec("")),
+            model_spec: Some(self.response_spec("", &self.pool.model_version())),
             metadata: [("signature_def".to_owned(), any)].into(),
         }))
     }
