@@ -191,8 +191,12 @@ async fn reload_under_a_steady_request_stream_switches_version_once_and_fails_no
     let v2 = efficientnet_version(dir.path(), "2");
     let broker = Mosquitto::start();
     let device = "cam-rl";
-    let mut agent =
-        block(|| Agent::start(AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))));
+    // One worker: requests are classified in the order they were sent, so "the replies
+    // switch version once" is exact by request order (with several workers two requests
+    // leased at the same instant may start in either order).
+    let spec = AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_WORKERS__COUNT", 1);
+    let mut agent = block(|| Agent::start(spec));
     let status = format!("edge/{device}/status");
     let client = TestClient::connect(broker.port, "t-rl", &["app/rl", "app/cam-rl", &status]).await;
 
