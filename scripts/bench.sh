@@ -25,4 +25,4 @@ cargo build --release --workspace --bins --locked
 target="${CARGO_TARGET_DIR:-target}"
 # Scratch (queue benchmark, converted bundles) on the target's disk: fsync must be real.
 export EDGE_BENCH_SCRATCH="${EDGE_BENCH_SCRATCH:-$target}"
-"$target/release/edge-bench" --out BENCHMARKS.md "$@"
+"$target/release/edge-bench" "$@"   # writes BENCHMARKS.md (--out to change)

@@ -71,19 +71,26 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
     child: Option<Child>,
     verbose: bool,
+    persistence: bool,
 }
 
 impl Mosquitto {
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, true)
     }
 
     /// Logs every packet (`log_type all`), so tests can count the agent's PUBACKs.
     pub fn start_verbose() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, true)
     }
 
-    fn start_with(verbose: bool) -> Self {
+    /// Without persistence, as Mosquitto runs by default (the benchmarks: the tests' broker
+    /// saves its database every second, and each save stalls it).
+    pub fn start_ephemeral() -> Self {
+        Self::start_with(false, false)
+    }
+
+    fn start_with(verbose: bool, persistence: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         // Started as root, mosquitto drops to the `mosquitto` user: let it write its log and
         // persistence file.
@@ -96,6 +103,7 @@ impl Mosquitto {
             dir,
             child: None,
             verbose,
+            persistence,
         };
         m.spawn();
         m
@@ -117,14 +125,18 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\n\
                  allow_anonymous true\n\
-                 persistence true\n\
-                 persistence_location {d}/\n\
-                 autosave_interval 1\n\
+                 {persistence}\
                  max_queued_messages 100000\n\
                  max_inflight_messages 20\n\
+                 set_tcp_nodelay true\n\
                  log_dest file {d}/mosquitto.log\n\
                  {types}",
                 port = self.port,
+                persistence = if self.persistence {
+                    format!("persistence true\npersistence_location {d}/\nautosave_interval 1\n")
+                } else {
+                    String::new()
+                },
                 types = if self.verbose {
                     "log_type all\n"
                 } else {
@@ -401,6 +413,9 @@ impl TestClient {
             .set_session_expiry_interval(Some(3600))
             .set_max_packet_size(Some(64 * 1024 * 1024))
             .set_outgoing_inflight_upper_limit(1000);
+        let mut net = o.network_options();
+        net.set_tcp_nodelay(true);
+        o.set_network_options(net);
         let (client, mut eventloop) = AsyncClient::new(o, 10_000);
         let received = Arc::new(Mutex::new(Vec::new()));
         let connects = Arc::new(Mutex::new(0));

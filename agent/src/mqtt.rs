@@ -146,6 +146,11 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
             if !s.username.is_empty() {
                 o.set_credentials(&s.username, &s.password);
             }
+            // Small packets (PUBACKs, replies) go out at once: with Nagle's algorithm a
+            // PUBACK behind an unacknowledged segment waits for the peer's delayed ACK (40 ms).
+            let mut net = o.network_options();
+            net.set_tcp_nodelay(true);
+            o.set_network_options(net);
             let (c, l) = rumqttc::v5::AsyncClient::new(o, cap);
             (Client::V5(c), Connection::V5(Box::new(l)))
         }
@@ -166,7 +171,10 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
             if !s.username.is_empty() {
                 o.set_credentials(&s.username, &s.password);
             }
-            let (c, l) = rumqttc::AsyncClient::new(o, cap);
+            let (c, mut l) = rumqttc::AsyncClient::new(o, cap);
+            let mut net = l.network_options();
+            net.set_tcp_nodelay(true);
+            l.set_network_options(net);
             (Client::V311(c), Connection::V311(Box::new(l)))
         }
     }

@@ -135,7 +135,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     // The offload path: an agent that sends every request to the pool.
     let server = Server::start_bundle(&ctx.bundle, free_port(), &[]);
     rt.block_on(server.channel());
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_ephemeral();
     let spec = AgentSpec::new("bench-off", &ctx.bundle, Some(broker.url()))
         .env(
             "EDGE_AGENT_OFFLOAD__ENDPOINTS",
