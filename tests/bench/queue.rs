@@ -42,10 +42,16 @@ fn limits() -> QueueLimits {
 }
 
 /// Requests per second into a fresh queue in `dir`, `group` requests per flush.
-async fn queue_rate(dir: &Path, requests: &[StoredRequest], group: usize) -> Result<f64> {
+async fn queue_rate(
+    dir: &Path,
+    requests: &[StoredRequest],
+    group: usize,
+    latencies: &mut Vec<f64>,
+) -> Result<f64> {
     let q = Queue::open(dir, limits())?;
     let start = Instant::now();
     for chunk in requests.chunks(group) {
+        let call = Instant::now();
         let refs: Vec<&StoredRequest> = chunk.iter().collect();
         let outcomes = if group == 1 {
             vec![q.enqueue_async(refs[0]).await?]
@@ -58,6 +64,7 @@ async fn queue_rate(dir: &Path, requests: &[StoredRequest], group: usize) -> Res
         {
             anyhow::bail!("not enqueued: {o:?}");
         }
+        latencies.push(crate::stats::ms(call.elapsed()));
     }
     Ok(requests.len() as f64 / start.elapsed().as_secs_f64())
 }
@@ -81,14 +88,15 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let (mut single, mut grouped, mut file, mut file_grouped) = (vec![], vec![], vec![], vec![]);
     let base = ctx.scratch.path().join("queue-bench");
+    let (mut lat_single, mut lat_grouped) = (Vec::new(), Vec::new());
     for round in 0..ctx.rounds {
         let dir = |name: &str| base.join(format!("{round}-{name}"));
         for d in ["single", "grouped", "file"] {
             std::fs::create_dir_all(dir(d)).context("scratch")?;
         }
-        single.push(rt.block_on(queue_rate(&dir("single"), &requests, 1))?);
+        single.push(rt.block_on(queue_rate(&dir("single"), &requests, 1, &mut lat_single))?);
         file.push(file_rate(&dir("file").join("plain"), &requests, 1)?);
-        grouped.push(rt.block_on(queue_rate(&dir("grouped"), &requests, GROUP))?);
+        grouped.push(rt.block_on(queue_rate(&dir("grouped"), &requests, GROUP, &mut lat_grouped))?);
         file_grouped.push(file_rate(&dir("file").join("plain-grouped"), &requests, GROUP)?);
         let _ = std::fs::remove_dir_all(base.join(format!("{round}-single")));
         let _ = std::fs::remove_dir_all(base.join(format!("{round}-grouped")));
@@ -101,6 +109,21 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         median(&file_grouped),
     );
     let mb = |rate: f64| rate * PAYLOAD as f64 / 1e6;
+    use crate::stats::quantile;
+    report.note(
+        S,
+        format!(
+            "Latency of one durable enqueue (write + flush), over {} calls: p50 {:.2} ms, p99 {:.2} ms, \
+             max {:.1} ms; a group of {GROUP}: p50 {:.2} ms, max {:.1} ms. The tail is the disk's fsync \
+             tail on this shared machine.",
+            lat_single.len(),
+            quantile(&lat_single, 0.5),
+            quantile(&lat_single, 0.99),
+            quantile(&lat_single, 1.0),
+            quantile(&lat_grouped, 0.5),
+            quantile(&lat_grouped, 1.0)
+        ),
+    );
     report.row(
         S,
         "durable enqueue, one request per flush",
