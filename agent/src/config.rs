@@ -426,6 +426,34 @@ impl Config {
         Ok(config)
     }
 
+    /// A warning when `file` holds a secret (`mqtt.password`) and other users may read it.
+    pub fn exposed_secrets(file: &Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
+        if mode & 0o007 == 0 {
+            return None;
+        }
+        let text = std::fs::read_to_string(file).ok()?;
+        let value: toml::Table = text.parse().ok()?;
+        let password = value.get("mqtt")?.get("password")?.as_str()?;
+        (!password.is_empty()).then(|| {
+            format!(
+                "{} holds mqtt.password and other users can read it (mode {mode:o}): \
+                 `chmod 600` it (or 640 with the agent's group)",
+                file.display()
+            )
+        })
+    }
+
+    /// The configuration as `--print-config` shows it: secrets replaced by `<redacted>`.
+    pub fn redacted(&self) -> Self {
+        let mut shown = self.clone();
+        if !shown.mqtt.password.is_empty() {
+            shown.mqtt.password = "<redacted>".into();
+        }
+        shown
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &'static str, reason: &str| {
@@ -744,5 +772,45 @@ mod tests {
         assert!(broker_address("mqtt://:1").is_err());
         assert!(broker_address("mqtt://h:x").is_err());
         assert!(broker_address("mqtts://h").is_err());
+    }
+
+    #[test]
+    fn a_password_file_readable_by_others_is_reported_and_never_printed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "[mqtt]\nusername = \"edge\"\npassword = \"hunter2-Q\"\n").unwrap();
+        let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        chmod(0o644);
+        let warning = Config::exposed_secrets(&file).expect("a warning for mode 644");
+        assert!(
+            warning.contains("644") && !warning.contains("hunter2"),
+            "{warning}"
+        );
+        chmod(0o640);
+        assert_eq!(
+            Config::exposed_secrets(&file),
+            None,
+            "group-readable is the packaged setup"
+        );
+        chmod(0o600);
+        assert_eq!(Config::exposed_secrets(&file), None);
+        std::fs::write(&file, "[mqtt]\nusername = \"edge\"\n").unwrap();
+        chmod(0o644);
+        assert_eq!(Config::exposed_secrets(&file), None, "no secret, nothing to hide");
+
+        let c = Config::load(Some(&file), &Overrides::default()).unwrap();
+        let mut with = c.clone();
+        with.mqtt.password = "hunter2-Q".into();
+        let shown = toml::to_string(&with.redacted()).unwrap();
+        assert!(
+            shown.contains("<redacted>") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert_eq!(
+            c.redacted(),
+            c,
+            "nothing to redact leaves the configuration as it is"
+        );
     }
 }

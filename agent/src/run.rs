@@ -72,11 +72,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if args.print_config {
         print!(
             "{}",
-            toml::to_string(&config).context("cannot print the configuration")?
+            toml::to_string(&config.redacted()).context("cannot print the configuration")?
         );
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(&config)?;
+    if let Some(warning) = args.config.as_deref().and_then(Config::exposed_secrets) {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

@@ -899,3 +899,81 @@ fn print_config_shows_the_effective_configuration_as_loadable_toml() {
         "the printed configuration loads back to itself"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_never_shows_in_logs_status_metrics_or_print_config_and_a_readable_file_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    const SECRET: &str = "pw-Zq81-do-not-log";
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        format!("[mqtt]\nusername = \"edge\"\npassword = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let spec = AgentSpec::new("cam-sec", &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_CONFIG", file.display())
+        .env("EDGE_AGENT_LOG__LEVEL", "debug");
+    let mut agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-sec", &["app/sec", "edge/cam-sec/status"]).await;
+    client
+        .request(
+            "edge/cam-sec/classify",
+            &coffee(),
+            "app/sec",
+            "s1",
+            &[("id", "s1")],
+        )
+        .await;
+    let got = client
+        .wait_for("app/sec", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
+    assert!(
+        got.first().is_some_and(|r| r.json()["top"].is_array()),
+        "the agent serves"
+    );
+
+    let log = agent.log();
+    assert!(
+        log.contains("other users can read it") && log.contains("mode 644"),
+        "no warning about the readable file:\n{log}"
+    );
+    let (_, metrics) = agent.http_get("/metrics").unwrap_or_default();
+    let status: Vec<String> = client
+        .on("edge/cam-sec/status")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert!(!status.is_empty(), "no status seen");
+    for (what, text) in [("log", log.as_str()), ("metrics", metrics.as_str())]
+        .into_iter()
+        .chain(status.iter().map(|s| ("status", s.as_str())))
+    {
+        assert!(!text.contains(SECRET), "the password is in the {what}:\n{text}");
+    }
+    let out = run(Command::new(bin("edge-agent"))
+        .args(["run", "--print-config", "--config"])
+        .arg(&file));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        printed.contains("<redacted>") && !printed.contains(SECRET),
+        "{printed}"
+    );
+
+    // Made private, the warning goes away.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    block(|| agent.restart());
+    let second: String = agent
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("[1]"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        !second.is_empty() && !second.contains("other users can read it"),
+        "{second}"
+    );
+}
