@@ -286,6 +286,20 @@ impl Agent {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The agent process's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
     /// `GET path` on the agent's HTTP port: (status, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http_port, path)

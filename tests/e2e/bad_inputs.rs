@@ -131,14 +131,14 @@ fn agent_rejects_bad_bundles_clearly() {
 }
 
 /// Encodes an image with the `image` crate.
-fn encode(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+pub(crate) fn encode(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, format).unwrap();
     out.into_inner()
 }
 
 /// `rgb` (8-bit RGB pixels) as a JPEG with the given colour type / progressive coding.
-fn jpeg(rgb: &image::RgbImage, cmyk: bool, progressive: bool) -> Vec<u8> {
+pub(crate) fn jpeg(rgb: &image::RgbImage, cmyk: bool, progressive: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let mut encoder = jpeg_encoder::Encoder::new(&mut out, 90);
     encoder.set_progressive(progressive);
@@ -172,7 +172,7 @@ fn jpeg(rgb: &image::RgbImage, cmyk: bool, progressive: bool) -> Vec<u8> {
 }
 
 /// A palette PNG of `rgb` quantised to 6x6x6 colours.
-fn palette_png(rgb: &image::RgbImage) -> Vec<u8> {
+pub(crate) fn palette_png(rgb: &image::RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, rgb.width(), rgb.height());
     encoder.set_color(png::ColorType::Indexed);

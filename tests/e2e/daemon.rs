@@ -977,3 +977,135 @@ async fn a_password_never_shows_in_logs_status_metrics_or_print_config_and_a_rea
         "{second}"
     );
 }
+
+/// Hostile inputs over MQTT (issue 7's catalogue): each gets the right error reply, the
+/// agent's peak RSS stays bounded while it refuses them, and it keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_images_and_envelopes_get_the_right_error_with_bounded_memory() {
+    use crate::bad_inputs::{encode, jpeg, palette_png};
+    use edge_e2e::{jpeg_with_declared_size, png_bomb};
+    let broker = Mosquitto::start();
+    let v5 = block(|| {
+        Agent::start(AgentSpec::new(
+            "cam-host",
+            &efficientnet_bundle(),
+            Some(broker.url()),
+        ))
+    });
+    let mut spec = AgentSpec::new("cam-host311", &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_LIMITS__MAX_IMAGE_BYTES", 200_000);
+    spec.protocol = "v311";
+    let v311 = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-host", &["app/host", "edge/cam-host311/result"]).await;
+    let coffee = coffee();
+    let rgb = image::load_from_memory(&coffee).unwrap();
+    // Warm up, then take the baseline peak.
+    client
+        .request(
+            "edge/cam-host/classify",
+            &coffee,
+            "app/host",
+            "warm",
+            &[("id", "warm")],
+        )
+        .await;
+    client
+        .wait_for("app/host", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
+    let before = v5.peak_rss().expect("agent VmHWM");
+
+    let bomb = png_bomb(30_000, 30_000);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bomb-png", bomb.clone(), "too_large"),
+        ("pixels-png", png_bomb(16_000, 16_000), "too_large"),
+        (
+            "huge-jpeg",
+            jpeg_with_declared_size(&coffee, 60_000, 60_000),
+            "too_large",
+        ),
+        ("truncated", coffee[..coffee.len() / 3].to_vec(), "invalid_image"),
+        ("zero", Vec::new(), "invalid_image"),
+        (
+            "wrong-magic",
+            b"\x89PNX\r\n\x1a\nnot a png at all".to_vec(),
+            "unsupported_format",
+        ),
+        ("cmyk", jpeg(&rgb.to_rgb8(), true, false), "ok"),
+        ("progressive", jpeg(&rgb.to_rgb8(), false, true), "ok"),
+        (
+            "rgb16-png",
+            encode(
+                image::DynamicImage::ImageRgb16(rgb.to_rgb16()),
+                image::ImageFormat::Png,
+            ),
+            "ok",
+        ),
+        ("palette-png", palette_png(&rgb.to_rgb8()), "ok"),
+    ];
+    for (id, payload, _) in &cases {
+        client
+            .request("edge/cam-host/classify", payload, "app/host", id, &[("id", id)])
+            .await;
+    }
+    // 3.1.1 envelopes: base64 beyond the image limit, deeply nested JSON, not JSON at all.
+    let big_b64 = base64::engine::general_purpose::STANDARD.encode(vec![0xFFu8; 400_000]);
+    let nested = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let envelopes: Vec<(&str, Vec<u8>, &str)> = vec![(
+        "env-big",
+        serde_json::to_vec(
+            &serde_json::json!({"id": "env-big", "image_b64": big_b64, "reply_to": "app/host"}),
+        )
+        .unwrap(),
+        "too_large",
+    )];
+    for (_, payload, _) in &envelopes {
+        client.publish("edge/cam-host311/classify", payload.clone()).await;
+    }
+    // Too deep to parse: no reply topic can be read from it, so the error goes to the
+    // device's default result topic.
+    let nested_doc =
+        format!("{{\"id\": \"env-nested\", \"reply_to\": \"app/host\", \"image_b64\": {nested}}}");
+    client
+        .publish("edge/cam-host311/classify", nested_doc.into_bytes())
+        .await;
+    let want = 1 + cases.len() + envelopes.len();
+    let got = client
+        .wait_for("app/host", Duration::from_secs(120), |r| r.len() >= want)
+        .await;
+    let by_id: HashMap<String, Value> = got
+        .iter()
+        .map(|r| r.json())
+        .map(|v| (v["id"].as_str().unwrap_or_default().to_owned(), v))
+        .collect();
+    for (id, _, code) in cases.iter().chain(envelopes.iter()) {
+        let v = by_id
+            .get(*id)
+            .unwrap_or_else(|| panic!("no reply for {id}: {by_id:?}"));
+        if *code == "ok" {
+            assert!(v["top"].is_array(), "{id} should classify: {v}");
+        } else {
+            assert_eq!(v["error"]["code"], *code, "{id}: {v}");
+        }
+    }
+    let result = client
+        .wait_for("edge/cam-host311/result", Duration::from_secs(60), |r| {
+            !r.is_empty()
+        })
+        .await;
+    let nested_reply = result.first().map(|r| r.json()).unwrap_or_default();
+    assert_eq!(nested_reply["error"]["code"], "invalid_request", "{nested_reply}");
+    let after = v5.peak_rss().expect("agent VmHWM");
+    let grew = after.saturating_sub(before);
+    println!(
+        "peak RSS {} MB before, {} MB after the hostile images (+{} MB)",
+        before >> 20,
+        after >> 20,
+        grew >> 20
+    );
+    // A decoded 30000x30000 RGB image would be 2.7 GB; refusing it from the header costs nothing.
+    assert!(grew < 64 << 20, "peak RSS grew by {} MB", grew >> 20);
+    assert!(
+        v311.peak_rss().is_some_and(|p| p < 1 << 30),
+        "3.1.1 agent peak RSS"
+    );
+}
