@@ -72,6 +72,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     verbose: bool,
     persistence: bool,
+    /// Appended to the generated configuration (e.g. a TLS listener).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -90,6 +92,15 @@ impl Mosquitto {
         Self::start_with(false, false)
     }
 
+    /// With `extra` appended to the configuration (more listeners, TLS, an ACL); the files it
+    /// names must be readable by the `mosquitto` user.
+    pub fn start_with_config(extra: &str) -> Self {
+        let mut m = Self::start_with(false, true);
+        m.extra = extra.to_owned();
+        m.restart(Duration::ZERO);
+        m
+    }
+
     fn start_with(verbose: bool, persistence: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         // Started as root, mosquitto drops to the `mosquitto` user: let it write its log and
@@ -104,6 +115,7 @@ impl Mosquitto {
             child: None,
             verbose,
             persistence,
+            extra: String::new(),
         };
         m.spawn();
         m
@@ -130,8 +142,9 @@ impl Mosquitto {
                  max_inflight_messages 20\n\
                  set_tcp_nodelay true\n\
                  log_dest file {d}/mosquitto.log\n\
-                 {types}",
+                 {types}{extra}",
                 port = self.port,
+                extra = self.extra,
                 persistence = if self.persistence {
                     format!("persistence true\npersistence_location {d}/\nautosave_interval 1\n")
                 } else {

@@ -234,3 +234,41 @@ fn convert_efficientnet(dir: &std::path::Path) -> std::path::PathBuf {
     assert!(out.status.success(), "convert failed:\n{}", stderr(&out));
     bundle
 }
+
+/// A test PKI generated now (no private key is ever committed): a CA, a server certificate
+/// for `localhost` and 127.0.0.1, and a client certificate whose common name (and DNS name)
+/// is `client_name`. Written to `dir` as ca.pem, server.pem, server.key, client.pem,
+/// client.key (mode 644, so a broker that drops privileges can read them); returned in that
+/// order.
+pub fn test_pki(dir: &Path, client_name: &str) -> [PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    use std::os::unix::fs::PermissionsExt;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "edge test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost");
+    let (client_cert, client_key) = leaf(vec![client_name.to_owned()], client_name);
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        p
+    })
+}

@@ -76,7 +76,8 @@ pub enum MqttProtocol {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// `mqtt://host:port` (or `tcp://`); empty starts the embedded broker and connects to it.
+    /// `mqtt://host:port` (or `tcp://`), `mqtts://host:port` for TLS (default port 8883);
+    /// empty starts the embedded broker and connects to it.
     pub broker: String,
     pub protocol: MqttProtocol,
     /// Empty means `edge-agent-<device_id>`. It must be stable: the broker keeps the session
@@ -84,6 +85,12 @@ pub struct MqttConfig {
     pub client_id: String,
     pub username: String,
     pub password: String,
+    /// `mqtts://` only: PEM file of the CA that signed the broker's certificate (verified,
+    /// with the broker's host name).
+    pub tls_ca: String,
+    /// `mqtts://` only: PEM certificate and key the agent authenticates with (mutual TLS).
+    pub tls_cert: String,
+    pub tls_key: String,
     /// First segment of every topic.
     pub topic_prefix: String,
     /// When set, also take fleet-wide requests from `$share/<group>/<prefix>/fleet/classify`.
@@ -301,6 +308,9 @@ impl Default for MqttConfig {
             client_id: String::new(),
             username: String::new(),
             password: String::new(),
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
             topic_prefix: "edge".into(),
             shared_group: String::new(),
             keep_alive_secs: 30,
@@ -481,6 +491,23 @@ impl Config {
                 reason,
             })?;
         }
+        let tls = broker_tls(&self.mqtt.broker);
+        if tls && self.mqtt.tls_ca.is_empty() {
+            return bad(
+                "mqtt.tls_ca",
+                "an mqtts:// broker needs the CA file that signed its certificate",
+            );
+        }
+        let tls_files = [&self.mqtt.tls_ca, &self.mqtt.tls_cert, &self.mqtt.tls_key];
+        if !tls && tls_files.iter().any(|f| !f.is_empty()) {
+            return bad(
+                "mqtt.tls_ca",
+                "TLS files are set but mqtt.broker is not an mqtts:// URL",
+            );
+        }
+        if self.mqtt.tls_cert.is_empty() != self.mqtt.tls_key.is_empty() {
+            return bad("mqtt.tls_cert", "mqtt.tls_cert and mqtt.tls_key go together");
+        }
         if self.mqtt.keep_alive_secs < 5 {
             return bad("mqtt.keep_alive_secs", "must be at least 5");
         }
@@ -627,15 +654,21 @@ fn describe(e: figment::Error) -> String {
 }
 
 /// `(host, port)` of a broker URL: `mqtt://host:port`, `tcp://host:port` or `host:port`.
+/// Whether a broker URL asks for TLS (`mqtts://` or `ssl://`).
+pub fn broker_tls(url: &str) -> bool {
+    matches!(url.split_once("://"), Some(("mqtts" | "ssl", _)))
+}
+
 pub fn broker_address(url: &str) -> Result<(String, u16), String> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) => rest,
+    let (rest, default_port) = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => (rest, 1883),
+        Some(("mqtts" | "ssl", rest)) => (rest, 8883),
         Some((scheme, _)) => {
             return Err(format!(
-                "unsupported scheme `{scheme}` (use mqtt:// or tcp://; TLS is not supported yet)"
+                "unsupported scheme `{scheme}` (use mqtt:// or tcp://, mqtts:// for TLS)"
             ));
         }
-        None => url,
+        None => (url, 1883),
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
@@ -644,7 +677,7 @@ pub fn broker_address(url: &str) -> Result<(String, u16), String> {
             p.parse::<u16>()
                 .map_err(|_| format!("invalid port `{p}` in `{url}`"))?,
         ),
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -771,7 +804,9 @@ mod tests {
         assert_eq!(broker_address("10.0.0.1:1").unwrap(), ("10.0.0.1".into(), 1));
         assert!(broker_address("mqtt://:1").is_err());
         assert!(broker_address("mqtt://h:x").is_err());
-        assert!(broker_address("mqtts://h").is_err());
+        assert_eq!(broker_address("mqtts://h").unwrap(), ("h".into(), 8883));
+        assert!(broker_tls("mqtts://h:1") && broker_tls("ssl://h") && !broker_tls("mqtt://h"));
+        assert!(broker_address("ws://h").is_err());
     }
 
     #[test]

@@ -362,6 +362,7 @@ pub async fn run(config: Config) -> Result<()> {
         max_packet_bytes: config.mqtt.max_packet_bytes,
         receive_maximum: config.mqtt.receive_maximum,
         will: (topics.status.clone(), offline.clone()),
+        tls: mqtt_tls(&config.mqtt)?,
     };
     let offload = crate::offload::Offload::new(&config.offload)?;
     if let Some(o) = &offload {
@@ -699,6 +700,25 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
             }
         }
     }
+}
+
+/// The PEM files of `mqtt.tls_*`, read at start (`None` for a plain `mqtt://` broker).
+fn mqtt_tls(c: &crate::config::MqttConfig) -> Result<Option<mqtt::Tls>> {
+    if !crate::config::broker_tls(&c.broker) {
+        return Ok(None);
+    }
+    let read = |key: &str, path: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read mqtt.{key} `{path}`"))
+    };
+    let client = if c.tls_cert.is_empty() {
+        None
+    } else {
+        Some((read("tls_cert", &c.tls_cert)?, read("tls_key", &c.tls_key)?))
+    };
+    Ok(Some(mqtt::Tls {
+        ca: read("tls_ca", &c.tls_ca)?,
+        client,
+    }))
 }
 
 /// Requests written together before one flush (group commit), at most.

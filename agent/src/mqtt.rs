@@ -57,6 +57,34 @@ pub struct Settings {
     pub receive_maximum: u16,
     /// Retained last will: topic and payload.
     pub will: (String, Vec<u8>),
+    /// TLS (`mqtts://`): the CA's PEM, and the client certificate and key PEMs for mTLS.
+    pub tls: Option<Tls>,
+}
+
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: Vec<u8>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Tls {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca_bytes", &self.ca.len())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl Tls {
+    fn transport(&self) -> rumqttc::Transport {
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
+            ca: self.ca.clone(),
+            alpn: None,
+            client_auth: self.client.clone(),
+        })
+    }
 }
 
 /// Replies and the status we publish at once; bounds rumqttc's outgoing state.
@@ -151,6 +179,9 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
             let mut net = o.network_options();
             net.set_tcp_nodelay(true);
             o.set_network_options(net);
+            if let Some(tls) = &s.tls {
+                o.set_transport(tls.transport());
+            }
             let (c, l) = rumqttc::v5::AsyncClient::new(o, cap);
             (Client::V5(c), Connection::V5(Box::new(l)))
         }
@@ -170,6 +201,9 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
                 ));
             if !s.username.is_empty() {
                 o.set_credentials(&s.username, &s.password);
+            }
+            if let Some(tls) = &s.tls {
+                o.set_transport(tls.transport());
             }
             let (c, mut l) = rumqttc::AsyncClient::new(o, cap);
             let mut net = l.network_options();

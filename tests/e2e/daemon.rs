@@ -1109,3 +1109,108 @@ async fn hostile_images_and_envelopes_get_the_right_error_with_bounded_memory() 
         "3.1.1 agent peak RSS"
     );
 }
+
+/// Runs `edge-agent run` for a few seconds with `env`: (was it ever ready, its log).
+fn run_for_a_while(device: &str, broker: &str, env: &[(&str, String)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.arg("run")
+        .arg("--bundle")
+        .arg(efficientnet_bundle())
+        .arg("--queue-dir")
+        .arg(dir.path().join("queue"))
+        .args(["--device-id", device, "--broker", broker])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut ready = false;
+    for _ in 0..80 {
+        std::thread::sleep(Duration::from_millis(100));
+        ready |= matches!(edge_e2e::daemon::http_get(http, "/readyz"), Some((200, _)));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (ready, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_client_certificates_and_an_acl_serves_and_wrong_credentials_fail_clearly() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(pki.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let [ca, server, server_key, client_cert, client_key] = edge_e2e::test_pki(pki.path(), "cam-tls");
+    let other = tempfile::tempdir().unwrap();
+    let [other_ca, _, _, _, _] = edge_e2e::test_pki(other.path(), "cam-tls");
+    // Anonymous clients (the test's, on the plain listener) may do anything; the agent's
+    // certificate identity only its own topics and replies under app/.
+    let acl = pki.path().join("acl");
+    std::fs::write(
+        &acl,
+        "topic readwrite #\n\nuser cam-tls\ntopic readwrite edge/cam-tls/#\ntopic write app/#\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with_config(&format!(
+        "acl_file {acl}\nlistener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {server}\nkeyfile {server_key}\n\
+         require_certificate true\nuse_identity_as_username true\n",
+        acl = acl.display(),
+        ca = ca.display(),
+        server = server.display(),
+        server_key = server_key.display(),
+    ));
+    let url = format!("mqtts://localhost:{tls_port}");
+    let file = |p: &std::path::Path| p.display().to_string();
+
+    let spec = AgentSpec::new("cam-tls", &efficientnet_bundle(), Some(url.clone()))
+        .env("EDGE_AGENT_MQTT__TLS_CA", file(&ca))
+        .env("EDGE_AGENT_MQTT__TLS_CERT", file(&client_cert))
+        .env("EDGE_AGENT_MQTT__TLS_KEY", file(&client_key));
+    let _agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-tls", &["app/tls"]).await;
+    client
+        .request(
+            "edge/cam-tls/classify",
+            &coffee(),
+            "app/tls",
+            "t1",
+            &[("id", "t1")],
+        )
+        .await;
+    let got = client
+        .wait_for("app/tls", Duration::from_secs(60), |r| !r.is_empty())
+        .await;
+    let v = got.first().expect("a reply over TLS").json();
+    assert_eq!(v["top"][0]["label"], "espresso", "{v}");
+
+    // No client certificate: the broker refuses the handshake.
+    let (ready, log) = block(|| run_for_a_while("cam-tls2", &url, &[("EDGE_AGENT_MQTT__TLS_CA", file(&ca))]));
+    assert!(!ready, "an agent without a client certificate got in:\n{log}");
+    assert!(log.contains("cannot reach the broker"), "{log}");
+    // The wrong CA: the agent refuses the broker's certificate.
+    let (ready, log) = block(|| {
+        run_for_a_while(
+            "cam-tls3",
+            &url,
+            &[
+                ("EDGE_AGENT_MQTT__TLS_CA", file(&other_ca)),
+                ("EDGE_AGENT_MQTT__TLS_CERT", file(&client_cert)),
+                ("EDGE_AGENT_MQTT__TLS_KEY", file(&client_key)),
+            ],
+        )
+    });
+    assert!(!ready, "an agent trusting another CA connected:\n{log}");
+    assert!(
+        log.contains("cannot reach the broker") && log.to_lowercase().contains("certificate"),
+        "{log}"
+    );
+    // mqtts:// without a CA is a configuration error naming the key.
+    let (ready, log) = block(|| run_for_a_while("cam-tls4", &url, &[]));
+    assert!(!ready && log.contains("mqtt.tls_ca"), "{log}");
+}

@@ -220,32 +220,7 @@ async fn a_long_local_queue_overflows_to_the_cluster() {
 /// A CA, a server certificate for `localhost` and a client certificate, as PEM files in `dir`:
 /// (ca, server cert, server key, client cert, client key).
 fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf("localhost");
-    let (client_cert, client_key) = leaf("edge-agent-client");
-    let files = [
-        ("ca.pem", ca.pem()),
-        ("server.pem", server_cert),
-        ("server.key", server_key),
-        ("client.pem", client_cert),
-        ("client.key", client_key),
-    ];
-    files.map(|(name, pem)| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p
-    })
+    edge_e2e::test_pki(dir, "edge-agent-client")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
