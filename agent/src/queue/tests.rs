@@ -469,3 +469,60 @@ async fn group_commit_stores_what_fits_in_order_and_survives_reopen() {
     }
     assert_eq!(ids, ["a", "b", "d"]);
 }
+
+/// Bytes of every file under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// sled under a long enqueue/lease/complete/ack workload (issue 7): the on-disk size must
+/// stay bounded while the queue itself stays near empty. Takes minutes (three fsyncs per
+/// cycle), so it is not in the default run:
+/// `cargo test --workspace --lib long_workload -- --ignored --nocapture`
+/// (`EDGE_QUEUE_CYCLES` changes the count, default 100,000).
+#[test]
+#[ignore]
+fn long_workload_keeps_the_disk_size_bounded() {
+    let cycles: usize = std::env::var("EDGE_QUEUE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let mut samples = Vec::new();
+    for i in 0..cycles {
+        let id = format!("r{i}");
+        enqueued(&q, &request(&id, 10_000));
+        let Some(Leased::Ready(lease)) = q.lease(T0).unwrap() else {
+            panic!("nothing to lease at cycle {i}")
+        };
+        let seq = lease.seq();
+        q.complete(seq, &reply(&id)).unwrap();
+        assert!(q.reply_acked(seq).unwrap());
+        if (i + 1) % (cycles / 10).max(1) == 0 {
+            q.flush().unwrap();
+            samples.push((i + 1, disk_bytes(dir.path())));
+        }
+    }
+    println!("cycles -> bytes on disk: {samples:?}");
+    let first = samples.first().map_or(0, |s| s.1);
+    let last = samples.last().map_or(0, |s| s.1);
+    println!(
+        "{cycles} cycles of a 10 KB request: {:.1} MB on disk after the first tenth, {:.1} MB at the end",
+        first as f64 / 1e6,
+        last as f64 / 1e6
+    );
+    assert!(
+        last <= first.max(16 << 20) * 2,
+        "the queue's files grew from {first} to {last} bytes over {cycles} cycles: {samples:?}"
+    );
+}
