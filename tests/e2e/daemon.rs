@@ -391,9 +391,16 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
     let broker = Mosquitto::start_verbose();
     let mut agent = efficientnet_agent("cam-kill", &broker);
     let client = TestClient::connect(broker.port, "t-kill", &["app/kill"]).await;
-    let sent = send_load(&client, "cam-kill", "app/kill", 500, "k").await;
+    // 2,000 requests, 20 kills (issue 7), each after another ~90 replies plus a pseudo-random
+    // 0-150 ms (seeded: reproducible), so kills land in every phase of the request cycle:
+    // enqueue flush, lease, classification, outbox flush, reply publication.
+    const REQUESTS: usize = 2_000;
+    const KILLS: usize = 20;
+    let sent = send_load(&client, "cam-kill", "app/kill", REQUESTS, "k").await;
     let mut kills = 0;
-    for threshold in [60, 170, 290, 400] {
+    let mut seed: u64 = 0x5eed_2026;
+    for k in 0..KILLS {
+        let threshold = (k + 1) * REQUESTS / (KILLS + 2);
         let got = client
             .wait_for("app/kill", Duration::from_secs(120), |r| r.len() >= threshold)
             .await;
@@ -402,17 +409,19 @@ async fn kill_9_under_load_loses_no_acknowledged_request() {
             "stalled at {} replies before kill {kills}",
             got.len()
         );
-        // Vary the moment inside the request cycle (flush, classify, publish).
-        tokio::time::sleep(Duration::from_millis(7 * (kills as u64 + 1) * 3)).await;
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        tokio::time::sleep(Duration::from_millis((seed >> 33) % 150)).await;
         block(|| agent.restart());
         kills += 1;
     }
-    wait_answered(&client, "app/kill", &sent, Duration::from_secs(180)).await;
+    wait_answered(&client, "app/kill", &sent, Duration::from_secs(300)).await;
     let acked = agent_pubacks(&broker, "edge-agent-cam-kill");
     let by_id = client.replies_by_id("app/kill");
     println!("kill -9 test: {kills} kills");
     summarize("kill -9", &sent, &by_id, acked);
-    assert!(kills >= 3);
+    assert_eq!(kills, KILLS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
