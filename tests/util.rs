@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod pool;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

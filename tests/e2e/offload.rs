@@ -430,3 +430,81 @@ async fn a_confident_answer_stays_local() {
     }
     assert_eq!(pool_images(&pool), 0.0, "nothing reached the pool");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_behind_a_fault_proxy_that_drops_stalls_and_slows_never_costs_a_request_or_its_deadline() {
+    use edge_e2e::proxy::{Fault, FaultProxy};
+    let broker = Mosquitto::start();
+    let pool = Server::start(&[]);
+    wait_pool(&pool).await;
+    let proxy = FaultProxy::start(pool.port).await;
+    let agent = agent_with_pool(
+        "cam-proxy",
+        &broker,
+        &[proxy.port],
+        &[
+            ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99"),
+            ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+            ("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", "1000"),
+        ],
+    );
+    let client = TestClient::connect(broker.port, "t-proxy", &["app/cam-proxy"]).await;
+    let timed = |id: String| {
+        let client = &client;
+        async move {
+            let start = Instant::now();
+            let v = ask(client, "cam-proxy", &id).await;
+            (v, start.elapsed())
+        }
+    };
+    let (v, _) = timed("pass".into()).await;
+    assert_eq!(v["source"], "cluster", "{v}");
+
+    // Slow but within the deadline: still the cluster.
+    proxy.set_latency(300);
+    let (v, took) = timed("slow".into()).await;
+    assert_eq!(v["source"], "cluster", "{v}");
+    println!("slow link (300 ms per chunk): answered by the cluster in {took:?}");
+
+    // Dropped connections, then a blackhole: every request answered locally, each within the
+    // offload deadline (1 s) plus local work, never hanging on the dead link.
+    let mut worst = Duration::ZERO;
+    let mut reasons = Vec::new();
+    for (i, fault) in [
+        Fault::Drop,
+        Fault::Drop,
+        Fault::Blackhole,
+        Fault::Blackhole,
+        Fault::Blackhole,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        proxy.set(fault);
+        tokio::time::sleep(Duration::from_millis(1100)).await; // past eject_secs
+        let (v, took) = timed(format!("fault{i}")).await;
+        assert_eq!(v["source"], "local", "{fault:?}: {v}");
+        assert_eq!(v["low_confidence"], true, "{v}");
+        assert_eq!(v["top"][0]["label"], "espresso");
+        reasons.push(v["reason"].as_str().unwrap_or_default().to_owned());
+        worst = worst.max(took);
+    }
+    println!("faulty link: reasons {reasons:?}, slowest answer {worst:?}");
+    assert!(worst < Duration::from_millis(2500), "an answer waited {worst:?}");
+    assert_eq!(
+        agent.metric("edge_agent_cluster_breaker"),
+        1.0,
+        "breaker open: {reasons:?}"
+    );
+
+    // The link heals: after open_secs a probe closes the breaker and the cluster answers.
+    proxy.set(Fault::Pass);
+    ask_until_cluster(
+        &client,
+        "cam-proxy",
+        Duration::from_secs(30),
+        "the breaker never closed",
+    )
+    .await;
+    assert_eq!(agent.metric("edge_agent_cluster_breaker"), 0.0);
+}
