@@ -149,6 +149,10 @@ struct Shared {
     draining: AtomicBool,
     /// Stop taking requests and leasing work.
     stopping: CancellationToken,
+    /// Cancelled when the agent cannot go on (its queue storage failed): it stops as on
+    /// SIGTERM and exits with an error, for the service manager to restart it.
+    fatal: CancellationToken,
+    fatal_reason: Mutex<Option<String>>,
     /// Sequence numbers workers hold, released if shutdown times out.
     in_flight: Mutex<HashSet<Seq>>,
     started_at: UnixMillis,
@@ -391,6 +395,8 @@ pub async fn run(config: Config) -> Result<()> {
         backpressure: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         stopping: CancellationToken::new(),
+        fatal: CancellationToken::new(),
+        fatal_reason: Mutex::new(None),
         in_flight: Mutex::new(HashSet::new()),
         started_at: UnixMillis::now(),
         offload,
@@ -424,7 +430,18 @@ pub async fn run(config: Config) -> Result<()> {
     let model_task = tokio::spawn(model_task(shared.clone(), model_rx));
     let sighup = tokio::spawn(sighup_task(shared.clone(), hangup));
 
-    wait_for_signal().await?;
+    tokio::select! {
+        signal = wait_for_signal() => signal?,
+        _ = shared.fatal.cancelled() => {
+            // The queue's storage failed: sled refuses (or hangs on) every further write
+            // until it is reopened, so no graceful release or flush is possible. Exit for a
+            // restart; what was acknowledged is on disk, the rest stays with the broker.
+            let reason = lock(&shared.fatal_reason).take().unwrap_or_default();
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            conn_stop.cancel();
+            anyhow::bail!("{reason}");
+        }
+    }
     info!("shutting down: no new requests; finishing the ones being classified");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shared.stopping.cancel();
@@ -480,6 +497,9 @@ pub async fn run(config: Config) -> Result<()> {
     publisher.abort();
     if let Some(h) = http {
         h.abort();
+    }
+    if let Some(reason) = lock(&shared.fatal_reason).take() {
+        anyhow::bail!("{reason}");
     }
     shared
         .queue
@@ -721,6 +741,13 @@ fn mqtt_tls(c: &crate::config::MqttConfig) -> Result<Option<mqtt::Tls>> {
     }))
 }
 
+/// Longest wait for a request to reach the disk before it counts as a storage failure.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Consecutive storage failures (one a second) at ingress before the agent stops to reopen
+/// its queue through a restart.
+const STORAGE_FAILURES_BEFORE_EXIT: u32 = 3;
+
 /// Requests written together before one flush (group commit), at most.
 const MAX_GROUP: usize = 32;
 
@@ -765,6 +792,7 @@ async fn settle(client: &Client, shared: &Shared, held: &mut Vec<Held>, flushed:
 /// last one (at most `MAX_GROUP` at a time). Acknowledgements keep the arrival order.
 async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, Message)>) {
     let mut held: Vec<Held> = Vec::new();
+    let mut storage_failures = 0u32;
     while let Some((epoch, message)) = rx.recv().await {
         if shared.stopping.is_cancelled() {
             return;
@@ -798,13 +826,28 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
         let mut parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
         loop {
             let group = !rx.is_empty() && held.len() < MAX_GROUP;
-            let outcome = match &parsed {
-                Ok(request) if group => shared.queue.enqueue_unflushed(request),
-                Ok(request) => shared.queue.enqueue_async(request).await,
-                Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
+            let store = async {
+                match &parsed {
+                    Ok(request) if group => shared.queue.enqueue_unflushed(request),
+                    Ok(request) => shared.queue.enqueue_async(request).await,
+                    Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
+                }
+            };
+            // After an I/O error sled's flush may never complete: a flush that takes this long
+            // counts as a storage failure.
+            let outcome = match tokio::time::timeout(STORE_TIMEOUT, store).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(QueueError::Storage(sled::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the queue did not reach the disk within {} s",
+                        STORE_TIMEOUT.as_secs()
+                    ),
+                )))),
             };
             match outcome {
                 Ok(EnqueueOutcome::Enqueued(seq)) if group && parsed.is_ok() => {
+                    storage_failures = 0;
                     shared.set_backpressure(false);
                     held.push(Held {
                         ack: message.ack.clone(),
@@ -815,6 +858,7 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                     break;
                 }
                 Ok(EnqueueOutcome::Enqueued(seq)) => {
+                    storage_failures = 0;
                     shared.set_backpressure(false);
                     // This flush covered the held writes too; they go first.
                     settle(&client, &shared, &mut held, true).await;
@@ -878,6 +922,27 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                 }
                 Err(e) => {
                     error!("cannot store a request: {e}; not acknowledged, retrying");
+                    shared.set_backpressure(true);
+                    *lock(&shared.last_error) = Some(("internal", format!("cannot store a request: {e}")));
+                    storage_failures += 1;
+                    // sled keeps failing after an I/O error (a full disk included) until the
+                    // database is opened again: after a few tries, stop and let the service
+                    // manager restart the agent, which reopens it once there is room. Nothing
+                    // unacknowledged is lost: the broker keeps it.
+                    // An I/O error (a full disk) breaks sled at once; other storage errors
+                    // get a few more tries.
+                    let io = matches!(&e, QueueError::Storage(sled::Error::Io(_)));
+                    if matches!(e, QueueError::Storage(_))
+                        && (io || storage_failures >= STORAGE_FAILURES_BEFORE_EXIT)
+                    {
+                        *lock(&shared.fatal_reason) = Some(format!(
+                            "the request queue's storage failed ({e}); stopping so that the service \
+                             manager restarts the agent and reopens the queue once the disk has room \
+                             (requests not yet acknowledged stay with the broker)"
+                        ));
+                        shared.fatal.cancel();
+                        return;
+                    }
                     tokio::select! {
                         _ = shared.stopping.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

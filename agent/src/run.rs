@@ -86,7 +86,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .thread_name("edge-agent")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(edge_agent::daemon::run(config))?;
+    let result = runtime.block_on(edge_agent::daemon::run(config));
+    // A blocking call stuck on failed storage must not keep the process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 

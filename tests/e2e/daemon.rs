@@ -1223,3 +1223,123 @@ async fn mqtt_over_tls_with_client_certificates_and_an_acl_serves_and_wrong_cred
     let (ready, log) = block(|| run_for_a_while("cam-tls4", &url, &[]));
     assert!(!ready && log.contains("mqtt.tls_ca"), "{log}");
 }
+
+/// The queue on a small filesystem that fills up (a 6 MB tmpfs; needs root to mount, as CI
+/// runs): the agent stops acknowledging, exits with an error for its service manager, and a
+/// restart once there is room answers every request, from an intact queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_agent_cleanly_and_a_restart_with_room_answers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("q");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = |opts: &str| {
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !mount("size=6m") {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let broker = Mosquitto::start();
+    let http = free_port();
+    let start = || {
+        Command::new(bin("edge-agent"))
+            .arg("run")
+            .arg("--bundle")
+            .arg(efficientnet_bundle())
+            .arg("--queue-dir")
+            .arg(mnt.join("queue"))
+            .args([
+                "--device-id",
+                "cam-full-disk",
+                "--broker",
+                &broker.url(),
+                "--workers",
+                "1",
+            ])
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut agent = start();
+    let ready = |p: u16| {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < end {
+            if matches!(edge_e2e::daemon::http_get(p, "/readyz"), Some((200, _))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(block(|| ready(http)), "agent not ready");
+    let client = TestClient::connect(broker.port, "t-full-disk", &["app/full-disk"]).await;
+    // 20 requests of ~1 MB (a real photo padded after its end marker): more than the disk.
+    let mut big = coffee();
+    big.resize(big.len() + 900 * 1024, 0);
+    let ids: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    for id in &ids {
+        client
+            .request(
+                "edge/cam-full-disk/classify",
+                &big,
+                "app/full-disk",
+                id,
+                &[("id", id)],
+            )
+            .await;
+    }
+    // It stops on its own, with the reason.
+    let status = block(|| {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(s)) = agent.try_wait() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let _ = agent.kill();
+    let out = agent.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the agent did not stop on a full disk:\n{log}"
+    );
+    assert!(log.contains("No space left on device"), "{log}");
+    let answered_before = client.replies_by_id("app/full-disk").len();
+
+    // Room again (as after an operator cleans up); the service manager restarts it.
+    assert!(mount("remount,size=128m"), "remount");
+    let mut agent = start();
+    assert!(
+        block(|| ready(http)),
+        "the agent did not start again on its queue"
+    );
+    wait_answered(&client, "app/full-disk", &ids, Duration::from_secs(120)).await;
+    let by_id = client.replies_by_id("app/full-disk");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    println!(
+        "full disk: {answered_before} answered before the disk filled, {} of {} after the restart",
+        by_id.len(),
+        ids.len()
+    );
+    summarize("full disk", &ids, &by_id, by_id.len());
+}
