@@ -613,6 +613,16 @@ async fn connection_task(
                 }
             }
             Ok(Event::Subscribed) => lock(&shared.tracker).subscribed(),
+            Ok(Event::SubscriptionRefused(codes)) => {
+                let message = format!(
+                    "the broker refused a subscription ({codes}): check its ACL for this agent's \
+                     identity and the topics {:?}",
+                    shared.topics.request_topics
+                );
+                error!("{message}");
+                *lock(&shared.last_error) = Some(("internal", message));
+                shared.status_changed.notify_one();
+            }
             Ok(Event::Other) => {}
             Err(e) => {
                 if shared.stopping.is_cancelled() {

@@ -148,6 +148,9 @@ pub enum Event {
     PubAck(u16),
     /// A subscribe request left (the resynchronisation barrier).
     Subscribed,
+    /// The broker refused one or more topic filters of a subscription (e.g. its ACL): the
+    /// reason codes.
+    SubscriptionRefused(String),
     Other,
 }
 
@@ -302,6 +305,20 @@ impl Connection {
                         },
                         PacketV5::Publish(p) => Event::Message(Box::new(message_v5(p))),
                         PacketV5::PubAck(a) => Event::PubAck(a.pkid),
+                        PacketV5::SubAck(a) => {
+                            use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as Code;
+                            let refused: Vec<String> = a
+                                .return_codes
+                                .iter()
+                                .filter(|c| !matches!(c, Code::Success(_)))
+                                .map(|c| format!("{c:?}"))
+                                .collect();
+                            if refused.is_empty() {
+                                Event::Other
+                            } else {
+                                Event::SubscriptionRefused(refused.join(", "))
+                            }
+                        }
                         _ => Event::Other,
                     },
                     rumqttc::v5::Event::Outgoing(o) => outgoing(o),
@@ -316,6 +333,11 @@ impl Connection {
                         },
                         rumqttc::Packet::Publish(p) => Event::Message(Box::new(message_v311(p))),
                         rumqttc::Packet::PubAck(a) => Event::PubAck(a.pkid),
+                        rumqttc::Packet::SubAck(a)
+                            if a.return_codes.contains(&rumqttc::SubscribeReasonCode::Failure) =>
+                        {
+                            Event::SubscriptionRefused("Failure".into())
+                        }
                         _ => Event::Other,
                     },
                     rumqttc::Event::Outgoing(o) => outgoing(o),

@@ -1222,6 +1222,38 @@ async fn mqtt_over_tls_with_client_certificates_and_an_acl_serves_and_wrong_cred
     // mqtts:// without a CA is a configuration error naming the key.
     let (ready, log) = block(|| run_for_a_while("cam-tls4", &url, &[]));
     assert!(!ready && log.contains("mqtt.tls_ca"), "{log}");
+
+    // The ACL: the same identity posing as another device gets in, but may not take that
+    // device's requests (Mosquitto grants the subscription and withholds the messages) nor
+    // publish its status: the request is never answered and the refused publishes are logged
+    // (a broker that refuses the subscription itself is logged as such by the agent).
+    let spec = AgentSpec::new("cam-intruder", &efficientnet_bundle(), Some(url.clone()))
+        .env("EDGE_AGENT_MQTT__TLS_CA", file(&ca))
+        .env("EDGE_AGENT_MQTT__TLS_CERT", file(&client_cert))
+        .env("EDGE_AGENT_MQTT__TLS_KEY", file(&client_key));
+    let intruder = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-tls-acl", &["app/acl"]).await;
+    client
+        .request(
+            "edge/cam-intruder/classify",
+            &coffee(),
+            "app/acl",
+            "x1",
+            &[("id", "x1")],
+        )
+        .await;
+    let got = client
+        .wait_for("app/acl", Duration::from_secs(5), |r| !r.is_empty())
+        .await;
+    assert!(
+        got.is_empty(),
+        "the ACL let an identity take another device's requests"
+    );
+    let log = intruder.log();
+    assert!(
+        log.contains("NotAuthorized") || log.contains("the broker refused a subscription"),
+        "{log}"
+    );
 }
 
 /// The queue on a small filesystem that fills up (a 6 MB tmpfs; needs root to mount, as CI
