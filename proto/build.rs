@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    // Read at run time (not `env!`): a build-script binary reused from another checkout of
+    // the same workspace must still read this checkout's files.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     println!("cargo:rerun-if-changed={}", root.display());
 
     let mut files = Vec::new();
