@@ -14,7 +14,7 @@ cargo build --workspace --bins --locked
 cargo build --locked --target aarch64-unknown-linux-gnu -p edge-agent --bin edge-agent
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 arm="$target/aarch64-unknown-linux-gnu/debug/edge-agent"
-file "$arm" | grep -q aarch64
+grep -q aarch64 <<<"$(file "$arm")"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -39,5 +39,6 @@ PY
 
 # The arm64 Debian package from the same binary (installed on devices, not here).
 deb="$(cargo deb -p edge-agent --target aarch64-unknown-linux-gnu --no-build --profile dev 2>/dev/null | tail -1)"
-dpkg-deb --info "$deb" | grep -q "Architecture: arm64"
+# (no `| grep -q` under pipefail: grep leaving early would SIGPIPE the writer)
+grep -q "Architecture: arm64" <<<"$(dpkg-deb --info "$deb")"
 echo "arm64 package: $deb"

@@ -28,5 +28,5 @@ trap 'rm -rf "$work"' EXIT
 out="$(/usr/bin/edge-agent classify --bundle "$work/model.bundle" --top-k 1 "$models/coffee.jpg")"
 echo "$out"
 grep -q espresso <<<"$out"
-/usr/bin/edge-agent run --config /etc/edge-agent/agent.toml --print-config | grep -q 'dir = "/var/lib/edge-agent/queue"'
+grep -q 'dir = "/var/lib/edge-agent/queue"' <<<"$(/usr/bin/edge-agent run --config /etc/edge-agent/agent.toml --print-config)"
 echo "deb-check: installed package classifies (espresso) and its configuration loads"
