@@ -222,6 +222,38 @@ impl AgentSpec {
         self.env.push((key.into(), value.to_string()));
         self
     }
+
+    /// `edge-agent run` for this spec with its queue in `queue_dir` and HTTP on `http_port`
+    /// (stdout discarded; the caller decides about stderr).
+    pub fn command(&self, queue_dir: &Path, http_port: u16) -> Command {
+        let mut cmd = Command::new(bin("edge-agent"));
+        cmd.arg("run")
+            .arg("--bundle")
+            .arg(&self.bundle)
+            .arg("--queue-dir")
+            .arg(queue_dir)
+            .args(["--device-id", &self.device_id])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--protocol", self.protocol])
+            .env_remove("RUST_LOG")
+            .env("EDGE_AGENT_LOG__LEVEL", "info")
+            .stdout(Stdio::null());
+        match &self.broker {
+            Some(url) => {
+                cmd.args(["--broker", url]);
+            }
+            None => {
+                cmd.env(
+                    "EDGE_AGENT_EMBEDDED_BROKER__LISTEN",
+                    format!("127.0.0.1:{}", self.embedded_port),
+                );
+            }
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
 }
 
 /// A running `edge-agent run`, its queue directory and HTTP port kept across restarts.
@@ -254,33 +286,8 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(bin("edge-agent"));
-        cmd.arg("run")
-            .arg("--bundle")
-            .arg(&self.spec.bundle)
-            .arg("--queue-dir")
-            .arg(&self.queue_dir)
-            .args(["--device-id", &self.spec.device_id])
-            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)])
-            .args(["--protocol", self.spec.protocol])
-            .env_remove("RUST_LOG")
-            .env("EDGE_AGENT_LOG__LEVEL", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        match &self.spec.broker {
-            Some(url) => {
-                cmd.args(["--broker", url]);
-            }
-            None => {
-                cmd.env(
-                    "EDGE_AGENT_EMBEDDED_BROKER__LISTEN",
-                    format!("127.0.0.1:{}", self.spec.embedded_port),
-                );
-            }
-        }
-        for (k, v) in &self.spec.env {
-            cmd.env(k, v);
-        }
+        let mut cmd = self.spec.command(&self.queue_dir, self.http_port);
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start edge-agent");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = self.log.clone();

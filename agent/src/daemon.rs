@@ -498,9 +498,6 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(h) = http {
         h.abort();
     }
-    if let Some(reason) = lock(&shared.fatal_reason).take() {
-        anyhow::bail!("{reason}");
-    }
     shared
         .queue
         .flush()

@@ -1123,20 +1123,12 @@ async fn hostile_images_and_envelopes_get_the_right_error_with_bounded_memory() 
 fn run_for_a_while(device: &str, broker: &str, env: &[(&str, String)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
-    let mut cmd = Command::new(bin("edge-agent"));
-    cmd.arg("run")
-        .arg("--bundle")
-        .arg(efficientnet_bundle())
-        .arg("--queue-dir")
-        .arg(dir.path().join("queue"))
-        .args(["--device-id", device, "--broker", broker])
-        .args(["--http-listen", &format!("127.0.0.1:{http}")])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let mut spec = AgentSpec::new(device, &efficientnet_bundle(), Some(broker.to_owned()));
     for (k, v) in env {
-        cmd.env(k, v);
+        spec = spec.env(k, v);
     }
+    let mut cmd = spec.command(&dir.path().join("queue"), http);
+    cmd.stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let mut ready = false;
     for _ in 0..80 {
@@ -1284,27 +1276,11 @@ async fn a_full_disk_stops_the_agent_cleanly_and_a_restart_with_room_answers_eve
     let _unmount = Unmount(mnt.clone());
     let broker = Mosquitto::start();
     let http = free_port();
+    let spec = AgentSpec::new("cam-full-disk", &efficientnet_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_WORKERS__COUNT", 1);
     let start = || {
-        Command::new(bin("edge-agent"))
-            .arg("run")
-            .arg("--bundle")
-            .arg(efficientnet_bundle())
-            .arg("--queue-dir")
-            .arg(mnt.join("queue"))
-            .args([
-                "--device-id",
-                "cam-full-disk",
-                "--broker",
-                &broker.url(),
-                "--workers",
-                "1",
-            ])
-            .args(["--http-listen", &format!("127.0.0.1:{http}")])
-            .env_remove("RUST_LOG")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        let mut cmd = spec.command(&mnt.join("queue"), http);
+        cmd.stderr(std::process::Stdio::piped()).spawn().unwrap()
     };
     let mut agent = start();
     let ready = |p: u16| {
