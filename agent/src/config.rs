@@ -431,6 +431,17 @@ impl Config {
         // EDGE_AGENT_CONFIG names the file (the `--config` flag), it is not a key.
         figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
         figment = overrides.merge_into(figment);
+        Self::extract(figment)
+    }
+
+    /// Defaults, then `text` as the configuration file; no environment, no flags. What
+    /// `--print-config` prints reads back to the same configuration (the fuzz harness checks
+    /// that, `fuzz/`).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::extract(Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)))
+    }
+
+    fn extract(figment: Figment) -> Result<Self, ConfigError> {
         let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(describe(e)))?;
         config.validate()?;
         Ok(config)

@@ -303,7 +303,7 @@ impl Connection {
                         PacketV5::ConnAck(c) => Event::Connected {
                             session_present: c.session_present,
                         },
-                        PacketV5::Publish(p) => Event::Message(Box::new(message_v5(p))),
+                        PacketV5::Publish(p) => Event::Message(Box::new(Message::from_v5(p))),
                         PacketV5::PubAck(a) => Event::PubAck(a.pkid),
                         PacketV5::SubAck(a) => {
                             use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as Code;
@@ -331,7 +331,7 @@ impl Connection {
                         rumqttc::Packet::ConnAck(c) => Event::Connected {
                             session_present: c.session_present,
                         },
-                        rumqttc::Packet::Publish(p) => Event::Message(Box::new(message_v311(p))),
+                        rumqttc::Packet::Publish(p) => Event::Message(Box::new(Message::from_v311(p))),
                         rumqttc::Packet::PubAck(a) => Event::PubAck(a.pkid),
                         rumqttc::Packet::SubAck(a)
                             if a.return_codes.contains(&rumqttc::SubscribeReasonCode::Failure) =>
@@ -355,41 +355,46 @@ fn outgoing(o: Outgoing) -> Event {
     }
 }
 
-fn message_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Message {
-    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-    let (response_topic, correlation_data, user_properties) = match &p.properties {
-        Some(props) => (
-            props.response_topic.clone(),
-            props.correlation_data.clone(),
-            props.user_properties.clone(),
-        ),
-        None => (None, None, Vec::new()),
-    };
-    let payload = p.payload.clone();
-    let ack = (p.qos != QoSV5::AtMostOnce).then_some(AckToken::V5(p));
-    Message {
-        protocol: Protocol::V5,
-        topic,
-        payload,
-        response_topic,
-        correlation_data,
-        user_properties,
-        ack,
+impl Message {
+    /// An MQTT 5 PUBLISH as the broker delivered it (rumqttc decoded the packet). Public for
+    /// the fuzz harness (`fuzz/`), which feeds it packets decoded from arbitrary bytes.
+    pub fn from_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Message {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let (response_topic, correlation_data, user_properties) = match &p.properties {
+            Some(props) => (
+                props.response_topic.clone(),
+                props.correlation_data.clone(),
+                props.user_properties.clone(),
+            ),
+            None => (None, None, Vec::new()),
+        };
+        let payload = p.payload.clone();
+        let ack = (p.qos != QoSV5::AtMostOnce).then_some(AckToken::V5(p));
+        Message {
+            protocol: Protocol::V5,
+            topic,
+            payload,
+            response_topic,
+            correlation_data,
+            user_properties,
+            ack,
+        }
     }
-}
 
-fn message_v311(p: rumqttc::Publish) -> Message {
-    let topic = p.topic.clone();
-    let payload = p.payload.clone();
-    let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken::V311(p));
-    Message {
-        protocol: Protocol::V311,
-        topic,
-        payload,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-        ack,
+    /// An MQTT 3.1.1 PUBLISH as the broker delivered it.
+    pub fn from_v311(p: rumqttc::Publish) -> Message {
+        let topic = p.topic.clone();
+        let payload = p.payload.clone();
+        let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken::V311(p));
+        Message {
+            protocol: Protocol::V311,
+            topic,
+            payload,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+            ack,
+        }
     }
 }
 

@@ -21,6 +21,9 @@ pub use manifest::Manifest;
 pub const MANIFEST_ENTRY: &str = "manifest.json";
 /// Largest manifest we read (labels included); a bigger one is not a bundle of ours.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+/// Largest input tensor a bundle may declare (2^26 values, 256 MB of f32; Inception V3 takes
+/// 268,203): the runtime allocates one of this size per inference.
+const MAX_INPUT_ELEMENTS: usize = 1 << 26;
 /// tract version this build links; written into bundles and compared on load.
 pub const TRACT_VERSION: &str = "0.23.9";
 
@@ -154,6 +157,13 @@ impl Manifest {
                 self.input.shape
             ));
         }
+        let elements = self.input.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
+            return Err(format!(
+                "input.shape {:?} has more than {MAX_INPUT_ELEMENTS} elements",
+                self.input.shape
+            ));
+        }
         let channels = match self.input.layout {
             manifest::Layout::Nhwc => self.input.shape[3],
             manifest::Layout::Nchw => self.input.shape[1],
@@ -214,14 +224,26 @@ pub fn load(path: &Path, max_bytes: u64) -> Result<Bundle, BundleError> {
     // Streamed: tract copies each tensor out of the tar once, so the file is never held in
     // memory whole next to the weights.
     let file = std::fs::File::open(path).map_err(|source| io(path, source))?;
-    let model = tract_nnef::nnef()
-        .model_for_read(&mut std::io::BufReader::with_capacity(1 << 20, file))
+    let model = read_model(path, &mut std::io::BufReader::with_capacity(1 << 20, file))?;
+    check_model_matches(path, &manifest, &model)?;
+    Ok(Bundle { manifest, model })
+}
+
+/// Reads a bundle held in memory, with the checks of [`load`]; `name` is what errors call it.
+pub fn from_bytes(name: &Path, bytes: &[u8]) -> Result<Bundle, BundleError> {
+    let manifest = read_manifest_from(name, bytes)?;
+    let model = read_model(name, &mut &*bytes)?;
+    check_model_matches(name, &manifest, &model)?;
+    Ok(Bundle { manifest, model })
+}
+
+fn read_model(path: &Path, reader: &mut dyn Read) -> Result<TypedModel, BundleError> {
+    tract_nnef::nnef()
+        .model_for_read(reader)
         .map_err(|e| BundleError::Model {
             path: path.to_owned(),
             reason: format!("{e:#}"),
-        })?;
-    check_model_matches(path, &manifest, &model)?;
-    Ok(Bundle { manifest, model })
+        })
 }
 
 fn check_model_matches(path: &Path, manifest: &Manifest, model: &TypedModel) -> Result<(), BundleError> {
@@ -267,12 +289,7 @@ pub fn nnef_tar(model: &TypedModel) -> Result<Vec<u8>, BundleError> {
 
 /// Reads an NNEF tar (or a whole bundle) from memory into a typed model.
 pub fn model_from_nnef(bytes: &[u8]) -> Result<TypedModel, BundleError> {
-    tract_nnef::nnef()
-        .model_for_read(&mut &*bytes)
-        .map_err(|e| BundleError::Model {
-            path: PathBuf::from("<memory>"),
-            reason: format!("{e:#}"),
-        })
+    read_model(Path::new("<memory>"), &mut &*bytes)
 }
 
 /// Writes `manifest` and an NNEF tar (from [`nnef_tar`]) as a bundle at `path`, atomically:
@@ -334,6 +351,30 @@ fn io(path: &Path, source: std::io::Error) -> BundleError {
     }
 }
 
+/// A tiny synthetic-weight model (sum over a 1x8x8x3 input, then a 3x2 dense layer: 2
+/// classes), decluttered: for tests and the fuzz harness's seed bundle, never for serving.
+#[doc(hidden)]
+pub fn synthetic_tiny_model() -> TractResult<TypedModel> {
+    use tract_nnef::internal::AxisOp;
+    let mut model = TypedModel::default();
+    let x = model.add_source("input", f32::fact([1, 8, 8, 3]))?;
+    let w = model.add_const("w", tensor2(&[[0.5f32, -1.0], [2.0, 0.25], [1.0, 1.0]]))?;
+    let pooled = model.wire_node(
+        "mean",
+        tract_core::ops::nn::Reduce::new(tvec![1, 2], tract_core::ops::nn::Reducer::Sum),
+        &[x],
+    )?;
+    let flat = model.wire_node("flat", AxisOp::Rm(1), &pooled)?;
+    let flat = model.wire_node("flat2", AxisOp::Rm(1), &flat)?;
+    let logits = model.wire_node(
+        "fc",
+        tract_core::ops::einsum::EinSum::new("bk,kn->bn".parse()?, f32::datum_type()),
+        &[flat[0], w],
+    )?;
+    model.select_output_outlets(&logits)?;
+    model.into_decluttered()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,38 +403,10 @@ mod tests {
 #[cfg(test)]
 mod roundtrip {
     use super::*;
-    use tract_nnef::internal::AxisOp;
-
-    /// A tiny conv + softmax model with a concrete 1x8x8x3 input.
-    pub(crate) fn tiny_model() -> TypedModel {
-        let mut model = TypedModel::default();
-        let x = model.add_source("input", f32::fact([1, 8, 8, 3])).unwrap();
-        let w = model
-            .add_const("w", tensor2(&[[0.5f32, -1.0], [2.0, 0.25], [1.0, 1.0]]))
-            .unwrap();
-        let pooled = model
-            .wire_node(
-                "mean",
-                tract_core::ops::nn::Reduce::new(tvec![1, 2], tract_core::ops::nn::Reducer::Sum),
-                &[x],
-            )
-            .unwrap();
-        let flat = model.wire_node("flat", AxisOp::Rm(1), &pooled).unwrap();
-        let flat = model.wire_node("flat2", AxisOp::Rm(1), &flat).unwrap();
-        let logits = model
-            .wire_node(
-                "fc",
-                tract_core::ops::einsum::EinSum::new("bk,kn->bn".parse().unwrap(), f32::datum_type()),
-                &[flat[0], w],
-            )
-            .unwrap();
-        model.select_output_outlets(&logits).unwrap();
-        model.into_decluttered().unwrap()
-    }
 
     #[test]
     fn nnef_survives_a_roundtrip() {
-        let model = tiny_model();
+        let model = synthetic_tiny_model().unwrap();
         let tar = nnef_tar(&model).unwrap();
         let mut archive = tar::Archive::new(tar.as_slice());
         for e in archive.entries().unwrap() {

@@ -1,0 +1,6 @@
+#![no_main]
+//! See `edge_fuzz::image` (fuzz/src/lib.rs) for what this target feeds and checks.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    edge_fuzz::image(data);
+});
