@@ -72,6 +72,13 @@ pub struct Mosquitto {
     child: Option<Child>,
     verbose: bool,
     persistence: bool,
+    /// `autosave_on_changes true` with `autosave_interval 1`: the persistence file is written
+    /// after every change (each loop of the broker that stored something), not every second.
+    save_on_changes: bool,
+    /// Log lines go to stderr, which Mosquitto flushes after every line, redirected to the log
+    /// file: nothing is lost when the broker is SIGKILLed (its `log_dest file` is flushed at
+    /// most every 2 s).
+    log_unbuffered: bool,
     /// Appended to the generated configuration (e.g. a TLS listener).
     extra: String,
 }
@@ -101,6 +108,17 @@ impl Mosquitto {
         m
     }
 
+    /// For SIGKILL tests: verbose, its persistence file written after every change (the
+    /// narrowest window Mosquitto offers for losing what it acknowledged), and a log that
+    /// survives SIGKILL.
+    pub fn start_for_kill9() -> Self {
+        let mut m = Self::start_with(true, true);
+        m.save_on_changes = true;
+        m.log_unbuffered = true;
+        m.restart(Duration::ZERO);
+        m
+    }
+
     fn start_with(verbose: bool, persistence: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         // Started as root, mosquitto drops to the `mosquitto` user: let it write its log and
@@ -115,6 +133,8 @@ impl Mosquitto {
             child: None,
             verbose,
             persistence,
+            save_on_changes: false,
+            log_unbuffered: false,
             extra: String::new(),
         };
         m.spawn();
@@ -141,12 +161,24 @@ impl Mosquitto {
                  max_queued_messages 100000\n\
                  max_inflight_messages 20\n\
                  set_tcp_nodelay true\n\
-                 log_dest file {d}/mosquitto.log\n\
+                 {log_dest}\n\
                  {types}{extra}",
                 port = self.port,
                 extra = self.extra,
+                log_dest = if self.log_unbuffered {
+                    "log_dest stderr".to_owned()
+                } else {
+                    format!("log_dest file {d}/mosquitto.log")
+                },
                 persistence = if self.persistence {
-                    format!("persistence true\npersistence_location {d}/\nautosave_interval 1\n")
+                    format!(
+                        "persistence true\npersistence_location {d}/\nautosave_interval 1\n{}",
+                        if self.save_on_changes {
+                            "autosave_on_changes true\n"
+                        } else {
+                            ""
+                        }
+                    )
                 } else {
                     String::new()
                 },
@@ -158,11 +190,21 @@ impl Mosquitto {
             ),
         )
         .expect("write mosquitto.conf");
+        let stderr = if self.log_unbuffered {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("mosquitto.log"))
+                .map(Stdio::from)
+                .expect("open mosquitto.log")
+        } else {
+            Stdio::null()
+        };
         let child = Command::new(mosquitto_binary())
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start mosquitto");
         self.child = Some(child);
@@ -181,6 +223,23 @@ impl Mosquitto {
         }
         std::thread::sleep(down_for);
         self.spawn();
+    }
+
+    /// SIGKILLs the broker (no final save: whatever changed since its last autosave is lost,
+    /// acknowledged messages included), waits `down_for`, and starts it again on the same
+    /// port, configuration and persistence directory.
+    pub fn kill9_and_restart(&mut self, down_for: Duration) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "-KILL");
+            wait_timeout(&mut child, Duration::from_secs(10)).expect("mosquitto dies on SIGKILL");
+        }
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+
+    /// The configuration file's directory (for files the configuration names).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 
@@ -392,6 +451,25 @@ impl Drop for Agent {
     }
 }
 
+/// Runs `edge-agent run` for `spec` during `window` (a fresh queue) and kills it: (was it
+/// ever ready, everything it logged). For agents that must never get in.
+pub fn run_briefly(spec: &AgentSpec, window: Duration) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http = free_port();
+    let mut cmd = spec.command(&dir.path().join("queue"), http);
+    cmd.stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start edge-agent");
+    let mut ready = false;
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        ready |= matches!(http_get(http, "/readyz"), Some((200, _)));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("edge-agent output");
+    (ready, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// A minimal HTTP/1.0 GET (no client dependency needed for three endpoints).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -441,7 +519,15 @@ pub struct TestClient {
 impl TestClient {
     /// Connects to `port` and subscribes to `filters` (QoS 1).
     pub async fn connect(port: u16, id: &str, filters: &[&str]) -> Self {
+        Self::connect_with(port, id, filters, None).await
+    }
+
+    /// As `connect`, logging in with a username and password.
+    pub async fn connect_with(port: u16, id: &str, filters: &[&str], login: Option<(&str, &str)>) -> Self {
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         o.set_keep_alive(Duration::from_secs(5))
             .set_clean_start(false)
             .set_session_expiry_interval(Some(3600))
@@ -564,5 +650,179 @@ impl TestClient {
             by_id.entry(id).or_default().push(v);
         }
         by_id
+    }
+}
+
+/// A property of a hand-encoded MQTT 5 PUBLISH: raw bytes, so that strings can be what no
+/// Rust `String` (and so no rumqttc client) can hold, invalid UTF-8 included.
+#[derive(Debug, Clone, Copy)]
+pub enum RawProperty<'a> {
+    /// 0x01, a byte.
+    PayloadFormat(u8),
+    /// 0x03, a UTF-8 string.
+    ContentType(&'a [u8]),
+    /// 0x08, a UTF-8 string.
+    ResponseTopic(&'a [u8]),
+    /// 0x09, binary data.
+    CorrelationData(&'a [u8]),
+    /// 0x26, a UTF-8 string pair.
+    User(&'a [u8], &'a [u8]),
+}
+
+/// What the broker answered to a raw packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawOutcome {
+    /// PUBACK with this reason code (0: success).
+    PubAck(u8),
+    /// DISCONNECT with this reason code (0x81: malformed packet, ...).
+    Disconnect(u8),
+    /// The broker closed the connection without a word.
+    Closed,
+}
+
+/// A tiny MQTT 5 client on a plain `TcpStream` that writes its packets byte by byte (CONNECT,
+/// PUBLISH QoS 1), for what a well-behaved library refuses to send.
+pub struct RawMqtt {
+    stream: TcpStream,
+}
+
+fn put_vbi(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(
+        &u16::try_from(b.len())
+            .expect("an MQTT string fits 64 KB")
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(b);
+}
+
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    put_vbi(&mut p, body.len());
+    p.extend_from_slice(body);
+    p
+}
+
+impl RawMqtt {
+    /// Connects with a clean start and returns the client once the broker's CONNACK says
+    /// success.
+    pub fn connect(port: u16, client_id: &str) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_nodelay(true)?;
+        let mut me = RawMqtt { stream };
+        let mut body = Vec::new();
+        put_bytes(&mut body, b"MQTT");
+        body.push(5); // protocol level
+        body.push(0x02); // clean start
+        body.extend_from_slice(&60u16.to_be_bytes()); // keep alive
+        put_vbi(&mut body, 0); // no properties
+        put_bytes(&mut body, client_id.as_bytes());
+        me.stream.write_all(&packet(0x10, &body))?;
+        match me.read_packet()? {
+            Some((0x20, b)) if b.get(1) == Some(&0) => Ok(me),
+            other => Err(std::io::Error::other(format!("no successful CONNACK: {other:?}"))),
+        }
+    }
+
+    /// One packet: (first byte, body); `None` when the broker closed the connection.
+    pub fn read_packet(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        let mut first = [0u8; 1];
+        match self.stream.read_exact(&mut first) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            self.stream.read_exact(&mut b)?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body)?;
+        Ok(Some((first[0], body)))
+    }
+
+    /// Sends a QoS 1 PUBLISH (packet id 1) with `topic` and `properties` exactly as given and
+    /// returns what the broker answered.
+    pub fn publish(
+        &mut self,
+        topic: &[u8],
+        properties: &[RawProperty],
+        payload: &[u8],
+    ) -> std::io::Result<RawOutcome> {
+        let mut props = Vec::new();
+        for p in properties {
+            match *p {
+                RawProperty::PayloadFormat(b) => props.extend_from_slice(&[0x01, b]),
+                RawProperty::ContentType(s) => {
+                    props.push(0x03);
+                    put_bytes(&mut props, s);
+                }
+                RawProperty::ResponseTopic(s) => {
+                    props.push(0x08);
+                    put_bytes(&mut props, s);
+                }
+                RawProperty::CorrelationData(s) => {
+                    props.push(0x09);
+                    put_bytes(&mut props, s);
+                }
+                RawProperty::User(k, v) => {
+                    props.push(0x26);
+                    put_bytes(&mut props, k);
+                    put_bytes(&mut props, v);
+                }
+            }
+        }
+        let mut body = Vec::new();
+        put_bytes(&mut body, topic);
+        body.extend_from_slice(&1u16.to_be_bytes());
+        put_vbi(&mut body, props.len());
+        body.extend_from_slice(&props);
+        body.extend_from_slice(payload);
+        if let Err(e) = self.stream.write_all(&packet(0x32, &body)) {
+            // The broker may close the connection while the packet is still being written.
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                return Ok(RawOutcome::Closed);
+            }
+            return Err(e);
+        }
+        loop {
+            match self.read_packet()? {
+                None => return Ok(RawOutcome::Closed),
+                // PUBACK: packet id, then the reason code (absent: success).
+                Some((0x40, b)) => return Ok(RawOutcome::PubAck(b.get(2).copied().unwrap_or(0))),
+                Some((0xE0, b)) => return Ok(RawOutcome::Disconnect(b.first().copied().unwrap_or(0))),
+                Some(_) => continue,
+            }
+        }
     }
 }

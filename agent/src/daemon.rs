@@ -628,6 +628,8 @@ async fn connection_task(
                 } else if shared.connected.swap(false, Ordering::Relaxed) {
                     warn!("lost the broker: {e}");
                     shared.metrics.mqtt_connected.set(0);
+                } else if let Some(why) = refusal(&e.to_string()) {
+                    warn!("{why}; retrying in {} ms", backoff.as_millis());
                 } else {
                     warn!(
                         "cannot reach the broker: {e}; retrying in {} ms",
@@ -650,6 +652,30 @@ async fn connection_task(
             }
         }
     }
+}
+
+/// What a connection error means when the broker answered the CONNECT with a refusal
+/// (rumqttc's "Connection refused, return code: `BadUserNamePassword`"), said for an
+/// operator; `None` for other errors (the broker was not reached).
+fn refusal(error: &str) -> Option<String> {
+    let (_, rest) = error.split_once("Connection refused, return code: `")?;
+    let code = rest.split('`').next().unwrap_or(rest);
+    let advice = match code {
+        "BadUserNamePassword" => "bad username or password: check mqtt.username and mqtt.password",
+        // Mosquitto answers a wrong password with this code too, not BadUserNamePassword.
+        "NotAuthorized" => {
+            "not authorized: check mqtt.username and mqtt.password (the broker refuses this login, \
+             or requires one) and whether the broker lets this identity connect"
+        }
+        "BadClientId" | "ClientIdentifierNotValid" => "client id not accepted: check the device id",
+        "Banned" => "this client is banned",
+        _ => "",
+    };
+    Some(if advice.is_empty() {
+        format!("the broker refused the connection (CONNACK {code})")
+    } else {
+        format!("the broker refused the connection (CONNACK {code}): {advice}")
+    })
 }
 
 async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<PubCmd>) {
@@ -1541,5 +1567,27 @@ pub fn parse_protocol(s: &str) -> Result<MqttProtocol, String> {
         "v5" | "5" => Ok(MqttProtocol::V5),
         "v311" | "3.1.1" | "4" => Ok(MqttProtocol::V311),
         other => Err(format!("unknown MQTT protocol `{other}` (v5 or v311)")),
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::refusal;
+
+    #[test]
+    fn a_refused_connack_is_named_and_other_errors_are_not() {
+        let e = "MQTT connection: Connection refused, return code: `BadUserNamePassword`";
+        let said = refusal(e).unwrap_or_default();
+        assert!(
+            said.contains("refused the connection") && said.contains("mqtt.password"),
+            "{said}"
+        );
+        let said =
+            refusal("MQTT connection: Connection refused, return code: `NotAuthorized`").unwrap_or_default();
+        assert!(said.contains("not authorized"), "{said}");
+        assert_eq!(
+            refusal("MQTT connection: I/O: Connection refused (os error 111)"),
+            None
+        );
     }
 }
