@@ -7,6 +7,7 @@
 #
 #   scripts/fuzz.sh                 # every target, 10 minutes each
 #   scripts/fuzz.sh 3600 image      # one target for an hour
+#   EDGE_FUZZ_NO_BUILD=1 scripts/fuzz.sh 600   # reuse the last build and seeds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,21 +27,28 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz@0.13.2
 fi
 # cargo-fuzz passes nightly flags (-Zsanitizer=address, sancov passes); this machine has one
-# stable toolchain, which accepts them with RUSTC_BOOTSTRAP=1.
-export RUSTC_BOOTSTRAP=1
+# stable toolchain, which accepts them with RUSTC_BOOTSTRAP=1. Only for cargo fuzz: set for the
+# main build, the variable would invalidate every artefact of the main target dir.
+fuzz() { RUSTC_BOOTSTRAP=1 cargo fuzz "$@"; }
 
-# Seeds: written by the same harness the targets run (tests/fuzz_seeds.rs).
-cargo build --locked -p edge-e2e --bin edge-fuzz-seeds
-seeds_bin=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/edge-fuzz-seeds
-"$seeds_bin" "$WORK/seeds"
+if [ "${EDGE_FUZZ_NO_BUILD:-0}" = 1 ] && [ -d "$WORK/seeds" ]; then
+  # Reuse the last build and seeds (e.g. while another cargo holds the main target dir).
+  echo "EDGE_FUZZ_NO_BUILD=1: reusing the last instrumented build and seeds" >&2
+else
+  # Seeds: written by the same harness the targets run (tests/fuzz_seeds.rs). Built as
+  # scripts/test.sh builds (the whole workspace: one feature set, so no second build of tract).
+  cargo build --workspace --bins --locked
+  seeds_bin=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/edge-fuzz-seeds
+  "$seeds_bin" "$WORK/seeds"
 
-cargo fuzz build --target-dir "$FUZZ_TARGET_DIR"
+  fuzz build --target-dir "$FUZZ_TARGET_DIR"
+fi
 
 run_one() {
   local target=$1
   mkdir -p "$WORK/corpus/$target" "$WORK/artifacts/$target"
   # -rss_limit_mb: a target that needs more than 2 GB for one input is a finding too.
-  cargo fuzz run --target-dir "$FUZZ_TARGET_DIR" "$target" \
+  fuzz run --target-dir "$FUZZ_TARGET_DIR" "$target" \
     "$WORK/corpus/$target" "$WORK/seeds/$target" -- \
     -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -timeout=30 -max_len=1048576 \
     -print_final_stats=1 -artifact_prefix="$WORK/artifacts/$target/" \

@@ -105,3 +105,23 @@ fn seeded_mutations_of_the_fuzz_seeds_are_refused_or_served_never_panic() {
         );
     }
 }
+
+#[test]
+fn a_bundle_declaring_a_huge_input_is_refused_before_anything_is_allocated() {
+    // A shape like this made the smoke inference allocate width x height x 3 floats (and
+    // overflowed computing the count); the manifest check now bounds it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tiny = dir.path().join("tiny.bundle");
+    std::fs::write(&tiny, harness::tiny_bundle()).expect("write the tiny bundle");
+    for shape in [[1u64, 100_000, 100_000, 3], [1, 1 << 62, 1 << 62, 3]] {
+        let huge = dir.path().join("huge.bundle");
+        edge_e2e::rewrite_manifest(&tiny, &huge, |m| m["input"]["shape"] = serde_json::json!(shape));
+        let bytes = std::fs::read(&huge).expect("read the rewritten bundle");
+        let err = edge_convert::bundle::from_bytes(&huge, &bytes)
+            .err()
+            .unwrap_or_else(|| panic!("a {shape:?} input loads"));
+        let text = err.to_string();
+        assert!(text.contains("elements"), "{shape:?}: {text}");
+        assert_eq!(harness::run("bundle", &bytes), Some(false));
+    }
+}
