@@ -587,7 +587,8 @@ async fn a_broker_requiring_a_password_serves_the_right_login_and_refusals_are_l
 
     // (case, login, what the log must say). Mosquitto 2.0 answers all three with CONNACK
     // "not authorized" (0x87), a wrong password included, never "bad username or password".
-    let cases: [(&str, Vec<(&str, &str)>, &str); 3] = [
+    type Login<'a> = Vec<(&'a str, &'a str)>;
+    let cases: [(&str, Login, &str); 3] = [
         (
             "wrong password",
             vec![
