@@ -217,21 +217,21 @@ impl Mosquitto {
 
     /// Stops the broker cleanly (it saves its persistence file) and starts it again.
     pub fn restart(&mut self, down_for: Duration) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, "-TERM");
-            wait_timeout(&mut child, Duration::from_secs(10)).expect("mosquitto stops on SIGTERM");
-        }
-        std::thread::sleep(down_for);
-        self.spawn();
+        self.stop_and_start("-TERM", down_for);
     }
 
     /// SIGKILLs the broker (no final save: whatever changed since its last autosave is lost,
     /// acknowledged messages included), waits `down_for`, and starts it again on the same
     /// port, configuration and persistence directory.
     pub fn kill9_and_restart(&mut self, down_for: Duration) {
+        self.stop_and_start("-KILL", down_for);
+    }
+
+    fn stop_and_start(&mut self, sig: &str, down_for: Duration) {
         if let Some(mut child) = self.child.take() {
-            signal(&child, "-KILL");
-            wait_timeout(&mut child, Duration::from_secs(10)).expect("mosquitto dies on SIGKILL");
+            signal(&child, sig);
+            wait_timeout(&mut child, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("mosquitto does not stop on {sig}"));
         }
         std::thread::sleep(down_for);
         self.spawn();

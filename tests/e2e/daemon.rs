@@ -349,7 +349,12 @@ async fn send_load(client: &TestClient, device: &str, reply_to: &str, n: usize, 
     ids
 }
 
-fn summarize(what: &str, sent: &[String], by_id: &HashMap<String, Vec<Value>>, acknowledged: usize) {
+pub(crate) fn summarize(
+    what: &str,
+    sent: &[String],
+    by_id: &HashMap<String, Vec<Value>>,
+    acknowledged: usize,
+) {
     let missing: Vec<&String> = sent.iter().filter(|id| !by_id.contains_key(*id)).collect();
     let duplicates: usize = by_id.values().map(|v| v.len().saturating_sub(1)).sum();
     let errors: Vec<&Value> = by_id
@@ -378,7 +383,7 @@ fn summarize(what: &str, sent: &[String], by_id: &HashMap<String, Vec<Value>>, a
 
 /// PUBACKs the agent sent for requests, from the broker's log (every delivery it acknowledged,
 /// redeliveries included).
-fn agent_pubacks(broker: &Mosquitto, client_id: &str) -> usize {
+pub(crate) fn agent_pubacks(broker: &Mosquitto, client_id: &str) -> usize {
     broker
         .log()
         .lines()
