@@ -8,9 +8,10 @@
 //! Compatibility: a loader refuses a bundle whose `format_version` is not
 //! [`manifest::FORMAT_VERSION`] or whose `tract_version` is newer than the tract it links.
 
+mod guard;
 pub mod manifest;
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use tract_nnef::prelude::*;
@@ -224,7 +225,7 @@ pub fn load(path: &Path, max_bytes: u64) -> Result<Bundle, BundleError> {
     // Streamed: tract copies each tensor out of the tar once, so the file is never held in
     // memory whole next to the weights.
     let file = std::fs::File::open(path).map_err(|source| io(path, source))?;
-    let model = read_model(path, &mut std::io::BufReader::with_capacity(1 << 20, file))?;
+    let model = read_model(path, std::io::BufReader::with_capacity(1 << 20, file))?;
     check_model_matches(path, &manifest, &model)?;
     Ok(Bundle { manifest, model })
 }
@@ -232,7 +233,7 @@ pub fn load(path: &Path, max_bytes: u64) -> Result<Bundle, BundleError> {
 /// Reads a bundle held in memory, with the checks of [`load`]; `name` is what errors call it.
 pub fn from_bytes(name: &Path, bytes: &[u8]) -> Result<Bundle, BundleError> {
     let manifest = read_manifest_from(name, bytes)?;
-    let model = read_model(name, &mut &*bytes)?;
+    let model = read_model(name, std::io::Cursor::new(bytes))?;
     check_model_matches(name, &manifest, &model)?;
     Ok(Bundle { manifest, model })
 }
@@ -243,13 +244,17 @@ fn nnef() -> &'static tract_nnef::framework::Nnef {
     NNEF.get_or_init(tract_nnef::nnef)
 }
 
-fn read_model(path: &Path, reader: &mut dyn Read) -> Result<TypedModel, BundleError> {
+/// Reads the NNEF model in a tar (a bundle or a bare NNEF tar): [`guard`]'s checks first,
+/// then tract, streaming from the start again.
+fn read_model<R: Read + Seek>(path: &Path, mut reader: R) -> Result<TypedModel, BundleError> {
     let failed = |reason: String| BundleError::Model {
         path: path.to_owned(),
         reason,
     };
+    guard::check_archive(&mut reader).map_err(failed)?;
+    reader.rewind().map_err(|source| io(path, source))?;
     let proto = nnef()
-        .proto_model_for_read(reader)
+        .proto_model_for_read(&mut reader)
         .map_err(|e| failed(format!("{e:#}")))?;
     check_graph(&proto.doc).map_err(failed)?;
     nnef()
@@ -367,7 +372,7 @@ pub fn nnef_tar(model: &TypedModel) -> Result<Vec<u8>, BundleError> {
 
 /// Reads an NNEF tar (or a whole bundle) from memory into a typed model.
 pub fn model_from_nnef(bytes: &[u8]) -> Result<TypedModel, BundleError> {
-    read_model(Path::new("<memory>"), &mut &*bytes)
+    read_model(Path::new("<memory>"), std::io::Cursor::new(bytes))
 }
 
 /// Writes `manifest` and an NNEF tar (from [`nnef_tar`]) as a bundle at `path`, atomically:
