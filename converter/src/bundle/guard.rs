@@ -1,22 +1,27 @@
-//! A pass over a bundle's tar before tract reads it. tract 0.23.9's NNEF reader trusts its
-//! input in ways a hostile file exploits (found by the `bundle` fuzz target, inputs kept in
-//! `fuzz/regressions/bundle/`), so this refuses, cheaply and with a reason:
+//! What tract 0.23.9's NNEF reader cannot be trusted with. It trusts its input in ways a
+//! hostile file exploits (found by the `bundle` fuzz target and by reading the loader; inputs
+//! kept in `fuzz/regressions/bundle/`), so bundle loading refuses, cheaply and with a reason.
 //!
+//! Before tract reads the tar ([`check_archive`]):
 //! - entries tract would load that our writer never produces: nested models (`*.nnef.tar`,
 //!   `*.nnef.tgz`, `dir/graph.nnef`, which tract unpacks recursively and whose parse errors
 //!   panic it), `graph.quant`, `*.safetensors`;
-//! - a `.dat` tensor whose header declares more values than its entry holds: tract allocates
-//!   the declared shape before reading (a 128-byte header asking for terabytes);
+//! - a `.dat` tensor whose header declares more data than its entry holds: tract allocates
+//!   the declared size before reading (2 GiB for a 144-byte entry);
+//! - a `.dat` header tract mishandles otherwise: string tensors (allocated per declared value
+//!   before reading), booleans with no data (an arithmetic overflow);
 //! - a `graph.nnef` its parser would take exponential time on: the parser backtracks, doubling
 //!   its work at each nesting level of brackets and prefix operators (631 bytes ending in a
 //!   run of `+` took over 44 s).
 //!
-//! - a `.dat` header tract mishandles: string tensors (allocated per declared value before
-//!   reading), booleans with no data (an arithmetic overflow).
+//! After tract's parse, before its build ([`check_document`]): transposes whose axes are not a
+//! permutation.
 //!
 //! Entries are visited with seeks, so the weights of a real bundle are not read twice.
 
 use std::io::{Read, Seek};
+
+use tract_nnef::resource::{GRAPH_NNEF_FILENAME, GRAPH_QUANT_FILENAME};
 
 use super::MANIFEST_ENTRY;
 
@@ -55,7 +60,7 @@ pub(super) fn check_archive<R: Read + Seek>(reader: R) -> Result<(), String> {
         let size = entry.size();
         if name == MANIFEST_ENTRY {
             continue;
-        } else if name == "graph.nnef" {
+        } else if name == GRAPH_NNEF_FILENAME {
             if size > MAX_GRAPH_BYTES {
                 return Err(format!(
                     "graph.nnef is {size} bytes, more than the {MAX_GRAPH_BYTES} accepted"
@@ -73,8 +78,8 @@ pub(super) fn check_archive<R: Read + Seek>(reader: R) -> Result<(), String> {
                 check_dat_header(&header, size.saturating_sub(DAT_HEADER_BYTES as u64))
                     .map_err(|e| format!("{name}: {e}"))?;
             }
-        } else if name.ends_with("graph.nnef")
-            || name.ends_with("graph.quant")
+        } else if name.ends_with(GRAPH_NNEF_FILENAME)
+            || name.ends_with(GRAPH_QUANT_FILENAME)
             || name.ends_with(".nnef.tar")
             || name.ends_with(".nnef.tgz")
             || name.ends_with(".safetensors")
@@ -239,6 +244,74 @@ fn depth(levels: &[Level]) -> u32 {
 
 fn nesting_error(at: usize, max_nesting: u32) -> String {
     format!("brackets and prefix operators nest more than {max_nesting} deep (at byte {at})")
+}
+
+/// After tract's parse, before its build: refuses what tract 0.23.9 cannot be trusted with in
+/// a parsed NNEF graph: a `transpose` whose
+/// `axes` is not a permutation of `0..n` makes its loader grow a list forever (found by the
+/// `bundle` fuzz target: `fuzz/regressions/bundle/transpose-*`), and one that is not a
+/// permutation of its rank panics it.
+pub(super) fn check_document(doc: &tract_nnef::ast::Document) -> Result<(), String> {
+    use tract_nnef::ast::{Literal, RValue};
+    fn literal_axes(v: &RValue) -> Option<Vec<Option<usize>>> {
+        let number = |l: &Literal| match l {
+            Literal::Numeric(n) => Some(n.parse::<usize>().ok()),
+            _ => None,
+        };
+        match v {
+            RValue::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    RValue::Literal(l) => number(l),
+                    _ => None,
+                })
+                .collect(),
+            RValue::Literal(Literal::Array(items)) => items.iter().map(number).collect(),
+            _ => None,
+        }
+    }
+    fn visit(v: &RValue) -> Result<(), String> {
+        match v {
+            RValue::Invocation(inv) => {
+                if inv.id.0 == "transpose" {
+                    let axes = inv
+                        .arguments
+                        .iter()
+                        .find(|a| a.id.as_ref().is_some_and(|id| id.0 == "axes"))
+                        .or_else(|| inv.arguments.get(1).filter(|a| a.id.is_none()));
+                    // tract evaluates expressions here too; bundles (tract's own writer) hold
+                    // plain literals, so anything else is refused rather than evaluated.
+                    let Some(axes) = axes.and_then(|a| literal_axes(&a.rvalue)) else {
+                        return Err("transpose axes are not a literal list of integers".into());
+                    };
+                    {
+                        let mut seen = vec![false; axes.len()];
+                        for axis in &axes {
+                            match axis {
+                                Some(a) if *a < seen.len() && !seen[*a] => seen[*a] = true,
+                                _ => return Err(format!("transpose axes {axes:?} are not a permutation")),
+                            }
+                        }
+                    }
+                }
+                inv.arguments.iter().try_for_each(|a| visit(&a.rvalue))
+            }
+            RValue::Binary(a, _, b) => visit(a).and_then(|()| visit(b)),
+            RValue::Unary(_, a) => visit(a),
+            RValue::Tuple(items) | RValue::Array(items) => items.iter().try_for_each(visit),
+            RValue::Subscript(a, _) => visit(a),
+            RValue::Comprehension(c) => visit(&c.yields),
+            RValue::IfThenElse(c) => visit(&c.cond)
+                .and_then(|()| visit(&c.then))
+                .and_then(|()| visit(&c.otherwise)),
+            RValue::Identifier(_) | RValue::Literal(_) => Ok(()),
+        }
+    }
+    let fragments = doc.fragments.iter().filter_map(|f| f.body.as_ref());
+    std::iter::once(&doc.graph_def.body)
+        .chain(fragments)
+        .flatten()
+        .try_for_each(|assignment| visit(&assignment.right))
 }
 
 #[cfg(test)]

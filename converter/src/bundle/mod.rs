@@ -4,6 +4,8 @@
 //! Uncompressed on purpose: inflating a gzipped NNEF took longer than optimising the model.
 //! The manifest comes first so tools can read it without touching the weights, and tract's
 //! NNEF reader ignores files it has no loader for, so the same bytes feed it directly.
+//! Loading refuses, before tract sees them, entries that tract would load and our writer never
+//! produces, and graphs or tensor headers tract mishandles (see [`guard`]).
 //!
 //! Compatibility: a loader refuses a bundle whose `format_version` is not
 //! [`manifest::FORMAT_VERSION`] or whose `tract_version` is newer than the tract it links.
@@ -244,8 +246,9 @@ fn nnef() -> &'static tract_nnef::framework::Nnef {
     NNEF.get_or_init(tract_nnef::nnef)
 }
 
-/// Reads the NNEF model in a tar (a bundle or a bare NNEF tar): [`guard`]'s checks first,
-/// then tract, streaming from the start again.
+/// Reads the NNEF model in a tar (a bundle or a bare NNEF tar): [`guard`]'s checks of the tar
+/// first, then tract's parse (streaming from the start again), [`guard`]'s checks of the
+/// parsed graph, and tract's build.
 fn read_model<R: Read + Seek>(path: &Path, mut reader: R) -> Result<TypedModel, BundleError> {
     let failed = |reason: String| BundleError::Model {
         path: path.to_owned(),
@@ -256,77 +259,10 @@ fn read_model<R: Read + Seek>(path: &Path, mut reader: R) -> Result<TypedModel, 
     let proto = nnef()
         .proto_model_for_read(&mut reader)
         .map_err(|e| failed(format!("{e:#}")))?;
-    check_graph(&proto.doc).map_err(failed)?;
+    guard::check_document(&proto.doc).map_err(failed)?;
     nnef()
         .model_for_proto_model(&proto)
         .map_err(|e| failed(format!("{e:#}")))
-}
-
-/// Refuses what tract 0.23.9 cannot be trusted with in an NNEF graph: a `transpose` whose
-/// `axes` is not a permutation of `0..n` makes its loader grow a list forever (found by the
-/// `bundle` fuzz target: `fuzz/regressions/bundle/transpose-*`), and one that is not a
-/// permutation of its rank panics it.
-fn check_graph(doc: &tract_nnef::ast::Document) -> Result<(), String> {
-    use tract_nnef::ast::{Literal, RValue};
-    fn literal_axes(v: &RValue) -> Option<Vec<Option<usize>>> {
-        let number = |l: &Literal| match l {
-            Literal::Numeric(n) => Some(n.parse::<usize>().ok()),
-            _ => None,
-        };
-        match v {
-            RValue::Array(items) => items
-                .iter()
-                .map(|i| match i {
-                    RValue::Literal(l) => number(l),
-                    _ => None,
-                })
-                .collect(),
-            RValue::Literal(Literal::Array(items)) => items.iter().map(number).collect(),
-            _ => None,
-        }
-    }
-    fn visit(v: &RValue) -> Result<(), String> {
-        match v {
-            RValue::Invocation(inv) => {
-                if inv.id.0 == "transpose" {
-                    let axes = inv
-                        .arguments
-                        .iter()
-                        .find(|a| a.id.as_ref().is_some_and(|id| id.0 == "axes"))
-                        .or_else(|| inv.arguments.get(1).filter(|a| a.id.is_none()));
-                    // tract evaluates expressions here too; bundles (tract's own writer) hold
-                    // plain literals, so anything else is refused rather than evaluated.
-                    let Some(axes) = axes.and_then(|a| literal_axes(&a.rvalue)) else {
-                        return Err("transpose axes are not a literal list of integers".into());
-                    };
-                    {
-                        let mut seen = vec![false; axes.len()];
-                        for axis in &axes {
-                            match axis {
-                                Some(a) if *a < seen.len() && !seen[*a] => seen[*a] = true,
-                                _ => return Err(format!("transpose axes {axes:?} are not a permutation")),
-                            }
-                        }
-                    }
-                }
-                inv.arguments.iter().try_for_each(|a| visit(&a.rvalue))
-            }
-            RValue::Binary(a, _, b) => visit(a).and_then(|()| visit(b)),
-            RValue::Unary(_, a) => visit(a),
-            RValue::Tuple(items) | RValue::Array(items) => items.iter().try_for_each(visit),
-            RValue::Subscript(a, _) => visit(a),
-            RValue::Comprehension(c) => visit(&c.yields),
-            RValue::IfThenElse(c) => visit(&c.cond)
-                .and_then(|()| visit(&c.then))
-                .and_then(|()| visit(&c.otherwise)),
-            RValue::Identifier(_) | RValue::Literal(_) => Ok(()),
-        }
-    }
-    let fragments = doc.fragments.iter().filter_map(|f| f.body.as_ref());
-    std::iter::once(&doc.graph_def.body)
-        .chain(fragments)
-        .flatten()
-        .try_for_each(|assignment| visit(&assignment.right))
 }
 
 fn check_model_matches(path: &Path, manifest: &Manifest, model: &TypedModel) -> Result<(), BundleError> {
