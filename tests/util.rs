@@ -2,6 +2,7 @@
 //! running commands, reading TensorFlow's reference outputs.
 
 pub mod daemon;
+pub mod lazyfs;
 pub mod pool;
 pub mod proxy;
 

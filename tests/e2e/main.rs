@@ -9,5 +9,6 @@ mod faults;
 mod fuzz_regressions;
 mod offload;
 mod pool;
+mod powercut_lazyfs;
 mod reload;
 mod sources;
