@@ -120,8 +120,11 @@ pub struct EmbeddedBrokerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// Directory of the sled queue; created if missing.
+    /// Directory of the queue (an SQLite database); created if missing.
     pub dir: PathBuf,
+    /// A queue that cannot be opened (damaged, foreign, an earlier version's): "refuse"
+    /// (exit with the reason, nothing touched) or "quarantine" (move it aside, start empty).
+    pub on_damage: crate::queue::OnDamage,
     pub max_items: usize,
     pub max_bytes: u64,
     pub max_attempts: u32,
@@ -336,6 +339,7 @@ impl Default for QueueConfig {
         let limits = QueueLimits::default();
         Self {
             dir: PathBuf::from("/var/lib/edge-agent/queue"),
+            on_damage: crate::queue::OnDamage::Refuse,
             max_items: limits.max_items.get(),
             max_bytes: limits.max_bytes.get(),
             max_attempts: limits.max_attempts.get(),

@@ -269,9 +269,8 @@ pub async fn run(config: Config) -> Result<()> {
     };
 
     let queue_limits = config.queue_limits()?;
-    std::fs::create_dir_all(&config.queue.dir)
-        .with_context(|| format!("cannot create the queue directory {}", config.queue.dir.display()))?;
-    let queue = Queue::open(&config.queue.dir, queue_limits)?;
+    let (queue, quarantined) =
+        Queue::open_or_quarantine(&config.queue.dir, queue_limits, config.queue.on_damage)?;
     let stats = queue.stats();
     info!(
         dir = %config.queue.dir.display(),
@@ -341,6 +340,16 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let metrics = Metrics::new();
     metrics.set_model(&model.name, &model.version);
+    let quarantine_error = quarantined.map(|q| {
+        metrics.queue_quarantined.inc();
+        let message = format!(
+            "the request queue was damaged ({}); moved aside to {} and started empty: its requests \
+             were not answered",
+            q.reason,
+            q.moved_to.display()
+        );
+        ("queue_quarantined", message)
+    });
     let offline_document = |device: &str, model: &ModelRef| {
         serde_json::to_vec(&serde_json::json!({
             "device": device, "state": "offline", "agent_version": env!("CARGO_PKG_VERSION"),
@@ -403,7 +412,7 @@ pub async fn run(config: Config) -> Result<()> {
         answered_local: AtomicU64::new(0),
         answered_cluster: AtomicU64::new(0),
         answered_errors: AtomicU64::new(0),
-        last_error: Mutex::new(None),
+        last_error: Mutex::new(quarantine_error),
         local_latency_ms: AtomicU64::new(0f64.to_bits()),
         config,
     });
@@ -433,9 +442,9 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::select! {
         signal = wait_for_signal() => signal?,
         _ = shared.fatal.cancelled() => {
-            // The queue's storage failed: sled refuses (or hangs on) every further write
-            // until it is reopened, so no graceful release or flush is possible. Exit for a
-            // restart; what was acknowledged is on disk, the rest stays with the broker.
+            // The queue's storage failed (full, I/O errors, or a write stalled past its
+            // timeout): no graceful release or flush can be relied on. Exit for a restart;
+            // what was acknowledged is on disk, the rest stays with the broker.
             let reason = lock(&shared.fatal_reason).take().unwrap_or_default();
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             conn_stop.cancel();
@@ -599,14 +608,18 @@ async fn connection_task(
             Ok(Event::PubAck(pkid)) => {
                 let tag = lock(&shared.tracker).acked(pkid);
                 if let Some(Tag::Reply(seq)) = tag {
-                    match shared.queue.reply_acked(seq) {
-                        Ok(true) => {
-                            shared.metrics.replies_acked.inc();
-                            shared.space.notify_waiters();
+                    // On a blocking thread: the database may be busy with another fsync.
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        match shared.queue.reply_acked_async(seq).await {
+                            Ok(true) => {
+                                shared.metrics.replies_acked.inc();
+                                shared.space.notify_waiters();
+                            }
+                            Ok(false) => {}
+                            Err(e) => warn!(seq = seq.get(), "cannot remove an acknowledged reply: {e}"),
                         }
-                        Ok(false) => {}
-                        Err(e) => warn!(seq = seq.get(), "cannot remove an acknowledged reply: {e}"),
-                    }
+                    });
                 }
             }
             Ok(Event::Subscribed) => lock(&shared.tracker).subscribed(),
@@ -732,7 +745,7 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
                     error!("cannot publish the status: {e}");
                 }
                 if first || !session_present {
-                    match shared.queue.outbox() {
+                    match shared.queue.outbox_async().await {
                         Ok(replies) => {
                             if !replies.is_empty() {
                                 info!(replies = replies.len(), "publishing replies not yet acknowledged");
@@ -866,17 +879,20 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                     Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
                 }
             };
-            // After an I/O error sled's flush may never complete: a flush that takes this long
-            // counts as a storage failure.
+            // A disk that stops answering (a failing card) must not hold requests forever: a
+            // write that takes this long counts as a storage failure.
             let outcome = match tokio::time::timeout(STORE_TIMEOUT, store).await {
                 Ok(outcome) => outcome,
-                Err(_) => Err(QueueError::Storage(sled::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the queue did not reach the disk within {} s",
-                        STORE_TIMEOUT.as_secs()
+                Err(_) => Err(QueueError::Io {
+                    path: shared.queue.path().to_owned(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the queue did not reach the disk within {} s",
+                            STORE_TIMEOUT.as_secs()
+                        ),
                     ),
-                )))),
+                }),
             };
             match outcome {
                 Ok(EnqueueOutcome::Enqueued(seq)) if group && parsed.is_ok() => {
@@ -958,16 +974,13 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                     shared.set_backpressure(true);
                     *lock(&shared.last_error) = Some(("internal", format!("cannot store a request: {e}")));
                     storage_failures += 1;
-                    // sled keeps failing after an I/O error (a full disk included) until the
-                    // database is opened again: after a few tries, stop and let the service
-                    // manager restart the agent, which reopens it once there is room. Nothing
-                    // unacknowledged is lost: the broker keeps it.
-                    // An I/O error (a full disk) breaks sled at once; other storage errors
-                    // get a few more tries.
-                    let io = matches!(&e, QueueError::Storage(sled::Error::Io(_)));
-                    if matches!(e, QueueError::Storage(_))
-                        && (io || storage_failures >= STORAGE_FAILURES_BEFORE_EXIT)
-                    {
+                    // A disk that fails (full, I/O errors, stalled) is not fixed by waiting in
+                    // here: after a few tries, stop and let the service manager restart the
+                    // agent, which reopens the queue once there is room. Nothing
+                    // unacknowledged is lost: the broker keeps it. An I/O error stops it at
+                    // once; other storage errors get a few more tries.
+                    let storage = matches!(e, QueueError::Storage(_) | QueueError::Io { .. });
+                    if storage && (e.is_io() || storage_failures >= STORAGE_FAILURES_BEFORE_EXIT) {
                         *lock(&shared.fatal_reason) = Some(format!(
                             "the request queue's storage failed ({e}); stopping so that the service \
                              manager restarts the agent and reopens the queue once the disk has room \

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub cluster_endpoints: Gauge,
     pub model: Family<ModelLabels, Gauge>,
     pub model_reloads: Family<ReloadLabels, Counter>,
+    pub queue_quarantined: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -169,6 +170,12 @@ impl Metrics {
             "Reload and rollback commands, by outcome (ok or why the model was kept)",
             model_reloads.clone(),
         );
+        let queue_quarantined = Counter::default();
+        registry.register(
+            "queue_quarantined",
+            "Damaged queues moved aside at start (queue.on_damage = \"quarantine\"); their requests were not answered",
+            queue_quarantined.clone(),
+        );
         Self {
             registry,
             requests,
@@ -189,6 +196,7 @@ impl Metrics {
             cluster_endpoints,
             model,
             model_reloads,
+            queue_quarantined,
         }
     }
 

@@ -1,4 +1,4 @@
-//! Benchmark 5: Durable enqueue: requests per second and MB/s into the sled queue with the flush
+//! Benchmark 5: Durable enqueue: requests per second and MB/s into the SQLite queue with the fsync
 //! that precedes the PUBACK, 100 KB payloads, against writing the same bytes with fsync to a
 //! plain file.
 

@@ -571,8 +571,10 @@ async fn sigterm_leaves_no_leased_item_and_the_rest_is_answered_after_restart() 
         .await;
     let status = block(|| agent.terminate());
     assert!(status.success(), "exit status {status}:\n{}", agent.log());
-    let db = sled::open(&agent.queue_dir).unwrap();
-    let leased = db.open_tree("leased").unwrap().len();
+    let db = rusqlite::Connection::open(agent.queue_dir.join("queue.sqlite3")).unwrap();
+    let leased: i64 = db
+        .query_row("SELECT count(*) FROM leased", [], |r| r.get(0))
+        .unwrap();
     drop(db);
     assert_eq!(leased, 0, "leased items left after SIGTERM");
     let offline = client

@@ -30,7 +30,7 @@ fn crash_child_enqueues_until_killed() {
     };
     let q = Queue::open(&dir, crash_limits()).unwrap();
     for i in 0u64.. {
-        // Images of varying size, some over sled's ~128 KiB blob threshold.
+        // Images of varying size, some spanning many SQLite overflow pages.
         let seq = enqueued(&q, &request(&format!("k{i}"), 1_000 + (i as usize % 7) * 40_000));
         println!("ENQUEUED {}", seq.get());
         if i % 3 == 0

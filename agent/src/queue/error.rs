@@ -18,13 +18,21 @@ pub enum QueueError {
     )]
     Damaged { path: PathBuf, reason: String },
 
-    /// The database could not be opened for an I/O reason (permissions, disk, or another
-    /// process holding its lock).
+    /// The database could not be opened for an I/O reason (permissions, disk).
     #[error("cannot open the request queue at {}: {source}", path.display())]
     Open {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: rusqlite::Error,
+    },
+
+    /// A file-system operation on the queue's directory failed, or a write did not reach the
+    /// disk in time.
+    #[error("request queue I/O failed at {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 
     /// Another process (or another `Queue` in this one) has the database open.
@@ -33,7 +41,7 @@ pub enum QueueError {
 
     /// A read, write or flush failed while running (e.g. the disk is full).
     #[error("request queue storage failed: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(#[from] rusqlite::Error),
 
     /// The item is not leased: its lease expired and it went back to pending, or it was
     /// already completed or released. Its result must be dropped.
@@ -52,11 +60,30 @@ impl QueueError {
     /// Whether the same call may succeed later without anyone intervening.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Open { source, .. } | Self::Storage(source) => matches!(source, sled::Error::Io(_)),
-            Self::Locked { .. } => true,
+            Self::Open { source, .. } | Self::Storage(source) => io_code(source),
+            Self::Io { .. } | Self::Locked { .. } => true,
             Self::Damaged { .. } | Self::NotLeased { .. } | Self::RecordTooLarge { .. } => false,
         }
     }
+
+    /// Whether the disk failed under the queue (an I/O error, a full disk, a write that did
+    /// not complete in time), as opposed to a refusal or a damaged record.
+    pub fn is_io(&self) -> bool {
+        match self {
+            Self::Io { .. } => true,
+            Self::Open { source, .. } | Self::Storage(source) => io_code(source),
+            _ => false,
+        }
+    }
+}
+
+/// SQLite result codes that mean the disk (or memory) failed, not the data.
+fn io_code(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(SystemIoFailure | DiskFull | CannotOpen | DatabaseBusy | DatabaseLocked | OutOfMemory)
+    )
 }
 
 #[cfg(test)]
@@ -65,17 +92,24 @@ mod tests {
 
     #[test]
     fn io_failures_are_retryable_and_damage_is_not() {
-        let io = || sled::Error::Io(std::io::Error::other("disk full"));
-        assert!(QueueError::Storage(io()).is_retryable());
+        let sqlite = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let full = || sqlite(rusqlite::ffi::SQLITE_FULL);
+        assert!(QueueError::Storage(full()).is_retryable());
+        assert!(QueueError::Storage(full()).is_io());
         assert!(
             QueueError::Open {
                 path: "q".into(),
-                source: io()
+                source: full()
             }
             .is_retryable()
         );
-        let corrupt = sled::Error::Unsupported("x".into());
+        let corrupt = sqlite(rusqlite::ffi::SQLITE_CORRUPT);
         assert!(!QueueError::Storage(corrupt).is_retryable());
+        let timeout = QueueError::Io {
+            path: "q".into(),
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        };
+        assert!(timeout.is_retryable() && timeout.is_io());
         assert!(
             !QueueError::Damaged {
                 path: "q".into(),

@@ -15,16 +15,19 @@ pub(crate) const LEASED: &str = "leased";
 pub(crate) const OUTBOX: &str = "outbox";
 /// `seq → DeadRecord`: items that used up their attempts or could not be read.
 pub(crate) const DEAD: &str = "dead";
-/// Format marker and sequence counter.
-pub(crate) const META: &str = "meta";
 
-/// `meta` key holding the layout version (one byte).
-pub(crate) const META_FORMAT: &[u8] = b"format";
+/// The SQLite database file in the queue directory (beside it, while open, SQLite's
+/// write-ahead log `queue.sqlite3-wal`).
+pub(crate) const DB_FILE: &str = "queue.sqlite3";
+/// `PRAGMA application_id` of a queue database ("EdgQ"), so a foreign SQLite file is refused.
+pub(crate) const APPLICATION_ID: i64 = 0x4564_6751;
+/// `PRAGMA user_version`: the layout version this code writes and reads (1 was sled's).
+pub(crate) const LAYOUT_VERSION: i64 = 2;
+
 /// `meta` key holding the next sequence number to assign (u64, big-endian).
-pub(crate) const META_NEXT_SEQ: &[u8] = b"next_seq";
-
-/// The layout version this code writes and reads.
-pub(crate) const LAYOUT_VERSION: u8 = 1;
+pub(crate) const META_NEXT_SEQ: &str = "next_seq";
+/// `meta` key a flush rewrites, so that it always has something to commit (u64 counter).
+pub(crate) const META_FLUSHES: &str = "flushes";
 const INDEX_V1: u8 = 1;
 const DEAD_V1: u8 = 1;
 

@@ -18,15 +18,6 @@ impl Seq {
     pub const fn get(self) -> u64 {
         self.0
     }
-
-    /// The sled key: big-endian, so byte order is numeric order and trees iterate FIFO.
-    pub const fn to_key(self) -> [u8; 8] {
-        self.0.to_be_bytes()
-    }
-
-    pub fn from_key(key: &[u8]) -> Option<Self> {
-        <[u8; 8]>::try_from(key).ok().map(|k| Self(u64::from_be_bytes(k)))
-    }
 }
 
 impl fmt::Display for Seq {
@@ -174,9 +165,9 @@ pub(crate) struct Recovered {
     pub next_seq: u64,
 }
 
-/// The bookkeeping of the whole queue. The store applies a change to sled first and then
+/// The bookkeeping of the whole queue. The store applies a change to the database first and then
 /// tells the ledger, under one lock, so the counters always describe what is on disk.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     limits: QueueLimits,
     pending: usize,
@@ -200,10 +191,6 @@ impl Ledger {
             dead: recovered.dead,
             next_seq: recovered.next_seq,
         }
-    }
-
-    pub(crate) fn limits(&self) -> &QueueLimits {
-        &self.limits
     }
 
     fn items(&self) -> usize {

@@ -20,13 +20,6 @@ fn meta(attempts: u32, payload_len: u64) -> ItemMeta {
 }
 
 #[test]
-fn keys_sort_like_numbers() {
-    assert!(Seq(255).to_key() < Seq(256).to_key());
-    assert_eq!(Seq::from_key(&Seq(7).to_key()), Some(Seq(7)));
-    assert_eq!(Seq::from_key(b"short"), None);
-}
-
-#[test]
 fn admission_counts_items_in_every_state_and_bytes_of_unfinished_ones() {
     let mut l = Ledger::new(limits(3, 100, 3), Recovered::default());
     l.on_enqueued(Seq(0), 40);

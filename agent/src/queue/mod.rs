@@ -1,11 +1,11 @@
-//! The durable request queue on sled: a request is acknowledged to the broker only once it is
-//! on disk, and leaves only once the broker has acknowledged its reply.
+//! The durable request queue on SQLite: a request is acknowledged to the broker only once
+//! it is on disk, and leaves only once the broker has acknowledged its reply.
 //!
 //! # Life of a request
 //!
 //! ```text
 //!   enqueue ──► pending ──lease──► leased ──complete──► outbox ──reply_acked──► gone
-//!     │flush      ▲  ▲      │flush   │  │                 │flush
+//!     │fsync      ▲  ▲      │fsync   │  │                 │fsync
 //!     ▼           │  │      │        │  └─ attempts used up: also written to `dead`,
 //!   PUBACK        │  │      │        │     handed out as `DeadLettered` (reply `internal`)
 //!                 │  └──────┼────────┘ requeue_expired (attempt kept) / release (attempt
@@ -14,66 +14,82 @@
 //! ```
 //!
 //! A request refused at ingress (malformed, too large) skips the queue: `reply_directly`
-//! writes its error reply straight into the outbox under a new sequence number and flushes,
+//! writes its error reply straight into the outbox under a new sequence number, durably,
 //! and the request is acknowledged after that, like an enqueued one.
 //!
-//! # Trees and key layout
+//! # Why SQLite
 //!
-//! One sled database per queue directory. Every key in the data trees is the item's sequence
-//! number, a `u64` in big-endian bytes, so key order is arrival order and `first()` is the
-//! oldest item. Numbers are assigned at enqueue, increase, and are never reused: the next one
-//! is stored in `meta` with every enqueue and, on open, is also checked against the highest
-//! key in any tree.
+//! The engine was chosen by measurement (docs/queue-engines.md, docs/reliability.md): under
+//! simulated power cuts (LazyFS drops whatever was not fsynced) sled 0.34, the first engine,
+//! lost acknowledged requests and twice left a directory it could not reopen (one spins
+//! forever at open); SQLite and redb lost nothing. SQLite's write-ahead log is the record: no
+//! sidecar file, no log format of ours.
 //!
-//! | tree      | value                                                   | present while |
+//! # Tables and key layout
+//!
+//! One SQLite database per queue directory, `queue.sqlite3`, in WAL mode (`queue.sqlite3-wal`
+//! beside it), opened with `locking_mode=EXCLUSIVE`: one process owns the queue, a second
+//! `open` gets `Locked`. `PRAGMA application_id` marks the file as a queue and `PRAGMA
+//! user_version` holds the layout version (2; 1 was sled's). Every data table is `seq
+//! INTEGER PRIMARY KEY, v BLOB`: the key is the item's sequence number, so key order is
+//! arrival order. Numbers are assigned at enqueue, increase, and are never reused: the next
+//! one is stored in `meta` with every enqueue and, on open, is also checked against the
+//! highest key in any table.
+//!
+//! | table     | value                                                   | present while |
 //! |-----------|---------------------------------------------------------|---------------|
 //! | `items`   | request record (`StoredRequest`, the image included)   | pending or leased |
 //! | `pending` | index entry `[1][attempts u32][payload_len u64]`        | waiting for a worker |
 //! | `leased`  | the same index entry, attempts including this lease     | a worker holds it |
 //! | `outbox`  | reply record (`StoredReply`)                            | reply not yet acked |
 //! | `dead`    | dead letter: reason, attempts, time, note, raw request  | kept for inspection |
-//! | `meta`    | `format` = layout version (1); `next_seq` = u64 BE      | always |
-//!
-//! Beside sled's own files (`conf`, `db`, `blobs/`, `snap.*`) the directory holds
-//! `edge-queue.watermark` (see "After a crash").
+//! | `meta`    | `next_seq` = u64 BE; `flushes` = u64 (see `flush`)      | always |
 //!
 //! The body lives in `items` and is written once by the queue: leasing and requeueing only
 //! move the 13-byte index entry between `pending` and `leased` and never touch `items`.
 //! Every record starts with a version byte (1), so the format can evolve; a record of an
-//! unknown version is treated as undecodable (below), a database whose `meta` `format` is
-//! unknown is refused at open. Integers are big-endian, byte strings carry a u32
-//! length prefix, optional fields a 0/1 presence byte (see `codec`).
+//! unknown version is treated as undecodable (below). Integers are big-endian, byte strings
+//! carry a u32 length prefix, optional fields a 0/1 presence byte (see `codec`).
 //!
 //! # Invariants
 //!
 //! - A sequence number is in exactly one of `pending`, `leased`, `outbox`, and its body is in
-//!   `items` exactly while it is in `pending` or `leased`. Each move is one sled transaction
-//!   across the trees involved, so a crash sees the state before or after it, never between.
+//!   `items` exactly while it is in `pending` or `leased`. Each move is one SQLite
+//!   transaction across the tables involved, so a crash or a power cut sees the state before
+//!   or after it, never between.
 //! - `dead` may additionally hold a number that is still leased (a dead-lettered item waiting
 //!   for its error reply).
-//! - The counters (`stats()`) change only under the queue's lock, right after the sled change
-//!   they describe; they are rebuilt from the trees on open and never computed by scanning
-//!   afterwards. Leases are in memory only (expiry time), `leased` on disk is just "held".
+//! - The counters (`stats()`) change only under the queue's lock, right after the commit they
+//!   describe; they are rebuilt from the tables on open and never computed by scanning
+//!   afterwards. `stats()` reads a copy published when the lock is released, so it never
+//!   waits on the disk. Leases are in memory only (expiry time), `leased` on disk is just
+//!   "held".
 //!
-//! # What is flushed before which acknowledgement
+//! # What is durable before which acknowledgement
 //!
-//! | call | flushed before it returns | so the caller may |
+//! A durable commit runs with `synchronous=FULL`: SQLite fsyncs the log before the commit
+//! returns. The others run with `synchronous=NORMAL`: written to the log, consistent after a
+//! power cut, durable at the next durable commit (the log's fsync covers everything before it).
+//!
+//! | call | durable before it returns | so the caller may |
 //! |------|---------------------------|-------------------|
 //! | `enqueue` → `Enqueued` | body, pending entry, counter | PUBACK the request |
+//! | `enqueue_many_async` → `Enqueued`s | all of them, one transaction, one fsync | PUBACK them |
+//! | `enqueue_unflushed` | nothing, until `flush_through` (group commit) | PUBACK after the flush |
 //! | `reply_directly` → `Enqueued` | the reply in outbox, counter | PUBACK the refused request, publish the reply |
 //! | `lease` | the raised attempt count | run the worker (a crash in it is counted) |
 //! | `complete` | removal of body and lease, reply in outbox | publish the reply |
-//! | `reply_acked`, `release`, `requeue_expired` | nothing (sled's background flush, 500 ms) | - |
+//! | `reply_acked`, `release`, `requeue_expired` | nothing (durable with the next durable commit) | - |
 //!
-//! sled's flush is global (one log for every tree), so it also covers earlier writes of other
-//! callers. `enqueue_async` and `complete_async` await sled's `flush_async` instead of blocking
-//! a thread on `fsync`.
+//! Every call takes the connection's lock for one transaction, so calls are serialised; the
+//! `_async` forms run on tokio's blocking threads and never block the runtime on `fsync`.
 //!
-//! # After a crash
+//! # After a crash or a power cut
 //!
-//! Recovery runs in `Queue::open`:
-//! - during `enqueue` before the flush returned: the request was not acknowledged, the broker
-//!   redelivers it; if the write reached the disk anyway it is queued twice (at-least-once,
+//! SQLite replays or discards its log at open (a torn last transaction is discarded: it was
+//! never durable). Then `Queue::open` recovers:
+//! - during `enqueue` before it returned: the request was not acknowledged, the broker
+//!   redelivers it; if the commit reached the disk anyway it is queued twice (at-least-once,
 //!   replies carry the request id);
 //! - while leased: every `leased` entry goes back to `pending` with its attempt count, ahead of
 //!   newer items; once the count reaches `max_attempts` the next lease writes a dead letter
@@ -82,24 +98,20 @@
 //! - after `complete`, before the broker's ack: the reply is in `outbox()`; publish it again;
 //! - after the ack, before `reply_acked` reached the disk: the reply is published again, a
 //!   duplicate the client drops by request id;
-//! - a release not yet flushed: the item is held on disk, so it comes back as pending, with
+//! - a release not yet durable: the item is held on disk, so it comes back as pending, with
 //!   the attempt counted.
 //!
-//! A record that cannot be decoded (an index entry, a request body, a reply, a key) never
-//! panics and is never dropped silently: everything stored under its number is moved into one
-//! `Undecodable` dead letter with a note and the raw request bytes, and a warning is logged.
-//! A database sled cannot read (or that panics sled while opening) fails `open` with
-//! `QueueError::Damaged`, naming the path and the recovery (move the directory aside and
-//! start empty); the queue deletes nothing. A non-empty directory that holds no sled database
-//! is refused the same way.
-//!
-//! sled itself is not that careful: its recovery treats an unreadable stretch of the log as a
-//! torn write, keeps what precedes it and writes over the rest, silently; a wholly garbage
-//! `db` file opens as an empty database. To make that loud, the queue keeps a sidecar file,
-//! `edge-queue.watermark` (`[E Q W 1][next_seq u64 BE]`), raised after every enqueue's flush.
-//! If sled recovers a sequence counter below it, acknowledged requests were lost and `open`
-//! fails with `Damaged` instead of carrying on. (Losses that hit only replies or leases, with
-//! no later enqueue, are not detected this way.)
+//! A record that cannot be decoded (an index entry, a request body, a reply, a negative key)
+//! never panics and is never dropped silently: everything stored under its number is moved
+//! into one `Undecodable` dead letter with a note and the raw request bytes, and a warning is
+//! logged. A database SQLite reports as corrupt (at open it runs `PRAGMA quick_check`, given
+//! up after 3 s on a large queue), a foreign file, an unknown layout, a directory holding an
+//! earlier version's sled queue or other files fails `open` with `QueueError::Damaged`, naming
+//! the path and the recovery (move the directory aside and start empty); `open` deletes
+//! nothing. `open_or_quarantine` with `OnDamage::Quarantine` does the moving aside itself
+//! (`<dir>.damaged-<unix seconds>`, the rename fsynced) and starts empty, for unattended
+//! devices. Opening never loops: every step is bounded (the lock wait at 1 s, the check at 3 s,
+//! the rest by the queue's limits).
 //!
 //! # What is bounded, and how
 //!
@@ -109,16 +121,11 @@
 //!   acknowledging, and the broker holds the messages. A payload larger than `max_bytes`
 //!   alone is `TooLarge`, since waiting would never help.
 //! - Dead letters: at most `max_dead_letters`; the oldest are pruned (they were answered).
-//! - Memory: sled's page cache is capped at `CACHE_CAPACITY_BYTES` (32 MiB, instead of
-//!   sled's 1 GiB default); the in-memory lease table holds one small entry per leased item.
-//! - Disk: sled is log-structured, and enqueue/dequeue churn is its known weak spot: space
-//!   of removed values comes back only when segments are cleaned, so files can grow beyond
-//!   the live data (sled issues 1333, 1374). The queue runs in `Mode::LowSpace`, which cleans
-//!   and rewrites segments more eagerly at some cost in write throughput, the right trade for
-//!   a device whose rate is bounded by inference. Log messages over ~128 KiB (a large image,
-//!   or a consolidated leaf of `items`) go to separate blob files in `blobs/`, removed when
-//!   sled cleans the segment that points at them. Measuring growth under sustained churn and
-//!   fault injection is left to a later issue.
+//! - Memory: SQLite's page cache is capped at `CACHE_CAPACITY_BYTES` (8 MiB); the in-memory
+//!   lease table holds one small entry per leased item.
+//! - Disk: the database reuses the pages of removed rows (its file keeps the size of the
+//!   largest backlog it held); the log is checkpointed into it every 1,000 pages (SQLite's
+//!   default) and truncated to 16 MiB after a checkpoint.
 
 mod codec;
 mod error;
@@ -127,8 +134,7 @@ mod ledger;
 mod ops;
 mod record;
 mod store;
-mod trees;
-mod watermark;
+mod tables;
 
 #[cfg(test)]
 mod crash_tests;
@@ -143,4 +149,4 @@ pub use layout::{DeadLetter, DeadReason};
 pub use ledger::{QueueLimits, QueueStats, Seq, UnixMillis};
 pub use ops::{EnqueueOutcome, Lease, Leased};
 pub use record::{Protocol, StoredReply, StoredRequest};
-pub use store::{CACHE_CAPACITY_BYTES, Queue};
+pub use store::{CACHE_CAPACITY_BYTES, OnDamage, Quarantined, Queue};

@@ -5,7 +5,9 @@ use super::error::QueueError;
 use super::layout::{DeadLetter, DeadReason};
 use super::ledger::{Admission, ItemMeta, LeaseDecision, Ledger, Seq, UnixMillis};
 use super::record::{StoredReply, StoredRequest};
-use super::store::Queue;
+use super::store::{Queue, blocking, sync};
+use super::tables;
+use super::tables::{Sync, Table, TableOps};
 
 /// The answer to `enqueue`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,136 +78,131 @@ impl Leased {
 }
 
 impl Queue {
-    /// Stores a request and flushes it to disk. Only `Enqueued` means durable: acknowledge
-    /// the MQTT message then, and never before. Blocks on `fsync`; from async code use
-    /// `enqueue_async` or a blocking task.
+    /// Stores a request durably (committed with an fsync of the log). Only `Enqueued` means
+    /// durable: acknowledge the MQTT message then, and never before. Blocks on `fsync`; from
+    /// async code use `enqueue_async`.
     pub fn enqueue(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
-        let outcome = self.write_request(request)?;
-        if let EnqueueOutcome::Enqueued(seq) = outcome {
-            self.inner.db.flush()?;
-            self.inner.watermark.raise(seq.get().saturating_add(1));
-        }
-        Ok(outcome)
+        self.write_request(&Encoded::of(request)?, Sync::Full)
     }
 
-    /// `enqueue` with the flush awaited instead of blocked on (sled's own flusher does it).
+    /// `enqueue` on a blocking thread.
     pub async fn enqueue_async(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
-        let outcome = self.write_request(request)?;
-        if let EnqueueOutcome::Enqueued(seq) = outcome {
-            self.inner.db.flush_async().await?;
-            self.inner.watermark.raise(seq.get().saturating_add(1));
-        }
-        Ok(outcome)
+        let (queue, encoded) = (self.clone(), Encoded::of(request)?);
+        blocking(move || queue.write_request(&encoded, Sync::Full)).await
     }
 
-    /// Group commit, first half: stores a request without flushing. It is not durable, and
-    /// must not be acknowledged, until a later flush ([`Queue::flush_through`], or any
-    /// `enqueue`/`enqueue_async`/`reply_directly`, since a flush covers every earlier write).
+    /// Group commit, first half: stores a request in a commit that is not synced. It is not
+    /// durable, and must not be acknowledged, until a later durable commit
+    /// ([`Queue::flush_through`], or any `enqueue`/`reply_directly`/`lease`/`complete`, since
+    /// the fsync of the log covers every earlier commit). Writes without waiting for the
+    /// disk (the log is appended to, not synced).
     pub fn enqueue_unflushed(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
-        self.write_request(request)
+        self.write_request(&Encoded::of(request)?, Sync::Normal)
     }
 
-    /// Group commit, second half: flushes every write so far; requests enqueued up to `seq`
-    /// are then durable and may be acknowledged.
-    pub async fn flush_through(&self, seq: Seq) -> Result<(), QueueError> {
-        self.inner.db.flush_async().await?;
-        self.inner.watermark.raise(seq.get().saturating_add(1));
-        Ok(())
+    /// Group commit, second half: makes every commit so far durable; requests enqueued up to
+    /// `seq` may then be acknowledged.
+    pub async fn flush_through(&self, _seq: Seq) -> Result<(), QueueError> {
+        let queue = self.clone();
+        blocking(move || queue.flush()).await
     }
 
-    /// Group commit of requests that arrived together: one flush for all. The outcomes are
-    /// in order; the `Enqueued` ones are durable when this returns. An error leaves none of
-    /// them acknowledgeable (some may still reach the disk and be queued twice on
-    /// redelivery: at-least-once).
+    /// Group commit of requests that arrived together: one durable transaction for all. The
+    /// outcomes are in order; the `Enqueued` ones are durable when this returns. An error
+    /// leaves none of them acknowledgeable.
     pub async fn enqueue_many_async(
         &self,
         requests: &[&StoredRequest],
     ) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let encoded = requests
+            .iter()
+            .map(|r| Encoded::of(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue = self.clone();
+        blocking(move || queue.write_requests(&encoded)).await
+    }
+
+    fn write_request(&self, request: &Encoded, sync: Sync) -> Result<EnqueueOutcome, QueueError> {
+        let mut ledger = self.ledger();
+        let seq = match admit(&ledger, request.payload_len) {
+            Ok(()) => ledger.next_seq(),
+            Err(refused) => return Ok(refused),
+        };
+        let db = &self.inner.db;
+        db.insert_request(sync, seq, &request.body, request.payload_len)?;
+        ledger.on_enqueued(seq, request.payload_len);
+        Ok(EnqueueOutcome::Enqueued(seq))
+    }
+
+    fn write_requests(&self, requests: &[Encoded]) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let mut ledger = self.ledger();
+        // Admission as if each were enqueued in turn; the counters change only after commit.
         let mut outcomes = Vec::with_capacity(requests.len());
-        let mut last = None;
+        let mut admitted: Vec<(Seq, &Encoded)> = Vec::new();
+        let mut shadow = ledger.clone();
         for request in requests {
-            let outcome = self.enqueue_unflushed(request)?;
-            if let EnqueueOutcome::Enqueued(seq) = outcome {
-                last = Some(seq);
+            match admit(&shadow, request.payload_len) {
+                Ok(()) => {
+                    let seq = shadow.next_seq();
+                    shadow.on_enqueued(seq, request.payload_len);
+                    admitted.push((seq, request));
+                    outcomes.push(EnqueueOutcome::Enqueued(seq));
+                }
+                Err(refused) => outcomes.push(refused),
             }
-            outcomes.push(outcome);
         }
-        if let Some(seq) = last {
-            self.flush_through(seq).await?;
+        if admitted.is_empty() {
+            return Ok(outcomes);
+        }
+        self.inner.db.transact(Sync::Full, |tx| {
+            for (seq, r) in &admitted {
+                tables::insert_request_in(tx, *seq, &r.body, r.payload_len)?;
+            }
+            Ok(())
+        })?;
+        for (seq, r) in admitted {
+            ledger.on_enqueued(seq, r.payload_len);
         }
         Ok(outcomes)
     }
 
-    fn write_request(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
-        let too_large = |_| QueueError::RecordTooLarge {
-            record: "request",
-            request_id: request.request_id.clone(),
-        };
-        let payload_len = request.payload_len();
-        let body = request.encode().map_err(too_large)?;
-        let mut ledger = self.ledger();
-        match ledger.admit(payload_len) {
-            Admission::Admit => {}
-            Admission::Full { items, bytes } => return Ok(EnqueueOutcome::Full { items, bytes }),
-            Admission::TooLarge { max_bytes } => {
-                return Ok(EnqueueOutcome::TooLarge {
-                    payload_bytes: payload_len,
-                    max_bytes,
-                });
-            }
-        }
-        let seq = ledger.next_seq();
-        self.inner.trees.insert_request(seq, &body, payload_len)?;
-        ledger.on_enqueued(seq, payload_len);
-        Ok(EnqueueOutcome::Enqueued(seq))
-    }
-
     /// Answers a request without queueing it (refused at ingress, e.g. malformed or too
-    /// large): the reply goes straight to the outbox and is flushed, so the request may be
-    /// acknowledged on `Enqueued` exactly as after `enqueue`. Counts against `max_items`.
+    /// large): the reply goes straight to the outbox in a durable commit, so the request may
+    /// be acknowledged on `Enqueued` exactly as after `enqueue`. Counts against `max_items`.
     pub async fn reply_directly(&self, reply: &StoredReply) -> Result<EnqueueOutcome, QueueError> {
         let record = reply.encode().map_err(|_| QueueError::RecordTooLarge {
             record: "reply",
             request_id: reply.request_id.clone(),
         })?;
-        let seq = {
-            let mut ledger = self.ledger();
+        let queue = self.clone();
+        blocking(move || {
+            let mut ledger = queue.ledger();
             if let Admission::Full { items, bytes } = ledger.admit_reply() {
                 return Ok(EnqueueOutcome::Full { items, bytes });
             }
             let seq = ledger.next_seq();
-            self.inner.trees.insert_reply(seq, &record)?;
+            queue.inner.db.insert_reply(Sync::Full, seq, &record)?;
             ledger.on_reply_inserted(seq);
-            seq
-        };
-        self.inner.db.flush_async().await?;
-        self.inner.watermark.raise(seq.get().saturating_add(1));
-        Ok(EnqueueOutcome::Enqueued(seq))
+            Ok(EnqueueOutcome::Enqueued(seq))
+        })
+        .await
     }
 
     /// Leases the oldest pending item, deciding at `now` whether it is work, expired, or
-    /// dead-lettered. The new attempt count is flushed before the item is returned, so an
-    /// item that crashes the process is counted. Undecodable items met on the way become
-    /// dead letters and are skipped.
+    /// dead-lettered. The new attempt count is committed durably before the item is
+    /// returned, so an item that crashes the process is counted. Undecodable items met on the
+    /// way become dead letters and are skipped. Blocks on `fsync`.
     pub fn lease(&self, now: UnixMillis) -> Result<Option<Leased>, QueueError> {
-        let leased = self.take_lease(now)?;
-        if leased.is_some() {
-            self.inner.db.flush()?;
-        }
-        Ok(leased)
-    }
-
-    fn take_lease(&self, now: UnixMillis) -> Result<Option<Leased>, QueueError> {
-        let trees = &self.inner.trees;
+        let db = &self.inner.db;
         let mut ledger = self.ledger();
         loop {
-            let Some((key, index)) = trees.pending.first()? else {
+            let Some((k, index)) = db.read(|c| c.first(Table::Pending))? else {
                 return Ok(None);
             };
-            let Some(seq) = Seq::from_key(&key) else {
+            let Some(seq) = tables::seq_of(k) else {
                 let (seq, note) = (ledger.take_seq(), "pending entry with a malformed key");
                 tracing::warn!(seq = seq.get(), note, "queue record moved to the dead letters");
-                let new = trees.quarantine_stray(&trees.pending, &key, seq, note, now)?;
+                let new = db.quarantine_stray(Table::Pending, k, seq, note, now)?;
                 self.note_dead(&mut ledger, new)?;
                 continue;
             };
@@ -216,7 +213,7 @@ impl Queue {
                     continue;
                 }
             };
-            let body = trees.items.get(key)?;
+            let body = db.read(|c| c.get(Table::Items, seq))?;
             let request = match body.as_deref().map(StoredRequest::decode) {
                 Some(Ok(request)) => request,
                 Some(Err(e)) => {
@@ -241,7 +238,7 @@ impl Queue {
                 }
                 _ => None,
             };
-            let new_dead = trees.move_to_leased(seq, leased_meta, dead.as_deref())?;
+            let new_dead = db.move_to_leased(Sync::Full, seq, leased_meta, dead.as_deref())?;
             ledger.on_leased(seq, meta, decision);
             if dead.is_some() {
                 self.note_dead(&mut ledger, new_dead)?;
@@ -265,7 +262,7 @@ impl Queue {
         seq: Seq,
         attempts: u32,
         now: UnixMillis,
-        body: Option<sled::IVec>,
+        body: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, QueueError> {
         let letter = DeadLetter {
             seq,
@@ -273,7 +270,7 @@ impl Queue {
             attempts,
             at: now,
             note: format!("leased {attempts} times without completing"),
-            raw_request: body.map(|b| b.to_vec()),
+            raw_request: body,
         };
         letter.encode().map_err(|_| QueueError::RecordTooLarge {
             record: "dead letter",
@@ -290,43 +287,38 @@ impl Queue {
         now: UnixMillis,
     ) -> Result<(), QueueError> {
         tracing::warn!(seq = seq.get(), note, "queue record moved to the dead letters");
-        let new = self.inner.trees.quarantine(seq, note, now)?;
+        let new = self.inner.db.quarantine(seq, note, now)?;
         ledger.forget_pending(payload_len);
         self.note_dead(ledger, new)?;
         Ok(())
     }
 
-    /// Finishes a lease: atomically removes the request and puts its reply in the outbox,
-    /// then flushes. Publish the reply after this returns; call `reply_acked` when the broker
-    /// acknowledges it. Fails with `NotLeased` if the lease was lost (expired, released).
+    /// Finishes a lease: atomically removes the request and puts its reply in the outbox, in
+    /// a durable commit. Publish the reply after this returns; call `reply_acked` when the
+    /// broker acknowledges it. Fails with `NotLeased` if the lease was lost (expired,
+    /// released). Blocks on `fsync`.
     pub fn complete(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
-        self.write_completion(seq, reply)?;
-        self.inner.db.flush()?;
-        Ok(())
+        let record = encode_reply(reply)?;
+        self.write_completion(seq, &record, true)
     }
 
-    /// `complete` with the flush awaited instead of blocked on.
+    /// `complete` on a blocking thread.
     pub async fn complete_async(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
-        self.write_completion(seq, reply)?;
-        self.inner.db.flush_async().await?;
-        Ok(())
+        let (queue, record) = (self.clone(), encode_reply(reply)?);
+        blocking(move || queue.write_completion(seq, &record, true)).await
     }
 
-    fn write_completion(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
-        let record = reply.encode().map_err(|_| QueueError::RecordTooLarge {
-            record: "reply",
-            request_id: reply.request_id.clone(),
-        })?;
+    fn write_completion(&self, seq: Seq, record: &[u8], durable: bool) -> Result<(), QueueError> {
         let mut ledger = self.ledger();
         if ledger.lease(seq).is_none() {
             return Err(QueueError::NotLeased { seq });
         }
-        self.inner.trees.complete(seq, &record)?;
+        self.inner.db.complete(sync(durable), seq, record)?;
         ledger.on_completed(seq);
         Ok(())
     }
 
-    /// Gives a lease back without counting its attempt (graceful shutdown). Not flushed on
+    /// Gives a lease back without counting its attempt (graceful shutdown). Not durable on
     /// its own: call `flush` once all are released; after a crash the lease is void anyway.
     pub fn release(&self, seq: Seq) -> Result<(), QueueError> {
         self.requeue(&mut self.ledger(), seq, false)
@@ -346,21 +338,66 @@ impl Queue {
     fn requeue(&self, ledger: &mut Ledger, seq: Seq, counted: bool) -> Result<(), QueueError> {
         let lease = ledger.lease(seq).ok_or(QueueError::NotLeased { seq })?;
         self.inner
-            .trees
+            .db
             .move_to_pending(seq, Ledger::requeue_meta(lease, counted))?;
         ledger.on_requeued(seq);
         Ok(())
     }
 
     /// The broker acknowledged the reply: the request leaves the system. Returns false if it
-    /// was not in the outbox (already acknowledged). Not flushed: losing it in a crash only
-    /// republishes the reply, which clients drop by request id.
+    /// was not in the outbox (already acknowledged). Not synced: losing it in a power cut
+    /// only republishes the reply, which clients drop by request id.
     pub fn reply_acked(&self, seq: Seq) -> Result<bool, QueueError> {
         let mut ledger = self.ledger();
-        let removed = self.inner.trees.outbox.remove(seq.to_key())?.is_some();
+        let removed = self.inner.db.remove_reply(seq)?;
         if removed {
             ledger.on_reply_acked();
         }
         Ok(removed)
+    }
+
+    /// `reply_acked` on a blocking thread (it waits for the database, which may be busy with
+    /// another caller's fsync).
+    pub async fn reply_acked_async(&self, seq: Seq) -> Result<bool, QueueError> {
+        let queue = self.clone();
+        blocking(move || queue.reply_acked(seq)).await
+    }
+}
+
+/// A request encoded for storage, with what admission needs.
+struct Encoded {
+    body: Vec<u8>,
+    payload_len: u64,
+}
+
+impl Encoded {
+    fn of(request: &StoredRequest) -> Result<Self, QueueError> {
+        let body = request.encode().map_err(|_| QueueError::RecordTooLarge {
+            record: "request",
+            request_id: request.request_id.clone(),
+        })?;
+        Ok(Self {
+            body,
+            payload_len: request.payload_len(),
+        })
+    }
+}
+
+fn encode_reply(reply: &StoredReply) -> Result<Vec<u8>, QueueError> {
+    reply.encode().map_err(|_| QueueError::RecordTooLarge {
+        record: "reply",
+        request_id: reply.request_id.clone(),
+    })
+}
+
+/// `Ok` when a request of `payload_len` bytes may be enqueued now, else the outcome to return.
+fn admit(ledger: &Ledger, payload_len: u64) -> Result<(), EnqueueOutcome> {
+    match ledger.admit(payload_len) {
+        Admission::Admit => Ok(()),
+        Admission::Full { items, bytes } => Err(EnqueueOutcome::Full { items, bytes }),
+        Admission::TooLarge { max_bytes } => Err(EnqueueOutcome::TooLarge {
+            payload_bytes: payload_len,
+            max_bytes,
+        }),
     }
 }

@@ -1,4 +1,4 @@
-//! Behaviour of the queue on a real sled database in a temp dir: durability across reopen,
+//! Behaviour of the queue on a real SQLite database in a temp dir: durability across reopen,
 //! FIFO, leases, retries, dead letters, bounds, outbox, corruption.
 
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
@@ -376,25 +376,13 @@ fn async_enqueue_and_complete_are_durable() {
     assert_eq!(q.outbox().unwrap(), vec![(seq, reply("a"))]);
 }
 
-/// A minimal executor: the queue's futures only wait on sled's flusher thread.
+/// Runs a queue future (its blocking work goes to tokio's blocking threads).
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {
-    use std::sync::Arc;
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = std::pin::pin!(fut);
-    loop {
-        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
-        std::thread::park();
-    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(fut)
 }
 
 #[tokio::test]
@@ -484,7 +472,7 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// sled under a long enqueue/lease/complete/ack workload (issue 7): the on-disk size must
+/// A long enqueue/lease/complete/ack workload (issue 7): the on-disk size must
 /// stay bounded while the queue itself stays near empty. Takes minutes (three fsyncs per
 /// cycle), so it is not in the default run:
 /// `cargo test --workspace --lib long_workload -- --ignored --nocapture`
