@@ -7,9 +7,12 @@
 //! <dir>/previous.bundle   what served before it
 //! ```
 //!
-//! Every change is a rename within the directory followed by a sync of the directory, so a
-//! crash leaves either the old or the new file under each name. At start the agent serves
-//! `current.bundle` when it exists and loads, else the configured `model.bundle`.
+//! A power cut must leave a whole bundle under each name, old or new, never a torn one: every
+//! file is fsynced before it is renamed into place (the fetch syncs `staging.bundle`; the copy
+//! of the configured bundle is synced here), and every rename is followed by an fsync of the
+//! directory before the next step. At start the agent serves `current.bundle` when it exists
+//! and loads, else the configured `model.bundle` (also what a cut between two renames of a
+//! change leaves: both steps of a change keep a whole bundle under each name).
 
 use std::path::{Path, PathBuf};
 
@@ -20,12 +23,19 @@ pub struct ModelStore {
 }
 
 impl ModelStore {
-    /// Opens (creates) the directory.
+    /// Opens (creates) the directory; a new directory is synced into its parent.
     pub fn open(dir: &Path) -> Result<Self, ReloadError> {
-        std::fs::create_dir_all(dir).map_err(|source| ReloadError::Store {
+        let created = !dir.exists();
+        let store_error = |source| ReloadError::Store {
             path: dir.to_owned(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(dir).map_err(store_error)?;
+        if created && let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(store_error)?;
+        }
         Ok(Self { dir: dir.to_owned() })
     }
 
@@ -53,14 +63,15 @@ impl ModelStore {
             self.rename(&current, &self.previous())?;
         } else {
             let tmp = self.dir.join("previous.bundle.tmp");
-            std::fs::copy(serving, &tmp).map_err(|source| ReloadError::Store {
-                path: tmp.clone(),
-                source,
-            })?;
+            std::fs::copy(serving, &tmp)
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .map_err(|source| ReloadError::Store {
+                    path: tmp.clone(),
+                    source,
+                })?;
             self.rename(&tmp, &self.previous())?;
         }
         self.rename(&self.staging(), &current)?;
-        self.sync()?;
         Ok(current)
     }
 
@@ -76,15 +87,16 @@ impl ModelStore {
             self.rename(&current, &previous)?;
         }
         self.rename(&tmp, &current)?;
-        self.sync()?;
         Ok(current)
     }
 
+    /// Renames within the directory and makes the rename durable before returning.
     fn rename(&self, from: &Path, to: &Path) -> Result<(), ReloadError> {
         std::fs::rename(from, to).map_err(|source| ReloadError::Store {
             path: to.to_owned(),
             source,
-        })
+        })?;
+        self.sync()
     }
 
     fn sync(&self) -> Result<(), ReloadError> {
