@@ -330,9 +330,21 @@ impl Agent {
     /// Starts the agent and waits until `/readyz` says ready.
     pub fn start(spec: AgentSpec) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let queue_dir = dir.path().join("queue");
+        Self::start_with_queue(spec, dir, queue_dir)
+    }
+
+    /// `start` with the queue in `queue_dir` (its models beside it, in `../models`), e.g. on
+    /// a LazyFS mount.
+    pub fn start_in(spec: AgentSpec, queue_dir: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_with_queue(spec, dir, queue_dir.to_owned())
+    }
+
+    fn start_with_queue(spec: AgentSpec, dir: tempfile::TempDir, queue_dir: PathBuf) -> Self {
         let mut a = Agent {
             spec,
-            queue_dir: dir.path().join("queue"),
+            queue_dir,
             http_port: free_port(),
             _dir: Arc::new(dir),
             child: None,
@@ -409,6 +421,22 @@ impl Agent {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Freezes the process (SIGSTOP): it writes nothing more until killed, as at a power cut.
+    pub fn freeze(&self) {
+        let child = self.child.as_ref().expect("agent running");
+        signal(child, "-STOP");
+    }
+
+    /// After `freeze` and the power cut: SIGKILL, start again on the same directories, and
+    /// return how long the new process took to be ready.
+    pub fn restart_after_cut(&mut self, timeout: Duration) -> Duration {
+        self.kill9();
+        let started = Instant::now();
+        self.spawn();
+        self.wait_ready(timeout);
+        started.elapsed()
     }
 
     /// Sends SIGHUP (reload the configured bundle).

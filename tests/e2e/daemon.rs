@@ -314,7 +314,7 @@ async fn every_error_code_comes_from_a_matching_bad_request_and_the_agent_keeps_
 }
 
 /// Waits until every id in `sent` has a reply on `topic` (or `timeout` passes).
-async fn wait_answered(client: &TestClient, topic: &str, sent: &[String], timeout: Duration) {
+pub(crate) async fn wait_answered(client: &TestClient, topic: &str, sent: &[String], timeout: Duration) {
     let ids: HashSet<&String> = sent.iter().collect();
     client
         .wait_for(topic, timeout, |_| {

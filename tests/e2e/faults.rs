@@ -30,7 +30,7 @@ fn small_coffee() -> Vec<u8> {
 }
 
 /// Request ids the agent stored and acknowledged (its `queued` debug lines, JSON logs).
-fn queued_ids(log: &str) -> HashSet<String> {
+pub(crate) fn queued_ids(log: &str) -> HashSet<String> {
     log.lines()
         .filter_map(|l| l.split_once("] ").map(|(_, json)| json))
         .filter_map(|json| serde_json::from_str::<Value>(json).ok())

@@ -9,6 +9,7 @@ mod faults;
 mod fuzz_regressions;
 mod offload;
 mod pool;
+mod powercut;
 mod powercut_lazyfs;
 mod reload;
 mod sources;

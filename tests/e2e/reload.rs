@@ -23,7 +23,7 @@ use crate::pool::photo;
 use edge_e2e::efficientnet_bundle;
 use edge_e2e::pool::{Server, images_request};
 
-fn sha256(path: &Path) -> String {
+pub(crate) fn sha256(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     sha2::Sha256::digest(&bytes)
         .iter()
@@ -32,7 +32,7 @@ fn sha256(path: &Path) -> String {
 }
 
 /// EfficientNet-Lite0 whose manifest says `version`.
-fn efficientnet_version(dir: &Path, version: &str) -> PathBuf {
+pub(crate) fn efficientnet_version(dir: &Path, version: &str) -> PathBuf {
     let path = dir.join(format!("efficientnet_v{version}.bundle"));
     rewrite_manifest(&efficientnet_bundle(), &path, |m| {
         m["model"]["version"] = json!(version)
