@@ -26,6 +26,9 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// larger queue on a slow card is opened unchecked (SQLite still checks every page it reads).
 const CHECK_BUDGET: Duration = Duration::from_secs(3);
 
+/// SQLite's page size for new queues (its default is 4 KiB).
+const PAGE_SIZE: i64 = 16 * 1024;
+
 /// The log is truncated to this after a checkpoint, so it does not keep the size of a burst.
 const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
@@ -177,9 +180,14 @@ fn connect(path: &Path) -> Result<Connection, QueueError> {
         // One process owns the queue: the lock is taken at the first read and kept until
         // the connection closes (in WAL mode this also keeps the index in memory, no -shm).
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        // Only a new database takes it (before its first write): an image spans 4x fewer
+        // pages, so a commit is fewer, larger writes to the log.
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
         let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+        // Checkpoint (copy the log into the database, two more fsyncs) every 16 MiB of log.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_SIZE_LIMIT / PAGE_SIZE)?;
         conn.pragma_update(None, "cache_size", -((CACHE_CAPACITY_BYTES / 1024) as i64))?;
         conn.pragma_update(None, "cell_size_check", true)?;
         Ok(mode)
