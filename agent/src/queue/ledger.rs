@@ -163,7 +163,13 @@ pub(crate) struct Recovered {
     pub outbox: usize,
     pub dead: usize,
     pub next_seq: u64,
+    /// The `next_seq` stored in `meta`: every number handed out so far is below it.
+    pub reserved: u64,
 }
+
+/// Sequence numbers reserved in `meta` at a time, so that an enqueue rewrites the `meta`
+/// page once per this many requests. A restart may skip the unused rest of a block.
+pub(crate) const SEQ_BLOCK: u64 = 1024;
 
 /// The bookkeeping of the whole queue. The store applies a change to the database first and then
 /// tells the ledger, under one lock, so the counters always describe what is on disk.
@@ -177,6 +183,7 @@ pub(crate) struct Ledger {
     outbox: usize,
     dead: usize,
     next_seq: u64,
+    reserved: u64,
 }
 
 impl Ledger {
@@ -190,6 +197,20 @@ impl Ledger {
             outbox: recovered.outbox,
             dead: recovered.dead,
             next_seq: recovered.next_seq,
+            reserved: recovered.reserved,
+        }
+    }
+
+    /// The value to store in `meta` with a write that uses `seq`, if the reservation must
+    /// grow (`None`: `seq` is already below it). Tell `on_reserved` once committed.
+    pub(crate) fn reservation(&self, seq: Seq) -> Option<u64> {
+        let needed = seq.0.saturating_add(1);
+        (needed > self.reserved).then(|| needed.saturating_add(SEQ_BLOCK))
+    }
+
+    pub(crate) fn on_reserved(&mut self, reserved: Option<u64>) {
+        if let Some(r) = reserved {
+            self.reserved = self.reserved.max(r);
         }
     }
 

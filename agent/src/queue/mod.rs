@@ -32,9 +32,11 @@
 //! `open` gets `Locked`. `PRAGMA application_id` marks the file as a queue and `PRAGMA
 //! user_version` holds the layout version (2; 1 was sled's). Every data table is `seq
 //! INTEGER PRIMARY KEY, v BLOB`: the key is the item's sequence number, so key order is
-//! arrival order. Numbers are assigned at enqueue, increase, and are never reused: the next
-//! one is stored in `meta` with every enqueue and, on open, is also checked against the
-//! highest key in any table.
+//! arrival order. Numbers are assigned at enqueue, increase, and are never reused: `meta`
+//! `next_seq` holds a reservation (every number handed out is below it), raised by 1,024 in
+//! the same transaction as the enqueue that reaches it, so most enqueues do not rewrite the
+//! `meta` page; on open the next number is the reservation or the highest key in any table
+//! plus one, whichever is larger (a restart may skip the rest of a block).
 //!
 //! | table     | value                                                   | present while |
 //! |-----------|---------------------------------------------------------|---------------|
@@ -43,7 +45,7 @@
 //! | `leased`  | the same index entry, attempts including this lease     | a worker holds it |
 //! | `outbox`  | reply record (`StoredReply`)                            | reply not yet acked |
 //! | `dead`    | dead letter: reason, attempts, time, note, raw request  | kept for inspection |
-//! | `meta`    | `next_seq` = u64 BE; `flushes` = u64 (see `flush`)      | always |
+//! | `meta`    | `next_seq` = u64 BE (reservation); `flushes` = u64      | always |
 //!
 //! The body lives in `items` and is written once by the queue: leasing and requeueing only
 //! move the 13-byte index entry between `pending` and `leased` and never touch `items`.

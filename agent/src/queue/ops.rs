@@ -129,7 +129,9 @@ impl Queue {
             Err(refused) => return Ok(refused),
         };
         let db = &self.inner.db;
-        db.insert_request(sync, seq, &request.body, request.payload_len)?;
+        let reserve = ledger.reservation(seq);
+        db.insert_request(sync, seq, &request.body, request.payload_len, reserve)?;
+        ledger.on_reserved(reserve);
         ledger.on_enqueued(seq, request.payload_len);
         Ok(EnqueueOutcome::Enqueued(seq))
     }
@@ -151,15 +153,18 @@ impl Queue {
                 Err(refused) => outcomes.push(refused),
             }
         }
-        if admitted.is_empty() {
+        let Some(&(last, _)) = admitted.last() else {
             return Ok(outcomes);
-        }
+        };
+        let reserve = ledger.reservation(last);
         self.inner.db.transact(Sync::Full, |tx| {
-            for (seq, r) in &admitted {
-                tables::insert_request_in(tx, *seq, &r.body, r.payload_len)?;
+            for (i, (seq, r)) in admitted.iter().enumerate() {
+                let reserve = if i + 1 == admitted.len() { reserve } else { None };
+                tables::insert_request_in(tx, *seq, &r.body, r.payload_len, reserve)?;
             }
             Ok(())
         })?;
+        ledger.on_reserved(reserve);
         for (seq, r) in admitted {
             ledger.on_enqueued(seq, r.payload_len);
         }
@@ -181,7 +186,9 @@ impl Queue {
                 return Ok(EnqueueOutcome::Full { items, bytes });
             }
             let seq = ledger.next_seq();
-            queue.inner.db.insert_reply(Sync::Full, seq, &record)?;
+            let reserve = ledger.reservation(seq);
+            queue.inner.db.insert_reply(Sync::Full, seq, &record, reserve)?;
+            ledger.on_reserved(reserve);
             ledger.on_reply_inserted(seq);
             Ok(EnqueueOutcome::Enqueued(seq))
         })
@@ -202,7 +209,9 @@ impl Queue {
             let Some(seq) = tables::seq_of(k) else {
                 let (seq, note) = (ledger.take_seq(), "pending entry with a malformed key");
                 tracing::warn!(seq = seq.get(), note, "queue record moved to the dead letters");
-                let new = db.quarantine_stray(Table::Pending, k, seq, note, now)?;
+                let reserve = ledger.reservation(seq);
+                let new = db.quarantine_stray(Table::Pending, k, seq, reserve, note, now)?;
+                ledger.on_reserved(reserve);
                 self.note_dead(&mut ledger, new)?;
                 continue;
             };

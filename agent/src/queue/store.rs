@@ -270,12 +270,16 @@ fn warn_quarantined(seq: Seq, note: &str) {
 
 /// Voids every lease (attempt counts kept) and counts what is left, moving undecodable
 /// entries to the dead letters.
-fn recover(db: &Tables, mut next_seq: u64, now: UnixMillis) -> rusqlite::Result<Recovered> {
+fn recover(db: &Tables, next_seq: u64, reserved: u64, now: UnixMillis) -> rusqlite::Result<Recovered> {
+    let (mut next_seq, mut reserved) = (next_seq, reserved);
     let mut stray = |table: Table, k: i64, note: &str| -> rusqlite::Result<()> {
         let seq = Seq::new(next_seq);
         next_seq = next_seq.saturating_add(1);
+        let reserve = (next_seq > reserved).then(|| next_seq.saturating_add(super::ledger::SEQ_BLOCK));
         warn_quarantined(seq, note);
-        db.quarantine_stray(table, k, seq, note, now).map(drop)
+        db.quarantine_stray(table, k, seq, reserve, note, now)?;
+        reserved = reserve.unwrap_or(reserved);
+        Ok(())
     };
     for (k, value) in db.read(|c| c.all(Table::Leased))? {
         match (tables::seq_of(k), layout::decode_index(&value)) {
@@ -306,6 +310,7 @@ fn recover(db: &Tables, mut next_seq: u64, now: UnixMillis) -> rusqlite::Result<
     recovered.outbox = db.read(|c| c.count(Table::Outbox))?;
     recovered.dead = db.read(|c| c.count(Table::Dead))?;
     recovered.next_seq = next_seq;
+    recovered.reserved = reserved;
     Ok(recovered)
 }
 
@@ -343,7 +348,7 @@ impl Queue {
         let stored_next = db.read(|c| c.meta_get(layout::META_NEXT_SEQ)).map_err(err)?;
         let stored_next = stored_next.as_deref().and_then(layout::decode_u64).unwrap_or(0);
         let next_seq = stored_next.max(db.next_seq_from_keys().map_err(err)?);
-        let recovered = recover(&db, next_seq, UnixMillis::now()).map_err(err)?;
+        let recovered = recover(&db, next_seq, stored_next, UnixMillis::now()).map_err(err)?;
         db.flush().map_err(err)?;
         let ledger = Ledger::new(limits, recovered);
         let stats = Mutex::new(ledger.stats());
@@ -455,7 +460,9 @@ impl Queue {
         for k in strays {
             let (seq, note) = (ledger.take_seq(), "outbox entry with a malformed key");
             warn_quarantined(seq, note);
-            let new = db.quarantine_stray(Table::Outbox, k, seq, note, UnixMillis::now())?;
+            let reserve = ledger.reservation(seq);
+            let new = db.quarantine_stray(Table::Outbox, k, seq, reserve, note, UnixMillis::now())?;
+            ledger.on_reserved(reserve);
             ledger.forget_outbox();
             self.note_dead(&mut ledger, new)?;
         }

@@ -266,17 +266,23 @@ impl Tables {
         seq: Seq,
         body: &[u8],
         payload_len: u64,
+        reserve: Option<u64>,
     ) -> rusqlite::Result<()> {
-        self.transact(sync, |tx| insert_request_in(tx, seq, body, payload_len))
+        self.transact(sync, |tx| insert_request_in(tx, seq, body, payload_len, reserve))
     }
 
     /// A request answered without queueing (rejected at ingress): its reply enters the outbox
-    /// under a new sequence number, with the counter, all or nothing.
-    pub(crate) fn insert_reply(&self, sync: Sync, seq: Seq, reply: &[u8]) -> rusqlite::Result<()> {
-        let next = seq.get().saturating_add(1).to_be_bytes();
+    /// under a new sequence number (with a new reservation if given), all or nothing.
+    pub(crate) fn insert_reply(
+        &self,
+        sync: Sync,
+        seq: Seq,
+        reply: &[u8],
+        reserve: Option<u64>,
+    ) -> rusqlite::Result<()> {
         self.transact(sync, |tx| {
             tx.insert(Table::Outbox, seq, reply)?;
-            tx.meta_put(layout::META_NEXT_SEQ, &next)
+            reserve_in(tx, reserve)
         })
     }
 
@@ -356,13 +362,15 @@ impl Tables {
     }
 
     /// Moves a row whose key is not a sequence number (a negative key: only tampering makes
-    /// one) out of `table` into a dead letter under `seq` (a fresh number). Returns whether
-    /// the letter is new.
+    /// one) out of `table` into a dead letter under `seq` (a fresh number, with a new
+    /// reservation if given). Returns whether the letter is new.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn quarantine_stray(
         &self,
         table: Table,
         k: i64,
         seq: Seq,
+        reserve: Option<u64>,
         note: &str,
         at: UnixMillis,
     ) -> rusqlite::Result<bool> {
@@ -375,10 +383,9 @@ impl Tables {
             raw_request: None,
         };
         let record = letter.encode().unwrap_or_default();
-        let next = seq.get().saturating_add(1).to_be_bytes();
         self.transact(Sync::Normal, |tx| {
             tx.remove_key(table, k)?;
-            tx.meta_put(layout::META_NEXT_SEQ, &next)?;
+            reserve_in(tx, reserve)?;
             tx.insert(Table::Dead, seq, &record)
         })
     }
@@ -400,12 +407,14 @@ pub(crate) fn seq_of(k: i64) -> Option<Seq> {
     u64::try_from(k).ok().map(Seq::new)
 }
 
-/// Enqueue inside a transaction: body, pending index and the sequence counter.
+/// Enqueue inside a transaction: body, pending index and, if given, a new reservation of
+/// sequence numbers.
 pub(crate) fn insert_request_in(
     tx: &Transaction<'_>,
     seq: Seq,
     body: &[u8],
     payload_len: u64,
+    reserve: Option<u64>,
 ) -> rusqlite::Result<()> {
     let index = layout::encode_index(ItemMeta {
         attempts: 0,
@@ -413,5 +422,13 @@ pub(crate) fn insert_request_in(
     });
     tx.insert(Table::Items, seq, body)?;
     tx.insert(Table::Pending, seq, &index)?;
-    tx.meta_put(layout::META_NEXT_SEQ, &seq.get().saturating_add(1).to_be_bytes())
+    reserve_in(tx, reserve)
+}
+
+/// Stores a new reservation (`meta` `next_seq`): every number below it may have been used.
+fn reserve_in(tx: &Transaction<'_>, reserve: Option<u64>) -> rusqlite::Result<()> {
+    match reserve {
+        Some(next) => tx.meta_put(layout::META_NEXT_SEQ, &next.to_be_bytes()),
+        None => Ok(()),
+    }
 }
