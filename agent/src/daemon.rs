@@ -1545,13 +1545,20 @@ async fn housekeeping_task(shared: Arc<Shared>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let queue = shared.queue.clone();
-        match tokio::task::spawn_blocking(move || queue.requeue_expired(UnixMillis::now())).await {
+        // Also syncs what was committed without a sync (leases, completions): a power cut then
+        // repeats at most about a second of work.
+        let requeue = move || {
+            let n = queue.requeue_expired(UnixMillis::now())?;
+            queue.sync_if_needed()?;
+            Ok::<_, crate::queue::QueueError>(n)
+        };
+        match tokio::task::spawn_blocking(requeue).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => {
                 warn!(n, "leases expired; requests handed out again");
                 shared.work.notify_waiters();
             }
-            Ok(Err(e)) => error!("cannot requeue expired leases: {e}"),
+            Ok(Err(e)) => error!("cannot requeue expired leases or sync the queue: {e}"),
             Err(e) => error!("requeue task failed: {e}"),
         }
         let stats = shared.queue.stats();

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!   enqueue ──► pending ──lease──► leased ──complete──► outbox ──reply_acked──► gone
-//!     │fsync      ▲  ▲      │fsync   │  │                 │fsync
+//!     │fsync      ▲  ▲      │        │  │                 │
 //!     ▼           │  │      │        │  └─ attempts used up: also written to `dead`,
 //!   PUBACK        │  │      │        │     handed out as `DeadLettered` (reply `internal`)
 //!                 │  └──────┼────────┘ requeue_expired (attempt kept) / release (attempt
@@ -79,9 +79,17 @@
 //! | `enqueue_many_async` → `Enqueued`s | all of them, one transaction, one fsync | PUBACK them |
 //! | `enqueue_unflushed` | nothing, until `flush_through` (group commit) | PUBACK after the flush |
 //! | `reply_directly` → `Enqueued` | the reply in outbox, counter | PUBACK the refused request, publish the reply |
-//! | `lease` | the raised attempt count | run the worker (a crash in it is counted) |
-//! | `complete` | removal of body and lease, reply in outbox | publish the reply |
+//! | `lease` | nothing; the raised attempt count is in the log, safe from a process crash | run the worker (a crash in it is counted) |
+//! | `complete` | nothing; removal of body and lease and the reply are in the log | publish the reply |
 //! | `reply_acked`, `release`, `requeue_expired` | nothing (durable with the next durable commit) | - |
+//!
+//! Only what acknowledges a request to the broker is synced: that is the promise. A commit
+//! written to the log survives the death of the process (it is in the kernel's page cache);
+//! a power cut may take the unsynced tail of the log, and each such loss only repeats work:
+//! a lost lease gives an item one more try, a lost completion has the request (whose body
+//! is still stored) classified and answered again, a duplicate the client drops by id. So a
+//! request costs one fsync on its way through, before its PUBACK; the agent also calls
+//! `sync_if_needed` every second, so an idle device does not keep unsynced work around.
 //!
 //! Every call takes the connection's lock for one transaction, so calls are serialised; the
 //! `_async` forms run on tokio's blocking threads and never block the runtime on `fsync`.
@@ -97,7 +105,9 @@
 //!   newer items; once the count reaches `max_attempts` the next lease writes a dead letter
 //!   and hands the item out as `DeadLettered` for an `internal` reply. An item that keeps
 //!   killing the process is therefore tried `max_attempts` times, then answered;
-//! - after `complete`, before the broker's ack: the reply is in `outbox()`; publish it again;
+//! - after `complete`, before the broker's ack: the reply is in `outbox()`; publish it again
+//!   (after a power cut that took the completion too, the request is pending again and is
+//!   answered again);
 //! - after the ack, before `reply_acked` reached the disk: the reply is published again, a
 //!   duplicate the client drops by request id;
 //! - a release not yet durable: the item is held on disk, so it comes back as pending, with

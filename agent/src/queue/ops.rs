@@ -196,9 +196,11 @@ impl Queue {
     }
 
     /// Leases the oldest pending item, deciding at `now` whether it is work, expired, or
-    /// dead-lettered. The new attempt count is committed durably before the item is
-    /// returned, so an item that crashes the process is counted. Undecodable items met on the
-    /// way become dead letters and are skipped. Blocks on `fsync`.
+    /// dead-lettered. The new attempt count is committed (written to the log, not synced)
+    /// before the item is returned: a crash of the process in the worker cannot lose it, so
+    /// an item that crashes the process is counted; a power cut may lose the count, which
+    /// only gives the item one more try. Undecodable items met on the way become dead
+    /// letters and are skipped.
     pub fn lease(&self, now: UnixMillis) -> Result<Option<Leased>, QueueError> {
         let db = &self.inner.db;
         let mut ledger = self.ledger();
@@ -247,7 +249,7 @@ impl Queue {
                 }
                 _ => None,
             };
-            let new_dead = db.move_to_leased(Sync::Full, seq, leased_meta, dead.as_deref())?;
+            let new_dead = db.move_to_leased(Sync::Normal, seq, leased_meta, dead.as_deref())?;
             ledger.on_leased(seq, meta, decision);
             if dead.is_some() {
                 self.note_dead(&mut ledger, new_dead)?;
@@ -302,19 +304,21 @@ impl Queue {
         Ok(())
     }
 
-    /// Finishes a lease: atomically removes the request and puts its reply in the outbox, in
-    /// a durable commit. Publish the reply after this returns; call `reply_acked` when the
-    /// broker acknowledges it. Fails with `NotLeased` if the lease was lost (expired,
-    /// released). Blocks on `fsync`.
+    /// Finishes a lease: atomically removes the request and puts its reply in the outbox (a
+    /// commit written to the log, not synced: a crash of the process cannot lose it; a power
+    /// cut before the next durable commit can, and then the request, whose body is still
+    /// stored, is classified and answered again: a duplicate, never a loss). Publish the
+    /// reply after this returns; call `reply_acked` when the broker acknowledges it. Fails
+    /// with `NotLeased` if the lease was lost (expired, released).
     pub fn complete(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
         let record = encode_reply(reply)?;
-        self.write_completion(seq, &record, true)
+        self.write_completion(seq, &record, false)
     }
 
     /// `complete` on a blocking thread.
     pub async fn complete_async(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
         let (queue, record) = (self.clone(), encode_reply(reply)?);
-        blocking(move || queue.write_completion(seq, &record, true)).await
+        blocking(move || queue.write_completion(seq, &record, false)).await
     }
 
     fn write_completion(&self, seq: Seq, record: &[u8], durable: bool) -> Result<(), QueueError> {

@@ -421,6 +421,13 @@ impl Queue {
         Ok(())
     }
 
+    /// Makes the commits that were not synced (leases, completions, acknowledged replies)
+    /// durable, if there are any; returns whether it synced. Call it periodically, so that a
+    /// power cut repeats at most that period's work. Blocks on `fsync`.
+    pub fn sync_if_needed(&self) -> Result<bool, QueueError> {
+        Ok(self.inner.db.flush_if_unsynced()?)
+    }
+
     /// Records a new or rewritten dead letter and prunes the oldest beyond the cap.
     pub(super) fn note_dead(&self, ledger: &mut Ledger, new: bool) -> rusqlite::Result<()> {
         ledger.on_dead_written(new);

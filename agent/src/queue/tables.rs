@@ -60,6 +60,8 @@ struct Conn {
     sync: Sync,
     /// Bumped by every `flush`, so that it always has something to commit.
     flushes: u64,
+    /// A `Normal` commit happened since the last `Full` one.
+    unsynced: bool,
 }
 
 /// The queue's one connection. Its methods each run one transaction.
@@ -199,6 +201,7 @@ impl Tables {
                 conn,
                 sync: Sync::Full,
                 flushes: 0,
+                unsynced: false,
             }),
         }
     }
@@ -224,6 +227,7 @@ impl Tables {
         let tx = c.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
+        c.unsynced = sync == Sync::Normal;
         Ok(out)
     }
 
@@ -243,6 +247,15 @@ impl Tables {
         self.transact(Sync::Full, |tx| {
             tx.meta_put(layout::META_FLUSHES, &n.to_be_bytes())
         })
+    }
+
+    /// `flush` if a commit since the last durable one is not synced yet; returns whether it
+    /// flushed.
+    pub(crate) fn flush_if_unsynced(&self) -> rusqlite::Result<bool> {
+        if !self.lock().unsynced {
+            return Ok(false);
+        }
+        self.flush().map(|()| true)
     }
 
     /// The highest sequence number present in any table, plus one (0 for an empty queue).

@@ -544,3 +544,15 @@ fn numbers_are_never_reused_after_the_queue_empties_and_reopens() {
     let stored = u64::from_be_bytes(stored.try_into().unwrap());
     assert!(stored > next.get(), "the reservation {stored} covers {next}");
 }
+
+#[test]
+fn only_what_acknowledges_a_request_is_synced_and_the_rest_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let seq = enqueued(&q, &request("a", 10));
+    assert!(!q.sync_if_needed().unwrap(), "the enqueue was synced");
+    ready(&q, T0);
+    q.complete(seq, &reply("a")).unwrap();
+    assert!(q.sync_if_needed().unwrap(), "the lease and the completion were not");
+    assert!(!q.sync_if_needed().unwrap());
+}
