@@ -127,7 +127,10 @@ impl LazyFs {
     pub fn mount() -> Result<LazyFs> {
         let bin = binary()?;
         let dir = tempfile::Builder::new()
-            .prefix("edge-lazyfs-")
+            // No '-' in the prefix: LazyFS ignores a --config-path argument containing "-o"
+            // (any case) and falls back to config/default.toml (src/lazyfs/src/main.cpp), so
+            // a random suffix starting with o or O made one mount in 31 fail.
+            .prefix("edge_lazyfs_")
             .tempdir()
             .context("creating a temporary directory for LazyFS")?;
         let base = dir.path().canonicalize()?;
@@ -140,6 +143,12 @@ impl LazyFs {
         mkfifo(&faults_path)?;
         mkfifo(&completed_path)?;
         let config = base.join("lazyfs.toml");
+        if path_str(&config)?.to_ascii_lowercase().contains("-o") {
+            bail!(
+                "LazyFS cannot take a config path containing \"-o\": {} (set TMPDIR elsewhere)",
+                config.display()
+            );
+        }
         std::fs::write(
             &config,
             format!(

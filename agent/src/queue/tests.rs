@@ -553,6 +553,9 @@ fn only_what_acknowledges_a_request_is_synced_and_the_rest_on_demand() {
     assert!(!q.sync_if_needed().unwrap(), "the enqueue was synced");
     ready(&q, T0);
     q.complete(seq, &reply("a")).unwrap();
-    assert!(q.sync_if_needed().unwrap(), "the lease and the completion were not");
+    assert!(
+        q.sync_if_needed().unwrap(),
+        "the lease and the completion were not"
+    );
     assert!(!q.sync_if_needed().unwrap());
 }
