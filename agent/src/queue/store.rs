@@ -175,6 +175,8 @@ fn connect(path: &Path) -> Result<Connection, QueueError> {
     let flags =
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(&file, flags).map_err(|e| open_error(path, e))?;
+    // Every statement of the queue (a few per table) stays prepared.
+    conn.set_prepared_statement_cache_capacity(64);
     let setup = || -> rusqlite::Result<String> {
         conn.busy_timeout(LOCK_WAIT)?;
         // One process owns the queue: the lock is taken at the first read and kept until

@@ -93,7 +93,8 @@ pub(crate) trait TableOps {
     fn get(&self, table: Table, seq: Seq) -> rusqlite::Result<Option<Vec<u8>>> {
         let sql = format!("SELECT v FROM {} WHERE seq = ?1", table.name());
         self.conn()
-            .query_row(&sql, [key(seq)], |r| Ok(value_bytes(r.get_ref(0)?)))
+            .prepare_cached(&sql)?
+            .query_row([key(seq)], |r| Ok(value_bytes(r.get_ref(0)?)))
             .optional()
     }
 
@@ -105,13 +106,18 @@ pub(crate) trait TableOps {
     fn insert_key(&self, table: Table, k: i64, value: &[u8]) -> rusqlite::Result<bool> {
         let existed = self.contains_key(table, k)?;
         let sql = format!("INSERT OR REPLACE INTO {} (seq, v) VALUES (?1, ?2)", table.name());
-        self.conn().execute(&sql, params![k, value])?;
+        self.conn().prepare_cached(&sql)?.execute(params![k, value])?;
         Ok(!existed)
     }
 
     fn contains_key(&self, table: Table, k: i64) -> rusqlite::Result<bool> {
         let sql = format!("SELECT 1 FROM {} WHERE seq = ?1", table.name());
-        Ok(self.conn().query_row(&sql, [k], |_| Ok(())).optional()?.is_some())
+        Ok(self
+            .conn()
+            .prepare_cached(&sql)?
+            .query_row([k], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     /// Removes the row; returns its value if there was one.
@@ -122,7 +128,8 @@ pub(crate) trait TableOps {
     fn remove_key(&self, table: Table, k: i64) -> rusqlite::Result<Option<Vec<u8>>> {
         let sql = format!("DELETE FROM {} WHERE seq = ?1 RETURNING v", table.name());
         self.conn()
-            .query_row(&sql, [k], |r| Ok(value_bytes(r.get_ref(0)?)))
+            .prepare_cached(&sql)?
+            .query_row([k], |r| Ok(value_bytes(r.get_ref(0)?)))
             .optional()
     }
 
@@ -130,7 +137,8 @@ pub(crate) trait TableOps {
     fn first(&self, table: Table) -> rusqlite::Result<Option<Row>> {
         let sql = format!("SELECT seq, v FROM {} ORDER BY seq LIMIT 1", table.name());
         self.conn()
-            .query_row(&sql, [], |r| Ok((r.get(0)?, value_bytes(r.get_ref(1)?))))
+            .prepare_cached(&sql)?
+            .query_row([], |r| Ok((r.get(0)?, value_bytes(r.get_ref(1)?))))
             .optional()
     }
 
@@ -144,21 +152,20 @@ pub(crate) trait TableOps {
 
     fn count(&self, table: Table) -> rusqlite::Result<usize> {
         let sql = format!("SELECT count(*) FROM {}", table.name());
-        let n: i64 = self.conn().query_row(&sql, [], |r| r.get(0))?;
+        let n: i64 = self.conn().prepare_cached(&sql)?.query_row([], |r| r.get(0))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// The largest key, if any.
     fn max_key(&self, table: Table) -> rusqlite::Result<Option<i64>> {
         let sql = format!("SELECT max(seq) FROM {}", table.name());
-        self.conn().query_row(&sql, [], |r| r.get(0))
+        self.conn().prepare_cached(&sql)?.query_row([], |r| r.get(0))
     }
 
     fn meta_get(&self, name: &str) -> rusqlite::Result<Option<Vec<u8>>> {
         self.conn()
-            .query_row("SELECT v FROM meta WHERE k = ?1", [name], |r| {
-                Ok(value_bytes(r.get_ref(0)?))
-            })
+            .prepare_cached("SELECT v FROM meta WHERE k = ?1")?
+            .query_row([name], |r| Ok(value_bytes(r.get_ref(0)?)))
             .optional()
     }
 
