@@ -874,7 +874,7 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
             let group = !rx.is_empty() && held.len() < MAX_GROUP;
             let store = async {
                 match &parsed {
-                    Ok(request) if group => shared.queue.enqueue_unflushed(request),
+                    Ok(request) if group => shared.queue.enqueue_unflushed(request).await,
                     Ok(request) => shared.queue.enqueue_async(request).await,
                     Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
                 }

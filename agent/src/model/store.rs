@@ -25,17 +25,10 @@ pub struct ModelStore {
 impl ModelStore {
     /// Opens (creates) the directory; a new directory is synced into its parent.
     pub fn open(dir: &Path) -> Result<Self, ReloadError> {
-        let created = !dir.exists();
-        let store_error = |source| ReloadError::Store {
+        crate::durable::create_dir(dir).map_err(|source| ReloadError::Store {
             path: dir.to_owned(),
             source,
-        };
-        std::fs::create_dir_all(dir).map_err(store_error)?;
-        if created && let Some(parent) = dir.parent() {
-            std::fs::File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(store_error)?;
-        }
+        })?;
         Ok(Self { dir: dir.to_owned() })
     }
 
@@ -100,12 +93,10 @@ impl ModelStore {
     }
 
     fn sync(&self) -> Result<(), ReloadError> {
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| ReloadError::Store {
-                path: self.dir.clone(),
-                source,
-            })
+        crate::durable::sync_dir(&self.dir).map_err(|source| ReloadError::Store {
+            path: self.dir.clone(),
+            source,
+        })
     }
 }
 

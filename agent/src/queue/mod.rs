@@ -133,7 +133,8 @@
 //!   acknowledging, and the broker holds the messages. A payload larger than `max_bytes`
 //!   alone is `TooLarge`, since waiting would never help.
 //! - Dead letters: at most `max_dead_letters`; the oldest are pruned (they were answered).
-//! - Memory: SQLite's page cache is capped at `CACHE_CAPACITY_BYTES` (8 MiB, 16 KiB pages); the in-memory
+//! - Memory: SQLite's page cache is capped at `CACHE_CAPACITY_BYTES` (8 MiB of 16 KiB
+//!   pages); the in-memory
 //!   lease table holds one small entry per leased item.
 //! - Disk: the database reuses the pages of removed rows (its file keeps the size of the
 //!   largest backlog it held); pages are 16 KiB (an image spans 4x fewer than at SQLite's

@@ -5,7 +5,7 @@ use super::error::QueueError;
 use super::layout::{DeadLetter, DeadReason};
 use super::ledger::{Admission, ItemMeta, LeaseDecision, Ledger, Seq, UnixMillis};
 use super::record::{StoredReply, StoredRequest};
-use super::store::{Queue, blocking, sync};
+use super::store::{Queue, blocking};
 use super::tables;
 use super::tables::{Sync, Table, TableOps};
 
@@ -95,9 +95,11 @@ impl Queue {
     /// durable, and must not be acknowledged, until a later durable commit
     /// ([`Queue::flush_through`], or any `enqueue`/`reply_directly`/`lease`/`complete`, since
     /// the fsync of the log covers every earlier commit). Writes without waiting for the
-    /// disk (the log is appended to, not synced).
-    pub fn enqueue_unflushed(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
-        self.write_request(&Encoded::of(request)?, Sync::Normal)
+    /// disk (the log is appended to, not synced). On a blocking thread, like every call that takes the database (another caller may be
+    /// in an fsync).
+    pub async fn enqueue_unflushed(&self, request: &StoredRequest) -> Result<EnqueueOutcome, QueueError> {
+        let (queue, encoded) = (self.clone(), Encoded::of(request)?);
+        blocking(move || queue.write_request(&encoded, Sync::Normal)).await
     }
 
     /// Group commit, second half: makes every commit so far durable; requests enqueued up to
@@ -249,7 +251,7 @@ impl Queue {
                 }
                 _ => None,
             };
-            let new_dead = db.move_to_leased(Sync::Normal, seq, leased_meta, dead.as_deref())?;
+            let new_dead = db.move_to_leased(seq, leased_meta, dead.as_deref())?;
             ledger.on_leased(seq, meta, decision);
             if dead.is_some() {
                 self.note_dead(&mut ledger, new_dead)?;
@@ -312,21 +314,21 @@ impl Queue {
     /// with `NotLeased` if the lease was lost (expired, released).
     pub fn complete(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
         let record = encode_reply(reply)?;
-        self.write_completion(seq, &record, false)
+        self.write_completion(seq, &record)
     }
 
     /// `complete` on a blocking thread.
     pub async fn complete_async(&self, seq: Seq, reply: &StoredReply) -> Result<(), QueueError> {
         let (queue, record) = (self.clone(), encode_reply(reply)?);
-        blocking(move || queue.write_completion(seq, &record, false)).await
+        blocking(move || queue.write_completion(seq, &record)).await
     }
 
-    fn write_completion(&self, seq: Seq, record: &[u8], durable: bool) -> Result<(), QueueError> {
+    fn write_completion(&self, seq: Seq, record: &[u8]) -> Result<(), QueueError> {
         let mut ledger = self.ledger();
         if ledger.lease(seq).is_none() {
             return Err(QueueError::NotLeased { seq });
         }
-        self.inner.db.complete(sync(durable), seq, record)?;
+        self.inner.db.complete(seq, record)?;
         ledger.on_completed(seq);
         Ok(())
     }

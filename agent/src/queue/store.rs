@@ -12,7 +12,7 @@ use super::error::QueueError;
 use super::layout::{self, DeadLetter, DeadReason};
 use super::ledger::{Ledger, QueueLimits, QueueStats, Recovered, Seq, UnixMillis};
 use super::record::StoredReply;
-use super::tables::{self, Sync, Table, TableOps, Tables};
+use super::tables::{self, Table, TableOps, Tables};
 
 /// SQLite's page cache for the queue's connection (its default is 2 MiB; the hot set is the
 /// head of `pending`, the indexes and the outbox).
@@ -316,11 +316,6 @@ fn recover(db: &Tables, next_seq: u64, reserved: u64, now: UnixMillis) -> rusqli
     Ok(recovered)
 }
 
-/// fsyncs a directory, so that a rename or a file created in it survives a power cut.
-pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 impl Queue {
     /// Opens (or creates) the queue at `path` and recovers it: leases from before a crash
     /// become pending again with their attempt counts, counters are rebuilt, undecodable
@@ -330,19 +325,13 @@ impl Queue {
     pub fn open(path: impl AsRef<Path>, limits: QueueLimits) -> Result<Self, QueueError> {
         let path = path.as_ref();
         check_directory(path)?;
-        let created = !path.exists();
-        std::fs::create_dir_all(path).map_err(|e| QueueError::Io {
+        // A new directory is synced into its parent: it must survive a power cut with the
+        // database in it.
+        crate::durable::create_dir(path).map_err(|e| QueueError::Io {
             path: path.to_owned(),
             source: e,
         })?;
         let mut conn = connect(path)?;
-        if created && let Some(parent) = path.parent() {
-            // The new directory itself must survive a power cut with the database in it.
-            sync_dir(parent).map_err(|e| QueueError::Io {
-                path: parent.to_owned(),
-                source: e,
-            })?;
-        }
         quick_check(path, &mut conn)?;
         check_layout(path, &conn)?;
         let db = Tables::new(conn);
@@ -521,7 +510,7 @@ fn quarantine_dir(path: &Path) -> Result<PathBuf, QueueError> {
     }
     std::fs::rename(path, &moved_to).map_err(|e| io(path, e))?;
     if let Some(parent) = path.parent() {
-        sync_dir(parent).map_err(|e| io(parent, e))?;
+        crate::durable::sync_dir(parent).map_err(|e| io(parent, e))?;
     }
     Ok(moved_to)
 }
@@ -534,9 +523,4 @@ pub(super) async fn blocking<T: Send + 'static>(
         path: PathBuf::new(),
         source: std::io::Error::other(format!("a queue task failed: {e}")),
     })?
-}
-
-/// `Sync` for callers that want a change durable now or at the next durable commit.
-pub(super) const fn sync(durable: bool) -> Sync {
-    if durable { Sync::Full } else { Sync::Normal }
 }

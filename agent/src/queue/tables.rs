@@ -98,15 +98,20 @@ pub(crate) trait TableOps {
             .optional()
     }
 
-    fn insert(&self, table: Table, seq: Seq, value: &[u8]) -> rusqlite::Result<bool> {
-        self.insert_key(table, key(seq), value)
+    /// Inserts or replaces.
+    fn insert(&self, table: Table, seq: Seq, value: &[u8]) -> rusqlite::Result<()> {
+        let sql = format!("INSERT OR REPLACE INTO {} (seq, v) VALUES (?1, ?2)", table.name());
+        self.conn()
+            .prepare_cached(&sql)?
+            .execute(params![key(seq), value])
+            .map(drop)
     }
 
-    /// Inserts or replaces; returns whether the key is new.
-    fn insert_key(&self, table: Table, k: i64, value: &[u8]) -> rusqlite::Result<bool> {
-        let existed = self.contains_key(table, k)?;
-        let sql = format!("INSERT OR REPLACE INTO {} (seq, v) VALUES (?1, ?2)", table.name());
-        self.conn().prepare_cached(&sql)?.execute(params![k, value])?;
+    /// `insert`, returning whether the key is new (for dead letters, which a crash may have
+    /// written already).
+    fn insert_new(&self, table: Table, seq: Seq, value: &[u8]) -> rusqlite::Result<bool> {
+        let existed = self.contains_key(table, key(seq))?;
+        self.insert(table, seq, value)?;
         Ok(!existed)
     }
 
@@ -306,21 +311,20 @@ impl Tables {
         })
     }
 
-    /// Lease: pending → leased with the new attempt count; with `dead`, also records the dead
+    /// Lease (not synced): pending → leased with the new attempt count; with `dead`, also records the dead
     /// letter. Returns whether the dead letter is new (not a rewrite after a crash).
     pub(crate) fn move_to_leased(
         &self,
-        sync: Sync,
         seq: Seq,
         meta: ItemMeta,
         dead: Option<&[u8]>,
     ) -> rusqlite::Result<bool> {
         let index = layout::encode_index(meta);
-        self.transact(sync, |tx| {
+        self.transact(Sync::Normal, |tx| {
             tx.remove(Table::Pending, seq)?;
             tx.insert(Table::Leased, seq, &index)?;
             match dead {
-                Some(record) => tx.insert(Table::Dead, seq, record),
+                Some(record) => tx.insert_new(Table::Dead, seq, record),
                 None => Ok(false),
             }
         })
@@ -331,16 +335,17 @@ impl Tables {
         let index = layout::encode_index(meta);
         self.transact(Sync::Normal, |tx| {
             tx.remove(Table::Leased, seq)?;
-            tx.insert(Table::Pending, seq, &index).map(drop)
+            tx.insert(Table::Pending, seq, &index)
         })
     }
 
-    /// Completion: the body and the lease go, the reply enters the outbox, all or nothing.
-    pub(crate) fn complete(&self, sync: Sync, seq: Seq, reply: &[u8]) -> rusqlite::Result<()> {
-        self.transact(sync, |tx| {
+    /// Completion (not synced): the body and the lease go, the reply enters the outbox, all
+    /// or nothing.
+    pub(crate) fn complete(&self, seq: Seq, reply: &[u8]) -> rusqlite::Result<()> {
+        self.transact(Sync::Normal, |tx| {
             tx.remove(Table::Items, seq)?;
             tx.remove(Table::Leased, seq)?;
-            tx.insert(Table::Outbox, seq, reply).map(drop)
+            tx.insert(Table::Outbox, seq, reply)
         })
     }
 
@@ -377,7 +382,7 @@ impl Tables {
                     .encode()
                 })
                 .unwrap_or_default();
-            tx.insert(Table::Dead, seq, &record)
+            tx.insert_new(Table::Dead, seq, &record)
         })
     }
 
@@ -406,7 +411,7 @@ impl Tables {
         self.transact(Sync::Normal, |tx| {
             tx.remove_key(table, k)?;
             reserve_in(tx, reserve)?;
-            tx.insert(Table::Dead, seq, &record)
+            tx.insert_new(Table::Dead, seq, &record)
         })
     }
 
