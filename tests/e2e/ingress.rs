@@ -175,10 +175,19 @@ async fn through_nginx_calls_spread_over_the_pools_a_killed_pool_costs_nothing_a
         .filter(|statuses| statuses.contains(','))
         .count();
     let agent_retried = agent.log().matches("call failed, endpoint kept").count();
+    // A cluster reply's `inference` time is the cluster call, retries included.
+    let slowest_call = stream
+        .iter()
+        .filter_map(|v| v["timings_ms"]["inference"].as_f64())
+        .fold(0.0, f64::max);
     println!(
-        "pool 1 SIGKILLed after {} of {m} replies: {} requests not answered by the cluster; per pool before {before_kill:?}, after {after_kill:?}; calls nginx retried on another pool: {proxy_retried}, calls the agent retried: {agent_retried}",
+        "pool 1 SIGKILLed after {} of {m} replies: {} requests not answered by the cluster; per pool before {before_kill:?}, after {after_kill:?}; calls nginx retried on another pool: {proxy_retried}, calls the agent retried: {agent_retried}; slowest cluster call {slowest_call:.0} ms (deadline {TIMEOUT_MS} ms per try)",
         killed_at.saturating_sub(n),
         lost.len()
+    );
+    assert!(
+        slowest_call <= 2.0 * TIMEOUT_MS as f64,
+        "a call took {slowest_call} ms, more than two tries' deadlines"
     );
     assert!(lost.is_empty(), "killing a pool cost requests: {lost:?}");
     assert!(
