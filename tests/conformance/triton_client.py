@@ -1,8 +1,10 @@
 """NVIDIA's tritonclient (KServe v2 gRPC) against a pool server.
 
-Usage: python triton_client.py HOST:PORT MODEL IMAGE...
+Usage: python triton_client.py [--ca CA.pem] HOST:PORT MODEL IMAGE...
 Prints one JSON document: server readiness, model metadata, and ModelInfer answers for the
-images sent as a BYTES tensor (classes and scores, top 5).
+images sent as a BYTES tensor (classes and scores, top 5). With --ca the connection is TLS,
+the server's certificate checked against CA.pem and HOST (as from a laptop through the
+cluster's ingress: tests/e2e/ingress.rs).
 """
 
 import json
@@ -11,8 +13,15 @@ import sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-target, model, *images = sys.argv[1:]
-client = grpcclient.InferenceServerClient(url=target)
+args = sys.argv[1:]
+ca = None
+if args[:1] == ["--ca"]:
+    ca, args = args[1], args[2:]
+target, model, *images = args
+if ca:
+    client = grpcclient.InferenceServerClient(url=target, ssl=True, root_certificates=ca)
+else:
+    client = grpcclient.InferenceServerClient(url=target)
 out = {
     "live": client.is_server_live(),
     "ready": client.is_server_ready(),

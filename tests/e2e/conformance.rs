@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::classify_photos::efficientnet_bundle;
 use crate::pool::Server;
 
-fn var(name: &str) -> String {
+pub(crate) fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
             "{name} is not set: run the tests with scripts/test.sh, or `eval export $(scripts/clients.sh)`"
@@ -23,17 +23,17 @@ fn var(name: &str) -> String {
     })
 }
 
-fn script(name: &str) -> PathBuf {
+pub(crate) fn script(name: &str) -> PathBuf {
     edge_e2e::workspace().join("tests/conformance").join(name)
 }
 
-fn photos() -> Vec<PathBuf> {
+pub(crate) fn photos() -> Vec<PathBuf> {
     let m = shared_models();
     vec![m.join("coffee.jpg"), m.join("camera.jpg")]
 }
 
 /// The local runtime's top-5 for each photo, from `edge-agent classify --json`.
-fn local_top5() -> Vec<Vec<(String, f64)>> {
+pub(crate) fn local_top5() -> Vec<Vec<(String, f64)>> {
     let out = run(Command::new(bin("edge-agent"))
         .args(["classify", "--json", "--top-k", "5", "--bundle"])
         .arg(efficientnet_bundle())
@@ -60,7 +60,7 @@ fn local_top5() -> Vec<Vec<(String, f64)>> {
         .collect()
 }
 
-fn assert_same_top5(got: &Value, want: &[Vec<(String, f64)>], who: &str) {
+pub(crate) fn assert_same_top5(got: &Value, want: &[Vec<(String, f64)>], who: &str) {
     let got = got
         .as_array()
         .unwrap_or_else(|| panic!("{who}: no images in the answer"));

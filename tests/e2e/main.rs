@@ -7,6 +7,7 @@ mod conformance;
 mod daemon;
 mod faults;
 mod fuzz_regressions;
+mod ingress;
 mod offload;
 mod pool;
 mod powercut;

@@ -11,12 +11,24 @@ use serde_json::Value;
 use crate::classify_photos::efficientnet_bundle;
 use crate::pool::Server;
 
-fn coffee() -> Vec<u8> {
+pub(crate) fn coffee() -> Vec<u8> {
     std::fs::read(edge_e2e::shared_models().join("coffee.jpg")).unwrap()
 }
 
 fn agent_with_pool(device: &str, broker: &Mosquitto, endpoints: &[u16], extra: &[(&str, &str)]) -> Agent {
-    let list: Vec<String> = endpoints.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let list: Vec<String> = endpoints.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    agent_with_endpoints(device, broker, &list, extra)
+}
+
+/// An agent offloading to `endpoints` (`host:port`), deadline 5 s, breaker open 2 s, ejection
+/// 1 s; `extra` adds or overrides `EDGE_AGENT_*` variables.
+pub(crate) fn agent_with_endpoints(
+    device: &str,
+    broker: &Mosquitto,
+    endpoints: &[String],
+    extra: &[(&str, &str)],
+) -> Agent {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     let mut spec = AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))
         .env("EDGE_AGENT_OFFLOAD__ENDPOINTS", format!("[{}]", list.join(",")))
         .env("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", 5000)
@@ -29,7 +41,7 @@ fn agent_with_pool(device: &str, broker: &Mosquitto, endpoints: &[u16], extra: &
 }
 
 /// Sends one request and returns its reply.
-async fn ask(client: &TestClient, device: &str, id: &str) -> Value {
+pub(crate) async fn ask(client: &TestClient, device: &str, id: &str) -> Value {
     let topic = format!("app/{device}");
     client
         .request(
@@ -52,7 +64,7 @@ async fn ask(client: &TestClient, device: &str, id: &str) -> Value {
 }
 
 /// Asks again every 300 ms until the cluster answers; fails with `why` after `timeout`.
-async fn ask_until_cluster(client: &TestClient, device: &str, timeout: Duration, why: &str) {
+pub(crate) async fn ask_until_cluster(client: &TestClient, device: &str, timeout: Duration, why: &str) {
     let end = Instant::now() + timeout;
     for n in 0.. {
         let v = ask(client, device, &format!("retry{n}")).await;
@@ -64,7 +76,7 @@ async fn ask_until_cluster(client: &TestClient, device: &str, timeout: Duration,
     }
 }
 
-async fn wait_pool(server: &Server) {
+pub(crate) async fn wait_pool(server: &Server) {
     let _ = server.channel().await;
 }
 
@@ -296,7 +308,8 @@ async fn endpoints_found_through_dns_are_used() {
     assert!(agent.metric("edge_agent_cluster_endpoints_healthy") >= 1.0);
 }
 
-fn pool_images(pool: &Server) -> f64 {
+/// Images the pool has scored (its `edge_pool_images_total`).
+pub(crate) fn pool_images(pool: &Server) -> f64 {
     let (_, m) = edge_e2e::daemon::http_get(pool.http_port, "/metrics").unwrap_or_default();
     m.lines()
         .find(|l| l.starts_with("edge_pool_images_total"))

@@ -5,14 +5,25 @@
 //!   Kubernetes headless Service: one address per ready pod). Each endpoint has its own
 //!   lazily connected channel and requests go round-robin over the healthy ones, because a
 //!   ClusterIP Service would pin the one HTTP/2 connection to one pod.
+//! - A pool behind an ingress or a Gateway (`endpoints = ["pool.example.com:443"]`, TLS) is a
+//!   single endpoint: the proxy balances each call over the pods.
 //! - The agent tracks endpoint health itself: a failed call (unavailable, timeout, overload,
-//!   connection error) ejects the endpoint for `eject_secs`; it is re-admitted after that
-//!   (tonic's balancer alone keeps routing to dead endpoints).
-//! - Every call has the configured deadline; a failed call is retried once on another
-//!   endpoint.
+//!   connection error) ejects the endpoint for `eject_secs`, unless it is the last one in
+//!   rotation; it is re-admitted after that (tonic's balancer alone keeps routing to dead
+//!   endpoints).
+//! - Every call has the configured deadline, sent along as `grpc-timeout`; a failed call is
+//!   retried once on another endpoint, or on the same one when it is the only one in rotation
+//!   and the failure was not a timeout (through a proxy that reaches another pod).
 //! - A circuit breaker over the whole pool opens after `failure_threshold` consecutive failed
 //!   requests: while open nothing is sent; after `open_secs` one request probes (half-open),
 //!   and its success closes the breaker.
+//!
+//! The rules (rotation, retry, breaker) are the pure core in `health.rs`, tested there.
+
+mod health;
+
+pub use health::BreakerState;
+use health::{Admission, Breaker, Failure, Rotation, Transition};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -55,38 +66,17 @@ pub enum Answer {
 struct Endpoint {
     addr: String,
     channel: Channel,
-    ejected_until: Mutex<Option<Instant>>,
-}
-
-impl Endpoint {
-    fn healthy(&self, now: Instant) -> bool {
-        lock(&self.ejected_until).is_none_or(|t| now >= t)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The breaker's state, as exported in metrics (0 closed, 1 open, 2 half-open).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
-}
-
-#[derive(Debug)]
-struct Breaker {
-    failures: u32,
-    opened_at: Option<Instant>,
-    probing: bool,
-}
-
 pub struct Offload {
     cfg: OffloadConfig,
     tls: Option<ClientTlsConfig>,
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
+    rotation: Mutex<Rotation>,
     next: AtomicUsize,
     breaker: Mutex<Breaker>,
 }
@@ -102,12 +92,12 @@ impl Offload {
             cfg: cfg.clone(),
             tls,
             endpoints: RwLock::new(Vec::new()),
+            rotation: Mutex::new(Rotation::default()),
             next: AtomicUsize::new(0),
-            breaker: Mutex::new(Breaker {
-                failures: 0,
-                opened_at: None,
-                probing: false,
-            }),
+            breaker: Mutex::new(Breaker::new(
+                cfg.failure_threshold,
+                Duration::from_secs(cfg.open_secs),
+            )),
         });
         let mut list = Vec::new();
         for addr in &cfg.endpoints {
@@ -138,7 +128,6 @@ impl Offload {
         Ok(Arc::new(Endpoint {
             addr: addr.to_owned(),
             channel: e.connect_lazy(),
-            ejected_until: Mutex::new(None),
         }))
     }
 
@@ -186,125 +175,106 @@ impl Offload {
     }
 
     pub fn breaker_state(&self) -> BreakerState {
-        let b = lock(&self.breaker);
-        match b.opened_at {
-            None => BreakerState::Closed,
-            Some(t) if t.elapsed() >= Duration::from_secs(self.cfg.open_secs) => BreakerState::HalfOpen,
-            Some(_) => BreakerState::Open,
-        }
+        lock(&self.breaker).state(Instant::now())
     }
 
     /// Whether a request would be sent now (breaker closed, or half-open with no probe out,
-    /// and some endpoint healthy).
+    /// and some endpoint known).
     pub fn available(&self) -> bool {
-        let state = self.breaker_state();
-        let breaker_ok = match state {
-            BreakerState::Closed => true,
-            BreakerState::HalfOpen => !lock(&self.breaker).probing,
-            BreakerState::Open => false,
-        };
-        breaker_ok && self.healthy_endpoints() > 0
+        lock(&self.breaker).would_admit(Instant::now()) && self.healthy_endpoints() > 0
     }
 
+    /// Endpoints in rotation (not ejected); at least one whenever any is known.
     pub fn healthy_endpoints(&self) -> usize {
-        let now = Instant::now();
+        let list = self.endpoints_now();
+        let addrs: Vec<&str> = list.iter().map(|e| e.addr.as_str()).collect();
+        lock(&self.rotation).in_rotation(&addrs, Instant::now())
+    }
+
+    fn endpoints_now(&self) -> Vec<Arc<Endpoint>> {
         self.endpoints
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .filter(|e| e.healthy(now))
-            .count()
+            .clone()
     }
 
-    /// Admits a request through the breaker: `Ok(probe)` if it may go (`probe` when it is
-    /// the half-open probe).
-    fn admit(&self) -> Result<bool, OffloadError> {
-        let mut b = lock(&self.breaker);
-        match b.opened_at {
-            None => Ok(false),
-            Some(t) if t.elapsed() >= Duration::from_secs(self.cfg.open_secs) && !b.probing => {
-                b.probing = true;
-                Ok(true)
-            }
-            Some(_) => Err(OffloadError::Unavailable("circuit breaker open".into())),
+    fn settle(&self, ok: bool, admission: Admission) {
+        match lock(&self.breaker).settle(ok, admission, Instant::now()) {
+            Some(Transition::Closed) => info!("cluster answered: circuit breaker closed"),
+            Some(Transition::Opened { failures }) => warn!(
+                failures,
+                "circuit breaker open: local only for {} s", self.cfg.open_secs
+            ),
+            None => {}
         }
     }
 
-    fn settle(&self, ok: bool, probe: bool) {
-        let mut b = lock(&self.breaker);
-        if probe {
-            b.probing = false;
-        }
-        if ok {
-            if b.opened_at.is_some() {
-                info!("cluster answered: circuit breaker closed");
-            }
-            b.failures = 0;
-            b.opened_at = None;
-        } else {
-            b.failures = b.failures.saturating_add(1);
-            if probe || (b.opened_at.is_none() && b.failures >= self.cfg.failure_threshold) {
-                if b.opened_at.is_none() || probe {
-                    warn!(
-                        failures = b.failures,
-                        "circuit breaker open: local only for {} s", self.cfg.open_secs
-                    );
-                }
-                b.opened_at = Some(Instant::now());
-            }
-        }
-    }
-
-    fn pick(&self, avoid: Option<&str>) -> Option<Arc<Endpoint>> {
-        let now = Instant::now();
-        let list = self
-            .endpoints
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if list.is_empty() {
-            return None;
-        }
+    /// The endpoint for the next try (`avoid`: the one that just failed).
+    fn pick(&self, list: &[Arc<Endpoint>], avoid: Option<&str>) -> Option<Arc<Endpoint>> {
+        let addrs: Vec<&str> = list.iter().map(|e| e.addr.as_str()).collect();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..list.len())
-            .map(|i| &list[(start + i) % list.len()])
-            .find(|e| e.healthy(now) && Some(e.addr.as_str()) != avoid)
-            .cloned()
+        let i = lock(&self.rotation).pick(&addrs, start, avoid, Instant::now())?;
+        list.get(i).cloned()
     }
 
-    /// Classifies on the cluster: one try, and one retry on another endpoint.
+    /// Leaves a failing endpoint out for `eject_secs`, unless it is the last one in rotation.
+    fn eject(&self, list: &[Arc<Endpoint>], ep: &Endpoint, why: &str) {
+        let addrs: Vec<&str> = list.iter().map(|e| e.addr.as_str()).collect();
+        let eject_for = Duration::from_secs(self.cfg.eject_secs);
+        if lock(&self.rotation).eject(&addrs, &ep.addr, Instant::now(), eject_for) {
+            warn!(endpoint = %ep.addr, "endpoint ejected for {} s: {why}", self.cfg.eject_secs);
+        } else {
+            warn!(endpoint = %ep.addr, "call failed, endpoint kept: the last one in rotation: {why}");
+        }
+    }
+
+    /// The deadline of one call.
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.timeout_ms)
+    }
+
+    /// Classifies on the cluster: one try, and one retry (`health.rs` says where).
     pub async fn classify(
         &self,
         payload: Payload<'_>,
         top_k: usize,
     ) -> Result<(Answer, String), OffloadError> {
-        let probe = self.admit()?;
-        let mut last_err = OffloadError::Unavailable("no healthy cluster endpoint".into());
-        let mut tried: Option<String> = None;
+        let admission = lock(&self.breaker)
+            .admit(Instant::now())
+            .ok_or_else(|| OffloadError::Unavailable("circuit breaker open".into()))?;
+        let list = self.endpoints_now();
+        let mut last_err = OffloadError::Unavailable("no cluster endpoint known yet".into());
+        let mut failed: Option<(String, Failure)> = None;
         for _ in 0..2 {
-            let Some(ep) = self.pick(tried.as_deref()) else {
+            let Some(ep) = self.pick(&list, failed.as_ref().map(|(a, _)| a.as_str())) else {
                 break;
             };
+            if let Some((addr, failure)) = &failed
+                && !failure.worth_retrying(*addr == ep.addr)
+            {
+                break;
+            }
+            let started = Instant::now();
             match self.call(&ep, &payload, top_k).await {
                 Ok(answer) => {
-                    self.settle(true, probe);
+                    self.settle(true, admission);
                     return Ok((answer, ep.addr.clone()));
                 }
-                Err((retryable, e)) => {
-                    debug!(endpoint = %ep.addr, "cluster call failed: {e}");
-                    if retryable {
-                        *lock(&ep.ejected_until) =
-                            Some(Instant::now() + Duration::from_secs(self.cfg.eject_secs));
-                        warn!(endpoint = %ep.addr, "endpoint ejected for {} s: {e}", self.cfg.eject_secs);
+                Err((failure, e)) => {
+                    let failure = failure.given_time(started.elapsed(), self.timeout());
+                    debug!(endpoint = %ep.addr, ?failure, "cluster call failed: {e}");
+                    if failure.ejects() {
+                        self.eject(&list, &ep, &e);
                     }
                     last_err = OffloadError::Failed(format!("{}: {e}", ep.addr));
-                    tried = Some(ep.addr.clone());
-                    if !retryable {
+                    if failure == Failure::Permanent {
                         break;
                     }
+                    failed = Some((ep.addr.clone(), failure));
                 }
             }
         }
-        self.settle(false, probe);
+        self.settle(false, admission);
         Err(last_err)
     }
 
@@ -314,19 +284,22 @@ impl Offload {
         ep: &Endpoint,
         payload: &Payload<'_>,
         top_k: usize,
-    ) -> Result<Answer, (bool, String)> {
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let retryable = |s: &tonic::Status| {
-            matches!(
-                s.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::ResourceExhausted
-                    | tonic::Code::Unknown
-                    | tonic::Code::Cancelled
-            )
+    ) -> Result<Answer, (Failure, String)> {
+        let timeout = self.timeout();
+        // A status the transport made (a connection or HTTP/2 stream error under it: a proxy
+        // resetting the stream of a pod that died gives INTERNAL) is transient; one the pool
+        // sent is judged by its code.
+        let kind = |s: &tonic::Status| match s.code() {
+            tonic::Code::DeadlineExceeded => Failure::Deadline,
+            tonic::Code::Unavailable
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled => Failure::Transient,
+            _ if std::error::Error::source(s).is_some() => Failure::Transient,
+            _ => Failure::Permanent,
         };
-        let fail = |s: tonic::Status| (retryable(&s), format!("{}: {}", s.code(), s.message()));
+        let fail = |s: tonic::Status| (kind(&s), describe(&s));
+        let deadline = || (Failure::Deadline, "deadline exceeded".to_owned());
         let answer = match self.cfg.protocol {
             OffloadProtocol::Tfserving => {
                 let mut req = tonic::Request::new(self.predict_request(payload));
@@ -335,11 +308,8 @@ impl Offload {
                     .max_decoding_message_size(64 * 1024 * 1024)
                     .max_encoding_message_size(64 * 1024 * 1024);
                 let call = tokio::time::timeout(timeout, client.predict(req)).await;
-                let resp = call
-                    .map_err(|_| (true, "deadline exceeded".to_owned()))?
-                    .map_err(fail)?
-                    .into_inner();
-                read_predict(&resp.outputs, top_k).map_err(|e| (false, e))?
+                let resp = call.map_err(|_| deadline())?.map_err(fail)?.into_inner();
+                read_predict(&resp.outputs, top_k).map_err(|e| (Failure::Permanent, e))?
             }
             OffloadProtocol::Kserve => {
                 let mut req = tonic::Request::new(self.infer_request(payload, top_k));
@@ -348,11 +318,8 @@ impl Offload {
                     .max_decoding_message_size(64 * 1024 * 1024)
                     .max_encoding_message_size(64 * 1024 * 1024);
                 let call = tokio::time::timeout(timeout, client.model_infer(req)).await;
-                let resp = call
-                    .map_err(|_| (true, "deadline exceeded".to_owned()))?
-                    .map_err(fail)?
-                    .into_inner();
-                read_infer(&resp, top_k).map_err(|e| (false, e))?
+                let resp = call.map_err(|_| deadline())?.map_err(fail)?.into_inner();
+                read_infer(&resp, top_k).map_err(|e| (Failure::Permanent, e))?
             }
         };
         Ok(answer)
@@ -429,6 +396,22 @@ impl Offload {
             ..Default::default()
         }
     }
+}
+
+/// A status with the errors under it (a refused certificate is a transport error's source),
+/// so that the log says why a call failed, not only "transport error".
+fn describe(s: &tonic::Status) -> String {
+    let mut text = format!("{}: {}", s.code(), s.message());
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
 }
 
 fn read_predict(
