@@ -8,8 +8,11 @@
 //! - The agent tracks endpoint health itself: a failed call (unavailable, timeout, overload,
 //!   connection error) ejects the endpoint for `eject_secs`; it is re-admitted after that
 //!   (tonic's balancer alone keeps routing to dead endpoints).
-//! - Every call has the configured deadline; a failed call is retried once on another
-//!   endpoint.
+//! - Every call has the configured deadline, shortened to the time the request has left
+//!   before its own deadline (`routing::cluster_call_timeout`); with too little left the
+//!   request is not sent. A failed call is retried once on another endpoint if time is left.
+//!   A call cut short by the request's deadline says nothing about the endpoint: it is neither
+//!   ejected nor counted by the breaker.
 //! - A circuit breaker over the whole pool opens after `failure_threshold` consecutive failed
 //!   requests: while open nothing is sent; after `open_secs` one request probes (half-open),
 //!   and its success closes the breaker.
@@ -98,6 +101,14 @@ impl Offload {
             return Ok(None);
         }
         let tls = tls_config(cfg)?;
+        // `http://host:port` and `https://host:port` name the same address as `host:port`
+        // (config validation checked the scheme against `offload.tls_ca`).
+        let mut cfg = cfg.clone();
+        for e in &mut cfg.endpoints {
+            *e = crate::config::pool_endpoint(e, tls.is_some())
+                .map_err(|reason| OffloadError::Config(format!("key `offload.endpoints`: {reason}")))?
+                .to_owned();
+        }
         let offload = Arc::new(Self {
             cfg: cfg.clone(),
             tls,
@@ -271,23 +282,50 @@ impl Offload {
             .cloned()
     }
 
-    /// Classifies on the cluster: one try, and one retry on another endpoint.
+    /// Classifies on the cluster: one try, and one retry on another endpoint, all within the
+    /// request's `deadline` (none: each call gets `offload.timeout_ms`).
     pub async fn classify(
         &self,
         payload: Payload<'_>,
         top_k: usize,
+        deadline: Option<Instant>,
     ) -> Result<(Answer, String), OffloadError> {
+        let configured = Duration::from_millis(self.cfg.timeout_ms);
+        let call_timeout = || {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            crate::routing::cluster_call_timeout(configured, left)
+        };
+        if call_timeout().is_none() {
+            return Err(OffloadError::Unavailable(
+                "too little time left before the request's deadline".into(),
+            ));
+        }
         let probe = self.admit()?;
         let mut last_err = OffloadError::Unavailable("no healthy cluster endpoint".into());
         let mut tried: Option<String> = None;
         for _ in 0..2 {
+            let Some(timeout) = call_timeout() else {
+                break;
+            };
             let Some(ep) = self.pick(tried.as_deref()) else {
                 break;
             };
-            match self.call(&ep, &payload, top_k).await {
+            let started = Instant::now();
+            match self.call(&ep, &payload, top_k, timeout).await {
                 Ok(answer) => {
                     self.settle(true, probe);
                     return Ok((answer, ep.addr.clone()));
+                }
+                Err(_) if timeout < configured && started.elapsed() >= timeout => {
+                    // Cut short by the request's deadline, not by the endpoint.
+                    if probe {
+                        lock(&self.breaker).probing = false;
+                    }
+                    return Err(OffloadError::Failed(format!(
+                        "{}: no answer within the {} ms the request had left",
+                        ep.addr,
+                        timeout.as_millis()
+                    )));
                 }
                 Err((retryable, e)) => {
                     debug!(endpoint = %ep.addr, "cluster call failed: {e}");
@@ -314,8 +352,8 @@ impl Offload {
         ep: &Endpoint,
         payload: &Payload<'_>,
         top_k: usize,
+        timeout: Duration,
     ) -> Result<Answer, (bool, String)> {
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let retryable = |s: &tonic::Status| {
             matches!(
                 s.code(),
