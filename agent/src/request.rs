@@ -134,6 +134,15 @@ pub fn reply_topic_problem(topic: &str) -> Option<&'static str> {
     }
 }
 
+/// The largest 3.1.1 envelope a valid request can make: the base64 of the largest image
+/// accepted, plus 64 KiB for the other fields.
+fn max_envelope_bytes(max_image_bytes: usize) -> usize {
+    max_image_bytes
+        .div_ceil(3)
+        .saturating_mul(4)
+        .saturating_add(64 * 1024)
+}
+
 impl RequestPolicy {
     /// Turns a message into a request to queue, or a rejection with its error reply.
     pub fn parse(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Box<Rejected>> {
@@ -225,11 +234,13 @@ impl RequestPolicy {
                     "the payload is not a JSON request envelope: not an object".into(),
                 ));
             }
-            Err(_) if msg.payload.len() > self.max_image_bytes => {
+            Err(_) if msg.payload.len() > max_envelope_bytes(self.max_image_bytes) => {
                 let message = format!(
-                    "the request is {} bytes and not a JSON request envelope; images are limited to {} bytes",
+                    "the request is {} bytes and not a JSON request envelope; an envelope for the \
+                     largest image accepted ({} bytes) is at most {} bytes",
                     msg.payload.len(),
-                    self.max_image_bytes
+                    self.max_image_bytes,
+                    max_envelope_bytes(self.max_image_bytes)
                 );
                 return Err(self.rejection(
                     &fallback_id(),
