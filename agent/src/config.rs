@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::queue::QueueLimits;
 
+mod env;
+
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "EDGE_AGENT_";
 
@@ -433,7 +435,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         // EDGE_AGENT_CONFIG names the file (the `--config` flag), it is not a key.
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
+        // String keys take the variable's text as it is (`EDGE_AGENT_DEVICE_ID=007` is "007").
+        let env = Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__");
+        let shape =
+            serde_json::to_value(Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        figment = figment.merge(env::TypedEnv::new(env, &shape));
         figment = overrides.merge_into(figment);
         Self::extract(figment)
     }
@@ -495,6 +501,13 @@ impl Config {
             return bad(
                 "mqtt.topic_prefix",
                 "must be non-empty topic segments without '+' or '#'",
+            );
+        }
+        if self.mqtt.topic_prefix.starts_with('$') {
+            return bad(
+                "mqtt.topic_prefix",
+                "must not start with '$': brokers reserve those topics ($SYS, $share) and \
+                 deliver no client's publishes there",
             );
         }
         if !self.mqtt.shared_group.is_empty() && !segment_ok(&self.mqtt.shared_group) {
@@ -578,11 +591,11 @@ impl Config {
         if !(0.0..=1.0).contains(&o.min_confidence) {
             return bad("offload.min_confidence", "must be between 0 and 1");
         }
-        if o.endpoints.iter().any(|e| {
-            e.rsplit_once(':')
-                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-        }) {
-            return bad("offload.endpoints", "each endpoint must be host:port");
+        for e in &o.endpoints {
+            pool_endpoint(e, !o.tls_ca.is_empty()).map_err(|reason| ConfigError::Value {
+                key: "offload.endpoints",
+                reason,
+            })?;
         }
         if !o.dns.is_empty()
             && o.dns
@@ -666,6 +679,43 @@ fn describe(e: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The `host:port` of an `offload.endpoints` entry: `host:port`, `http://host:port` (plain)
+/// or `https://host:port` (TLS, which needs `offload.tls_ca`). `tls` says whether the pool is
+/// reached over TLS (`offload.tls_ca` is set); a scheme that says otherwise is refused.
+pub fn pool_endpoint(endpoint: &str, tls: bool) -> Result<&str, String> {
+    let address = match endpoint.split_once("://") {
+        None => endpoint,
+        Some(("http", rest)) if !tls => rest,
+        Some(("https", rest)) if tls => rest,
+        Some(("http", _)) => {
+            return Err(format!(
+                "`{endpoint}` is http:// but offload.tls_ca is set: the pool is reached over TLS, \
+                 write https:// or host:port"
+            ));
+        }
+        Some(("https", _)) => {
+            return Err(format!(
+                "`{endpoint}` is https:// but offload.tls_ca is not set: TLS to the pool needs \
+                 the CA that signed its certificate"
+            ));
+        }
+        Some((scheme, _)) => {
+            return Err(format!(
+                "`{endpoint}`: unsupported scheme `{scheme}` (host:port, http:// or https://)"
+            ));
+        }
+    };
+    let address = address.strip_suffix('/').unwrap_or(address);
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() => {
+            Ok(address)
+        }
+        _ => Err(format!(
+            "`{endpoint}` must be host:port (or http://host:port, https://host:port), without a path"
+        )),
+    }
 }
 
 /// `(host, port)` of a broker URL: `mqtt://host:port`, `tcp://host:port` or `host:port`.
@@ -810,6 +860,82 @@ mod tests {
     fn unknown_environment_key_is_named() {
         let err = load_str("", &[("EDGE_AGENT_MQTT__BROKR", "x")], &Overrides::default()).unwrap_err();
         assert!(err.contains("brokr") && err.contains("EDGE_AGENT_"), "{err}");
+    }
+
+    #[test]
+    fn string_keys_take_any_string_from_the_environment() {
+        let vars = [
+            ("EDGE_AGENT_DEVICE_ID", "007"),
+            ("EDGE_AGENT_MQTT__PASSWORD", "123456"),
+            ("EDGE_AGENT_MQTT__USERNAME", "true"),
+            ("EDGE_AGENT_MQTT__CLIENT_ID", "1.5"),
+            ("EDGE_AGENT_MQTT__TOPIC_PREFIX", "2024"),
+            ("EDGE_AGENT_OFFLOAD__MODEL_NAME", "[x]"),
+            ("EDGE_AGENT_WORKERS__COUNT", "3"),
+            ("EDGE_AGENT_WORKERS__ADAPTIVE", "false"),
+            ("EDGE_AGENT_OFFLOAD__ENDPOINTS", "[\"10.0.0.5:9000\"]"),
+        ];
+        let c = load_str("", &vars, &Overrides::default()).unwrap();
+        assert_eq!(c.device_id, "007");
+        assert_eq!(c.mqtt.password, "123456");
+        assert_eq!(c.mqtt.username, "true");
+        assert_eq!(c.mqtt.client_id, "1.5");
+        assert_eq!(c.mqtt.topic_prefix, "2024");
+        assert_eq!(c.offload.model_name, "[x]");
+        assert_eq!(c.workers.count, 3, "numbers stay numbers");
+        assert!(!c.workers.adaptive, "booleans stay booleans");
+        assert_eq!(c.offload.endpoints, ["10.0.0.5:9000"], "lists stay lists");
+        let err = load_str("", &[("EDGE_AGENT_WORKERS__COUNT", "x")], &Overrides::default()).unwrap_err();
+        assert!(
+            err.contains("workers.count") && err.contains("EDGE_AGENT_"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_dollar_topic_prefix_is_refused() {
+        for prefix in ["$SYS", "$share/g"] {
+            let err = load_str(
+                &format!("[mqtt]\ntopic_prefix = \"{prefix}\"\n"),
+                &[],
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.contains("mqtt.topic_prefix") && err.contains('$'), "{err}");
+        }
+    }
+
+    #[test]
+    fn pool_endpoints_take_urls_whose_scheme_matches_the_tls_setting() {
+        assert_eq!(pool_endpoint("10.0.0.5:9000", false), Ok("10.0.0.5:9000"));
+        assert_eq!(
+            pool_endpoint("http://127.0.0.1:51287", false),
+            Ok("127.0.0.1:51287")
+        );
+        assert_eq!(pool_endpoint("http://pool:9000/", false), Ok("pool:9000"));
+        assert_eq!(pool_endpoint("https://pool:9000", true), Ok("pool:9000"));
+        assert_eq!(pool_endpoint("pool:9000", true), Ok("pool:9000"));
+        for (e, tls) in [
+            ("https://pool:9000", false),
+            ("http://pool:9000", true),
+            ("grpc://pool:9000", false),
+            ("http://pool:9000/v1", false),
+            ("http://pool", false),
+            ("pool", false),
+            (":9000", false),
+        ] {
+            assert!(pool_endpoint(e, tls).is_err(), "{e} tls={tls}");
+        }
+        let err = load_str(
+            "[offload]\nendpoints = [\"https://127.0.0.1:9000\"]\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("offload.endpoints") && err.contains("tls_ca"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -575,7 +575,10 @@ async fn connection_task(
 ) {
     let min = Duration::from_millis(shared.config.mqtt.reconnect_min_ms);
     let max = Duration::from_millis(shared.config.mqtt.reconnect_max_ms);
-    let mut backoff = min;
+    let mut backoff = crate::reconnect::Backoff::new(min, max);
+    let max_packet = shared.config.mqtt.max_packet_bytes;
+    // The connection was allowed one packet over the limit (see `mqtt`).
+    let mut oversize_allowed = false;
     let mut first = true;
     loop {
         let event = tokio::select! {
@@ -585,7 +588,12 @@ async fn connection_task(
         match event {
             Ok(Event::Connected { session_present }) => {
                 info!(session_present, "connected to the broker");
-                backoff = min;
+                backoff.connected(Instant::now());
+                if oversize_allowed {
+                    // This connection reads the oversized message; the next ones need not.
+                    connection.restore_limit();
+                    oversize_allowed = false;
+                }
                 shared.connected.store(true, Ordering::Relaxed);
                 shared.metrics.mqtt_connected.set(1);
                 shared.metrics.mqtt_connections.inc();
@@ -605,7 +613,34 @@ async fn connection_task(
                 }
             }
             Ok(Event::Published(pkid)) => lock(&shared.tracker).published(pkid),
-            Ok(Event::PubAck(pkid)) => {
+            Ok(Event::PubAck {
+                pkid,
+                refused: Some(reason),
+            }) => {
+                let tag = lock(&shared.tracker).acked(pkid);
+                if let Some(Tag::Reply(seq)) = tag {
+                    // Not delivered, and publishing it again would be refused again: counted,
+                    // logged, and dropped from the outbox (it is not retried).
+                    let message = format!(
+                        "the broker refused a reply (PUBACK {reason}): check its ACL for this \
+                         agent's identity and the reply topics clients give"
+                    );
+                    warn!(seq = seq.get(), "{message}");
+                    shared.metrics.replies_refused.inc();
+                    *lock(&shared.last_error) = Some(("reply_refused", message));
+                    shared.status_changed.notify_one();
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = shared.queue.reply_acked_async(seq).await {
+                            warn!(seq = seq.get(), "cannot remove a refused reply: {e}");
+                        }
+                        shared.space.notify_waiters();
+                    });
+                } else if let Some(Tag::Status) = tag {
+                    warn!("the broker refused the status (PUBACK {reason}): check its ACL");
+                }
+            }
+            Ok(Event::PubAck { pkid, refused: None }) => {
                 let tag = lock(&shared.tracker).acked(pkid);
                 if let Some(Tag::Reply(seq)) = tag {
                     // On a blocking thread: the database may be busy with another fsync.
@@ -635,6 +670,39 @@ async fn connection_task(
             }
             Ok(Event::Other) => {}
             Err(e) => {
+                let delay = backoff.failed(
+                    Instant::now(),
+                    u64::from(
+                        SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.subsec_millis())
+                            .unwrap_or(0),
+                    ),
+                );
+                if let mqtt::MqttError::Oversized { bytes, .. } = &e {
+                    shared.metrics.mqtt_oversized.inc();
+                    let ceiling = mqtt::oversize_ceiling(max_packet);
+                    if *bytes <= ceiling {
+                        warn!(
+                            bytes,
+                            max_packet_bytes = max_packet,
+                            "the broker sent a message larger than mqtt.max_packet_bytes; the next \
+                             connection reads it once to answer it too_large and acknowledge it"
+                        );
+                        // MQTT 5 counts the fixed header in its limit too.
+                        connection.read_once_up_to(bytes.saturating_add(8));
+                        oversize_allowed = true;
+                    } else {
+                        let message = format!(
+                            "the broker keeps sending a message of {bytes} bytes, more than the agent \
+                             reads ({ceiling}, 4 x mqtt.max_packet_bytes): each connection ends at it. \
+                             Make the broker refuse such messages (Mosquitto: message_size_limit \
+                             {max_packet}), or remove the message from this agent's session"
+                        );
+                        error!("{message}");
+                        *lock(&shared.last_error) = Some(("message_too_large", message));
+                    }
+                }
                 if shared.stopping.is_cancelled() {
                     shared.connected.store(false, Ordering::Relaxed);
                     debug!("connection closed: {e}");
@@ -642,26 +710,17 @@ async fn connection_task(
                     warn!("lost the broker: {e}");
                     shared.metrics.mqtt_connected.set(0);
                 } else if let Some(why) = refusal(&e.to_string()) {
-                    warn!("{why}; retrying in {} ms", backoff.as_millis());
+                    warn!("{why}; retrying in {} ms", delay.as_millis());
                 } else {
                     warn!(
                         "cannot reach the broker: {e}; retrying in {} ms",
-                        backoff.as_millis()
+                        delay.as_millis()
                     );
                 }
-                let jitter = Duration::from_millis(
-                    u64::from(
-                        SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map(|d| d.subsec_millis())
-                            .unwrap_or(0),
-                    ) % (backoff.as_millis() as u64 / 4 + 1),
-                );
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(max);
             }
         }
     }
@@ -1015,6 +1074,14 @@ impl Shared {
         self.local_latency_ms.store(new.to_bits(), Ordering::Relaxed);
     }
 
+    /// Whether the request has time left for a cluster call (`routing::MIN_CLUSTER_CALL`).
+    fn time_for_cluster(&self, lease: &Lease) -> bool {
+        let configured = Duration::from_millis(self.config.offload.timeout_ms);
+        let left =
+            deadline_instant(lease.request().deadline).map(|d| d.saturating_duration_since(Instant::now()));
+        crate::routing::cluster_call_timeout(configured, left).is_some()
+    }
+
     fn topics_match(&self, topic: &str) -> bool {
         self.topics.request_topics.iter().any(|t| t == topic)
     }
@@ -1202,6 +1269,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A request's deadline (wall clock) on the monotonic clock.
+fn deadline_instant(deadline: Option<UnixMillis>) -> Option<Instant> {
+    let left = deadline?.0.saturating_sub(UnixMillis::now().0);
+    Some(Instant::now() + Duration::from_millis(left))
+}
+
 fn since_ms(t: UnixMillis) -> f64 {
     UnixMillis::now().0.saturating_sub(t.0) as f64
 }
@@ -1303,7 +1376,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
     if let Some(o) = offload {
         let target = shared.config.offload.max_local_wait_ms as f64;
         let wait = shared.estimated_wait_ms();
-        if target > 0.0 && wait > target && o.available() {
+        if target > 0.0 && wait > target && o.available() && shared.time_for_cluster(&lease) {
             debug!(wait_ms = wait, "offloading for load");
             match cluster(shared, &served, o, &lease, k).await {
                 Ok((labels, cluster_ms)) => {
@@ -1354,11 +1427,17 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
             shared.metrics.confidence.observe(f64::from(best));
             let threshold = shared.config.offload.min_confidence;
             let measure = shared.config.offload.confidence_measure;
-            let confidence = crate::routing::confidence(measure, &c.probabilities);
+            // The classes replies can name: a background class (label offset) is not an answer.
+            let offset = served.classifier.manifest().output.label_offset;
+            let labelled = c.probabilities.get(offset..).unwrap_or_default();
+            let confidence = crate::routing::confidence(measure, labelled);
             if let Some(o) = offload
                 && confidence < threshold
             {
-                if o.available() {
+                if !shared.time_for_cluster(&lease) {
+                    // Asking now could only make the reply later than the client wants it.
+                    local_reason = "low_confidence_deadline";
+                } else if o.available() {
                     match cluster(shared, &served, o, &lease, k).await {
                         Ok((labels, cluster_ms)) => {
                             let route = Route {
@@ -1437,6 +1516,7 @@ async fn cluster(
     use crate::offload::{Answer, OffloadError, Payload};
     let image = &lease.request().payload;
     let start = Instant::now();
+    let deadline = deadline_instant(lease.request().deadline);
     let answer = if crate::offload::wants_tensor(&shared.config.offload) {
         let s = served.clone();
         let bytes = image.clone();
@@ -1451,9 +1531,11 @@ async fn cluster(
             .and_then(|v| v.as_slice::<f32>())
             .map_err(|e| OffloadError::Failed(format!("tensor: {e}")))?
             .to_vec();
-        offload.classify(Payload::Tensor(&shape, &values), k).await
+        offload
+            .classify(Payload::Tensor(&shape, &values), k, deadline)
+            .await
     } else {
-        offload.classify(Payload::Encoded(image), k).await
+        offload.classify(Payload::Encoded(image), k, deadline).await
     };
     let cluster_ms = ms(start.elapsed());
     shared.metrics.cluster.observe(cluster_ms / 1e3);

@@ -12,5 +12,6 @@ pub mod mqtt;
 pub mod offload;
 pub mod pool;
 pub mod queue;
+pub mod reconnect;
 pub mod request;
 pub mod routing;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub requests: Family<OutcomeLabels, Counter>,
     pub acknowledged: Counter,
     pub replies_acked: Counter,
+    pub replies_refused: Counter,
+    pub mqtt_oversized: Counter,
     pub queue_items: Family<StateLabels, Gauge>,
     pub queue_bytes: Gauge,
     pub backpressure: Gauge,
@@ -95,6 +97,18 @@ impl Metrics {
             "replies_acknowledged",
             "Replies the broker acknowledged (they left the outbox)",
             replies_acked.clone(),
+        );
+        let replies_refused = Counter::default();
+        registry.register(
+            "replies_refused",
+            "Replies the broker refused (MQTT 5 PUBACK with an error reason, e.g. NotAuthorized): not delivered, not retried",
+            replies_refused.clone(),
+        );
+        let mqtt_oversized = Counter::default();
+        registry.register(
+            "mqtt_oversized",
+            "Connections the broker ended by sending a packet larger than mqtt.max_packet_bytes",
+            mqtt_oversized.clone(),
         );
         let queue_items = Family::<StateLabels, Gauge>::default();
         registry.register(
@@ -181,6 +195,8 @@ impl Metrics {
             requests,
             acknowledged,
             replies_acked,
+            replies_refused,
+            mqtt_oversized,
             queue_items,
             queue_bytes,
             backpressure,

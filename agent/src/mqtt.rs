@@ -21,6 +21,18 @@
 //! reset are ignored until the resubscription (sent after the reset) leaves, so a stale
 //! publish can never be taken for a new one. A reply is removed from the outbox only for its
 //! own PUBACK; the worst case of a mix-up is a duplicate, never a loss.
+//!
+//! # A message larger than `mqtt.max_packet_bytes`
+//!
+//! MQTT 5 tells the broker the limit in CONNECT and the broker drops larger messages. MQTT
+//! 3.1.1 cannot: the broker sends it, rumqttc refuses the packet and closes the connection,
+//! and as the message is not acknowledged the persistent session redelivers it at every
+//! connection. So the error says how large the packet was (`MqttError::Oversized`), and
+//! `Connection::read_once_up_to` lets the next connection read a packet that large (up to
+//! `oversize_ceiling`): the daemon then answers it `too_large` and acknowledges it like any
+//! other refused request, and the limit goes back to `mqtt.max_packet_bytes` for the
+//! connections after. A packet beyond the ceiling cannot be read without holding it in memory;
+//! the broker must be told to refuse it (Mosquitto: `message_size_limit`).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -38,6 +50,9 @@ use crate::request::Inbound;
 pub enum MqttError {
     #[error("MQTT connection: {0}")]
     Connection(String),
+    /// The broker sent a packet larger than the limit; the connection was closed.
+    #[error("MQTT connection: the broker sent a packet of {bytes} bytes, over the limit of {limit}")]
+    Oversized { bytes: usize, limit: usize },
     #[error("MQTT client: {0}")]
     Client(String),
 }
@@ -98,9 +113,22 @@ pub enum Client {
 }
 
 /// Polls the connection; owned by one task.
-pub enum Connection {
+pub struct Connection {
+    inner: Inner,
+    /// `mqtt.max_packet_bytes`: the incoming limit outside of `read_once_up_to`.
+    max_packet_bytes: u32,
+}
+
+enum Inner {
     V5(Box<rumqttc::v5::EventLoop>),
     V311(Box<rumqttc::EventLoop>),
+}
+
+/// The largest packet `read_once_up_to` lets in: 4 x `mqtt.max_packet_bytes` (64 MiB by
+/// default), at most MQTT's own maximum.
+pub fn oversize_ceiling(max_packet_bytes: u32) -> usize {
+    const MQTT_MAX: usize = 268_435_455 + 5;
+    (max_packet_bytes as usize).saturating_mul(4).min(MQTT_MAX)
 }
 
 /// What acknowledging a message needs.
@@ -144,8 +172,12 @@ pub enum Event {
     Message(Box<Message>),
     /// A publish left with this packet id.
     Published(u16),
-    /// The broker acknowledged our publish with this packet id.
-    PubAck(u16),
+    /// The broker acknowledged our publish with this packet id; `refused` holds the reason
+    /// code when it refused it (MQTT 5 only: e.g. `NotAuthorized` from an ACL).
+    PubAck {
+        pkid: u16,
+        refused: Option<String>,
+    },
     /// A subscribe request left (the resynchronisation barrier).
     Subscribed,
     /// The broker refused one or more topic filters of a subscription (e.g. its ACL): the
@@ -186,7 +218,11 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
                 o.set_transport(tls.transport());
             }
             let (c, l) = rumqttc::v5::AsyncClient::new(o, cap);
-            (Client::V5(c), Connection::V5(Box::new(l)))
+            let connection = Connection {
+                inner: Inner::V5(Box::new(l)),
+                max_packet_bytes: s.max_packet_bytes,
+            };
+            (Client::V5(c), connection)
         }
         MqttProtocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
@@ -212,7 +248,11 @@ pub fn connect(s: &Settings) -> (Client, Connection) {
             let mut net = l.network_options();
             net.set_tcp_nodelay(true);
             l.set_network_options(net);
-            (Client::V311(c), Connection::V311(Box::new(l)))
+            let connection = Connection {
+                inner: Inner::V311(Box::new(l)),
+                max_packet_bytes: s.max_packet_bytes,
+            };
+            (Client::V311(c), connection)
         }
     }
 }
@@ -293,18 +333,58 @@ impl Client {
 }
 
 impl Connection {
+    /// The next connection (made by the next `poll` after an error) accepts packets up to
+    /// `bytes`; `restore_limit` goes back to `mqtt.max_packet_bytes` for the ones after.
+    pub fn read_once_up_to(&mut self, bytes: usize) {
+        let bytes = bytes.max(self.max_packet_bytes as usize);
+        match &mut self.inner {
+            Inner::V5(l) => {
+                l.options
+                    .set_max_packet_size(Some(u32::try_from(bytes).unwrap_or(u32::MAX)));
+            }
+            Inner::V311(l) => {
+                l.mqtt_options.set_max_packet_size(bytes, bytes);
+            }
+        }
+    }
+
+    /// Back to `mqtt.max_packet_bytes` for the next connection.
+    pub fn restore_limit(&mut self) {
+        self.read_once_up_to(self.max_packet_bytes as usize);
+    }
+
     /// The next event; an error means the connection is down (the next poll reconnects).
     pub async fn poll(&mut self) -> Result<Event, MqttError> {
-        match self {
-            Self::V5(l) => {
-                let event = l.poll().await.map_err(|e| MqttError::Connection(e.to_string()))?;
+        match &mut self.inner {
+            Inner::V5(l) => {
+                let event = l.poll().await.map_err(|e| {
+                    use rumqttc::v5::mqttbytes::Error as E;
+                    use rumqttc::v5::{ConnectionError as C, StateError as S};
+                    match e {
+                        C::MqttState(S::Deserialization(E::PayloadSizeLimitExceeded { pkt_size, max })) => {
+                            MqttError::Oversized {
+                                bytes: pkt_size,
+                                limit: max as usize,
+                            }
+                        }
+                        e => MqttError::Connection(e.to_string()),
+                    }
+                })?;
                 Ok(match event {
                     rumqttc::v5::Event::Incoming(p) => match p {
                         PacketV5::ConnAck(c) => Event::Connected {
                             session_present: c.session_present,
                         },
                         PacketV5::Publish(p) => Event::Message(Box::new(Message::from_v5(p))),
-                        PacketV5::PubAck(a) => Event::PubAck(a.pkid),
+                        PacketV5::PubAck(a) => {
+                            use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+                            let refused = (!matches!(a.reason, R::Success | R::NoMatchingSubscribers))
+                                .then(|| format!("{:?}", a.reason));
+                            Event::PubAck {
+                                pkid: a.pkid,
+                                refused,
+                            }
+                        }
                         PacketV5::SubAck(a) => {
                             use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as Code;
                             let refused: Vec<String> = a
@@ -324,15 +404,24 @@ impl Connection {
                     rumqttc::v5::Event::Outgoing(o) => outgoing(o),
                 })
             }
-            Self::V311(l) => {
-                let event = l.poll().await.map_err(|e| MqttError::Connection(e.to_string()))?;
+            Inner::V311(l) => {
+                let limit = l.mqtt_options.max_packet_size();
+                let event = l.poll().await.map_err(|e| match e {
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                        rumqttc::Error::PayloadSizeLimitExceeded(bytes),
+                    )) => MqttError::Oversized { bytes, limit },
+                    e => MqttError::Connection(e.to_string()),
+                })?;
                 Ok(match event {
                     rumqttc::Event::Incoming(p) => match p {
                         rumqttc::Packet::ConnAck(c) => Event::Connected {
                             session_present: c.session_present,
                         },
                         rumqttc::Packet::Publish(p) => Event::Message(Box::new(Message::from_v311(p))),
-                        rumqttc::Packet::PubAck(a) => Event::PubAck(a.pkid),
+                        rumqttc::Packet::PubAck(a) => Event::PubAck {
+                            pkid: a.pkid,
+                            refused: None,
+                        },
                         rumqttc::Packet::SubAck(a)
                             if a.return_codes.contains(&rumqttc::SubscribeReasonCode::Failure) =>
                         {
@@ -461,6 +550,12 @@ impl<T> PublishTracker<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oversize_ceiling_is_four_times_the_limit_within_mqtt_s_maximum() {
+        assert_eq!(oversize_ceiling(16 * 1024 * 1024), 64 * 1024 * 1024);
+        assert_eq!(oversize_ceiling(u32::MAX), 268_435_460);
+    }
 
     #[test]
     fn tags_follow_publishes_and_acks() {

@@ -9,6 +9,10 @@
 //! - MQTT 3.1.1: the payload is a JSON envelope
 //!   `{"id", "image_b64", "reply_to", "top_k", "deadline_ms"}`; only `image_b64` is required.
 //!
+//! `deadline_ms` counts from arrival; 0 means no deadline (as `limits.default_deadline_ms = 0`
+//! does), and lifts the configured default for that request. Reply topics starting with `$`
+//! are refused (`invalid_request`): brokers reserve them (`$SYS`, `$share/...`).
+//!
 //! The request id is the one the client gave (`id`), else the correlation data when it is
 //! short UTF-8, else one made up from the device, the arrival time and a counter. Replies
 //! always carry it so clients can drop duplicates (delivery is at-least-once).
@@ -17,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::queue::{Protocol, StoredReply, StoredRequest, UnixMillis};
 
@@ -100,16 +104,6 @@ pub struct Rejected {
     pub reply: StoredReply,
 }
 
-/// The 3.1.1 envelope. Unknown fields are ignored so clients can add their own.
-#[derive(Deserialize)]
-struct Envelope {
-    id: Option<String>,
-    image_b64: Option<String>,
-    reply_to: Option<String>,
-    top_k: Option<u32>,
-    deadline_ms: Option<u64>,
-}
-
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn generated_id(device: &str, now: UnixMillis) -> String {
@@ -120,9 +114,33 @@ fn generated_id(device: &str, now: UnixMillis) -> String {
 /// Longest client-given request id kept, in bytes.
 const MAX_ID_BYTES: usize = 256;
 
-/// A valid topic to publish to: non-empty, no wildcards, no NUL, within MQTT's 65,535 bytes.
+/// A valid topic to publish a reply to: non-empty, no wildcards, no NUL, within MQTT's
+/// 65,535 bytes, and not one of the topics starting with `$` that brokers reserve (`$SYS`,
+/// `$share/...`): a reply there is refused or never reaches the client.
 pub fn valid_reply_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+    reply_topic_problem(topic).is_none()
+}
+
+/// Why `topic` cannot take a reply, if it cannot.
+pub fn reply_topic_problem(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() || topic.len() > 65_535 || topic.contains('\0') {
+        Some("is not a valid topic name")
+    } else if topic.contains(['+', '#']) {
+        Some("is not a valid topic name: it holds a wildcard ('+' or '#')")
+    } else if topic.starts_with('$') {
+        Some("is not a valid reply topic: topics starting with '$' are reserved by the broker ($SYS, $share)")
+    } else {
+        None
+    }
+}
+
+/// The largest 3.1.1 envelope a valid request can make: the base64 of the largest image
+/// accepted, plus 64 KiB for the other fields.
+fn max_envelope_bytes(max_image_bytes: usize) -> usize {
+    max_image_bytes
+        .div_ceil(3)
+        .saturating_mul(4)
+        .saturating_add(64 * 1024)
 }
 
 impl RequestPolicy {
@@ -159,10 +177,10 @@ impl RequestPolicy {
         let reject = |code, message: String, topic: &str| {
             self.rejection(&id, topic, correlation.clone(), Protocol::V5, code, message)
         };
-        if !valid_reply_topic(&reply_topic) {
+        if let Some(problem) = reply_topic_problem(&reply_topic) {
             return Err(reject(
                 ErrorCode::InvalidRequest,
-                "the Response Topic is not a valid topic name".into(),
+                format!("the Response Topic {problem}"),
                 &self.default_reply_topic,
             ));
         }
@@ -193,45 +211,107 @@ impl RequestPolicy {
         )
     }
 
+    /// The envelope is read in two steps: `id` and `reply_to` first, so that a mistake in
+    /// any other field is answered where the client waits for it, under its id; then the
+    /// rest. Unknown fields are ignored so clients can add their own.
     fn parse_v311(&self, msg: &Inbound<'_>, now: UnixMillis) -> Result<StoredRequest, Box<Rejected>> {
         let fallback_id = || generated_id(&self.device_id, now);
-        let envelope: Envelope = match serde_json::from_slice(msg.payload) {
-            Ok(e) => e,
-            Err(e) => {
+        let reject_default = |id: &str, message: String| {
+            self.rejection(
+                id,
+                &self.default_reply_topic,
+                None,
+                Protocol::V311,
+                ErrorCode::InvalidRequest,
+                message,
+            )
+        };
+        let mut envelope = match serde_json::from_slice::<serde_json::Value>(msg.payload) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            Ok(_) => {
+                return Err(reject_default(
+                    &fallback_id(),
+                    "the payload is not a JSON request envelope: not an object".into(),
+                ));
+            }
+            Err(_) if msg.payload.len() > max_envelope_bytes(self.max_image_bytes) => {
+                let message = format!(
+                    "the request is {} bytes and not a JSON request envelope; an envelope for the \
+                     largest image accepted ({} bytes) is at most {} bytes",
+                    msg.payload.len(),
+                    self.max_image_bytes,
+                    max_envelope_bytes(self.max_image_bytes)
+                );
                 return Err(self.rejection(
                     &fallback_id(),
                     &self.default_reply_topic,
                     None,
                     Protocol::V311,
-                    ErrorCode::InvalidRequest,
+                    ErrorCode::TooLarge,
+                    message,
+                ));
+            }
+            Err(e) => {
+                return Err(reject_default(
+                    &fallback_id(),
                     format!("the payload is not a JSON request envelope: {e}"),
                 ));
             }
         };
-        let id = envelope
-            .id
+        // The id as the client will look for it: a number is echoed as its JSON text.
+        let given_id = match envelope.get("id") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        let id = given_id
+            .clone()
             .filter(|id| !id.is_empty() && id.len() <= MAX_ID_BYTES)
             .unwrap_or_else(fallback_id);
-        let reply_topic = envelope
-            .reply_to
-            .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| self.default_reply_topic.clone());
-        let reject = |code, message: String, topic: &str| {
-            self.rejection(&id, topic, None, Protocol::V311, code, message)
+        let reply_topic = match envelope.get("reply_to") {
+            None | Some(serde_json::Value::Null) => self.default_reply_topic.clone(),
+            Some(serde_json::Value::String(t)) if t.is_empty() => self.default_reply_topic.clone(),
+            Some(serde_json::Value::String(t)) => t.clone(),
+            Some(_) => return Err(reject_default(&id, "`reply_to` must be a string".into())),
         };
-        if !valid_reply_topic(&reply_topic) {
-            return Err(reject(
-                ErrorCode::InvalidRequest,
-                "`reply_to` is not a valid topic name".into(),
-                &self.default_reply_topic,
-            ));
+        if let Some(problem) = reply_topic_problem(&reply_topic) {
+            return Err(reject_default(&id, format!("`reply_to` {problem}")));
         }
-        let Some(b64) = envelope.image_b64 else {
-            return Err(reject(
-                ErrorCode::InvalidRequest,
-                "the envelope has no `image_b64`".into(),
-                &reply_topic,
-            ));
+        let reject =
+            |code, message: String| self.rejection(&id, &reply_topic, None, Protocol::V311, code, message);
+        if !matches!(
+            envelope.get("id"),
+            None | Some(serde_json::Value::Null | serde_json::Value::String(_))
+        ) {
+            return Err(reject(ErrorCode::InvalidRequest, "`id` must be a string".into()));
+        }
+        let number = |name: &str| -> Result<Option<u64>, Box<Rejected>> {
+            match envelope.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                    reject(
+                        ErrorCode::InvalidRequest,
+                        format!("`{name}` must be a non-negative integer, got {v}"),
+                    )
+                }),
+            }
+        };
+        let top_k = number("top_k")?;
+        let deadline_ms = number("deadline_ms")?;
+        let b64 = match envelope.remove("image_b64") {
+            Some(serde_json::Value::String(b64)) => b64,
+            None | Some(serde_json::Value::Null) => {
+                return Err(reject(
+                    ErrorCode::InvalidRequest,
+                    "the envelope has no `image_b64`".into(),
+                ));
+            }
+            Some(_) => {
+                return Err(reject(
+                    ErrorCode::InvalidRequest,
+                    "`image_b64` must be a base64 string".into(),
+                ));
+            }
         };
         // Refuse before decoding: base64 is 4/3 of the bytes it carries.
         let decoded_len = b64.len() / 4 * 3;
@@ -242,7 +322,6 @@ impl RequestPolicy {
                     "the image is about {decoded_len} bytes, the limit is {}",
                     self.max_image_bytes
                 ),
-                &reply_topic,
             ));
         }
         let image = match base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) {
@@ -251,7 +330,6 @@ impl RequestPolicy {
                 return Err(reject(
                     ErrorCode::InvalidRequest,
                     format!("`image_b64` is not valid base64: {e}"),
-                    &reply_topic,
                 ));
             }
         };
@@ -261,8 +339,8 @@ impl RequestPolicy {
             None,
             Protocol::V311,
             image,
-            envelope.top_k.map(u64::from),
-            envelope.deadline_ms,
+            top_k,
+            deadline_ms,
             now,
         )
     }
@@ -312,10 +390,13 @@ impl RequestPolicy {
                 ));
             }
         };
-        let deadline = deadline_ms
-            .map(Duration::from_millis)
-            .or(self.default_deadline)
-            .map(|d| now.saturating_add(d));
+        // 0 means no deadline, as for `limits.default_deadline_ms`; it also lifts the default.
+        let deadline = match deadline_ms {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => self.default_deadline,
+        }
+        .map(|d| now.saturating_add(d));
         Ok(StoredRequest {
             request_id: id,
             received_at: now,
@@ -571,9 +652,81 @@ mod tests {
         let r = policy().parse(&v311(big.as_bytes()), NOW).unwrap_err();
         assert_eq!(error_code(&r), "too_large");
         assert_eq!(r.reply.request_id, "e2");
+        let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        let r = policy().parse(&v311(deep.as_bytes()), NOW).unwrap_err();
+        assert_eq!(error_code(&r), "invalid_request", "JSON, but not an envelope");
+        // Not an envelope and larger than any image could be: too large, whatever it holds.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let r = policy().parse(&v311(deep.as_bytes()), NOW).unwrap_err();
-        assert_eq!(error_code(&r), "invalid_request");
+        assert_eq!(error_code(&r), "too_large");
+        assert_eq!(r.reply.topic, "edge/cam1/result");
+    }
+
+    #[test]
+    fn v311_mistakes_are_answered_where_the_client_waits_under_its_id() {
+        for body in [
+            r#"{"id":"r2","image_b64":"/9j/","reply_to":"app/r311","top_k":"3"}"#,
+            r#"{"id":"r2","image_b64":"/9j/","reply_to":"app/r311","top_k":5000000000}"#,
+            r#"{"id":"r2","image_b64":"/9j/","reply_to":"app/r311","deadline_ms":-1}"#,
+            r#"{"id":"r2","image_b64":7,"reply_to":"app/r311"}"#,
+            r#"{"image_b64":"/9j/","reply_to":"app/r311","id":"r2","top_k":1.5}"#,
+        ] {
+            let r = policy().parse(&v311(body.as_bytes()), NOW).unwrap_err();
+            assert_eq!(r.code, ErrorCode::InvalidRequest, "{body}");
+            assert_eq!(
+                (r.reply.request_id.as_str(), r.reply.topic.as_str()),
+                ("r2", "app/r311"),
+                "{body}"
+            );
+        }
+        // A numeric id is echoed as its text, so the client can match the refusal.
+        let body = br#"{"id":12345,"image_b64":"/9j/","reply_to":"app/r311"}"#;
+        let r = policy().parse(&v311(body), NOW).unwrap_err();
+        assert_eq!(
+            (r.code, r.reply.request_id.as_str(), r.reply.topic.as_str()),
+            (ErrorCode::InvalidRequest, "12345", "app/r311")
+        );
+        // A `reply_to` that cannot take the reply: the default topic, still with the id.
+        for reply_to in ["3", "\"a/#\"", "\"$SYS/app/r\"", "\"$share/g/app/r\""] {
+            let body = format!(r#"{{"id":"r3","image_b64":"/9j/","reply_to":{reply_to}}}"#);
+            let r = policy().parse(&v311(body.as_bytes()), NOW).unwrap_err();
+            assert_eq!(
+                (r.code, r.reply.request_id.as_str(), r.reply.topic.as_str()),
+                (ErrorCode::InvalidRequest, "r3", "edge/cam1/result"),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn dollar_reply_topics_are_refused() {
+        for topic in ["$SYS/app/r", "$share/g/app/r", "$anything"] {
+            assert!(!valid_reply_topic(topic), "{topic}");
+            let msg = Inbound {
+                response_topic: Some(topic),
+                ..v5(b"x", &[])
+            };
+            let r = policy().parse(&msg, NOW).unwrap_err();
+            assert_eq!(r.code, ErrorCode::InvalidRequest);
+            assert_eq!(r.reply.topic, "edge/cam1/result");
+            assert_eq!(r.reply.request_id, "corr-7");
+            assert!(r.message.contains("reserved"), "{}", r.message);
+        }
+        assert!(valid_reply_topic("app/$x") && valid_reply_topic("a"));
+    }
+
+    #[test]
+    fn a_zero_deadline_means_none_and_lifts_the_default() {
+        let mut with_default = policy();
+        with_default.default_deadline = Some(Duration::from_millis(300));
+        let p = props(&[("deadline_ms", "0")]);
+        assert_eq!(with_default.parse(&v5(b"x", &p), NOW).unwrap().deadline, None);
+        assert_eq!(
+            with_default.parse(&v5(b"x", &[]), NOW).unwrap().deadline,
+            Some(UnixMillis(1_000_300))
+        );
+        let body = br#"{"image_b64":"/9j/","deadline_ms":0}"#;
+        assert_eq!(with_default.parse(&v311(body), NOW).unwrap().deadline, None);
     }
 
     #[test]

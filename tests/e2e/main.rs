@@ -5,6 +5,7 @@ mod bad_inputs;
 mod classify_photos;
 mod conformance;
 mod daemon;
+mod defects;
 mod faults;
 mod fuzz_regressions;
 mod ingress;

@@ -188,6 +188,14 @@ impl Breaker {
         }
     }
 
+    /// Forgets an admission without a verdict (a call cut short by the request's own deadline
+    /// says nothing about the pool): a probe may go again at once.
+    pub fn release(&mut self, admission: Admission) {
+        if admission == Admission::Probe {
+            self.probe_since = None;
+        }
+    }
+
     /// Records a request's outcome.
     pub fn settle(&mut self, ok: bool, admission: Admission, now: Instant) -> Option<Transition> {
         let probe = admission == Admission::Probe;
@@ -215,6 +223,20 @@ mod tests {
     use super::*;
 
     const EJECT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_released_probe_leaves_the_breaker_as_it_was_and_lets_another_probe_go() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, Duration::from_secs(2));
+        assert!(b.settle(false, Admission::Normal, t0).is_some());
+        let t1 = t0 + Duration::from_secs(2);
+        let probe = b.admit(t1).expect("half-open admits a probe");
+        assert_eq!(probe, Admission::Probe);
+        assert_eq!(b.admit(t1), None, "one probe at a time");
+        b.release(probe);
+        assert_eq!(b.state(t1), BreakerState::HalfOpen);
+        assert_eq!(b.admit(t1), Some(Admission::Probe));
+    }
 
     #[test]
     fn the_only_endpoint_is_never_ejected() {

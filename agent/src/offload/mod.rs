@@ -11,9 +11,13 @@
 //!   connection error) ejects the endpoint for `eject_secs`, unless it is the last one in
 //!   rotation; it is re-admitted after that (tonic's balancer alone keeps routing to dead
 //!   endpoints).
-//! - Every call has the configured deadline, sent along as `grpc-timeout`; a failed call is
-//!   retried once on another endpoint, or on the same one when it is the only one in rotation
-//!   and the failure was not a timeout (through a proxy that reaches another pod).
+//! - Every call has the configured deadline, shortened to the time the request has left
+//!   before its own deadline (`routing::cluster_call_timeout`), sent along as `grpc-timeout`;
+//!   with too little left the request is not sent. A failed call is retried once, if time is
+//!   left, on another endpoint, or on the same one when it is the only one in rotation and the
+//!   failure was not a timeout (through a proxy that reaches another pod). A call cut short by
+//!   the request's deadline says nothing about the endpoint: it is neither ejected nor counted
+//!   by the breaker.
 //! - A circuit breaker over the whole pool opens after `failure_threshold` consecutive failed
 //!   requests: while open nothing is sent; after `open_secs` one request probes (half-open),
 //!   and its success closes the breaker.
@@ -88,6 +92,14 @@ impl Offload {
             return Ok(None);
         }
         let tls = tls_config(cfg)?;
+        // `http://host:port` and `https://host:port` name the same address as `host:port`
+        // (config validation checked the scheme against `offload.tls_ca`).
+        let mut cfg = cfg.clone();
+        for e in &mut cfg.endpoints {
+            *e = crate::config::pool_endpoint(e, tls.is_some())
+                .map_err(|reason| OffloadError::Config(format!("key `offload.endpoints`: {reason}")))?
+                .to_owned();
+        }
         let offload = Arc::new(Self {
             cfg: cfg.clone(),
             tls,
@@ -228,17 +240,24 @@ impl Offload {
         }
     }
 
-    /// The deadline of one call.
-    fn timeout(&self) -> Duration {
-        Duration::from_millis(self.cfg.timeout_ms)
-    }
-
-    /// Classifies on the cluster: one try, and one retry (`health.rs` says where).
+    /// Classifies on the cluster: one try, and one retry (`health.rs` says where), all within
+    /// the request's `deadline` (none: each call gets `offload.timeout_ms`).
     pub async fn classify(
         &self,
         payload: Payload<'_>,
         top_k: usize,
+        deadline: Option<Instant>,
     ) -> Result<(Answer, String), OffloadError> {
+        let configured = Duration::from_millis(self.cfg.timeout_ms);
+        let call_timeout = || {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            crate::routing::cluster_call_timeout(configured, left)
+        };
+        if call_timeout().is_none() {
+            return Err(OffloadError::Unavailable(
+                "too little time left before the request's deadline".into(),
+            ));
+        }
         let admission = lock(&self.breaker)
             .admit(Instant::now())
             .ok_or_else(|| OffloadError::Unavailable("circuit breaker open".into()))?;
@@ -246,6 +265,9 @@ impl Offload {
         let mut last_err = OffloadError::Unavailable("no cluster endpoint known yet".into());
         let mut failed: Option<(String, Failure)> = None;
         for _ in 0..2 {
+            let Some(timeout) = call_timeout() else {
+                break;
+            };
             let Some(ep) = self.pick(&list, failed.as_ref().map(|(a, _)| a.as_str())) else {
                 break;
             };
@@ -255,13 +277,22 @@ impl Offload {
                 break;
             }
             let started = Instant::now();
-            match self.call(&ep, &payload, top_k).await {
+            match self.call(&ep, &payload, top_k, timeout).await {
                 Ok(answer) => {
                     self.settle(true, admission);
                     return Ok((answer, ep.addr.clone()));
                 }
+                Err(_) if timeout < configured && started.elapsed() >= timeout => {
+                    // Cut short by the request's deadline, not by the endpoint.
+                    lock(&self.breaker).release(admission);
+                    return Err(OffloadError::Failed(format!(
+                        "{}: no answer within the {} ms the request had left",
+                        ep.addr,
+                        timeout.as_millis()
+                    )));
+                }
                 Err((failure, e)) => {
-                    let failure = failure.given_time(started.elapsed(), self.timeout());
+                    let failure = failure.given_time(started.elapsed(), timeout);
                     debug!(endpoint = %ep.addr, ?failure, "cluster call failed: {e}");
                     if failure.ejects() {
                         self.eject(&list, &ep, &e);
@@ -284,8 +315,8 @@ impl Offload {
         ep: &Endpoint,
         payload: &Payload<'_>,
         top_k: usize,
+        timeout: Duration,
     ) -> Result<Answer, (Failure, String)> {
-        let timeout = self.timeout();
         // A status the transport made (a connection or HTTP/2 stream error under it: a proxy
         // resetting the stream of a pod that died gives INTERNAL) is transient; one the pool
         // sent is judged by its code.

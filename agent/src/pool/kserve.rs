@@ -318,9 +318,9 @@ impl GrpcInferenceService for KServe {
                 meta(&manifest.input.name, "FP32", tensor_shape),
             ],
             outputs: vec![
-                meta("classes", "BYTES", vec![-1, p.top_k as i64]),
-                meta("scores", "FP32", vec![-1, p.top_k as i64]),
-                meta("probabilities", "FP32", vec![-1, manifest.labels.len() as i64]),
+                meta("classes", "BYTES", vec![-1, p.answer_k(manifest) as i64]),
+                meta("scores", "FP32", vec![-1, p.answer_k(manifest) as i64]),
+                meta("probabilities", "FP32", vec![-1, manifest.output.classes as i64]),
             ],
         }))
     }

@@ -79,6 +79,15 @@ fn server_tls(config: &ServeConfig) -> Result<Option<tonic::transport::ServerTls
     Ok(Some(tls))
 }
 
+/// Classes a model's answers can name: its output classes minus a background class (label
+/// offset). Comes from the model's output, whether the bundle has labels or not.
+pub fn answerable_classes(manifest: &edge_convert::bundle::Manifest) -> usize {
+    manifest
+        .output
+        .classes
+        .saturating_sub(manifest.output.label_offset)
+}
+
 /// The state the gRPC services share.
 pub struct Pool {
     pub engine: Engine,
@@ -107,6 +116,13 @@ impl Pool {
 
     pub fn admit(&self) -> Result<engine::Admission, Status> {
         self.engine.admit().map_err(to_status)
+    }
+
+    /// Labels per image in a `classes`/`scores` answer of `manifest`'s model: `--top-k`, at
+    /// most the classes it can name (its output classes after the label offset; a bundle
+    /// without labels names them `class_<index>`).
+    pub fn answer_k(&self, manifest: &edge_convert::bundle::Manifest) -> usize {
+        self.top_k.min(answerable_classes(manifest))
     }
 
     pub fn check_batch(&self, n: usize) -> Result<(), Status> {
@@ -157,6 +173,14 @@ impl Pool {
                 "the tensor holds {} values, shape {dims:?} needs {}",
                 values.len(),
                 n * item_len
+            ));
+        }
+        // A NaN or an infinity propagates through the network: the answer would be NaN
+        // probabilities, which no client can use. Preprocessed images are always finite.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "the tensor holds a value that is not finite ({} at index {i})",
+                values[i]
             ));
         }
         let mut shape = input.clone();

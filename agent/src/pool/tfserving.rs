@@ -145,7 +145,7 @@ impl TfServing {
             let n = images.len();
             let (model, scored) = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
             version = model.manifest().model.version.clone();
-            let k = p.top_k.min(model.manifest().labels.len().max(1));
+            let k = p.answer_k(model.manifest());
             let mut classes = Vec::with_capacity(n * k);
             let mut scores = Vec::with_capacity(n * k);
             for s in &scored {
@@ -219,23 +219,22 @@ impl TfServing {
             tensor_shape: Some(TensorShapeProto::from_dims(dims)),
             encoding: Some(tensor_info::Encoding::Name(name.to_owned())),
         };
+        let k = p.answer_k(model.manifest()) as i64;
         let images = SignatureDef {
             inputs: [("images".to_owned(), info("images", DataType::DtString, &[-1]))].into(),
             outputs: [
                 (
                     "classes".to_owned(),
-                    info("classes", DataType::DtString, &[-1, p.top_k as i64]),
+                    info("classes", DataType::DtString, &[-1, k]),
                 ),
-                (
-                    "scores".to_owned(),
-                    info("scores", DataType::DtFloat, &[-1, p.top_k as i64]),
-                ),
+                ("scores".to_owned(), info("scores", DataType::DtFloat, &[-1, k])),
             ]
             .into(),
             method_name: "tensorflow/serving/predict".into(),
             ..SignatureDef::default()
         };
-        let classes = model.manifest().labels.len() as i64;
+        // Every output class, a background class included: the shape of the model's output.
+        let classes = model.manifest().output.classes as i64;
         let tensor = SignatureDef {
             inputs: [(
                 input.name.clone(),
