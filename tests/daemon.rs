@@ -298,6 +298,9 @@ impl AgentSpec {
             .args(["--protocol", self.protocol])
             .env_remove("RUST_LOG")
             .env("EDGE_AGENT_LOG__LEVEL", "info")
+            // Runtime-settings tuning times the model for seconds at each first start; the
+            // tests that are about it turn it on (`.env("EDGE_AGENT_MODEL__TUNING", "true")`).
+            .env("EDGE_AGENT_MODEL__TUNING", "false")
             .stdout(Stdio::null());
         match &self.broker {
             Some(url) => {

@@ -66,6 +66,12 @@ pub struct ModelConfig {
     pub max_bundle_bytes: u64,
     /// Deadline of a bundle download (connection to last byte), in seconds.
     pub fetch_timeout_secs: u64,
+    /// Choose tract's runtime settings (knobs) for each bundle by measuring candidates on
+    /// this CPU when a bundle is first loaded; the choice is cached in `dir`
+    /// (`edge-tuning.json`, keyed by bundle sha256 and CPU). Off: tract's defaults.
+    pub tuning: bool,
+    /// Longest time one tuning may take, in seconds (the model is not served meanwhile).
+    pub tuning_budget_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -301,6 +307,8 @@ impl Default for ModelConfig {
             dir: PathBuf::new(),
             max_bundle_bytes: 2 << 30,
             fetch_timeout_secs: 300,
+            tuning: true,
+            tuning_budget_secs: 30,
         }
     }
 }
@@ -571,6 +579,12 @@ impl Config {
         }
         if self.model.fetch_timeout_secs == 0 {
             return bad("model.fetch_timeout_secs", "must be positive");
+        }
+        if self.model.tuning && self.model.tuning_budget_secs == 0 {
+            return bad(
+                "model.tuning_budget_secs",
+                "must be positive (set model.tuning = false to turn tuning off)",
+            );
         }
         if self.workers.count > 64 {
             return bad("workers.count", "must be between 0 (one per CPU core) and 64");

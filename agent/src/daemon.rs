@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use edge_convert::preprocess::ImageLimits;
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_convert::runtime::{Classifier, RuntimeOptions, SettingsReport, TuneOptions, Tuning};
 
 use crate::config::{Config, MqttProtocol, broker_address};
 use crate::metrics::Metrics;
@@ -197,6 +197,7 @@ impl Shared {
             "state": state,
             "agent_version": env!("CARGO_PKG_VERSION"),
             "model": self.served.get().model,
+            "runtime_settings": runtime_settings_status(self.served.get().classifier.settings()),
             "model_reload": lock(&self.model_reload).clone(),
             "queue": {
                 "pending": s.pending,
@@ -254,6 +255,20 @@ impl Shared {
     }
 }
 
+/// The status's `runtime_settings`: the tract knobs the served model was optimised with,
+/// where they came from (`default`, `cached`, `tuned`) and what the tuning measured.
+fn runtime_settings_status(s: &SettingsReport) -> serde_json::Value {
+    serde_json::json!({
+        "knobs": s.settings,
+        "origin": s.origin,
+        "threads": s.measured.as_ref().map(|m| m.threads),
+        "default_ms": s.measured.as_ref().map(|m| m.default_ms),
+        "chosen_ms": s.measured.as_ref().map(|m| m.chosen_ms),
+        "tuning_ms": s.measured.as_ref().map(|m| m.tuning_ms),
+        "note": s.note,
+    })
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
     let device = config.device_id();
@@ -287,6 +302,16 @@ pub async fn run(config: Config) -> Result<()> {
             ..ImageLimits::default()
         },
         max_bundle_bytes: config.model.max_bundle_bytes,
+        tuning: if config.model.tuning {
+            Tuning::Auto(TuneOptions {
+                budget: Duration::from_secs(config.model.tuning_budget_secs),
+                // The agent's own state directory: writable whatever directory the
+                // configured bundle is in, and where rolled-out bundles live.
+                cache_dir: Some(config.model_dir()),
+            })
+        } else {
+            Tuning::Off
+        },
         ..RuntimeOptions::default()
     };
     let store = ModelStore::open(&config.model_dir())?;
@@ -308,7 +333,9 @@ pub async fn run(config: Config) -> Result<()> {
     let model = served.model.clone();
     info!(
         model = %model.name, version = %model.version, bundle = %rollout.serving().display(),
-        load_ms = start.elapsed().as_millis() as u64, "model loaded"
+        load_ms = start.elapsed().as_millis() as u64,
+        runtime_settings = %served.classifier.settings().settings,
+        settings_origin = ?served.classifier.settings().origin, "model loaded"
     );
     // Installed before the agent reports ready: SIGHUP's default action would end it.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

@@ -1,8 +1,10 @@
 //! `edge-convert`: turn an exported image classifier (ONNX, TensorFlow frozen GraphDef,
 //! TensorFlow SavedModel) into an edge bundle, and inspect or verify models and bundles.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -11,6 +13,7 @@ use edge_convert::bundle::manifest::{
     ChannelOrder, Layout, OutputKind, Preprocessing, ResizeFilter, ResizePolicy,
 };
 use edge_convert::convert::{self, ConvertOptions, InputOverrides, Progress};
+use edge_convert::runtime::{self, Classifier, RuntimeOptions, RuntimeSettings, TuneOptions, Tuning};
 
 /// Convert exported image classifiers into edge bundles for edge-agent.
 ///
@@ -66,6 +69,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time every node of a bundle's optimised plan: per operator kind and the slowest nodes,
+    /// with their share of the time and GFLOP/s from tract's cost model.
+    ///
+    /// The bundle runs through the same runtime as edge-agent, under the runtime settings
+    /// it would use (see --tuning), on a fixed pseudo-random input; each figure is the median
+    /// of --runs inferences after one warm-up. Example:
+    ///
+    ///   edge-convert profile inception.bundle --threads 2 --runs 9
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// The edge bundle.
+    bundle: PathBuf,
+    /// Threads per inference.
+    #[arg(long, default_value = "1")]
+    threads: NonZeroUsize,
+    /// Timed inferences (each figure is their median).
+    #[arg(long, default_value = "5")]
+    runs: NonZeroUsize,
+    /// How many of the slowest nodes to list.
+    #[arg(long, default_value_t = 15)]
+    top: usize,
+    /// How the runtime settings (tract knobs) are chosen: `auto` as edge-agent does
+    /// (measured on this machine once and cached in edge-tuning.json beside the bundle),
+    /// `off` for tract's defaults.
+    #[arg(long, value_enum, default_value = "auto")]
+    tuning: TuningArg,
+    /// Longest time spent tuning, when --tuning auto has no cached choice.
+    #[arg(long, default_value_t = 30)]
+    tuning_budget_secs: u64,
+    /// Run with this tract knob instead (repeatable; overrides --tuning), e.g.
+    /// --setting TRACT_DISABLE_DIRECT_SPATIAL=true. Only knobs tract reads while it
+    /// optimises a model are accepted.
+    #[arg(long = "setting", value_name = "KNOB=VALUE")]
+    settings: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TuningArg {
+    Auto,
+    Off,
 }
 
 #[derive(Args)]
@@ -435,7 +484,156 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Profile(args) => {
+            profile(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn profile(args: &ProfileArgs) -> Result<()> {
+    let tuning = if !args.settings.is_empty() {
+        let pairs = args
+            .settings
+            .iter()
+            .map(|s| RuntimeSettings::parse_pair(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Tuning::Fixed(RuntimeSettings::new(pairs)?)
+    } else {
+        match args.tuning {
+            TuningArg::Off => Tuning::Off,
+            TuningArg::Auto => Tuning::Auto(TuneOptions {
+                budget: Duration::from_secs(args.tuning_budget_secs),
+                cache_dir: None,
+            }),
+        }
+    };
+    let options = RuntimeOptions {
+        threads: args.threads,
+        adaptive: false,
+        tuning,
+        ..RuntimeOptions::default()
+    };
+    let classifier = Classifier::load(&args.bundle, &options)
+        .with_context(|| format!("cannot load {}", args.bundle.display()))?;
+    let input = runtime::tune::pseudo_random(&classifier.manifest().input.shape);
+    let profile = classifier
+        .profile(&input, args.runs.get())
+        .with_context(|| format!("cannot profile {}", args.bundle.display()))?;
+    let settings = classifier.settings();
+    let cpu = runtime::tune::cpu_description();
+    if args.json {
+        let doc = serde_json::json!({
+            "bundle": args.bundle,
+            "model": classifier.manifest().model,
+            "threads": args.threads.get(),
+            "cpu": cpu,
+            "tract": edge_convert::bundle::TRACT_VERSION,
+            "settings": settings,
+            "profile": profile,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let m = &classifier.manifest().model;
+    println!(
+        "{} ({} {}): {} thread(s), median of {} runs, tract {}, {cpu}",
+        args.bundle.display(),
+        m.name,
+        m.version,
+        args.threads,
+        profile.runs,
+        edge_convert::bundle::TRACT_VERSION,
+    );
+    println!(
+        "runtime settings: {} ({})",
+        settings.settings,
+        describe_origin(settings)
+    );
+    if let Some(note) = &settings.note {
+        println!("note: {note}");
+    }
+    println!(
+        "inference {:.1} ms (nodes {:.1} ms, between nodes {:.1} ms), {:.2} G multiply-adds, {:.1} GFLOP/s",
+        profile.total_ms,
+        profile.nodes_ms,
+        profile.nodes.iter().map(|n| n.before_ms).sum::<f64>(),
+        profile.multiply_adds as f64 / 1e9,
+        gflops(profile.multiply_adds, profile.nodes_ms),
+    );
+    println!();
+    println!(
+        "{:<24} {:>5} {:>9} {:>7} {:>8}",
+        "operator", "nodes", "ms", "share", "GFLOP/s"
+    );
+    for o in &profile.ops {
+        println!(
+            "{:<24} {:>5} {:>9.2} {:>6.1}% {:>8}",
+            o.op,
+            o.nodes,
+            o.ms,
+            o.share * 100.0,
+            gflops_text(o.gflops)
+        );
+    }
+    println!();
+    println!("slowest nodes:");
+    println!(
+        "{:>5} {:<20} {:>8} {:>7} {:>8}  name (output)",
+        "id", "operator", "ms", "share", "GFLOP/s"
+    );
+    for n in profile.top_nodes(args.top) {
+        println!(
+            "{:>5} {:<20} {:>8.2} {:>6.1}% {:>8}  {} ({})",
+            n.id,
+            n.op,
+            n.ms,
+            n.share * 100.0,
+            gflops_text(n.gflops),
+            n.name,
+            n.output
+        );
+    }
+    Ok(())
+}
+
+fn describe_origin(s: &runtime::SettingsReport) -> String {
+    use runtime::tune::Origin;
+    let measured = s.measured.as_ref().map(|m| {
+        format!(
+            "{:.1} ms with tract's defaults, {:.1} ms chosen, at {} thread(s); tuning took {:.1} s",
+            m.default_ms,
+            m.chosen_ms,
+            m.threads,
+            m.tuning_ms / 1e3
+        )
+    });
+    let cache = s
+        .cache
+        .as_ref()
+        .map(|c| format!("; cache {}", c.display()))
+        .unwrap_or_default();
+    match s.origin {
+        Origin::Default => "tract's defaults, tuning off".into(),
+        Origin::Given => "given with --setting".into(),
+        Origin::Cached => format!(
+            "measured earlier on this CPU: {}{cache}",
+            measured.unwrap_or_default()
+        ),
+        Origin::Tuned => format!("measured now: {}{cache}", measured.unwrap_or_default()),
+    }
+}
+
+fn gflops(multiply_adds: u64, ms: f64) -> f64 {
+    if ms > 0.0 {
+        2.0 * multiply_adds as f64 / ms / 1e6
+    } else {
+        0.0
+    }
+}
+
+fn gflops_text(g: f64) -> String {
+    if g > 0.0 { format!("{g:.1}") } else { "-".into() }
 }
 
 /// The manifest as JSON with the label list shortened to its length.

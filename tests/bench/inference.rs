@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use edge_convert::bundle;
-use edge_convert::runtime::{Classifier, RuntimeOptions, Tensor};
+use edge_convert::runtime::{Classifier, Profile, RuntimeOptions, Tensor, TuneOptions, Tuning};
 use tract_core::ops::Cost;
 
 use crate::Ctx;
@@ -48,6 +48,124 @@ pub fn classifier(bundle: &Path, threads: usize) -> Result<Classifier> {
         ..RuntimeOptions::default()
     };
     Classifier::load(bundle, &options).with_context(|| format!("cannot load {}", bundle.display()))
+}
+
+/// The bundle under the runtime settings the tuner picks on this machine for `threads`
+/// threads (as edge-agent runs it), cached in the bench's scratch directory.
+pub fn tuned_classifier(ctx: &Ctx, bundle: &Path, threads: usize) -> Result<Classifier> {
+    let options = RuntimeOptions {
+        threads: NonZeroUsize::new(threads).unwrap_or(NonZeroUsize::MIN),
+        tuning: Tuning::Auto(TuneOptions {
+            budget: std::time::Duration::from_secs(120),
+            cache_dir: Some(ctx.scratch.path().to_owned()),
+        }),
+        ..RuntimeOptions::default()
+    };
+    Classifier::load(bundle, &options).with_context(|| format!("cannot load {}", bundle.display()))
+}
+
+/// Per-operator profile, tract's defaults against the tuned settings (1 thread), interleaved.
+fn profile_before_after(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let tuned = tuned_classifier(ctx, &ctx.bundle, 1)?;
+    let s = tuned.settings();
+    let m = s.measured.as_ref();
+    let trials: Vec<String> = m
+        .map(|m| {
+            m.trials
+                .iter()
+                .map(|t| match (t.ratio, &t.skipped) {
+                    (Some(r), _) => {
+                        format!("{} {:.2}x{}", t.settings, r, if t.kept { " (kept)" } else { "" })
+                    }
+                    (None, Some(why)) => format!("{} not timed: {why}", t.settings),
+                    (None, None) => t.settings.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    report.note(
+        S,
+        format!(
+            "Runtime settings the tuner chose here (1 thread, as edge-agent would on first load;              every later row runs with them): **{}**; tract's defaults {:.0} ms, chosen {:.0} ms,              tuning took {:.1} s. Candidates (time relative to the best so far, interleaved              medians): {}.",
+            s.settings,
+            m.map_or(f64::NAN, |m| m.default_ms),
+            m.map_or(f64::NAN, |m| m.chosen_ms),
+            m.map_or(f64::NAN, |m| m.tuning_ms / 1e3),
+            trials.join("; ")
+        ),
+    );
+    let plain = classifier(&ctx.bundle, 1)?;
+    let x = input(&plain);
+    let (mut before, mut after): (Vec<Profile>, Vec<Profile>) = (Vec::new(), Vec::new());
+    for _ in 0..ctx.rounds.max(1) {
+        before.push(plain.profile(&x, 3)?);
+        after.push(tuned.profile(&x, 3)?);
+    }
+    let pick = |v: &[Profile]| -> Profile {
+        // The round with the median total stands for the rest.
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.nodes_ms.total_cmp(&b.nodes_ms));
+        v.swap_remove(v.len() / 2)
+    };
+    let (before, after) = (pick(&before), pick(&after));
+    let mut kinds: Vec<String> = before.ops.iter().map(|o| o.op.clone()).collect();
+    for o in &after.ops {
+        if !kinds.contains(&o.op) {
+            kinds.push(o.op.clone());
+        }
+    }
+    let cell = |p: &Profile, op: &str| -> [String; 3] {
+        match p.ops.iter().find(|o| o.op == op) {
+            Some(o) => [
+                format!("{} / {:.1}", o.nodes, o.ms),
+                format!("{:.1} %", o.share * 100.0),
+                if o.gflops > 0.0 {
+                    format!("{:.0}", o.gflops)
+                } else {
+                    "—".into()
+                },
+            ],
+            None => ["—".into(), "—".into(), "—".into()],
+        }
+    };
+    let mut rows: Vec<Vec<String>> = kinds
+        .iter()
+        .map(|k| {
+            let mut r = vec![k.clone()];
+            r.extend(cell(&before, k));
+            r.extend(cell(&after, k));
+            r
+        })
+        .collect();
+    let total = |p: &Profile| {
+        [
+            format!("{} / {:.1}", p.nodes.len(), p.nodes_ms),
+            "100 %".into(),
+            format!("{:.0}", 2.0 * p.multiply_adds as f64 / p.nodes_ms / 1e6),
+        ]
+    };
+    let mut r = vec!["**all nodes**".to_string()];
+    r.extend(total(&before));
+    r.extend(total(&after));
+    rows.push(r);
+    report.table(
+        S,
+        &format!(
+            "Per-operator profile of the bundle at 1 thread (`edge-convert profile`: every node timed              with `SimpleState::run_plan_with_eval`, median of 3 runs, the median of {} interleaved              rounds), tract's defaults (before) against the tuned settings (after); GFLOP/s from              tract's cost model:",
+            ctx.rounds.max(1)
+        ),
+        &[
+            "operator",
+            "before: nodes / ms",
+            "share",
+            "GFLOP/s",
+            "after: nodes / ms",
+            "share",
+            "GFLOP/s",
+        ],
+        &rows,
+    );
+    Ok(())
 }
 
 /// A fixed pseudo-random input of the classifier's input shape.
@@ -128,9 +246,11 @@ pub fn run(ctx: &mut Ctx, peak: &Peak, report: &mut Report) -> Result<()> {
         ),
     );
 
+    profile_before_after(ctx, report)?;
+
     let threads = [1, ctx.cpus];
     for &t in threads.iter().take(if ctx.cpus > 1 { 2 } else { 1 }) {
-        let ours = classifier(&ctx.bundle, t)?;
+        let ours = tuned_classifier(ctx, &ctx.bundle, t)?;
         let x = input(&ours);
         time_runs(&ours, &x, 2)?;
         // ONNX Runtime on each ONNX form; the faster one is the baseline.

@@ -54,6 +54,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Per section: how it was measured, and side results.
     pub notes: Vec<(&'static str, String)>,
+    /// Per section: Markdown tables (title, then the table), after its notes.
+    pub tables: Vec<(&'static str, String)>,
     pub machine: Vec<String>,
 }
 
@@ -98,6 +100,21 @@ impl Report {
         let text = text.into();
         eprintln!("  note: {text}");
         self.notes.push((section, text));
+    }
+
+    /// A table under a section's notes: `header` names the columns; the first is left-aligned,
+    /// the others right-aligned.
+    pub fn table(&mut self, section: &'static str, title: &str, header: &[&str], rows: &[Vec<String>]) {
+        let mut md = format!("{title}\n\n| {} |\n|", header.join(" | "));
+        for i in 0..header.len() {
+            md.push_str(if i == 0 { "---|" } else { "---:|" });
+        }
+        md.push('\n');
+        for r in rows {
+            let _ = writeln!(md, "| {} |", r.join(" | "));
+        }
+        eprintln!("  {md}");
+        self.tables.push((section, md));
     }
 
     pub fn markdown(&self, command: &str, sections: &[(&'static str, &'static str)]) -> String {
@@ -149,12 +166,21 @@ impl Report {
                 .filter(|(s, _)| s == section)
                 .map(|(_, n)| n)
                 .collect();
-            if notes.is_empty() {
+            let tables: Vec<&String> = self
+                .tables
+                .iter()
+                .filter(|(s, _)| s == section)
+                .map(|(_, t)| t)
+                .collect();
+            if notes.is_empty() && tables.is_empty() {
                 continue;
             }
             let _ = writeln!(md, "\n## {title}\n");
             for n in notes {
                 let _ = writeln!(md, "- {n}");
+            }
+            for t in tables {
+                let _ = writeln!(md, "\n{t}");
             }
         }
         md

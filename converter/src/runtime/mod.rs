@@ -1,6 +1,14 @@
 //! The inference runtime: a bundle loaded, optimised and ready to classify images. One
 //! `Classifier` is shared by any number of threads (the plan is immutable; each call spawns
 //! its own state).
+//!
+//! A model is optimised under [`RuntimeSettings`] (tract knobs in a scoped `KnobScope`): tract's
+//! defaults, settings given by the caller, or settings measured on this machine by [`tune`] and
+//! cached beside the bundle.
+
+pub mod profile;
+pub mod settings;
+pub mod tune;
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -13,6 +21,10 @@ use tract_linalg::multithread::{Executor, multithread_tract_scope};
 
 use crate::bundle::{self, BundleError, Manifest, manifest::OutputKind};
 use crate::preprocess::{ImageError, ImageLimits, Preprocessor};
+
+pub use profile::Profile;
+pub use settings::RuntimeSettings;
+pub use tune::{SettingsReport, TuneOptions, Tuning};
 
 /// The tensor type inputs are given in.
 pub use tract_core::prelude::Tensor;
@@ -31,6 +43,8 @@ pub struct RuntimeOptions {
     pub image_limits: ImageLimits,
     /// DCT-scaled JPEG decoding for large photos (see [`Preprocessor::with_dct_scaling`]).
     pub dct_scaling: bool,
+    /// Which tract knobs the model is optimised with (default: tract's own).
+    pub tuning: Tuning,
 }
 
 impl Default for RuntimeOptions {
@@ -41,6 +55,7 @@ impl Default for RuntimeOptions {
             max_bundle_bytes: 2 << 30,
             image_limits: ImageLimits::default(),
             dct_scaling: true,
+            tuning: Tuning::Off,
         }
     }
 }
@@ -56,6 +71,8 @@ pub enum RuntimeError {
     Prepare(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("invalid runtime setting: {0}")]
+    Settings(String),
 }
 
 impl RuntimeError {
@@ -103,33 +120,37 @@ pub struct Classifier {
     adaptive: bool,
     /// Inferences running now (adaptive parallelism).
     running: AtomicUsize,
+    /// The settings the model was optimised with, and where they came from.
+    settings: SettingsReport,
 }
 
 impl Classifier {
-    /// Loads, optimises and plans a bundle.
+    /// Loads, optimises and plans a bundle; with [`Tuning::Auto`], under the settings cached
+    /// beside it for this CPU, or measured now (and cached) when there are none.
     pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
         let bundle = bundle::load(path, options.max_bundle_bytes)?;
-        Self::from_model(bundle.manifest, bundle.model, options)
+        let settings = tune::settings_for(Some(path), &bundle.model, options)?;
+        Self::build(bundle.manifest, bundle.model, options, settings)
     }
 
     /// Builds a classifier from a manifest and a decluttered model (the converter uses this
-    /// to verify a bundle before writing it).
+    /// to verify a bundle before writing it). [`Tuning::Auto`] measures without a cache.
     pub fn from_model(
         manifest: Manifest,
         model: TypedModel,
         options: &RuntimeOptions,
     ) -> Result<Self, RuntimeError> {
-        let model = model
-            .into_optimized()
-            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
-        // The plan carries no executor: each inference picks one (see `infer`).
-        let pool = match options.threads.get() {
-            1 => None,
-            n => Some(Executor::multithread_with_name(n, "edge-infer")),
-        };
-        let plan = model
-            .into_runnable_with_options(&RunOptions::default())
-            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
+        let settings = tune::settings_for(None, &model, options)?;
+        Self::build(manifest, model, options, settings)
+    }
+
+    fn build(
+        manifest: Manifest,
+        model: TypedModel,
+        options: &RuntimeOptions,
+        settings: SettingsReport,
+    ) -> Result<Self, RuntimeError> {
+        let plan = prepare(model, &settings.settings)?;
         let preprocessor = Preprocessor::new(
             manifest.preprocessing.clone(),
             manifest.input.clone(),
@@ -140,10 +161,23 @@ impl Classifier {
             manifest,
             plan,
             preprocessor,
-            pool,
+            pool: pool(options.threads),
             adaptive: options.adaptive,
             running: AtomicUsize::new(0),
+            settings,
         })
+    }
+
+    /// The runtime settings in effect and where they came from.
+    pub fn settings(&self) -> &SettingsReport {
+        &self.settings
+    }
+
+    /// Times every node of the plan over `runs` inferences of `input` (after a warm-up), on
+    /// all of this classifier's threads.
+    pub fn profile(&self, input: &Tensor, runs: usize) -> Result<Profile, RuntimeError> {
+        let executor = self.pool.clone().unwrap_or(Executor::SingleThread);
+        profile::profile(&self.plan, executor, input, runs)
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -201,8 +235,29 @@ impl Classifier {
     }
 }
 
-/// The `k` most probable classes, best first; classes below the label offset (a background
-/// class) are skipped. Ties keep the lower index first.
+/// Optimises a decluttered model under `settings` (knobs read while it is optimised and
+/// planned) and plans it. The plan carries no executor: each inference picks one.
+pub(crate) fn prepare(
+    model: TypedModel,
+    settings: &RuntimeSettings,
+) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
+    let scope = settings.scope()?;
+    scope.enter(|| {
+        model
+            .into_optimized()
+            .and_then(|m| m.into_runnable_with_options(&RunOptions::default()))
+            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))
+    })
+}
+
+/// The thread pool an inference of `threads` threads splits its matrix products over.
+pub(crate) fn pool(threads: NonZeroUsize) -> Option<Executor> {
+    match threads.get() {
+        1 => None,
+        n => Some(Executor::multithread_with_name(n, "edge-infer")),
+    }
+}
+
 /// Counts an inference as running for as long as it lives.
 struct Running<'a> {
     count: &'a AtomicUsize,
@@ -226,6 +281,8 @@ impl Drop for Running<'_> {
     }
 }
 
+/// The `k` most probable classes, best first; classes below the label offset (a background
+/// class) are skipped. Ties keep the lower index first.
 pub fn top_k(manifest: &Manifest, probabilities: &[f32], k: usize) -> Vec<Prediction> {
     let offset = manifest.output.label_offset;
     let mut indices: Vec<usize> = (offset..probabilities.len()).collect();

@@ -1,0 +1,111 @@
+//! Runtime settings: tract knobs applied to one model while it is optimised and planned,
+//! through a scoped [`KnobScope`] (never the process environment), so two models in one
+//! process can run with different settings.
+//!
+//! Only knobs tract declares `scopable` are accepted: the others are read at evaluation or
+//! once per process (`TRACT_AVGPOOL_SEPARABLE`, `TRACT_CPU_ISA`) and a scope would not reach
+//! them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use tract_core::knobs::KnobScope;
+
+use super::RuntimeError;
+
+/// Knob name to value, e.g. `TRACT_LAZY_IM2COL_MIN_KERNEL = 1000`. Empty: tract's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct RuntimeSettings {
+    knobs: BTreeMap<String, String>,
+}
+
+impl RuntimeSettings {
+    /// Checks every pair against tract's knob registry: an unknown knob, one that is not
+    /// scopable or a value of the wrong type is refused, naming it.
+    pub fn new<K: Into<String>, V: Into<String>>(
+        knobs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, RuntimeError> {
+        let settings = RuntimeSettings {
+            knobs: knobs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        };
+        settings.scope()?;
+        Ok(settings)
+    }
+
+    /// Parses `NAME=VALUE` (as `--setting` takes it).
+    pub fn parse_pair(text: &str) -> Result<(String, String), RuntimeError> {
+        let (name, value) = text.split_once('=').ok_or_else(|| {
+            RuntimeError::Settings(format!(
+                "{text:?} is not NAME=VALUE (e.g. TRACT_DISABLE_DIRECT_SPATIAL=1)"
+            ))
+        })?;
+        Ok((name.trim().to_string(), value.trim().to_string()))
+    }
+
+    pub fn knobs(&self) -> &BTreeMap<String, String> {
+        &self.knobs
+    }
+
+    /// tract's defaults, nothing set.
+    pub fn is_default(&self) -> bool {
+        self.knobs.is_empty()
+    }
+
+    /// These settings with `name` set to `value`.
+    pub(super) fn with(&self, name: &str, value: &str) -> Self {
+        let mut knobs = self.knobs.clone();
+        knobs.insert(name.to_string(), value.to_string());
+        RuntimeSettings { knobs }
+    }
+
+    /// The scope to enter around optimising and planning a model.
+    pub(super) fn scope(&self) -> Result<KnobScope, RuntimeError> {
+        KnobScope::new(self.knobs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| RuntimeError::Settings(format!("{e:#}")))
+    }
+}
+
+impl fmt::Display for RuntimeSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.knobs.is_empty() {
+            return f.write_str("tract defaults");
+        }
+        let pairs: Vec<String> = self.knobs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&pairs.join(" "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopable_knobs_are_accepted_and_shown() {
+        let s = RuntimeSettings::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).unwrap();
+        assert_eq!(s.to_string(), "TRACT_DISABLE_DIRECT_SPATIAL=true");
+        assert_eq!(RuntimeSettings::default().to_string(), "tract defaults");
+    }
+
+    #[test]
+    fn unknown_unscopable_and_mistyped_knobs_are_refused() {
+        for (k, v) in [
+            ("TRACT_NO_SUCH_KNOB", "1"),
+            // Read at evaluation: a scope would silently not apply.
+            ("TRACT_AVGPOOL_SEPARABLE", "1"),
+            ("TRACT_LAZY_IM2COL_MIN_KERNEL", "many"),
+        ] {
+            let err = RuntimeSettings::new([(k, v)]).unwrap_err().to_string();
+            assert!(err.contains(k) || err.contains(v), "{err}");
+        }
+    }
+
+    #[test]
+    fn pairs_parse() {
+        assert_eq!(
+            RuntimeSettings::parse_pair("TRACT_X = 3").unwrap(),
+            ("TRACT_X".to_string(), "3".to_string())
+        );
+        assert!(RuntimeSettings::parse_pair("TRACT_X").is_err());
+    }
+}
