@@ -1119,7 +1119,10 @@ async fn hostile_images_and_envelopes_get_the_right_error_with_bounded_memory() 
         grew >> 20
     );
     // A decoded 30000x30000 RGB image would be 2.7 GB; refusing it from the header costs nothing.
-    assert!(grew < 64 << 20, "peak RSS grew by {} MB", grew >> 20);
+    // What the agent does grow by is the valid images' decoding on its workers, the MQTT
+    // packet buffers and the allocator's arenas: +54 to +66 MB in five runs on main, so the
+    // bound (64 MB before) is 96 MB, still 28x below one decoded bomb.
+    assert!(grew < 96 << 20, "peak RSS grew by {} MB", grew >> 20);
     assert!(
         v311.peak_rss().is_some_and(|p| p < 1 << 30),
         "3.1.1 agent peak RSS"
