@@ -11,5 +11,6 @@ mod offload;
 mod pool;
 mod powercut;
 mod powercut_lazyfs;
+mod profile;
 mod reload;
 mod sources;
