@@ -86,7 +86,10 @@ fn profile_before_after(ctx: &Ctx, report: &mut Report) -> Result<()> {
     report.note(
         S,
         format!(
-            "Runtime settings the tuner chose here (1 thread, as edge-agent would on first load;              every later row runs with them): **{}**; tract's defaults {:.0} ms, chosen {:.0} ms,              tuning took {:.1} s. Candidates (time relative to the best so far, interleaved              medians): {}.",
+            "Runtime settings the tuner chose here (1 thread, as edge-agent would on first load; \
+             every later row runs with them): **{}**; tract's defaults {:.0} ms, chosen {:.0} ms, \
+             tuning took {:.1} s. Candidates (time relative to the best so far, interleaved \
+             medians): {}.",
             s.settings,
             m.map_or(f64::NAN, |m| m.default_ms),
             m.map_or(f64::NAN, |m| m.chosen_ms),
@@ -151,7 +154,10 @@ fn profile_before_after(ctx: &Ctx, report: &mut Report) -> Result<()> {
     report.table(
         S,
         &format!(
-            "Per-operator profile of the bundle at 1 thread (`edge-convert profile`: every node timed              with `SimpleState::run_plan_with_eval`, median of 3 runs, the median of {} interleaved              rounds), tract's defaults (before) against the tuned settings (after); GFLOP/s from              tract's cost model:",
+            "Per-operator profile of the bundle at 1 thread (`edge-convert profile`: every node timed \
+             with `SimpleState::run_plan_with_eval`, median of 3 runs, the median of {} interleaved \
+             rounds), tract's defaults (before) against the tuned settings (after); GFLOP/s from \
+             tract's cost model:",
             ctx.rounds.max(1)
         ),
         &[

@@ -13,5 +13,6 @@ mod offload;
 mod pool;
 mod powercut;
 mod powercut_lazyfs;
+mod profile;
 mod reload;
 mod sources;
