@@ -174,20 +174,10 @@ fn profile_before_after(ctx: &Ctx, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// A fixed pseudo-random input of the classifier's input shape.
+/// A fixed pseudo-random input of the classifier's input shape (the one tuning and profiling
+/// run on).
 pub fn input(c: &Classifier) -> Tensor {
-    let shape = c.manifest().input.shape.clone();
-    let n: usize = shape.iter().product();
-    let mut x = 0x2545_f491_u32;
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_shape(&shape, &data).unwrap_or_else(|_| Tensor::from(0f32))
+    edge_convert::runtime::tune::pseudo_random(&c.manifest().input.shape)
 }
 
 /// `n` inferences one after the other: milliseconds each.
