@@ -19,8 +19,8 @@
 //! and are published again at the next start), publishes its status as offline, disconnects
 //! and flushes the queue.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -155,6 +155,10 @@ struct Shared {
     fatal_reason: Mutex<Option<String>>,
     /// Sequence numbers workers hold, released if shutdown times out.
     in_flight: Mutex<HashSet<Seq>>,
+    /// Workers waiting for work; while one is, ingress stores a request already leased and
+    /// hands it over here (`Queue::enqueue_leased_async`), saving the worker a lease.
+    idle_workers: AtomicUsize,
+    handoff: Mutex<VecDeque<Leased>>,
     started_at: UnixMillis,
     offload: Option<Arc<crate::offload::Offload>>,
     /// Requests answered since start, by path (for the status).
@@ -434,6 +438,8 @@ pub async fn run(config: Config) -> Result<()> {
         fatal: CancellationToken::new(),
         fatal_reason: Mutex::new(None),
         in_flight: Mutex::new(HashSet::new()),
+        idle_workers: AtomicUsize::new(0),
+        handoff: Mutex::new(VecDeque::new()),
         started_at: UnixMillis::now(),
         offload,
         answered_local: AtomicU64::new(0),
@@ -958,9 +964,18 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
         let mut parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
         loop {
             let group = !rx.is_empty() && held.len() < MAX_GROUP;
+            let mut handed: Option<Leased> = None;
             let store = async {
                 match &parsed {
                     Ok(request) if group => shared.queue.enqueue_unflushed(request).await,
+                    Ok(request) if shared.idle_workers.load(Ordering::SeqCst) > 0 => {
+                        let (outcome, leased) = shared
+                            .queue
+                            .enqueue_leased_async(request, UnixMillis::now())
+                            .await?;
+                        handed = leased;
+                        Ok(outcome)
+                    }
                     Ok(request) => shared.queue.enqueue_async(request).await,
                     Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
                 }
@@ -1007,6 +1022,11 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                     match parsed {
                         Ok(request) => {
                             debug!(id = %request.request_id, seq = seq.get(), "queued");
+                            if let Some(leased) = handed {
+                                // Held from now on: released at shutdown if no worker takes it.
+                                lock(&shared.in_flight).insert(leased.seq());
+                                lock(&shared.handoff).push_back(leased);
+                            }
                             shared.work.notify_one();
                         }
                         Err(rejected) => {
@@ -1119,8 +1139,14 @@ async fn worker_task(shared: Arc<Shared>) {
         if shared.stopping.is_cancelled() {
             return;
         }
-        let queue = shared.queue.clone();
-        let leased = tokio::task::spawn_blocking(move || queue.lease(UnixMillis::now())).await;
+        let handed = lock(&shared.handoff).pop_front();
+        let leased = match handed {
+            Some(leased) => Ok(Ok(Some(leased))),
+            None => {
+                let queue = shared.queue.clone();
+                tokio::task::spawn_blocking(move || queue.lease(UnixMillis::now())).await
+            }
+        };
         match leased {
             Ok(Ok(Some(leased))) => {
                 let seq = leased.seq();
@@ -1132,11 +1158,13 @@ async fn worker_task(shared: Arc<Shared>) {
                 lock(&shared.in_flight).remove(&seq);
             }
             Ok(Ok(None)) => {
+                shared.idle_workers.fetch_add(1, Ordering::SeqCst);
                 tokio::select! {
-                    _ = shared.stopping.cancelled() => return,
+                    _ = shared.stopping.cancelled() => {}
                     _ = shared.work.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
+                shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
             }
             Ok(Err(e)) => {
                 error!("cannot lease from the queue: {e}");
