@@ -10,6 +10,7 @@ mod faults;
 mod fuzz_regressions;
 mod ingress;
 mod offload;
+mod outbox;
 mod pool;
 mod powercut;
 mod powercut_lazyfs;
