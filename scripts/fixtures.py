@@ -811,7 +811,7 @@ def jpeg_cases(flavour, serving, ort_diffs, work, ref_dir, worst, all_top5, name
         d_nhwc, d_nchw = ort_diffs(pre, probs)
         worst["onnx_nhwc"] = max(worst["onnx_nhwc"], d_nhwc)
         worst["onnx_nchw"] = max(worst["onnx_nchw"], d_nchw)
-        key = f"tf2_vs_{flavour}_jpeg_graph"
+        key = f"tf2_saved_model_vs_{flavour}_jpeg_graph"
         worst[key] = max(worst.get(key, 0.0), d_keras)
         idx, p = top5(probs)
         if [labels()[i] for i in idx] != classes:
