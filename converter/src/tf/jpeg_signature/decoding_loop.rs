@@ -145,7 +145,7 @@ fn func_attr<'a>(n: &'a NodeDef, key: &str) -> Option<&'a str> {
 /// The shape of one stacked image, when the loop output declares it fully (`[299, 299, 3]`):
 /// the `element_shape` attribute (TensorArrays) or constant input (TensorLists).
 pub(super) fn element_shape(nodes: &Nodes<'_>, cut_node: &NodeDef) -> Option<Vec<i64>> {
-    let dims = match attr(cut_node, "element_shape") {
+    let dims: Vec<i64> = match attr(cut_node, "element_shape") {
         Some(Value::Shape(s)) if !s.unknown_rank => s.dim.iter().map(|d| d.size).collect(),
         Some(_) => return None,
         None if cut_node.op.starts_with("TensorList") => nodes
@@ -155,7 +155,7 @@ pub(super) fn element_shape(nodes: &Nodes<'_>, cut_node: &NodeDef) -> Option<Vec
             .collect(),
         None => return None,
     };
-    (!dims.is_empty() && dims.iter().all(|&d: &i64| d > 0)).then_some(dims)
+    (!dims.is_empty() && dims.iter().all(|&d| d > 0)).then_some(dims)
 }
 
 /// The value the loop stores per image, for the loop output `cut_node`.
@@ -214,7 +214,7 @@ pub(super) fn loop_value<'a>(
 /// must return `TensorListSetItem(list, i, image)` for it.
 fn v2_loop_value<'a>(
     graph: &'a GraphDef,
-    while_node: &NodeDef,
+    while_node: &'a NodeDef,
     index: usize,
 ) -> Result<LoopValue<'a>, TfError> {
     let body_name = func_attr(while_node, "body").unwrap_or_default();
