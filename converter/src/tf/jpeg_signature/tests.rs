@@ -84,7 +84,7 @@ fn body(returned: Option<&str>) -> FunctionDef {
 }
 
 /// jpegs -> While(map_fn) -> TensorListStack -> Mean -> Softmax -> top_k -> scores / classes.
-fn graph(body: FunctionDef, stacked: bool) -> (GraphDef, SignatureDef) {
+fn map_fn_graph(body: FunctionDef, stacked: bool) -> (GraphDef, SignatureDef) {
     let mut jpegs = placeholder("images", &[-1]);
     set_attr(&mut jpegs, "dtype", Value::Type(DataType::DtString as i32));
     let mut while_node = op(
@@ -158,7 +158,7 @@ fn prepare_default(graph: &GraphDef, sig: &SignatureDef) -> Result<Cut, TfError>
 
 #[test]
 fn control_flow_v2_map_fn_is_cut_at_the_stacked_images_with_preprocessing_from_the_body() {
-    let (graph, sig) = graph(body(None), true);
+    let (graph, sig) = map_fn_graph(body(None), true);
     let cut = prepare_default(&graph, &sig).unwrap();
     let p = cut.preprocessing.expect("preprocessing detected");
     assert_eq!(
@@ -193,7 +193,7 @@ fn control_flow_v2_map_fn_is_cut_at_the_stacked_images_with_preprocessing_from_t
 
 #[test]
 fn while_body_not_storing_a_list_item_is_refused_naming_the_loop_and_what_it_returns() {
-    let (graph, sig) = graph(body(Some("mul:z:0")), true);
+    let (graph, sig) = map_fn_graph(body(Some("mul:z:0")), true);
     let msg = prepare_default(&graph, &sig).err().expect("refused").to_string();
     assert!(
         msg.contains(
@@ -202,7 +202,7 @@ fn while_body_not_storing_a_list_item_is_refused_naming_the_loop_and_what_it_ret
         "{msg}"
     );
 
-    let (mut graph, sig) = graph(body(None), true);
+    let (mut graph, sig) = map_fn_graph(body(None), true);
     if let Some(l) = graph.library.as_mut() {
         l.function.clear();
     }
@@ -215,7 +215,7 @@ fn while_body_not_storing_a_list_item_is_refused_naming_the_loop_and_what_it_ret
 
 #[test]
 fn unstacked_while_loop_output_is_refused_naming_the_loop_on_the_path() {
-    let (graph, sig) = graph(body(None), false);
+    let (graph, sig) = map_fn_graph(body(None), false);
     let err = prepare_default(&graph, &sig).err().expect("refused");
     assert!(err.is_unsupported_model());
     let msg = err.to_string();
@@ -232,7 +232,7 @@ fn unstacked_while_loop_output_is_refused_naming_the_loop_on_the_path() {
 
 #[test]
 fn preprocessing_override_skips_reading_the_body() {
-    let (mut graph, sig) = graph(body(None), true);
+    let (mut graph, sig) = map_fn_graph(body(None), true);
     if let Some(l) = graph.library.as_mut() {
         l.function.clear();
     }
