@@ -204,7 +204,7 @@ fn check_jpeg_export(g: &TfGraph) {
     let file =
         std::fs::read_to_string(fixtures().join("inception_v3_seeded_labels.txt")).expect("labels.txt");
     assert_eq!(labels, file.lines().collect::<Vec<_>>());
-    let ops = ops(&g);
+    let ops = ops(g);
     for gone in [
         "FusedBatchNormV3",
         "VariableV2",
