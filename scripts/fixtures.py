@@ -13,6 +13,8 @@ What makes the seeded model useful for equivalence tests:
 Artefacts (all in OUT_DIR, described in OUT_DIR/fixtures.json):
   inception_v3_seeded/1/                TF2 SavedModel, signature serving_default
   inception_v3_seeded_jpeg/1/           TF1 SavedModel (TF Serving example style), JPEG input
+  inception_v3_seeded_jpeg_tf2/1/       the same code run under TF 2.x's tf.compat.v1 without
+                                        disable_v2_behavior(): map_fn is a control-flow-v2 While
   inception_v3_seeded_frozen.pb         frozen GraphDef, batch norm left as arithmetic
   inception_v3_seeded_nhwc.onnx         tf2onnx, NHWC, symbolic batch
   inception_v3_seeded_nchw.onnx         tf2onnx, inputs_as_nchw, batch 1
@@ -20,8 +22,9 @@ Artefacts (all in OUT_DIR, described in OUT_DIR/fixtures.json):
   reference/                            fixed inputs and TensorFlow's outputs
 
 Usage: fixtures.py --photos-dir DIR OUT_DIR
-The TF1 export runs in a child process (`fixtures.py --tf1-jpeg-stage WORK OUT_DIR`) because
-TF1 graph mode (tf.compat.v1.disable_v2_behavior) must be switched on at process start.
+The JPEG exports run in child processes (`fixtures.py --jpeg-stage tf1|tf2 WORK OUT_DIR`)
+because TF1 graph mode (tf.compat.v1.disable_v2_behavior) is process-wide: the tf1 child
+switches it on at start, the tf2 child runs the same graph code with TF 2.x's defaults.
 """
 
 import argparse
@@ -52,6 +55,16 @@ PHOTOS = ("coffee.jpg", "camera.jpg")
 
 SAVED_MODEL_DIR = "inception_v3_seeded/1"
 JPEG_MODEL_DIR = "inception_v3_seeded_jpeg/1"
+JPEG_TF2_MODEL_DIR = "inception_v3_seeded_jpeg_tf2/1"
+# The JPEG exports: flavour -> (model dir, reference case kind, suffix of the case names).
+JPEG_EXPORTS = {
+    "tf1": (JPEG_MODEL_DIR, "jpeg", "_jpeg"),
+    "tf2": (JPEG_TF2_MODEL_DIR, "jpeg_tf2", "_jpeg_tf2"),
+}
+JPEG_GRAPHS = {
+    "tf1": "TF1 graph, v1 control flow",
+    "tf2": "tf.compat.v1 graph under TF 2.x, control-flow-v2 While",
+}
 FROZEN_PB = "inception_v3_seeded_frozen.pb"
 ONNX_NHWC = "inception_v3_seeded_nhwc.onnx"
 ONNX_NCHW = "inception_v3_seeded_nchw.onnx"
@@ -473,20 +486,29 @@ def signature_info(saved_model_dir):
 # --------------------------------------------------------------------------- TF1 stage
 
 
-def tf1_jpeg_stage(work, out_dir):
-    """TF Serving `inception_saved_model.py` style export: JPEG strings in, top-5 out."""
+def jpeg_stage(flavour, work, out_dir):
+    """TF Serving `inception_saved_model.py` style export: JPEG strings in, top-5 out.
+
+    flavour "tf1": TF1 graph mode (disable_v2_behavior), so map_fn is a v1 while loop over
+    TensorArrays. "tf2": the same tf.compat.v1 code under TF 2.x's defaults, as users run the
+    TF Serving example today: map_fn becomes a control-flow-v2 While op whose cond and body
+    are library functions, with TensorList ops and DecodeJpeg inside the body function.
+    """
     import numpy as np
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # the TF1 API is deprecated; that is the point here
-    tf.compat.v1.disable_v2_behavior()  # TF1 graph mode: ref variables, v1 control flow
-    tf.compat.v1.disable_control_flow_v2()
+    if flavour == "tf1":
+        tf.compat.v1.disable_v2_behavior()  # TF1 graph mode: ref variables, v1 control flow
+        tf.compat.v1.disable_control_flow_v2()
     v1 = tf.compat.v1
+    model_dir, _, _ = JPEG_EXPORTS[flavour]
+    tag = f"[jpeg {flavour}]"
 
     with open(os.path.join(work, "plan.json")) as f:
         plan = json.load(f)
     weights = np.load(os.path.join(work, "weights.npz"))
-    export_dir = os.path.join(out_dir, JPEG_MODEL_DIR)
+    export_dir = os.path.join(out_dir, model_dir)
 
     def preprocess_image(image_buffer):
         # Exactly the TF Serving inception_saved_model.py preprocessing.
@@ -587,8 +609,9 @@ def tf1_jpeg_stage(work, out_dir):
         "preprocessed": images.name,
         "probabilities": probabilities.name,
         "variable_op": variables[plan[1]["weights"]["kernel"]].op.type,
+        "loop_output_op": images.op.type,
     }
-    print(f"[jpeg] saved {export_dir}", file=sys.stderr, flush=True)
+    print(f"{tag} saved {export_dir} (images from {images.op.type})", file=sys.stderr, flush=True)
 
     # Run the export as TF Serving would: load it fresh, feed JPEG bytes.
     results = {}
@@ -611,10 +634,10 @@ def tf1_jpeg_stage(work, out_dir):
                 if v.dtype == object:
                     v = np.array([[c.decode() for c in row] for row in v])
                 results[f"{stem}/{k}"] = v
-    np.savez(os.path.join(work, "jpeg_results.npz"), **results)
-    with open(os.path.join(work, "jpeg_names.json"), "w") as f:
+    np.savez(os.path.join(work, f"jpeg_{flavour}_results.npz"), **results)
+    with open(os.path.join(work, f"jpeg_{flavour}_names.json"), "w") as f:
         json.dump(names, f)
-    print("[jpeg] ran the export on the JPEG references", file=sys.stderr, flush=True)
+    print(f"{tag} ran the export on the JPEG references", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -641,36 +664,34 @@ def main_stage(photos_dir, out_dir):
     model, init_digest, calib_info = build_model(photos_dir)
     digest = weights_digest(model)
 
-    # The TF1 JPEG export runs in parallel in its own process (TF1 mode is process-wide).
+    # The JPEG exports run in parallel in their own processes (TF1 mode is process-wide).
     plan = keras_plan(model)
     with open(os.path.join(work, "plan.json"), "w") as f:
         json.dump(plan, f)
     np.savez(os.path.join(work, "weights.npz"), **{w.path: w.numpy() for w in model.weights})
-    log("starting the TF1 JPEG export (child process)")
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--tf1-jpeg-stage", work, out_dir],
-        stdout=sys.stderr,
-    )
+    children = {}
     try:
+        for flavour in JPEG_EXPORTS:
+            log(f"starting the {flavour} JPEG export (child process)")
+            children[flavour] = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--jpeg-stage", flavour, work, out_dir],
+                stdout=sys.stderr,
+            )
         export_and_verify(
-            model, child, photos_dir, out_dir, work, init_digest, digest, calib_info
+            model, children, photos_dir, out_dir, work, init_digest, digest, calib_info
         )
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
-def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, digest, calib_info):
+def export_and_verify(model, children, photos_dir, out_dir, work, init_digest, digest, calib_info):
     """Write the TF2, frozen and ONNX exports, the references and the manifests."""
     import numpy as np
     import tensorflow as tf
-    import keras
-    import onnx
     import onnxruntime as ort
-    import tf2onnx
-    import PIL
-    import google.protobuf
 
     ref_dir = os.path.join(out_dir, "reference")
 
@@ -747,15 +768,39 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
         log(f"  {name:16s} top5 {idx} p {[round(v, 4) for v in p]} "
             f"ort diff {d_nhwc:.2e}/{d_nchw:.2e}")
 
-    log("waiting for the TF1 JPEG export")
-    if child.wait() != 0:
-        raise SystemExit(f"TF1 JPEG export failed (exit {child.returncode})")
-    jpeg = np.load(os.path.join(work, "jpeg_results.npz"))
-    with open(os.path.join(work, "jpeg_names.json")) as f:
-        jpeg_names = json.load(f)
+    jpeg_names = {}
+    for flavour, (model_dir, kind, suffix) in JPEG_EXPORTS.items():
+        log(f"waiting for the {flavour} JPEG export")
+        child = children[flavour]
+        if child.wait() != 0:
+            raise SystemExit(f"{flavour} JPEG export failed (exit {child.returncode})")
+        with open(os.path.join(work, f"jpeg_{flavour}_names.json")) as f:
+            jpeg_names[flavour] = json.load(f)
+        cases += jpeg_cases(
+            flavour, serving, ort_diffs, work, ref_dir, worst, all_top5, jpeg_names[flavour]
+        )
+    if jpeg_names["tf2"]["loop_output_op"] != "TensorListStack":
+        raise SystemExit(
+            "the tf2 JPEG export's images come from "
+            f"{jpeg_names['tf2']['loop_output_op']}, not a control-flow-v2 TensorListStack"
+        )
+    finish_fixtures(
+        out_dir, work, ref_dir, sm_path, gd1, nhwc, nchw, cases, all_top5, worst,
+        jpeg_names, init_digest, digest, calib_info,
+    )
+
+
+def jpeg_cases(flavour, serving, ort_diffs, work, ref_dir, worst, all_top5, names):
+    """Reference cases of one JPEG export: TF's preprocessed tensor and probabilities."""
+    import numpy as np
+    import tensorflow as tf
+
+    model_dir, kind, suffix = JPEG_EXPORTS[flavour]
+    jpeg = np.load(os.path.join(work, f"jpeg_{flavour}_results.npz"))
+    cases = []
     for photo in PHOTOS:
         stem = os.path.splitext(photo)[0]
-        name = f"{stem}_jpeg"
+        name = f"{stem}{suffix}"
         pre = jpeg[f"{stem}/preprocessed"].astype(np.float32)
         probs = jpeg[f"{stem}/probabilities"].astype(np.float32)
         scores = [float(v) for v in jpeg[f"{stem}/scores"][0]]
@@ -766,7 +811,8 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
         d_nhwc, d_nchw = ort_diffs(pre, probs)
         worst["onnx_nhwc"] = max(worst["onnx_nhwc"], d_nhwc)
         worst["onnx_nchw"] = max(worst["onnx_nchw"], d_nchw)
-        worst["tf2_vs_tf1_jpeg_graph"] = max(worst.get("tf2_vs_tf1_jpeg_graph", 0.0), d_keras)
+        key = f"tf2_saved_model_vs_{flavour}_jpeg_graph"
+        worst[key] = max(worst.get(key, 0.0), d_keras)
         idx, p = top5(probs)
         if [labels()[i] for i in idx] != classes:
             raise SystemExit(f"{name}: signature classes {classes} != top-5 {idx}")
@@ -778,23 +824,23 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
         cases.append(
             {
                 "name": name,
-                "kind": "jpeg",
-                "description": f"{photo} through {JPEG_MODEL_DIR} (TF1 graph: decode_jpeg, "
-                "convert_image_dtype, central_crop 0.875, resize_bilinear "
+                "kind": kind,
+                "description": f"{photo} through {model_dir} ({JPEG_GRAPHS[flavour]}: "
+                "decode_jpeg, convert_image_dtype, central_crop 0.875, resize_bilinear "
                 "align_corners=False to 299x299, (x-0.5)*2)",
                 "jpeg": photo,
                 "signature": "serving_default (same as predict_images)",
                 "signature_input": {"images": [photo]},
                 "signature_outputs": {"scores": scores, "classes": classes},
                 "input": f"{name}.preprocessed.f32",
-                "input_tensor": jpeg_names["preprocessed"],
+                "input_tensor": names["preprocessed"],
                 "input_shape": [1, SIZE, SIZE, 3],
                 "layout": "NHWC",
                 "value_range": [-1.0, 1.0],
                 "output": f"{name}.probs.f32",
-                "output_tensor": jpeg_names["probabilities"],
+                "output_tensor": names["probabilities"],
                 "output_shape": [NUM_CLASSES],
-                "computed_by": f"TensorFlow, {JPEG_MODEL_DIR} (TF1 session)",
+                "computed_by": f"TensorFlow, {model_dir} (tf.compat.v1 session)",
                 "top5_indices": idx,
                 "top5_probabilities": p,
                 "top5_labels": [labels()[i] for i in idx],
@@ -806,7 +852,23 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
             }
         )
         log(f"  {name:16s} top5 {idx} p {[round(v, 4) for v in p]} "
-            f"ort diff {d_nhwc:.2e}/{d_nchw:.2e} tf2-vs-tf1 {d_keras:.2e}")
+            f"ort diff {d_nhwc:.2e}/{d_nchw:.2e} tf2-vs-{flavour} {d_keras:.2e}")
+    return cases
+
+
+def finish_fixtures(
+    out_dir, work, ref_dir, sm_path, gd1, nhwc, nchw, cases, all_top5, worst,
+    jpeg_names, init_digest, digest, calib_info,
+):
+    """Sanity checks, reference.json, README.txt and fixtures.json."""
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    import onnx
+    import onnxruntime as ort
+    import tf2onnx
+    import PIL
+    import google.protobuf
 
     # Sanity: the seeded model must discriminate, and every export must agree.
     sets = {k: frozenset(v) for k, v in all_top5.items()}
@@ -841,9 +903,23 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
         json.dump(reference, f, indent=2)
 
     sm_proto, sm_sigs = signature_info(sm_path)
-    jpeg_proto, jpeg_sigs = signature_info(os.path.join(out_dir, JPEG_MODEL_DIR))
+    jpeg_info = {}
+    for flavour, (model_dir, _, _) in JPEG_EXPORTS.items():
+        proto, sigs = signature_info(os.path.join(out_dir, model_dir))
+        graph_def = proto.meta_graphs[0].graph_def
+        jpeg_info[flavour] = {
+            "signatures": sigs,
+            "preprocessed_tensor": jpeg_names[flavour]["preprocessed"],
+            "probabilities_tensor": jpeg_names[flavour]["probabilities"],
+            "variable_op": jpeg_names[flavour]["variable_op"],
+            "loop_output_op": jpeg_names[flavour]["loop_output_op"],
+            "op_histogram": op_histogram(graph_def),
+            "library_functions": {
+                f.signature.name: dict(Counter(n.op for n in f.node_def).most_common())
+                for f in graph_def.library.function
+            },
+        }
     frozen_hist = op_histogram(gd1)
-    jpeg_hist = op_histogram(jpeg_proto.meta_graphs[0].graph_def)
     sm_hist = op_histogram(sm_proto.meta_graphs[0].graph_def)
     onnx_hist = {
         ONNX_NHWC: dict(Counter(n.op_type for n in nhwc.graph.node).most_common()),
@@ -862,13 +938,16 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
             "what": "TF1 SavedModel in the style of TF Serving's inception_saved_model.py: "
             "tf.compat.v1 graph, v1 control flow (map_fn = while loop), JPEG strings in, "
             "decode/crop/resize in the graph, the same network and weights (batch norm as "
-            "FusedBatchNormV3, variables as " + jpeg_names["variable_op"] + "), "
+            "FusedBatchNormV3, variables as " + jpeg_names["tf1"]["variable_op"] + "), "
             "top-5 scores and class names out",
-            "signatures": jpeg_sigs,
-            "preprocessed_tensor": jpeg_names["preprocessed"],
-            "probabilities_tensor": jpeg_names["probabilities"],
-            "variable_op": jpeg_names["variable_op"],
-            "op_histogram": jpeg_hist,
+            **jpeg_info["tf1"],
+        },
+        JPEG_TF2_MODEL_DIR: {
+            "what": "the same tf.compat.v1 code run under TF 2.x without "
+            "disable_v2_behavior(): map_fn is one control-flow-v2 While op whose cond and body "
+            "are library functions (TensorListReserve/SetItem/Stack, DecodeJpeg inside the "
+            "body), the images come from " + jpeg_names["tf2"]["loop_output_op"],
+            **jpeg_info["tf2"],
         },
         FROZEN_PB: {
             "what": "frozen GraphDef (convert_variables_to_constants_v2, no grappler): "
@@ -904,7 +983,8 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
         "seeded_class_0999. Use them to check that a converted model computes what "
         "TensorFlow computes, never to judge classification quality. The same weights are "
         f"exported as a TF2 SavedModel ({SAVED_MODEL_DIR}), a TF1 TF-Serving-style JPEG "
-        f"SavedModel ({JPEG_MODEL_DIR}), a frozen GraphDef ({FROZEN_PB}) and two ONNX files "
+        f"SavedModel ({JPEG_MODEL_DIR}), the same JPEG code exported under TF 2.x "
+        f"({JPEG_TF2_MODEL_DIR}, control-flow-v2 While), a frozen GraphDef ({FROZEN_PB}) and two ONNX files "
         f"({ONNX_NHWC}, {ONNX_NCHW}); reference/ holds fixed inputs and TensorFlow's outputs "
         "(reference/reference.json), and fixtures.json lists every file, its inputs and "
         "outputs and the tool versions.\n"
@@ -943,8 +1023,8 @@ def export_and_verify(model, child, photos_dir, out_dir, work, init_digest, dige
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--tf1-jpeg-stage":
-        tf1_jpeg_stage(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--jpeg-stage":
+        jpeg_stage(sys.argv[2], sys.argv[3], sys.argv[4])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos-dir", required=True, help="folder with coffee.jpg, camera.jpg")

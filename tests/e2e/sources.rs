@@ -146,8 +146,25 @@ fn tf2_saved_model_bundle_matches_tensorflow() {
 
 #[test]
 fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
+    check_jpeg_signature_export("inception_v3_seeded_jpeg/1", "jpeg", "JPEG-signature SavedModel");
+}
+
+#[test]
+fn tf2_jpeg_signature_saved_model_bundle_matches_tensorflow() {
+    // The same TF Serving export code run under TF 2.x: map_fn is a control-flow-v2 While loop.
+    check_jpeg_signature_export(
+        "inception_v3_seeded_jpeg_tf2/1",
+        "jpeg_tf2",
+        "TF 2.x JPEG-signature SavedModel",
+    );
+}
+
+/// Converts a JPEG-signature export, checks its detected preprocessing and labels, its
+/// network against every reference case, and `edge-agent classify` on the JPEGs of `kind`
+/// against what TensorFlow Serving answered.
+fn check_jpeg_signature_export(source: &str, kind: &str, what: &str) {
     let fx = fixtures();
-    let (_dir, bundle) = convert(&fx.join("inception_v3_seeded_jpeg/1"), &[]);
+    let (_dir, bundle) = convert(&fx.join(source), &[]);
     let manifest = edge_convert::bundle::read_manifest(&bundle).unwrap();
     // The in-graph decoding became the manifest's preprocessing; the labels constant the
     // `classes` output looked up became the bundle's labels.
@@ -165,7 +182,8 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
         .map(String::from)
         .collect();
     assert_eq!(manifest.labels, labels);
-    assert_matches_tensorflow(&bundle, "JPEG-signature SavedModel");
+    println!("{what}: detected preprocessing {p:?}");
+    assert_matches_tensorflow(&bundle, what);
 
     // End to end from JPEG bytes. Our crop and TF-legacy bilinear resize reproduce TF's
     // arithmetic (checked in Python against TF's own decode: 3e-5), but zune-jpeg and TF's
@@ -175,11 +193,12 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
     let doc: Value =
         serde_json::from_slice(&std::fs::read(fx.join("reference/reference.json")).unwrap()).unwrap();
     let classifier = Classifier::load(&bundle, &RuntimeOptions::default()).unwrap();
+    let mut checked = 0;
     for case in doc["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["kind"] == "jpeg")
+        .filter(|c| c["kind"] == kind)
     {
         let jpeg = fx.join("reference").join(case["jpeg"].as_str().unwrap());
         let ours = classifier
@@ -220,7 +239,12 @@ fn jpeg_signature_saved_model_bundle_matches_tensorflow() {
             case["name"]
         );
         assert_eq!(&top["label"], expected_class);
+        checked += 1;
     }
+    assert!(
+        checked >= 2,
+        "{what}: {checked} {kind:?} reference cases in reference.json"
+    );
 }
 
 #[test]

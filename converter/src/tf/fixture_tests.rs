@@ -1,4 +1,4 @@
-//! Fixture tests: the three TensorFlow exports of the seeded Inception V3 built by
+//! Fixture tests: the TensorFlow exports of the seeded Inception V3 built by
 //! `scripts/fixtures.sh` (directory in `$EDGE_FIXTURES`; these tests fail when it is unset,
 //! they never skip) go through the GraphDef path into tract and must reproduce TensorFlow's
 //! probabilities on the reference inputs.
@@ -42,7 +42,8 @@ struct Case {
     top5: Vec<usize>,
 }
 
-/// Reference cases of `kind` ("tensor": network inputs; "jpeg": TF's preprocessed JPEGs).
+/// Reference cases of `kind` ("tensor": network inputs; "jpeg" / "jpeg_tf2": the TF1 / TF 2.x
+/// JPEG export's preprocessed JPEGs).
 fn cases(kind: &str) -> Vec<Case> {
     let dir = fixtures().join("reference");
     let json: serde_json::Value =
@@ -188,14 +189,8 @@ fn tf2_saved_model_inlines_freezes_and_matches_tensorflow() {
     eprintln!("TF2 SavedModel: max abs diff {diff:.2e}");
 }
 
-#[test]
-fn jpeg_saved_model_is_cut_at_the_decoded_image_and_matches_tensorflow() {
-    let g = load_saved_model(
-        &fixtures().join("inception_v3_seeded_jpeg/1"),
-        Some("predict_images"),
-    )
-    .expect("converts");
-    eprintln!("{:#?}\n{:?}", g.notes, ops(&g));
+/// What both JPEG exports (TF1 and TF 2.x control flow) must come out as.
+fn check_jpeg_export(g: &TfGraph) {
     assert_eq!(g.output, "probabilities");
     assert_eq!(g.input_shape, [Some(1), Some(SIZE), Some(SIZE), Some(3)]);
     let p = g.preprocessing.clone().expect("preprocessing detected");
@@ -209,7 +204,7 @@ fn jpeg_saved_model_is_cut_at_the_decoded_image_and_matches_tensorflow() {
     let file =
         std::fs::read_to_string(fixtures().join("inception_v3_seeded_labels.txt")).expect("labels.txt");
     assert_eq!(labels, file.lines().collect::<Vec<_>>());
-    let ops = ops(&g);
+    let ops = ops(g);
     for gone in [
         "FusedBatchNormV3",
         "VariableV2",
@@ -217,11 +212,47 @@ fn jpeg_saved_model_is_cut_at_the_decoded_image_and_matches_tensorflow() {
         "DecodeJpeg",
         "Merge",
         "TensorArrayGatherV3",
+        "While",
+        "StatelessWhile",
+        "TensorListStack",
     ] {
         assert!(!ops.contains_key(gone), "{gone} left in {ops:?}");
     }
+}
+
+#[test]
+fn jpeg_saved_model_is_cut_at_the_decoded_image_and_matches_tensorflow() {
+    let g = load_saved_model(
+        &fixtures().join("inception_v3_seeded_jpeg/1"),
+        Some("predict_images"),
+    )
+    .expect("converts");
+    eprintln!("{:#?}\n{:?}", g.notes, ops(&g));
+    check_jpeg_export(&g);
     let diff = check_against_tensorflow(&g, "jpeg");
     eprintln!("JPEG SavedModel: max abs diff {diff:.2e}");
+}
+
+#[test]
+fn tf2_jpeg_saved_model_with_a_while_loop_is_cut_at_the_stacked_images_and_matches_tensorflow() {
+    // The same TF Serving code exported under TF 2.x: map_fn is a control-flow-v2 While whose
+    // body function decodes; the images come out of a TensorListStack.
+    let g = load_saved_model(&fixtures().join("inception_v3_seeded_jpeg_tf2"), None).expect("converts");
+    eprintln!("{:#?}\n{:?}", g.notes, ops(&g));
+    assert_eq!(g.signature.as_deref(), Some("serving_default"));
+    check_jpeg_export(&g);
+    let note = |needle: &str| {
+        assert!(
+            g.notes.iter().any(|n| n.contains(needle)),
+            "no note with {needle:?}: {:#?}",
+            g.notes
+        );
+    };
+    note("TensorListStack");
+    note("control-flow-v2 While loop \"map/while\"");
+    note("detected preprocessing: DecodeJpeg (channels=3)");
+    let diff = check_against_tensorflow(&g, "jpeg_tf2");
+    eprintln!("TF 2.x JPEG SavedModel: max abs diff {diff:.2e}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use edge_proto::tensorflow::{AttrValue, DataType, GraphDef, NodeDef, attr_value};
+use edge_proto::tensorflow::{AttrValue, DataType, GraphDef, NodeDef, TensorInfo, attr_value, tensor_info};
 
 use super::TfError;
 use super::tensor::HostTensor;
@@ -47,6 +47,17 @@ impl TensorRef {
         } else {
             format!("{}:{}", self.node, self.index)
         }
+    }
+}
+
+/// The graph tensor a SavedModel signature entry names (dense tensors only).
+pub(crate) fn tensor_ref(info: &TensorInfo) -> Result<TensorRef, TfError> {
+    match &info.encoding {
+        Some(tensor_info::Encoding::Name(name)) => Ok(TensorRef::parse_user(name)),
+        _ => Err(TfError::Unsupported {
+            flavour: "a signature with sparse or composite tensors".into(),
+            hint: "export a signature whose input and outputs are dense tensors".into(),
+        }),
     }
 }
 
@@ -307,6 +318,15 @@ pub(crate) mod test_util {
         };
         set_attr(&mut n, "shape", attr_value::Value::Shape(shape));
         n
+    }
+
+    /// A SignatureDef entry naming `name` (`node:0`).
+    pub fn tensor_info(name: &str, dtype: DataType) -> TensorInfo {
+        TensorInfo {
+            encoding: Some(tensor_info::Encoding::Name(name.into())),
+            dtype: dtype as i32,
+            ..Default::default()
+        }
     }
 
     pub fn graph(nodes: Vec<NodeDef>) -> GraphDef {

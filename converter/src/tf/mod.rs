@@ -1,6 +1,6 @@
 //! TensorFlow front-end: turns a frozen GraphDef or a SavedModel (TF2 functions + variables,
-//! or a TF1 TF-Serving export with in-graph JPEG decoding) into a frozen, pruned, folded
-//! GraphDef that tract-tensorflow 0.23 loads and optimises.
+//! or a TF-Serving-style export with in-graph JPEG decoding, TF1 or TF 2.x control flow) into
+//! a frozen, pruned, folded GraphDef that tract-tensorflow 0.23 loads and optimises.
 //!
 //! Pipeline: read (`saved_model`, `bundle_reader`) -> cut at the decoded image if the
 //! signature takes JPEG bytes (`jpeg_signature`) -> freeze: inline functions, variables to

@@ -4,13 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use edge_proto::tensorflow::{
-    DataType, MetaGraphDef, SavedModel, SignatureDef, TensorInfo, tensor_info::Encoding,
-};
+use edge_proto::tensorflow::{DataType, MetaGraphDef, SavedModel, SignatureDef, TensorInfo};
 use prost::Message;
 
 use super::freeze::Freezer;
-use super::graph::TensorRef;
+use super::graph::{TensorRef, tensor_ref};
 use super::variables::CheckpointVars;
 use super::{LoadOptions, TfError, TfGraph, finish, jpeg_signature, read_limited};
 
@@ -96,17 +94,6 @@ pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<TfGraph, TfError
     };
     tf_graph.signature = Some(key.to_string());
     Ok(tf_graph)
-}
-
-/// The graph tensor a signature entry names (dense tensors only).
-pub(crate) fn tensor_ref(info: &TensorInfo) -> Result<TensorRef, TfError> {
-    match &info.encoding {
-        Some(Encoding::Name(name)) => Ok(TensorRef::parse_user(name)),
-        _ => Err(TfError::Unsupported {
-            flavour: "a signature with sparse or composite tensors".into(),
-            hint: "export a signature whose input and outputs are dense tensors".into(),
-        }),
-    }
 }
 
 fn describe(freezer: &Freezer<'_>, notes: &mut Vec<String>) {
@@ -238,13 +225,13 @@ mod tests {
 
     use edge_proto::tensorflow::{
         FunctionDef, FunctionDefLibrary, GraphDef, NameAttrList, NodeDef, OpDef, OpList,
-        SavedConcreteFunction, SavedObjectGraph, TensorInfo, TrackableObjectGraph, attr_value,
+        SavedConcreteFunction, SavedObjectGraph, TrackableObjectGraph, attr_value,
         meta_graph_def::MetaInfoDef, op_def, trackable_object_graph,
     };
 
     use super::super::bundle_reader::tests::write_test_bundle;
     use super::super::graph::set_attr;
-    use super::super::graph::test_util::{assert_close, op, placeholder, run_tract};
+    use super::super::graph::test_util::{assert_close, op, placeholder, run_tract, tensor_info as info};
     use super::super::tensor::{Data, HostTensor};
     use super::super::variables::OBJECT_GRAPH_KEY;
     use super::*;
@@ -253,14 +240,6 @@ mod tests {
         op_def::ArgDef {
             name: name.into(),
             r#type: dtype as i32,
-            ..Default::default()
-        }
-    }
-
-    fn info(name: &str, dtype: DataType) -> TensorInfo {
-        TensorInfo {
-            encoding: Some(Encoding::Name(name.into())),
-            dtype: dtype as i32,
             ..Default::default()
         }
     }
