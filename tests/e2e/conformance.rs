@@ -3,12 +3,12 @@
 //! their answers must equal the local runtime's. The clients are installed by
 //! scripts/clients.sh (scripts/test.sh exports its variables).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use edge_convert::bundle::read_manifest;
 use edge_convert::preprocess::{ImageLimits, Preprocessor};
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_convert::runtime::{Classifier, RuntimeOptions, Tensor};
 use edge_e2e::{bin, run, shared_models, stderr, stdout};
 use serde_json::Value;
 
@@ -60,6 +60,30 @@ pub(crate) fn local_top5() -> Vec<Vec<(String, f64)>> {
         .collect()
 }
 
+/// `photo` preprocessed for `bundle`'s model, written to `dir` as little-endian float32 values
+/// with its shape in `<file>.shape` (as tests/conformance's clients read it); returns the file
+/// and the tensor.
+pub(crate) fn tensor_file(bundle: &Path, photo: &Path, dir: &Path) -> (PathBuf, Tensor) {
+    let manifest = read_manifest(bundle).unwrap();
+    let pre = Preprocessor::new(
+        manifest.preprocessing.clone(),
+        manifest.input.clone(),
+        ImageLimits::default(),
+    )
+    .unwrap();
+    let tensor = pre.tensor_from_bytes(&std::fs::read(photo).unwrap()).unwrap();
+    let values = tensor.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap();
+    let file = dir.join("input.f32");
+    std::fs::write(
+        &file,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let dims: Vec<String> = manifest.input.shape.iter().map(|d| d.to_string()).collect();
+    std::fs::write(dir.join("input.f32.shape"), dims.join(",")).unwrap();
+    (file, tensor)
+}
+
 pub(crate) fn assert_same_top5(got: &Value, want: &[Vec<(String, f64)>], who: &str) {
     let got = got
         .as_array()
@@ -85,31 +109,8 @@ async fn tensorflow_serving_python_client_gets_the_local_answers() {
     let _ = server.channel().await;
     // The preprocessed coffee photo, as the tensor signature takes it.
     let bundle = efficientnet_bundle();
-    let manifest = read_manifest(&bundle).unwrap();
-    let pre = Preprocessor::new(
-        manifest.preprocessing.clone(),
-        manifest.input.clone(),
-        ImageLimits::default(),
-    )
-    .unwrap();
-    let tensor = pre
-        .tensor_from_bytes(&std::fs::read(&photos()[0]).unwrap())
-        .unwrap();
-    let values = tensor
-        .try_as_plain_ram()
-        .unwrap()
-        .as_slice::<f32>()
-        .unwrap()
-        .to_vec();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("coffee.f32");
-    std::fs::write(
-        &file,
-        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    let dims: Vec<String> = manifest.input.shape.iter().map(|d| d.to_string()).collect();
-    std::fs::write(dir.path().join("coffee.f32.shape"), dims.join(",")).unwrap();
+    let (file, tensor) = tensor_file(&bundle, &photos()[0], dir.path());
 
     let out = tokio::task::block_in_place(|| {
         run(Command::new(&python)

@@ -20,16 +20,27 @@ fn agent_with_pool(device: &str, broker: &Mosquitto, endpoints: &[u16], extra: &
     agent_with_endpoints(device, broker, &list, extra)
 }
 
-/// An agent offloading to `endpoints` (`host:port`), deadline 5 s, breaker open 2 s, ejection
-/// 1 s; `extra` adds or overrides `EDGE_AGENT_*` variables.
+/// An EfficientNet-Lite0 agent offloading to `endpoints` (`host:port`): see [`agent_of`].
 pub(crate) fn agent_with_endpoints(
     device: &str,
     broker: &Mosquitto,
     endpoints: &[String],
     extra: &[(&str, &str)],
 ) -> Agent {
+    agent_of(&efficientnet_bundle(), device, broker, endpoints, extra)
+}
+
+/// An agent running `bundle`, offloading to `endpoints` (`host:port`), deadline 5 s, breaker
+/// open 2 s, ejection 1 s; `extra` adds or overrides `EDGE_AGENT_*` variables.
+pub(crate) fn agent_of(
+    bundle: &std::path::Path,
+    device: &str,
+    broker: &Mosquitto,
+    endpoints: &[String],
+    extra: &[(&str, &str)],
+) -> Agent {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    let mut spec = AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))
+    let mut spec = AgentSpec::new(device, bundle, Some(broker.url()))
         .env("EDGE_AGENT_OFFLOAD__ENDPOINTS", format!("[{}]", list.join(",")))
         .env("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", 5000)
         .env("EDGE_AGENT_OFFLOAD__OPEN_SECS", 2)
