@@ -102,6 +102,31 @@ pub(crate) fn assert_same_top5(got: &Value, want: &[Vec<(String, f64)>], who: &s
     }
 }
 
+/// A client's answers for the coffee photo's `tensor`: `tensor`, every class's score, must be
+/// the local runtime's probabilities; `tensor_top`, the labelled top 5, its top 5.
+fn assert_tensor_answers(answer: &Value, tensor: Tensor, who: &str) {
+    let local = Classifier::load(&efficientnet_bundle(), &RuntimeOptions::default())
+        .unwrap()
+        .infer(tensor)
+        .unwrap();
+    let remote: Vec<f64> = answer["tensor"][0]
+        .as_array()
+        .unwrap_or_else(|| panic!("{who}: no scores in {answer}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(remote.len(), local.len(), "{who}");
+    let diff = remote
+        .iter()
+        .zip(&local)
+        .map(|(r, l)| (r - f64::from(*l)).abs())
+        .fold(0.0, f64::max);
+    println!("{who}: `scores` max abs diff vs local {diff:.2e}");
+    assert!(diff < 1e-6, "{who}: {diff}");
+    let top5 = local_top5();
+    assert_same_top5(&answer["tensor_top"], &top5[..1], &format!("{who} with classes"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensorflow_serving_python_client_gets_the_local_answers() {
     let (python, pythonpath) = (var("EDGE_TFS_PYTHON"), var("EDGE_TFS_PYTHONPATH"));
@@ -130,24 +155,7 @@ async fn tensorflow_serving_python_client_gets_the_local_answers() {
         "tensorflow-serving-api Predict(images)",
     );
 
-    let local = Classifier::load(&bundle, &RuntimeOptions::default())
-        .unwrap()
-        .infer(tensor)
-        .unwrap();
-    let remote: Vec<f64> = answer["tensor"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    assert_eq!(remote.len(), local.len());
-    let diff = remote
-        .iter()
-        .zip(&local)
-        .map(|(r, l)| (r - f64::from(*l)).abs())
-        .fold(0.0, f64::max);
-    println!("tensorflow-serving-api Predict(tensor): max abs diff vs local {diff:.2e}");
-    assert!(diff < 1e-6, "{diff}");
+    assert_tensor_answers(&answer, tensor, "tensorflow-serving-api Predict(tensor)");
     let sigs: Vec<&str> = answer["signatures"]
         .as_array()
         .unwrap()
@@ -165,9 +173,13 @@ async fn tritonclient_gets_the_local_answers() {
     let python = var("EDGE_TRITON_PYTHON");
     let server = Server::start(&[]);
     let _ = server.channel().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, tensor) = tensor_file(&efficientnet_bundle(), &photos()[0], dir.path());
     let out = tokio::task::block_in_place(|| {
         run(Command::new(&python)
             .arg(script("triton_client.py"))
+            .arg("--tensor")
+            .arg(&file)
             .arg(format!("127.0.0.1:{}", server.port))
             .arg("inception")
             .args(photos()))
@@ -179,4 +191,5 @@ async fn tritonclient_gets_the_local_answers() {
     assert_eq!(answer["model_ready"], true);
     assert_eq!(answer["metadata"]["name"], "inception");
     assert_same_top5(&answer["images"], &local_top5(), "tritonclient ModelInfer(BYTES)");
+    assert_tensor_answers(&answer, tensor, "tritonclient ModelInfer(FP32)");
 }
