@@ -268,6 +268,16 @@ mod tests {
     }
 
     type Top = Vec<(&'static str, Option<usize>, f32)>;
+    /// (case, bundle offset, outputs, top_k, pool_scores, labels, their kind)
+    type Case = (
+        &'static str,
+        usize,
+        Vec<(&'static str, Output)>,
+        usize,
+        PoolScores,
+        Top,
+        PoolScores,
+    );
 
     fn top(answer: &Answer) -> Vec<(String, Option<usize>, f32)> {
         answer
@@ -284,16 +294,7 @@ mod tests {
         let logits = [0.0f32, 2.0, -1.0, 1.0];
         let mut soft = logits;
         edge_convert::runtime::softmax(&mut soft);
-        // (case, bundle offset, outputs, top_k, pool_scores, labels, kind)
-        let cases: Vec<(
-            &str,
-            usize,
-            Vec<(&str, Output)>,
-            usize,
-            PoolScores,
-            Top,
-            PoolScores,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "[N,k] scores with [N,k] classes (TF Serving Inception): pairwise",
                 0,
