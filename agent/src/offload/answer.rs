@@ -95,12 +95,14 @@ pub fn read(
             }
         },
     };
-    let label_index = |label: &str| {
-        manifest
-            .labels
-            .iter()
-            .position(|l| l == label)
-            .map(|i| i + manifest.output.label_offset)
+    // A bundle without labels names its classes `class_<index>` (`runtime::top_k`).
+    let label_index = |label: &str| match manifest.labels.iter().position(|l| l == label) {
+        Some(i) => Some(i + manifest.output.label_offset),
+        None if manifest.labels.is_empty() => label
+            .strip_prefix("class_")
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| (manifest.output.label_offset..manifest.output.classes).contains(i)),
+        None => None,
     };
     let bundle_classes = manifest.output.classes;
     let full_vector = |what: &str| -> Result<Vec<f32>, String> {
@@ -219,8 +221,17 @@ mod tests {
         InputSpec, Layout, ModelInfo, OutputKind, OutputSpec, Preprocessing, SourceFormat, SourceInfo,
     };
 
+    /// `manifest(UNLABELLED)`: the 4-class bundle without labels.
+    const UNLABELLED: usize = usize::MAX;
+
     /// A bundle of 4 classes, `a`..`d`, or 5 with a background class first (`offset` 1).
     fn manifest(offset: usize) -> Manifest {
+        if offset == UNLABELLED {
+            return Manifest {
+                labels: Vec::new(),
+                ..manifest(0)
+            };
+        }
         Manifest {
             format_version: 1,
             model: ModelInfo {
@@ -329,6 +340,18 @@ mod tests {
                 5,
                 Probs,
                 vec![("a", Some(1), 0.2), ("c", Some(3), 0.15)],
+                Probs,
+            ),
+            (
+                "[N,C] with [N,k] classes, a bundle without labels: class_<index>",
+                UNLABELLED,
+                vec![
+                    ("classes", strings(&[1, 2], &["class_1", "class_3"])),
+                    ("scores", floats(&[1, 4], &full)),
+                ],
+                5,
+                Probs,
+                vec![("class_1", Some(1), 0.6), ("class_3", Some(3), 0.25)],
                 Probs,
             ),
             (
