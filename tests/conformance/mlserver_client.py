@@ -6,7 +6,8 @@ TENSOR_FILE holds little-endian float32 values, its shape in TENSOR_FILE.shape. 
 JSON document: per model, its raw outputs (name: datatype, shape) and the labels it scored
 with their scores, best first: the pairs of `classes` [N, k] and `scores` [N, k]; for
 `scores` [N, C] (every class), each of `classes` scored at its own index, or without
-`classes` the top 5 named by LABELS (one label per class).
+`classes` the top 5 named by LABELS (one label per class); for a model whose name has
+"logits", the same after a softmax of the full vector.
 """
 
 import json
@@ -35,6 +36,9 @@ for model in models:
     answer = {"outputs": {n: [o["datatype"], o["shape"]] for n, o in outputs.items()}}
     if "scores" in outputs:
         scores = np.array(outputs["scores"]["data"], dtype=np.float32).reshape(outputs["scores"]["shape"])[0]
+        if "logits" in model:
+            scores = np.exp(scores - scores.max())
+            scores = scores / scores.sum()
         classes = outputs.get("classes")
         if classes is None:
             top = np.argsort(-scores, kind="stable")[:5]

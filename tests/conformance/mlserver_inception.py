@@ -8,6 +8,8 @@ Model settings (`parameters.uri`: the ONNX file; `parameters.extra`):
            "scores+top5"  `scores` FP32 [N, C] (every class) and `classes` BYTES [N, 5]
            "top5"         `classes` BYTES [N, 5] and `scores` FP32 [N, 5], pairwise
            "scores"       `scores` FP32 [N, C] alone
+           "logits+top5"  as "scores+top5" with log-probabilities as `scores` (logits whose
+                          softmax is the model's probabilities)
            "classes"      `classes` BYTES [N, 5] alone (no scores: unusable)
 The input is the model's preprocessed FP32 tensor, whatever its name. Used by
 tests/e2e/mlserver.rs.
@@ -19,7 +21,7 @@ from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
-ANSWERS = ("scores+top5", "top5", "scores", "classes")
+ANSWERS = ("scores+top5", "top5", "scores", "logits+top5", "classes")
 
 
 class OnnxClassifier(MLModel):
@@ -47,6 +49,7 @@ class OnnxClassifier(MLModel):
             "scores+top5": [("scores", probs), ("classes", classes)],
             "top5": [("classes", classes), ("scores", top_scores)],
             "scores": [("scores", probs)],
+            "logits+top5": [("scores", np.log(np.maximum(probs, 1e-30))), ("classes", classes)],
             "classes": [("classes", classes)],
         }[self.answer]
         return InferenceResponse(

@@ -2,8 +2,9 @@
 //! seeded Inception V3 ONNX through onnxruntime (tests/conformance/mlserver_inception.py), in
 //! the shapes classifiers are commonly served with. The agent's cluster reply must pair each
 //! label with MLServer's own score for it, as MLServer answers an application asking it
-//! directly over HTTP (tests/conformance/mlserver_client.py) in the same test; an answer
-//! without scores must be refused with a reason, and answered locally.
+//! directly over HTTP (tests/conformance/mlserver_client.py) in the same test (for logits,
+//! their softmax); an answer without scores must be refused with a reason, and answered
+//! locally.
 
 use std::process::Command;
 
@@ -17,10 +18,11 @@ use crate::daemon::inception_bundle;
 use crate::offload::{agent_of, ask};
 
 /// (model name on MLServer, what its reply holds: see mlserver_inception.py)
-const MODELS: [(&str, &str); 4] = [
+const MODELS: [(&str, &str); 5] = [
     ("inception-scores-top5", "scores+top5"),
     ("inception-top5", "top5"),
     ("inception-scores", "scores"),
+    ("inception-logits-top5", "logits+top5"),
     ("inception-classes", "classes"),
 ];
 
@@ -80,13 +82,19 @@ async fn an_mlserver_pool_s_scores_reach_the_reply_with_their_own_labels_in_ever
     let direct: Value = serde_json::from_str(stdout(&out).lines().last().unwrap_or("")).unwrap();
 
     // One agent per model, asking MLServer over gRPC with the tensor (every answer is below
-    // min_confidence 1, so each request goes to the cluster).
+    // min_confidence 1, so each request goes to the cluster); the logits model's agent says
+    // `pool_scores = "logits"`, and its reply must hold their softmax, probabilities.
     let broker = Mosquitto::start();
     let endpoint = [format!("127.0.0.1:{}", server.grpc_port)];
     let agents: Vec<_> = MODELS
         .iter()
         .enumerate()
-        .map(|(i, (name, _))| {
+        .map(|(i, (name, answer))| {
+            let pool_scores = if answer.starts_with("logits") {
+                "logits"
+            } else {
+                "probabilities"
+            };
             agent_of(
                 &bundle,
                 &format!("cam-ml{i}"),
@@ -99,6 +107,7 @@ async fn an_mlserver_pool_s_scores_reach_the_reply_with_their_own_labels_in_ever
                     ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "1"),
                     ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
                     ("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", "30000"),
+                    ("EDGE_AGENT_OFFLOAD__POOL_SCORES", pool_scores),
                 ],
             )
         })
