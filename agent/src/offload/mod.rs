@@ -22,7 +22,12 @@
 //!   requests: while open nothing is sent; after `open_secs` one request probes (half-open),
 //!   and its success closes the breaker.
 //!
-//! The rules (rotation, retry, breaker) are the pure core in `health.rs`, tested there.
+//! - An answer is read by the shapes of its outputs (`answer.rs`: `classes`/`scores` pairwise,
+//!   a full `scores` vector named by the bundle's labels, logits); one that cannot be read is
+//!   a failed call, not retried.
+//!
+//! The rules (rotation, retry, breaker) are the pure core in `health.rs`, and the reading of
+//! answers the pure core in `answer.rs`, each tested there.
 
 mod answer;
 mod health;
