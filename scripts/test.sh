@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 EDGE_FIXTURES=$(scripts/fixtures.sh)
 export EDGE_FIXTURES
 echo "fixtures: $EDGE_FIXTURES" >&2
-# Third-party gRPC clients for the pool conformance tests (EDGE_TRITON_PYTHON, EDGE_TFS_*).
+# Third-party gRPC clients for the pool conformance tests (EDGE_TRITON_PYTHON, EDGE_TFS_*) and
+# MLServer, the third-party KServe pool of the offload tests (EDGE_MLSERVER_PYTHON).
 while IFS= read -r assignment; do export "${assignment?}"; done < <(scripts/clients.sh)
 
 cargo fmt --all --check

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod lazyfs;
+pub mod mlserver;
 pub mod nginx;
 pub mod pool;
 pub mod proxy;

@@ -239,7 +239,8 @@ pub struct OffloadConfig {
     /// entropy.
     pub confidence_measure: crate::routing::ConfidenceMeasure,
     /// What the pool's scores are: `probabilities`, or `logits` (TF Serving's Inception
-    /// export returns the top-5 raw logits); replies say which.
+    /// export returns the top-5 raw logits). A full vector of logits is turned into
+    /// probabilities; top-k logits stay logits and replies say so (`offload/answer.rs`).
     pub pool_scores: PoolScores,
     /// Consecutive failed requests that open the circuit breaker.
     pub failure_threshold: u32,

@@ -1485,12 +1485,12 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
         if target > 0.0 && wait > target && o.available() && shared.time_for_cluster(&lease) {
             debug!(wait_ms = wait, "offloading for load");
             match cluster(shared, &served, o, &lease, k).await {
-                Ok((labels, cluster_ms)) => {
+                Ok((answer, cluster_ms)) => {
                     return cluster_reply(
                         shared,
                         &served.model,
                         lease,
-                        labels,
+                        answer,
                         queued,
                         cluster_ms,
                         Route {
@@ -1545,7 +1545,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
                     local_reason = "low_confidence_deadline";
                 } else if o.available() {
                     match cluster(shared, &served, o, &lease, k).await {
-                        Ok((labels, cluster_ms)) => {
+                        Ok((answer, cluster_ms)) => {
                             let route = Route {
                                 source: "cluster",
                                 reason: "low_confidence",
@@ -1554,7 +1554,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
                                 shared,
                                 &served.model,
                                 lease,
-                                labels,
+                                answer,
                                 queued,
                                 cluster_ms,
                                 route,
@@ -1611,18 +1611,19 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
     }
 }
 
-/// Asks the cluster; returns its labels and how long the call took (ms).
+/// Asks the cluster; returns its answer and how long the call took (ms).
 async fn cluster(
     shared: &Arc<Shared>,
     served: &Arc<Served>,
     offload: &Arc<crate::offload::Offload>,
     lease: &Lease,
     k: usize,
-) -> Result<(Vec<Label>, f64), crate::offload::OffloadError> {
-    use crate::offload::{Answer, OffloadError, Payload};
+) -> Result<(crate::offload::Answer, f64), crate::offload::OffloadError> {
+    use crate::offload::{OffloadError, Payload};
     let image = &lease.request().payload;
     let start = Instant::now();
     let deadline = deadline_instant(lease.request().deadline);
+    let manifest = served.classifier.manifest();
     let answer = if crate::offload::wants_tensor(&shared.config.offload) {
         let s = served.clone();
         let bytes = image.clone();
@@ -1638,56 +1639,33 @@ async fn cluster(
             .map_err(|e| OffloadError::Failed(format!("tensor: {e}")))?
             .to_vec();
         offload
-            .classify(Payload::Tensor(&shape, &values), k, deadline)
+            .classify(Payload::Tensor(&shape, &values), k, deadline, manifest)
             .await
     } else {
-        offload.classify(Payload::Encoded(image), k, deadline).await
+        offload
+            .classify(Payload::Encoded(image), k, deadline, manifest)
+            .await
     };
     let cluster_ms = ms(start.elapsed());
     shared.metrics.cluster.observe(cluster_ms / 1e3);
     let (answer, endpoint) = answer?;
     debug!(%endpoint, cluster_ms, "answered by the cluster");
-    let labels = match answer {
-        Answer::Labels(v) => {
-            let manifest = served.classifier.manifest();
-            v.into_iter()
-                .map(|(label, score)| Label {
-                    index: manifest
-                        .labels
-                        .iter()
-                        .position(|l| *l == label)
-                        .map(|i| i + manifest.output.label_offset),
-                    label,
-                    score,
-                })
-                .collect()
-        }
-        Answer::Probabilities(p) => served
-            .classifier
-            .top_k(&p, k)
-            .into_iter()
-            .map(|p| Label {
-                label: p.label,
-                index: Some(p.index),
-                score: p.score,
-            })
-            .collect(),
-    };
-    Ok((labels, cluster_ms))
+    Ok((answer, cluster_ms))
 }
 
 fn cluster_reply(
     shared: &Arc<Shared>,
     model: &ModelRef,
     lease: Lease,
-    labels: Vec<Label>,
+    answer: crate::offload::Answer,
     queued: f64,
     cluster_ms: f64,
     route: Route,
 ) -> (Vec<u8>, Outcome) {
     let r = lease.request();
+    let labels = answer.top;
     let best = labels.first().map(|l| l.score).unwrap_or(0.0);
-    let logits = shared.config.offload.pool_scores == crate::config::PoolScores::Logits;
+    let logits = answer.scores == crate::config::PoolScores::Logits;
     let reply = Reply {
         id: &r.request_id,
         device: &shared.device,

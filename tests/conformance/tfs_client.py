@@ -4,7 +4,8 @@ Usage: python tfs_client.py HOST:PORT MODEL TENSOR_FILE IMAGE...
 Prints one JSON document: the Predict answers for the images (signature predict_images,
 JPEG bytes, as in the TF Serving Inception example client) and for a float tensor read from
 TENSOR_FILE (little-endian float32, with its shape in TENSOR_FILE.shape) through
-signature predict_tensor, and GetModelMetadata's signature names.
+signature predict_tensor: `scores` of every class, then with the output filter
+`classes`, `scores` the top labels and their scores; and GetModelMetadata's signature names.
 """
 
 import json
@@ -39,7 +40,12 @@ request.model_spec.name = model
 request.model_spec.signature_name = "predict_tensor"
 request.inputs["input"].CopyFrom(tf.make_tensor_proto(values, dtype=tf.float32))
 result = stub.Predict(request, 30.0)
-out["tensor"] = tf.make_ndarray(result.outputs["probabilities"]).astype(float).tolist()
+out["tensor"] = tf.make_ndarray(result.outputs["scores"]).astype(float).tolist()
+request.output_filter.extend(["classes", "scores"])
+result = stub.Predict(request, 30.0)
+classes = tf.make_ndarray(result.outputs["classes"])
+scores = tf.make_ndarray(result.outputs["scores"])
+out["tensor_top"] = [[[c.decode(), float(s)] for c, s in zip(classes[0], scores[0])]]
 
 meta = get_model_metadata_pb2.GetModelMetadataRequest()
 meta.model_spec.name = model

@@ -3,12 +3,12 @@
 //! their answers must equal the local runtime's. The clients are installed by
 //! scripts/clients.sh (scripts/test.sh exports its variables).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use edge_convert::bundle::read_manifest;
 use edge_convert::preprocess::{ImageLimits, Preprocessor};
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_convert::runtime::{Classifier, RuntimeOptions, Tensor};
 use edge_e2e::{bin, run, shared_models, stderr, stdout};
 use serde_json::Value;
 
@@ -60,6 +60,30 @@ pub(crate) fn local_top5() -> Vec<Vec<(String, f64)>> {
         .collect()
 }
 
+/// `photo` preprocessed for `bundle`'s model, written to `dir` as little-endian float32 values
+/// with its shape in `<file>.shape` (as tests/conformance's clients read it); returns the file
+/// and the tensor.
+pub(crate) fn tensor_file(bundle: &Path, photo: &Path, dir: &Path) -> (PathBuf, Tensor) {
+    let manifest = read_manifest(bundle).unwrap();
+    let pre = Preprocessor::new(
+        manifest.preprocessing.clone(),
+        manifest.input.clone(),
+        ImageLimits::default(),
+    )
+    .unwrap();
+    let tensor = pre.tensor_from_bytes(&std::fs::read(photo).unwrap()).unwrap();
+    let values = tensor.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap();
+    let file = dir.join("input.f32");
+    std::fs::write(
+        &file,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let dims: Vec<String> = manifest.input.shape.iter().map(|d| d.to_string()).collect();
+    std::fs::write(dir.join("input.f32.shape"), dims.join(",")).unwrap();
+    (file, tensor)
+}
+
 pub(crate) fn assert_same_top5(got: &Value, want: &[Vec<(String, f64)>], who: &str) {
     let got = got
         .as_array()
@@ -78,6 +102,31 @@ pub(crate) fn assert_same_top5(got: &Value, want: &[Vec<(String, f64)>], who: &s
     }
 }
 
+/// A client's answers for the coffee photo's `tensor`: `tensor`, every class's score, must be
+/// the local runtime's probabilities; `tensor_top`, the labelled top 5, its top 5.
+fn assert_tensor_answers(answer: &Value, tensor: Tensor, who: &str) {
+    let local = Classifier::load(&efficientnet_bundle(), &RuntimeOptions::default())
+        .unwrap()
+        .infer(tensor)
+        .unwrap();
+    let remote: Vec<f64> = answer["tensor"][0]
+        .as_array()
+        .unwrap_or_else(|| panic!("{who}: no scores in {answer}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(remote.len(), local.len(), "{who}");
+    let diff = remote
+        .iter()
+        .zip(&local)
+        .map(|(r, l)| (r - f64::from(*l)).abs())
+        .fold(0.0, f64::max);
+    println!("{who}: `scores` max abs diff vs local {diff:.2e}");
+    assert!(diff < 1e-6, "{who}: {diff}");
+    let top5 = local_top5();
+    assert_same_top5(&answer["tensor_top"], &top5[..1], &format!("{who} with classes"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensorflow_serving_python_client_gets_the_local_answers() {
     let (python, pythonpath) = (var("EDGE_TFS_PYTHON"), var("EDGE_TFS_PYTHONPATH"));
@@ -85,31 +134,8 @@ async fn tensorflow_serving_python_client_gets_the_local_answers() {
     let _ = server.channel().await;
     // The preprocessed coffee photo, as the tensor signature takes it.
     let bundle = efficientnet_bundle();
-    let manifest = read_manifest(&bundle).unwrap();
-    let pre = Preprocessor::new(
-        manifest.preprocessing.clone(),
-        manifest.input.clone(),
-        ImageLimits::default(),
-    )
-    .unwrap();
-    let tensor = pre
-        .tensor_from_bytes(&std::fs::read(&photos()[0]).unwrap())
-        .unwrap();
-    let values = tensor
-        .try_as_plain_ram()
-        .unwrap()
-        .as_slice::<f32>()
-        .unwrap()
-        .to_vec();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("coffee.f32");
-    std::fs::write(
-        &file,
-        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    let dims: Vec<String> = manifest.input.shape.iter().map(|d| d.to_string()).collect();
-    std::fs::write(dir.path().join("coffee.f32.shape"), dims.join(",")).unwrap();
+    let (file, tensor) = tensor_file(&bundle, &photos()[0], dir.path());
 
     let out = tokio::task::block_in_place(|| {
         run(Command::new(&python)
@@ -129,24 +155,7 @@ async fn tensorflow_serving_python_client_gets_the_local_answers() {
         "tensorflow-serving-api Predict(images)",
     );
 
-    let local = Classifier::load(&bundle, &RuntimeOptions::default())
-        .unwrap()
-        .infer(tensor)
-        .unwrap();
-    let remote: Vec<f64> = answer["tensor"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    assert_eq!(remote.len(), local.len());
-    let diff = remote
-        .iter()
-        .zip(&local)
-        .map(|(r, l)| (r - f64::from(*l)).abs())
-        .fold(0.0, f64::max);
-    println!("tensorflow-serving-api Predict(tensor): max abs diff vs local {diff:.2e}");
-    assert!(diff < 1e-6, "{diff}");
+    assert_tensor_answers(&answer, tensor, "tensorflow-serving-api Predict(tensor)");
     let sigs: Vec<&str> = answer["signatures"]
         .as_array()
         .unwrap()
@@ -164,9 +173,13 @@ async fn tritonclient_gets_the_local_answers() {
     let python = var("EDGE_TRITON_PYTHON");
     let server = Server::start(&[]);
     let _ = server.channel().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, tensor) = tensor_file(&efficientnet_bundle(), &photos()[0], dir.path());
     let out = tokio::task::block_in_place(|| {
         run(Command::new(&python)
             .arg(script("triton_client.py"))
+            .arg("--tensor")
+            .arg(&file)
             .arg(format!("127.0.0.1:{}", server.port))
             .arg("inception")
             .args(photos()))
@@ -178,4 +191,5 @@ async fn tritonclient_gets_the_local_answers() {
     assert_eq!(answer["model_ready"], true);
     assert_eq!(answer["metadata"]["name"], "inception");
     assert_same_top5(&answer["images"], &local_top5(), "tritonclient ModelInfer(BYTES)");
+    assert_tensor_answers(&answer, tensor, "tritonclient ModelInfer(FP32)");
 }

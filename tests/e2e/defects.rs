@@ -529,7 +529,8 @@ async fn serve_answers_shapes_from_the_model_output_without_labels() {
             .map(|s| s.dim.iter().map(|d| d.size).collect())
             .unwrap_or_default()
     };
-    assert_eq!(shape_of("predict_tensor", "probabilities"), [-1, 1000]);
+    assert_eq!(shape_of("predict_tensor", "scores"), [-1, -1]);
+    assert_eq!(shape_of("predict_tensor", "classes"), [-1, 5]);
     assert_eq!(shape_of("predict_images", "classes"), [-1, 5]);
 
     let mut kserve = GrpcInferenceServiceClient::new(channel);
@@ -546,7 +547,7 @@ async fn serve_answers_shapes_from_the_model_output_without_labels() {
         .iter()
         .map(|o| (o.name.clone(), o.shape.clone()))
         .collect();
-    assert_eq!(shapes["probabilities"], [-1, 1000]);
+    assert_eq!(shapes["scores"], [-1, -1]);
     assert_eq!(shapes["classes"], [-1, 5]);
 }
 

@@ -9,6 +9,7 @@ mod defects;
 mod faults;
 mod fuzz_regressions;
 mod ingress;
+mod mlserver;
 mod offload;
 mod outbox;
 mod pool;

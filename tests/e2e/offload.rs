@@ -20,16 +20,27 @@ fn agent_with_pool(device: &str, broker: &Mosquitto, endpoints: &[u16], extra: &
     agent_with_endpoints(device, broker, &list, extra)
 }
 
-/// An agent offloading to `endpoints` (`host:port`), deadline 5 s, breaker open 2 s, ejection
-/// 1 s; `extra` adds or overrides `EDGE_AGENT_*` variables.
+/// An EfficientNet-Lite0 agent offloading to `endpoints` (`host:port`): see [`agent_of`].
 pub(crate) fn agent_with_endpoints(
     device: &str,
     broker: &Mosquitto,
     endpoints: &[String],
     extra: &[(&str, &str)],
 ) -> Agent {
+    agent_of(&efficientnet_bundle(), device, broker, endpoints, extra)
+}
+
+/// An agent running `bundle`, offloading to `endpoints` (`host:port`), deadline 5 s, breaker
+/// open 2 s, ejection 1 s; `extra` adds or overrides `EDGE_AGENT_*` variables.
+pub(crate) fn agent_of(
+    bundle: &std::path::Path,
+    device: &str,
+    broker: &Mosquitto,
+    endpoints: &[String],
+    extra: &[(&str, &str)],
+) -> Agent {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    let mut spec = AgentSpec::new(device, &efficientnet_bundle(), Some(broker.url()))
+    let mut spec = AgentSpec::new(device, bundle, Some(broker.url()))
         .env("EDGE_AGENT_OFFLOAD__ENDPOINTS", format!("[{}]", list.join(",")))
         .env("EDGE_AGENT_OFFLOAD__TIMEOUT_MS", 5000)
         .env("EDGE_AGENT_OFFLOAD__OPEN_SECS", 2)
@@ -520,4 +531,65 @@ async fn a_pool_behind_a_fault_proxy_that_drops_stalls_and_slows_never_costs_a_r
     )
     .await;
     assert_eq!(agent.metric("edge_agent_cluster_breaker"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_agent_serve_s_scores_reach_the_reply_with_their_labels_over_both_protocols_and_payloads() {
+    // The pool serves the agent's own bundle: its answers are the local top 5
+    // (tests/e2e/conformance.rs checks the pool against the local runtime).
+    let want = crate::conformance::local_top5();
+    let broker = Mosquitto::start();
+    let pool = Server::start(&[]);
+    wait_pool(&pool).await;
+    // (protocol, payload, what the pool answers)
+    let cases = [
+        ("tfserving", "jpeg", "classes [1,5] + scores [1,5]"),
+        ("tfserving", "tensor", "scores [1,1000]"),
+        ("kserve", "jpeg", "classes [1,5] + scores [1,5]"),
+        ("kserve", "tensor", "classes [1,5] + scores [1,5] (top_k asked)"),
+    ];
+    let agents: Vec<Agent> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (protocol, send, _))| {
+            let signature = if *send == "tensor" {
+                "predict_tensor"
+            } else {
+                "predict_images"
+            };
+            agent_with_pool(
+                &format!("cam-shape{i}"),
+                &broker,
+                &[pool.port],
+                &[
+                    ("EDGE_AGENT_OFFLOAD__PROTOCOL", protocol),
+                    ("EDGE_AGENT_OFFLOAD__SEND", send),
+                    ("EDGE_AGENT_OFFLOAD__SIGNATURE", signature),
+                    ("EDGE_AGENT_OFFLOAD__MIN_CONFIDENCE", "0.99"),
+                    ("EDGE_AGENT_OFFLOAD__MAX_LOCAL_WAIT_MS", "0"),
+                ],
+            )
+        })
+        .collect();
+    let topics: Vec<String> = (0..cases.len()).map(|i| format!("app/cam-shape{i}")).collect();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let client = TestClient::connect(broker.port, "t-shape", &topics).await;
+    for (i, (protocol, send, shape)) in cases.iter().enumerate() {
+        let v = ask(&client, &format!("cam-shape{i}"), &format!("s{i}")).await;
+        assert_eq!(v["source"], "cluster", "{protocol}/{send}: {v}");
+        let got: Vec<Value> = v["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| serde_json::json!([t["label"], t["score"]]))
+            .collect();
+        let shown: Vec<String> = got.iter().map(|p| format!("{} {}", p[0], p[1])).collect();
+        println!(
+            "{protocol}, {send} ({shape}): reply {shown:?}, pool {:?}",
+            want[0]
+        );
+        let who = format!("{protocol}/{send}");
+        crate::conformance::assert_same_top5(&Value::Array(vec![Value::Array(got)]), &want[..1], &who);
+    }
+    drop(agents);
 }

@@ -96,9 +96,18 @@ async fn tf_serving_predict_answers_like_the_inception_example_and_checks_the_mo
         )]),
         ..PredictRequest::default()
     };
-    let r = tf.predict(req).await.expect("Predict tensor").into_inner();
-    let p = &r.outputs["probabilities"];
-    assert_eq!(p.float_val.len(), 1000);
+    let r = tf
+        .predict(req.clone())
+        .await
+        .expect("Predict tensor")
+        .into_inner();
+    assert_eq!(
+        r.outputs.keys().collect::<Vec<_>>(),
+        ["scores"],
+        "every class's score"
+    );
+    let p = &r.outputs["scores"];
+    assert_eq!(p.tensor_shape, shape(&[1, 1000]));
     let best = p
         .float_val
         .iter()
@@ -106,6 +115,14 @@ async fn tf_serving_predict_answers_like_the_inception_example_and_checks_the_mo
         .max_by(|a, b| a.1.total_cmp(b.1))
         .unwrap();
     assert!((best.1 - 0.9547).abs() < 1e-3, "tensor path top-1 {best:?}");
+    // `classes` asked for by name: the labelled top-k, scores pairwise.
+    let mut top = req;
+    top.output_filter = vec!["classes".into(), "scores".into()];
+    let r = tf.predict(top).await.expect("Predict tensor top-k").into_inner();
+    assert_eq!(r.outputs["classes"].tensor_shape, shape(&[1, 5]));
+    assert_eq!(r.outputs["scores"].tensor_shape, shape(&[1, 5]));
+    assert_eq!(r.outputs["classes"].string_val[0], b"espresso");
+    assert!((r.outputs["scores"].float_val[0] - best.1).abs() < 1e-6);
 
     // Errors, with TF Serving's codes.
     let mut wrong = images_request(vec![photo("coffee.jpg")]);
@@ -154,16 +171,16 @@ async fn tf_serving_predict_answers_like_the_inception_example_and_checks_the_mo
     );
     let defs = SignatureDefMap::decode(any.value.as_slice()).unwrap();
     assert!(defs.signature_def["predict_images"].inputs.contains_key("images"));
+    let tensor_outputs = &defs.signature_def["predict_tensor"].outputs;
     assert!(
-        defs.signature_def["predict_tensor"]
-            .outputs
-            .contains_key("probabilities")
+        tensor_outputs.contains_key("scores") && tensor_outputs.contains_key("classes"),
+        "{tensor_outputs:?}"
     );
 
     // Metrics count the calls.
     let (_, metrics) = edge_e2e::daemon::http_get(server.http_port, "/metrics").unwrap();
     assert!(metrics.contains("edge_pool_requests_total"), "{metrics}");
-    assert!(metrics.contains("edge_pool_images_total 4"), "{metrics}");
+    assert!(metrics.contains("edge_pool_images_total 5"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,24 +281,30 @@ async fn kserve_v2_infers_bytes_and_fp32_with_typed_and_raw_contents() {
     let first = f32::from_le_bytes(r.raw_output_contents[i_scores][..4].try_into().unwrap());
     assert!((first - 0.9547).abs() < 1e-3, "{first}");
 
-    // FP32 tensor, raw.
+    // FP32 tensor, raw: every class's `scores`, or with top_k the labelled top-k.
     let (in_shape, values) = preprocessed("camera.jpg");
+    let tensor_request = ModelInferRequest {
+        model_name: "inception".into(),
+        inputs: vec![model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: in_shape.iter().map(|&d| d as i64).collect(),
+            parameters: HashMap::new(),
+            contents: None,
+        }],
+        raw_input_contents: vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    };
     let r = ks
-        .model_infer(ModelInferRequest {
-            model_name: "inception".into(),
-            inputs: vec![model_infer_request::InferInputTensor {
-                name: "input".into(),
-                datatype: "FP32".into(),
-                shape: in_shape.iter().map(|&d| d as i64).collect(),
-                parameters: HashMap::new(),
-                contents: None,
-            }],
-            raw_input_contents: vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()],
-            ..Default::default()
-        })
+        .model_infer(tensor_request.clone())
         .await
         .expect("ModelInfer FP32")
         .into_inner();
+    assert_eq!(r.outputs.len(), 1);
+    assert_eq!(
+        (r.outputs[0].name.as_str(), r.outputs[0].shape.as_slice()),
+        ("scores", &[1, 1000][..])
+    );
     let probs: Vec<f32> = r.raw_output_contents[0]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -289,6 +312,24 @@ async fn kserve_v2_infers_bytes_and_fp32_with_typed_and_raw_contents() {
     assert_eq!(probs.len(), 1000);
     let best = probs.iter().copied().fold(0.0f32, f32::max);
     assert!((best - 0.9431).abs() < 1e-3, "{best}");
+    let r = ks
+        .model_infer(ModelInferRequest {
+            parameters: top3,
+            ..tensor_request
+        })
+        .await
+        .expect("ModelInfer FP32 top_k")
+        .into_inner();
+    let names: Vec<(&str, &[i64])> = r
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.shape.as_slice()))
+        .collect();
+    assert_eq!(names, [("classes", &[1, 3][..]), ("scores", &[1, 3][..])]);
+    let labels = edge_agent::pool::kserve::split_raw_bytes(&r.raw_output_contents[0]).unwrap();
+    assert_eq!(labels[0], b"tripod");
+    let top1 = f32::from_le_bytes(r.raw_output_contents[1][..4].try_into().unwrap());
+    assert!((top1 - best).abs() < 1e-6, "{top1} vs {best}");
 
     // Wrong model, wrong datatype, bad raw framing.
     let wrong = ks

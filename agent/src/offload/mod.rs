@@ -22,24 +22,37 @@
 //!   requests: while open nothing is sent; after `open_secs` one request probes (half-open),
 //!   and its success closes the breaker.
 //!
-//! The rules (rotation, retry, breaker) are the pure core in `health.rs`, tested there.
+//! - An answer is read by the shapes of its outputs (`answer.rs`: `classes`/`scores` pairwise,
+//!   a full `scores` vector named by the bundle's labels, logits); one that cannot be read is
+//!   a failed call, not retried.
+//!
+//! The rules (rotation, retry, breaker) are the pure core in `health.rs`, and the reading of
+//! answers the pure core in `answer.rs`, each tested there.
 
+mod answer;
 mod health;
 
+pub use answer::Answer;
+use answer::{Output, Values};
 pub use health::BreakerState;
 use health::{Admission, Breaker, Failure, Rotation, Transition};
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use edge_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use edge_proto::inference::{InferParameter, ModelInferRequest, infer_parameter, model_infer_request};
+use edge_proto::inference::{
+    InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter, model_infer_request,
+};
 use edge_proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use edge_proto::tensorflow::serving::{ModelSpec, PredictRequest};
 use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tracing::{debug, info, warn};
+
+use edge_convert::bundle::Manifest;
 
 use crate::config::{OffloadConfig, OffloadPayload, OffloadProtocol};
 
@@ -58,13 +71,6 @@ pub enum Payload<'a> {
     Encoded(&'a [u8]),
     /// Shape (batch 1 first) and values.
     Tensor(&'a [usize], &'a [f32]),
-}
-
-/// The cluster's answer: labels with scores, or all probabilities (tensor signatures).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
-    Labels(Vec<(String, f32)>),
-    Probabilities(Vec<f32>),
 }
 
 struct Endpoint {
@@ -241,12 +247,15 @@ impl Offload {
     }
 
     /// Classifies on the cluster: one try, and one retry (`health.rs` says where), all within
-    /// the request's `deadline` (none: each call gets `offload.timeout_ms`).
+    /// the request's `deadline` (none: each call gets `offload.timeout_ms`). The answer is
+    /// read for `manifest`'s model (its labels name the scores of a full score vector); an
+    /// answer that cannot be read is a failure of the pool.
     pub async fn classify(
         &self,
         payload: Payload<'_>,
         top_k: usize,
         deadline: Option<Instant>,
+        manifest: &Manifest,
     ) -> Result<(Answer, String), OffloadError> {
         let configured = Duration::from_millis(self.cfg.timeout_ms);
         let call_timeout = || {
@@ -277,7 +286,7 @@ impl Offload {
                 break;
             }
             let started = Instant::now();
-            match self.call(&ep, &payload, top_k, timeout).await {
+            match self.call(&ep, &payload, top_k, timeout, manifest).await {
                 Ok(answer) => {
                     self.settle(true, admission);
                     return Ok((answer, ep.addr.clone()));
@@ -316,6 +325,7 @@ impl Offload {
         payload: &Payload<'_>,
         top_k: usize,
         timeout: Duration,
+        manifest: &Manifest,
     ) -> Result<Answer, (Failure, String)> {
         // A status the transport made (a connection or HTTP/2 stream error under it: a proxy
         // resetting the stream of a pod that died gives INTERNAL) is transient; one the pool
@@ -331,7 +341,7 @@ impl Offload {
         };
         let fail = |s: tonic::Status| (kind(&s), describe(&s));
         let deadline = || (Failure::Deadline, "deadline exceeded".to_owned());
-        let answer = match self.cfg.protocol {
+        let outputs = match self.cfg.protocol {
             OffloadProtocol::Tfserving => {
                 let mut req = tonic::Request::new(self.predict_request(payload));
                 req.set_timeout(timeout);
@@ -340,7 +350,7 @@ impl Offload {
                     .max_encoding_message_size(64 * 1024 * 1024);
                 let call = tokio::time::timeout(timeout, client.predict(req)).await;
                 let resp = call.map_err(|_| deadline())?.map_err(fail)?.into_inner();
-                read_predict(&resp.outputs, top_k).map_err(|e| (Failure::Permanent, e))?
+                predict_outputs(&resp.outputs)
             }
             OffloadProtocol::Kserve => {
                 let mut req = tonic::Request::new(self.infer_request(payload, top_k));
@@ -350,10 +360,12 @@ impl Offload {
                     .max_encoding_message_size(64 * 1024 * 1024);
                 let call = tokio::time::timeout(timeout, client.model_infer(req)).await;
                 let resp = call.map_err(|_| deadline())?.map_err(fail)?.into_inner();
-                read_infer(&resp, top_k).map_err(|e| (Failure::Permanent, e))?
+                infer_outputs(&resp)
             }
         };
-        Ok(answer)
+        outputs
+            .and_then(|o| answer::read(&o, manifest, top_k, self.cfg.pool_scores))
+            .map_err(|e| (Failure::Permanent, format!("unusable answer: {e}")))
     }
 
     fn predict_request(&self, payload: &Payload<'_>) -> PredictRequest {
@@ -445,72 +457,82 @@ fn describe(s: &tonic::Status) -> String {
     text
 }
 
-fn read_predict(
-    outputs: &std::collections::HashMap<String, TensorProto>,
-    top_k: usize,
-) -> Result<Answer, String> {
-    if let (Some(classes), Some(scores)) = (outputs.get("classes"), outputs.get("scores")) {
-        let scores: Vec<f32> = if scores.tensor_content.is_empty() {
-            scores.float_val.clone()
-        } else {
-            le_f32s(&scores.tensor_content)?
-        };
-        let labels = classes
-            .string_val
-            .iter()
-            .zip(scores)
-            .take(top_k)
-            .map(|(c, s)| (String::from_utf8_lossy(c).into_owned(), s))
-            .collect();
-        return Ok(Answer::Labels(labels));
-    }
-    if let Some(p) = outputs.get("probabilities") {
-        let v = if p.tensor_content.is_empty() {
-            p.float_val.clone()
-        } else {
-            le_f32s(&p.tensor_content)?
-        };
-        return Ok(Answer::Probabilities(v));
-    }
-    Err(format!(
-        "the reply has neither classes+scores nor probabilities (outputs: {})",
-        outputs.keys().cloned().collect::<Vec<_>>().join(", ")
-    ))
+/// The outputs of a TF Serving `PredictResponse`, by name.
+fn predict_outputs(outputs: &HashMap<String, TensorProto>) -> Result<HashMap<String, Output>, String> {
+    outputs
+        .iter()
+        .map(|(name, t)| {
+            let values = if t.dtype == DataType::DtFloat as i32 {
+                Values::Floats(if t.tensor_content.is_empty() {
+                    t.float_val.clone()
+                } else {
+                    le_f32s(&t.tensor_content).map_err(|e| format!("output `{name}`: {e}"))?
+                })
+            } else if t.dtype == DataType::DtString as i32 {
+                Values::Strings(t.string_val.clone())
+            } else {
+                Values::Other(format!("dtype {}", t.dtype))
+            };
+            let shape = t
+                .tensor_shape
+                .as_ref()
+                .map(TensorShapeProto::sizes)
+                .unwrap_or_default();
+            Ok((name.clone(), Output { shape, values }))
+        })
+        .collect()
 }
 
-fn read_infer(resp: &edge_proto::inference::ModelInferResponse, top_k: usize) -> Result<Answer, String> {
-    let find = |name: &str| resp.outputs.iter().position(|o| o.name == name);
-    let floats = |i: usize| -> Result<Vec<f32>, String> {
-        match resp.raw_output_contents.get(i) {
-            Some(raw) => le_f32s(raw),
-            None => Ok(resp.outputs[i]
-                .contents
-                .as_ref()
-                .map(|c| c.fp32_contents.clone())
-                .unwrap_or_default()),
-        }
-    };
-    if let (Some(ci), Some(si)) = (find("classes"), find("scores")) {
-        let classes: Vec<Vec<u8>> = match resp.raw_output_contents.get(ci) {
-            Some(raw) => crate::pool::kserve::split_raw_bytes(raw)?,
-            None => resp.outputs[ci]
-                .contents
-                .as_ref()
-                .map(|c| c.bytes_contents.clone())
-                .unwrap_or_default(),
-        };
-        let labels = classes
-            .iter()
-            .zip(floats(si)?)
-            .take(top_k)
-            .map(|(c, s)| (String::from_utf8_lossy(c).into_owned(), s))
-            .collect();
-        return Ok(Answer::Labels(labels));
+/// The outputs of a KServe v2 `ModelInferResponse`, by name (raw or typed contents).
+fn infer_outputs(resp: &ModelInferResponse) -> Result<HashMap<String, Output>, String> {
+    let raw = !resp.raw_output_contents.is_empty();
+    if raw && resp.raw_output_contents.len() != resp.outputs.len() {
+        return Err(format!(
+            "the reply has {} raw contents for {} outputs",
+            resp.raw_output_contents.len(),
+            resp.outputs.len()
+        ));
     }
-    if let Some(pi) = find("probabilities") {
-        return Ok(Answer::Probabilities(floats(pi)?));
+    resp.outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let typed = o.contents.clone().unwrap_or_default();
+            let bytes = resp.raw_output_contents.get(i).map(Vec::as_slice);
+            let context = |e: String| format!("output `{}`: {e}", o.name);
+            let values = match (o.datatype.as_str(), bytes) {
+                ("FP32", Some(b)) => Values::Floats(le_f32s(b).map_err(context)?),
+                ("FP32", None) => Values::Floats(typed.fp32_contents),
+                ("FP64", Some(b)) => Values::Floats(le_f64s_as_f32(b).map_err(context)?),
+                ("FP64", None) => Values::Floats(typed.fp64_contents.iter().map(|&v| v as f32).collect()),
+                ("BYTES", Some(b)) => {
+                    Values::Strings(crate::pool::kserve::split_raw_bytes(b).map_err(context)?)
+                }
+                ("BYTES", None) => Values::Strings(typed.bytes_contents),
+                (other, _) => Values::Other(format!("datatype {other}")),
+            };
+            Ok((
+                o.name.clone(),
+                Output {
+                    shape: o.shape.clone(),
+                    values,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn le_f64s_as_f32(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(format!(
+            "{} bytes are not a whole number of float64 values",
+            bytes.len()
+        ));
     }
-    Err("the reply has neither classes+scores nor probabilities".into())
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+        .collect())
 }
 
 fn le_f32s(bytes: &[u8]) -> Result<Vec<f32>, String> {

@@ -4,7 +4,9 @@
 //! `ModelInfer` takes one input: `BYTES` `[N]` of encoded JPEG/PNG images (outputs `classes`,
 //! BYTES `[N, k]`, and `scores`, FP32 `[N, k]`; `k` from the request parameter `top_k`, else
 //! the server's `--top-k`), or `FP32` `[N, ...]` with the bundle's input shape after the batch
-//! (output `probabilities`, FP32 `[N, classes]`). Inputs come as typed `contents` or as
+//! (output `scores`, FP32 `[N, classes]`, every output class; with a `top_k` parameter or
+//! `classes` among the requested outputs, `classes` and `scores` `[N, k]` as for images: see
+//! [`super::outputs`]). Inputs come as typed `contents` or as
 //! `raw_input_contents` (BYTES elements each prefixed by their u32 little-endian length,
 //! FP32 little-endian); replies use raw contents when the request did, typed otherwise.
 
@@ -23,6 +25,7 @@ use edge_proto::inference::{
 
 use super::Pool;
 use super::engine::Item;
+use super::outputs::{Asked, Outputs};
 
 pub struct KServe {
     pub pool: Arc<Pool>,
@@ -72,15 +75,15 @@ impl KServe {
             .get("top_k")
             .and_then(|p| p.parameter_choice.as_ref())
         {
-            None => p.top_k,
-            Some(infer_parameter::ParameterChoice::Int64Param(k)) if *k >= 1 => *k as usize,
+            None => None,
+            Some(infer_parameter::ParameterChoice::Int64Param(k)) if *k >= 1 => Some(*k as usize),
             Some(other) => {
                 return Err(Status::invalid_argument(format!(
                     "parameter top_k must be a positive int64, got {other:?}"
                 )));
             }
         };
-        let (outputs, raw_outputs) = match input.datatype.as_str() {
+        let (model, scored, asked) = match input.datatype.as_str() {
             "BYTES" => {
                 let images: Vec<Vec<u8>> = if raw {
                     split_raw_bytes(&req.raw_input_contents[0]).map_err(Status::invalid_argument)?
@@ -99,45 +102,8 @@ impl KServe {
                     )));
                 }
                 p.check_batch(images.len())?;
-                let n = images.len();
                 let (model, scored) = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
-                let mut classes = Vec::new();
-                let mut scores = Vec::new();
-                for s in &scored {
-                    for pred in model.top_k(&s.probabilities, top_k) {
-                        classes.push(pred.label.into_bytes());
-                        scores.push(pred.score);
-                    }
-                }
-                let k = (scores.len() / n.max(1)) as i64;
-                let shape = vec![n as i64, k];
-                let class_out = output("classes", "BYTES", shape.clone());
-                let score_out = output("scores", "FP32", shape);
-                if raw {
-                    let raw_classes = join_raw_bytes(&classes);
-                    let raw_scores = scores.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    (vec![class_out, score_out], vec![raw_classes, raw_scores])
-                } else {
-                    (
-                        vec![
-                            with_contents(
-                                class_out,
-                                InferTensorContents {
-                                    bytes_contents: classes,
-                                    ..Default::default()
-                                },
-                            ),
-                            with_contents(
-                                score_out,
-                                InferTensorContents {
-                                    fp32_contents: scores,
-                                    ..Default::default()
-                                },
-                            ),
-                        ],
-                        Vec::new(),
-                    )
-                }
+                (model, scored, Asked::TopK(top_k.unwrap_or(p.top_k)))
             }
             "FP32" => {
                 let values: Vec<f32> = if raw {
@@ -152,28 +118,14 @@ impl KServe {
                 let items = p
                     .split_tensor(&input.shape, values)
                     .map_err(Status::invalid_argument)?;
-                let n = items.len();
-                let (_, scored) = p.score(items).await?;
-                let classes = scored.first().map(|s| s.probabilities.len()).unwrap_or(0);
-                let probs: Vec<f32> = scored.into_iter().flat_map(|s| s.probabilities).collect();
-                let out = output("probabilities", "FP32", vec![n as i64, classes as i64]);
-                if raw {
-                    (
-                        vec![out],
-                        vec![probs.iter().flat_map(|v| v.to_le_bytes()).collect()],
-                    )
-                } else {
-                    (
-                        vec![with_contents(
-                            out,
-                            InferTensorContents {
-                                fp32_contents: probs,
-                                ..Default::default()
-                            },
-                        )],
-                        Vec::new(),
-                    )
-                }
+                let (model, scored) = p.score(items).await?;
+                // A top-k or `classes` asked for: the labelled top-k; else every class's score.
+                let asked = match top_k {
+                    Some(k) => Asked::TopK(k),
+                    None if req.outputs.iter().any(|o| o.name == "classes") => Asked::TopK(p.top_k),
+                    None => Asked::Every,
+                };
+                (model, scored, asked)
             }
             other => {
                 return Err(Status::invalid_argument(format!(
@@ -181,6 +133,38 @@ impl KServe {
                 )));
             }
         };
+        let answer = Outputs::new(&model, scored, asked);
+        let mut outputs = Vec::new();
+        let mut raw_outputs = Vec::new();
+        if let Some((shape, classes)) = answer.classes {
+            let out = output("classes", "BYTES", shape);
+            if raw {
+                outputs.push(out);
+                raw_outputs.push(join_raw_bytes(&classes));
+            } else {
+                outputs.push(with_contents(
+                    out,
+                    InferTensorContents {
+                        bytes_contents: classes,
+                        ..Default::default()
+                    },
+                ));
+            }
+        }
+        let (shape, scores) = answer.scores;
+        let out = output("scores", "FP32", shape);
+        if raw {
+            outputs.push(out);
+            raw_outputs.push(scores.iter().flat_map(|v| v.to_le_bytes()).collect());
+        } else {
+            outputs.push(with_contents(
+                out,
+                InferTensorContents {
+                    fp32_contents: scores,
+                    ..Default::default()
+                },
+            ));
+        }
         // Requested outputs filter the reply.
         let wanted: Vec<&str> = req.outputs.iter().map(|o| o.name.as_str()).collect();
         for w in &wanted {
@@ -319,8 +303,8 @@ impl GrpcInferenceService for KServe {
             ],
             outputs: vec![
                 meta("classes", "BYTES", vec![-1, p.answer_k(manifest) as i64]),
-                meta("scores", "FP32", vec![-1, p.answer_k(manifest) as i64]),
-                meta("probabilities", "FP32", vec![-1, manifest.output.classes as i64]),
+                // k for a top-k, every output class for a tensor without one.
+                meta("scores", "FP32", vec![-1, -1]),
             ],
         }))
     }

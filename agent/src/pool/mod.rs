@@ -12,6 +12,7 @@
 pub mod engine;
 pub mod kserve;
 pub mod metrics;
+pub mod outputs;
 pub mod tfserving;
 
 use std::net::SocketAddr;

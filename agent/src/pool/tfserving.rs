@@ -7,8 +7,9 @@
 //!   (DT_FLOAT `[N, k]`), best first; `k` = the server's `--top-k` (5, as in the example).
 //! - `predict_tensor` (also `serving_default` and the empty name when the input is a float
 //!   tensor): input DT_FLOAT `[N, ...]` with the bundle's input shape after the batch (the
-//!   input key is free: a request has exactly one input); output `probabilities`
-//!   (DT_FLOAT `[N, classes]`).
+//!   input key is free: a request has exactly one input); output `scores` (DT_FLOAT
+//!   `[N, classes]`, every output class), or, when the output filter names `classes`,
+//!   `classes` and `scores` `[N, k]` as for images (see [`super::outputs`]).
 //!
 //! Errors use TF Serving's status codes: a missing model spec, a bad signature, input or
 //! output filter is `INVALID_ARGUMENT`, an unknown model or version `NOT_FOUND`, the
@@ -33,6 +34,7 @@ use edge_proto::tensorflow::{
 
 use super::Pool;
 use super::engine::Item;
+use super::outputs::{Asked, Outputs};
 
 pub const SIG_IMAGES: &str = "predict_images";
 pub const SIG_TENSOR: &str = "predict_tensor";
@@ -116,11 +118,7 @@ impl TfServing {
                 )));
             }
         };
-        let outputs: Vec<&str> = if signature == SIG_IMAGES {
-            vec!["classes", "scores"]
-        } else {
-            vec!["probabilities"]
-        };
+        let outputs = ["classes", "scores"];
         for f in &req.output_filter {
             if !outputs.contains(&f.as_str()) {
                 return Err(Status::invalid_argument(format!(
@@ -131,9 +129,7 @@ impl TfServing {
         }
         let wanted = |name: &str| req.output_filter.is_empty() || req.output_filter.iter().any(|f| f == name);
         let p = &self.pool;
-        let mut out = HashMap::new();
-        let version;
-        if signature == SIG_IMAGES {
+        let (model, scored, asked) = if signature == SIG_IMAGES {
             if !is_string {
                 return Err(Status::invalid_argument(format!(
                     "signature {SIG_IMAGES} takes `images` as DT_STRING, got dtype {}",
@@ -142,41 +138,9 @@ impl TfServing {
             }
             let images = tensor.string_val;
             p.check_batch(images.len())?;
-            let n = images.len();
             let (model, scored) = p.score(images.into_iter().map(Item::Encoded).collect()).await?;
-            version = model.manifest().model.version.clone();
             let k = p.answer_k(model.manifest());
-            let mut classes = Vec::with_capacity(n * k);
-            let mut scores = Vec::with_capacity(n * k);
-            for s in &scored {
-                for pred in model.top_k(&s.probabilities, k) {
-                    classes.push(pred.label.into_bytes());
-                    scores.push(pred.score);
-                }
-            }
-            let kk = (classes.len() / n.max(1)) as i64;
-            if wanted("classes") {
-                out.insert(
-                    "classes".to_owned(),
-                    TensorProto {
-                        dtype: DataType::DtString as i32,
-                        tensor_shape: Some(TensorShapeProto::from_dims(&[n as i64, kk])),
-                        string_val: classes,
-                        ..TensorProto::default()
-                    },
-                );
-            }
-            if wanted("scores") {
-                out.insert(
-                    "scores".to_owned(),
-                    TensorProto {
-                        dtype: DataType::DtFloat as i32,
-                        tensor_shape: Some(TensorShapeProto::from_dims(&[n as i64, kk])),
-                        float_val: scores,
-                        ..TensorProto::default()
-                    },
-                );
-            }
+            (model, scored, Asked::TopK(k))
         } else {
             if !is_float {
                 return Err(Status::invalid_argument(format!(
@@ -188,16 +152,39 @@ impl TfServing {
             let items = p
                 .split_tensor(&dims(&tensor), values)
                 .map_err(Status::invalid_argument)?;
-            let n = items.len();
             let (model, scored) = p.score(items).await?;
-            version = model.manifest().model.version.clone();
-            let classes = scored.first().map(|s| s.probabilities.len()).unwrap_or(0);
+            // `classes` asked for by name: the labelled top-k; else every class's score.
+            let asked = if req.output_filter.iter().any(|f| f == "classes") {
+                Asked::TopK(p.answer_k(model.manifest()))
+            } else {
+                Asked::Every
+            };
+            (model, scored, asked)
+        };
+        let version = model.manifest().model.version.clone();
+        let answer = Outputs::new(&model, scored, asked);
+        let mut out = HashMap::new();
+        if let Some((shape, classes)) = answer.classes
+            && wanted("classes")
+        {
             out.insert(
-                "probabilities".to_owned(),
+                "classes".to_owned(),
+                TensorProto {
+                    dtype: DataType::DtString as i32,
+                    tensor_shape: Some(TensorShapeProto::from_dims(&shape)),
+                    string_val: classes,
+                    ..TensorProto::default()
+                },
+            );
+        }
+        if wanted("scores") {
+            let (shape, scores) = answer.scores;
+            out.insert(
+                "scores".to_owned(),
                 TensorProto {
                     dtype: DataType::DtFloat as i32,
-                    tensor_shape: Some(TensorShapeProto::from_dims(&[n as i64, classes as i64])),
-                    float_val: scored.into_iter().flat_map(|s| s.probabilities).collect(),
+                    tensor_shape: Some(TensorShapeProto::from_dims(&shape)),
+                    float_val: scores,
                     ..TensorProto::default()
                 },
             );
@@ -233,18 +220,21 @@ impl TfServing {
             method_name: "tensorflow/serving/predict".into(),
             ..SignatureDef::default()
         };
-        // Every output class, a background class included: the shape of the model's output.
-        let classes = model.manifest().output.classes as i64;
+        // `scores` of every output class (a background class included: the shape of the
+        // model's output), or of the top k when `classes` is asked for: [-1, -1].
         let tensor = SignatureDef {
             inputs: [(
                 input.name.clone(),
                 info(&input.name, DataType::DtFloat, &tensor_dims),
             )]
             .into(),
-            outputs: [(
-                "probabilities".to_owned(),
-                info("probabilities", DataType::DtFloat, &[-1, classes]),
-            )]
+            outputs: [
+                (
+                    "classes".to_owned(),
+                    info("classes", DataType::DtString, &[-1, k]),
+                ),
+                ("scores".to_owned(), info("scores", DataType::DtFloat, &[-1, -1])),
+            ]
             .into(),
             method_name: "tensorflow/serving/predict".into(),
             ..SignatureDef::default()
