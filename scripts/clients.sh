@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the third-party gRPC clients used by the pool conformance tests and prints the two
-# variables the tests read:
+# Installs the third-party clients and servers the tests talk to and prints the variables
+# the tests read:
 #   EDGE_TRITON_PYTHON   a venv with tritonclient[grpc] (scripts/requirements-clients.txt)
 #   EDGE_MQTT_PYTHON     the same venv, which also has paho-mqtt (the MQTT 5 client tests)
 #   EDGE_TFS_PYTHON      the fixture venv's Python (it has TensorFlow; scripts/fixtures.sh)
