@@ -13,6 +13,7 @@ mod offload;
 mod pool;
 mod powercut;
 mod powercut_lazyfs;
+mod pages;
 mod profile;
 mod reload;
 mod sources;

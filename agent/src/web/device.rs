@@ -31,7 +31,7 @@ pub fn render(status: &Value, history: &Snapshot) -> String {
         b,
         "<h1>{} <span class=\"pill {}\" id=\"state\">{}</span></h1>",
         text(&status["device"]),
-        esc(state),
+        super::html::state_class(state),
         esc(state)
     );
     let model = format!(

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::html::{age, clip, esc, page};
+use super::html::{age, clip, esc, page, state_class};
 
 /// Devices listed at most; statuses of further devices are counted and dropped.
 pub const MAX_DEVICES: usize = 10_000;
@@ -239,7 +239,12 @@ pub fn render(view: &View, query: &Query, now_ms: u64) -> String {
     }
     b.push_str("<p id=\"by-state\">By state: ");
     for (state, n) in &view.by_state {
-        let _ = write!(b, "<span class=\"pill {0}\">{0}</span> {n} &nbsp;", esc(state));
+        let _ = write!(
+            b,
+            "<span class=\"pill {}\">{}</span> {n} &nbsp;",
+            state_class(state),
+            esc(state)
+        );
     }
     b.push_str("</p><p id=\"by-model\">By model version: ");
     for (model, n) in &view.by_model {
@@ -281,7 +286,7 @@ pub fn render(view: &View, query: &Query, now_ms: u64) -> String {
         let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         let _ = write!(
             b,
-            "<tr class=\"{state}\" data-device=\"{device}\"><td>{device}</td><td><span class=\"pill {state}\">{state}</span></td>\
+            "<tr class=\"{class}\"><td>{device}</td><td><span class=\"pill {class}\">{state}</span></td>\
              <td>{} {}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td>{}</td><td class=\"n\">{}</td><td class=\"bad\">{}</td></tr>",
             esc(&r.model),
@@ -293,6 +298,7 @@ pub fn render(view: &View, query: &Query, now_ms: u64) -> String {
             esc(r.pool.as_deref().unwrap_or("-")),
             age(now_ms.saturating_sub(r.at_ms) / 1000),
             esc(r.last_error.as_deref().unwrap_or("")),
+            class = state_class(&r.state),
             state = esc(&r.state),
             device = esc(&r.device),
         );

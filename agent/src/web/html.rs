@@ -25,6 +25,20 @@ pub fn esc(s: &str) -> String {
     out
 }
 
+/// The CSS class of a device state: known states only, so no network string ever lands in
+/// an attribute.
+pub fn state_class(state: &str) -> &'static str {
+    match state {
+        "online" => "online",
+        "backpressure" => "backpressure",
+        "draining" => "draining",
+        "drained" => "drained",
+        "shutting_down" => "shutting_down",
+        "offline" => "offline",
+        _ => "unknown",
+    }
+}
+
 /// At most `max` characters of `s` (memory bound for strings kept from the network).
 pub fn clip(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {

@@ -1,0 +1,212 @@
+//! The read-only pages in a real browser (headless Debian `chromium`): the device page of
+//! `edge-agent run` and the fleet dashboard of `edge-agent fleet-status --serve`, against a
+//! real Mosquitto broker and real agents. Assertions are on the DOM the browser built
+//! (`--dump-dom`); screenshots are written to `<target>/e2e-artefacts/pages/` (see
+//! `edge_e2e::browser`).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edge_e2e::browser::{dump_dom, screenshot};
+use edge_e2e::daemon::{Agent, AgentSpec, Mosquitto, TestClient, free_port, http_get, wait_for_port};
+use edge_e2e::{bin, efficientnet_bundle, rewrite_manifest};
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::{Value, json};
+
+use crate::daemon::{block, coffee};
+use crate::reload::efficientnet_version;
+
+/// The text of the element with `id` in a dumped DOM (`<tag id="...">text<`).
+fn text_of(dom: &str, id: &str) -> Option<String> {
+    let start = dom.find(&format!("id=\"{id}\""))?;
+    let rest = &dom[start..];
+    let open = rest.find('>')? + 1;
+    let close = rest[open..].find('<')?;
+    Some(rest[open..open + close].to_owned())
+}
+
+/// `<script` elements in a DOM: the page's own refresh script only.
+fn scripts(dom: &str) -> usize {
+    dom.matches("<script").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_page_shows_the_serving_model_and_counts_a_request_sent_over_mqtt() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Labels that are markup: the page must show them as text.
+    let bundle = dir.path().join("script_labels.bundle");
+    rewrite_manifest(&efficientnet_bundle(), &bundle, |m| {
+        m["model"]["version"] = json!("7");
+        if let Some(labels) = m["labels"].as_array_mut() {
+            for l in labels {
+                *l = json!(format!("<script>alert('{}')</script>", l.as_str().unwrap_or("")));
+            }
+        }
+    });
+    let device = "cam<script>alert(1)";
+    let agent = Agent::start(
+        AgentSpec::new(device, &bundle, Some(broker.url())).env("EDGE_AGENT_HTTP__RECENT_IMAGES", 4),
+    );
+    let url = format!("http://127.0.0.1:{}/", agent.http_port);
+
+    let before = block(|| dump_dom(&url));
+    assert_eq!(text_of(&before, "model").as_deref(), Some("efficientnet_lite0 7"), "{before}");
+    assert_eq!(text_of(&before, "answered-local").as_deref(), Some("0"));
+    assert_eq!(text_of(&before, "state").as_deref(), Some("online"));
+    assert!(before.contains("cam&lt;script&gt;alert(1)"), "device id as text: {before}");
+    assert_eq!(scripts(&before), 1, "{before}");
+
+    let client = TestClient::connect(broker.port, "pages-app", &["app/pages"]).await;
+    let id = "<script>alert('id')</script>";
+    let topic = format!("edge/{device}/classify");
+    client.request(&topic, &coffee(), "app/pages", "c1", &[("id", id)]).await;
+    let replies = client.wait_for("app/pages", Duration::from_secs(30), |r| !r.is_empty()).await;
+    let reply = replies.first().map(|r| r.json()).expect("a reply");
+    assert_eq!(reply["top"][0]["label"], "<script>alert('espresso')</script>", "{reply}");
+
+    // The thumbnail is made after the reply: wait for it on the page.
+    let end = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let dom = block(|| dump_dom(&url));
+        if dom.contains("class=\"thumb\"") || Instant::now() > end {
+            break dom;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(text_of(&after, "answered-local").as_deref(), Some("1"), "{after}");
+    assert_eq!(text_of(&after, "model").as_deref(), Some("efficientnet_lite0 7"));
+    assert!(
+        after.contains("&lt;script&gt;alert('espresso')&lt;/script&gt;"),
+        "the label as text: {after}"
+    );
+    assert!(after.contains("&lt;script&gt;alert('id')&lt;/script&gt;"), "the request id as text");
+    assert_eq!(scripts(&after), 1, "no element from the network: {after}");
+    assert!(after.contains("src=\"data:image/png;base64,"), "a thumbnail: {after}");
+    assert!(after.contains("<svg"), "charts");
+    // Without JavaScript: the served HTML has the figures, and a <meta> refresh.
+    let (_, html) = agent.http_get("/").expect("GET /");
+    assert_eq!(text_of(&html, "answered-local").as_deref(), Some("1"));
+    assert!(html.contains("<noscript><meta http-equiv=\"refresh\""), "{html}");
+    let shot = block(|| screenshot(&url, "device-page", 1200, 1500));
+    eprintln!("device page screenshot: {}", shot.display());
+
+    let (code, body) = agent.http_get("/api/status").expect("/api/status");
+    assert_eq!(code, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["status"]["answered"]["local"], 1, "{doc}");
+    assert_eq!(doc["status"]["mqtt_connected"], true);
+    assert_eq!(doc["history"]["recent"][0]["id"], id);
+    for path in ["/nope", "/api/nope", "/index.html", "/api/status/x"] {
+        assert_eq!(agent.http_get(path).map(|r| r.0), Some(404), "{path}");
+    }
+    assert!(!agent.log().contains("thumbnails of the camera"), "no warning on loopback");
+}
+
+struct Dashboard(Child);
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls the dashboard's DOM until `done` holds (or 30 s pass) and returns the last DOM.
+async fn dom_until(url: &str, done: impl Fn(&str) -> bool) -> String {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dom = block(|| dump_dom(url));
+        if done(&dom) || Instant::now() > end {
+            return dom;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The row of `device` (its `<tr>` up to `</tr>`), by its first cell (escaped).
+fn row<'a>(dom: &'a str, device: &str) -> Option<&'a str> {
+    let start = dom.find(&format!("><td>{device}</td>"))?;
+    let begin = dom[..start].rfind("<tr")?;
+    let end = dom[start..].find("</tr>")? + start;
+    Some(&dom[begin..end])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = efficientnet_version(dir.path(), "2");
+    let a = Agent::start(AgentSpec::new("cam-a", &efficientnet_bundle(), Some(broker.url())));
+    let mut b = Agent::start(AgentSpec::new("cam-b", &v2, Some(broker.url())));
+    // A status from the network whose device id and error are markup.
+    let client = TestClient::connect(broker.port, "pages-fleet", &[]).await;
+    let hostile = json!({"device": "x", "state": "<script>alert('state')</script>",
+        "model": {"name": "<img src=x onerror=alert(1)>", "version": "1"},
+        "last_error": {"code": "internal", "message": "<script>alert('error')</script>"}});
+    client
+        .client
+        .publish(
+            "edge/<script>alert('dev')<\\script>/status",
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&hostile).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let port = free_port();
+    let child = Command::new(bin("edge-agent"))
+        .args(["fleet-status", "--serve", &format!("127.0.0.1:{port}"), "--broker", &broker.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet-status --serve");
+    let _dashboard = Dashboard(child);
+    assert!(wait_for_port(port, Duration::from_secs(10)), "the dashboard does not listen");
+    let url = format!("http://127.0.0.1:{port}/");
+
+    let online = |dom: &str, d: &str| row(dom, d).is_some_and(|r| r.contains("class=\"online\""));
+    let dom = dom_until(&url, |d| online(d, "cam-a") && online(d, "cam-b")).await;
+    let (ra, rb) = (row(&dom, "cam-a").expect("cam-a row"), row(&dom, "cam-b").expect("cam-b row"));
+    assert!(ra.contains("class=\"online\"") && ra.contains("efficientnet_lite0 1"), "{ra}");
+    assert!(rb.contains("class=\"online\"") && rb.contains("efficientnet_lite0 2"), "{rb}");
+    assert!(dom.contains("<b>efficientnet_lite0 1</b> 1") && dom.contains("<b>efficientnet_lite0 2</b> 1"), "{dom}");
+    let hostile_row = row(&dom, "&lt;script&gt;alert('dev')&lt;\\script&gt;").expect("the hostile row");
+    assert!(hostile_row.contains("&lt;script&gt;alert('error')&lt;/script&gt;"), "{hostile_row}");
+    assert!(hostile_row.starts_with("<tr class=\"unknown\""), "{hostile_row}");
+    assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"));
+    assert_eq!(scripts(&dom), 1, "no element from the network: {dom}");
+    let shot = block(|| screenshot(&url, "fleet-online", 1300, 500));
+    eprintln!("fleet dashboard screenshot: {}", shot.display());
+
+    // Killed: the broker publishes cam-b's last will, and the row turns offline (greyed).
+    b.kill9();
+    let dom = dom_until(&url, |d| row(d, "cam-b").is_some_and(|r| r.starts_with("<tr class=\"offline\""))).await;
+    let rb = row(&dom, "cam-b").expect("cam-b row");
+    assert!(rb.starts_with("<tr class=\"offline\""), "cam-b offline: {rb}");
+    assert!(rb.contains("efficientnet_lite0 2"), "the will names the model: {rb}");
+    assert!(online(&dom, "cam-a"), "cam-a still online");
+    let shot = block(|| screenshot(&url, "fleet-offline", 1300, 500));
+    eprintln!("fleet dashboard screenshot: {}", shot.display());
+
+    // Filter and sort through the query string (works without JavaScript).
+    let filtered = block(|| dump_dom(&format!("{url}?q=offline&sort=device")));
+    assert!(row(&filtered, "cam-b").is_some() && row(&filtered, "cam-a").is_none(), "{filtered}");
+    let (code, body) = http_get(port, "/api/fleet").expect("/api/fleet");
+    assert_eq!(code, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let states: Vec<(String, String)> = doc["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["device"].as_str().unwrap().to_owned(), d["state"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(states.contains(&("cam-a".into(), "online".into())), "{doc}");
+    assert!(states.contains(&("cam-b".into(), "offline".into())), "{doc}");
+    assert_eq!(doc["by_state"]["offline"], 1);
+    for path in ["/nope", "/api/status", "/api/fleet/x"] {
+        assert_eq!(http_get(port, path).map(|r| r.0), Some(404), "{path}");
+    }
+    drop(a);
+}
