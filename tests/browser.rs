@@ -37,7 +37,12 @@ pub fn artefact_dir() -> PathBuf {
 fn headless(extra: &[String], url: &str) -> String {
     let profile = tempfile::tempdir().expect("browser profile dir");
     let mut child = Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+        ])
         .args(["--no-first-run", "--disable-extensions", "--hide-scrollbars"])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(extra)
@@ -65,7 +70,10 @@ fn headless(extra: &[String], url: &str) -> String {
 /// JavaScript, so what a page does without it is checked on the served HTML instead).
 pub fn dump_dom(url: &str) -> String {
     let dom = headless(&["--dump-dom".to_owned()], url);
-    assert!(dom.contains("</html>"), "chromium returned no DOM for {url}: {dom:?}");
+    assert!(
+        dom.contains("</html>"),
+        "chromium returned no DOM for {url}: {dom:?}"
+    );
     dom
 }
 
@@ -81,6 +89,10 @@ pub fn screenshot(url: &str, name: &str, width: u32, height: u32) -> PathBuf {
         url,
     );
     let png = std::fs::read(&path).unwrap_or_default();
-    assert!(png.starts_with(b"\x89PNG"), "no screenshot of {url} at {}", path.display());
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "no screenshot of {url} at {}",
+        path.display()
+    );
     path
 }

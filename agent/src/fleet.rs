@@ -53,10 +53,20 @@ pub struct FleetArgs {
     #[arg(long, env = "EDGE_AGENT_MQTT__TLS_CA", value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
     /// Client certificate (PEM) for brokers that require one, with --tls-key.
-    #[arg(long, env = "EDGE_AGENT_MQTT__TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "EDGE_AGENT_MQTT__TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     tls_cert: Option<std::path::PathBuf>,
     /// Client key (PEM), with --tls-cert.
-    #[arg(long, env = "EDGE_AGENT_MQTT__TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "EDGE_AGENT_MQTT__TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     tls_key: Option<std::path::PathBuf>,
 }
 
@@ -181,7 +191,10 @@ async fn collect(args: &FleetArgs, host: String, port: u16) -> Result<Vec<Value>
 async fn serve(args: &FleetArgs, host: String, port: u16, addr: &str) -> Result<()> {
     let fleet = std::sync::Arc::new(Fleet::new(&args.broker));
     let http = edge_agent::http::serve_fleet(addr, fleet.clone()).await?;
-    eprintln!("fleet dashboard on http://{addr}/ (statuses from {})", args.broker);
+    eprintln!(
+        "fleet dashboard on http://{addr}/ (statuses from {})",
+        args.broker
+    );
     let (client, mut events) = AsyncClient::new(options(args, host, port)?, 64);
     let filter = format!("{}/+/status", args.prefix);
     let follow = async {

@@ -51,19 +51,33 @@ async fn device_page_shows_the_serving_model_and_counts_a_request_sent_over_mqtt
     let url = format!("http://127.0.0.1:{}/", agent.http_port);
 
     let before = block(|| dump_dom(&url));
-    assert_eq!(text_of(&before, "model").as_deref(), Some("efficientnet_lite0 7"), "{before}");
+    assert_eq!(
+        text_of(&before, "model").as_deref(),
+        Some("efficientnet_lite0 7"),
+        "{before}"
+    );
     assert_eq!(text_of(&before, "answered-local").as_deref(), Some("0"));
     assert_eq!(text_of(&before, "state").as_deref(), Some("online"));
-    assert!(before.contains("cam&lt;script&gt;alert(1)"), "device id as text: {before}");
+    assert!(
+        before.contains("cam&lt;script&gt;alert(1)"),
+        "device id as text: {before}"
+    );
     assert_eq!(scripts(&before), 1, "{before}");
 
     let client = TestClient::connect(broker.port, "pages-app", &["app/pages"]).await;
     let id = "<script>alert('id')</script>";
     let topic = format!("edge/{device}/classify");
-    client.request(&topic, &coffee(), "app/pages", "c1", &[("id", id)]).await;
-    let replies = client.wait_for("app/pages", Duration::from_secs(30), |r| !r.is_empty()).await;
+    client
+        .request(&topic, &coffee(), "app/pages", "c1", &[("id", id)])
+        .await;
+    let replies = client
+        .wait_for("app/pages", Duration::from_secs(30), |r| !r.is_empty())
+        .await;
     let reply = replies.first().map(|r| r.json()).expect("a reply");
-    assert_eq!(reply["top"][0]["label"], "<script>alert('espresso')</script>", "{reply}");
+    assert_eq!(
+        reply["top"][0]["label"], "<script>alert('espresso')</script>",
+        "{reply}"
+    );
 
     // The thumbnail is made after the reply: wait for it on the page.
     let end = Instant::now() + Duration::from_secs(20);
@@ -80,9 +94,15 @@ async fn device_page_shows_the_serving_model_and_counts_a_request_sent_over_mqtt
         after.contains("&lt;script&gt;alert('espresso')&lt;/script&gt;"),
         "the label as text: {after}"
     );
-    assert!(after.contains("&lt;script&gt;alert('id')&lt;/script&gt;"), "the request id as text");
+    assert!(
+        after.contains("&lt;script&gt;alert('id')&lt;/script&gt;"),
+        "the request id as text"
+    );
     assert_eq!(scripts(&after), 1, "no element from the network: {after}");
-    assert!(after.contains("src=\"data:image/png;base64,"), "a thumbnail: {after}");
+    assert!(
+        after.contains("src=\"data:image/png;base64,"),
+        "a thumbnail: {after}"
+    );
     assert!(after.contains("<svg"), "charts");
     // Without JavaScript: the served HTML has the figures, and a <meta> refresh.
     let (_, html) = agent.http_get("/").expect("GET /");
@@ -100,7 +120,10 @@ async fn device_page_shows_the_serving_model_and_counts_a_request_sent_over_mqtt
     for path in ["/nope", "/api/nope", "/index.html", "/api/status/x"] {
         assert_eq!(agent.http_get(path).map(|r| r.0), Some(404), "{path}");
     }
-    assert!(!agent.log().contains("thumbnails of the camera"), "no warning on loopback");
+    assert!(
+        !agent.log().contains("thumbnails of the camera"),
+        "no warning on loopback"
+    );
 }
 
 struct Dashboard(Child);
@@ -137,7 +160,11 @@ async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let v2 = efficientnet_version(dir.path(), "2");
-    let a = Agent::start(AgentSpec::new("cam-a", &efficientnet_bundle(), Some(broker.url())));
+    let a = Agent::start(AgentSpec::new(
+        "cam-a",
+        &efficientnet_bundle(),
+        Some(broker.url()),
+    ));
     let mut b = Agent::start(AgentSpec::new("cam-b", &v2, Some(broker.url())));
     // A status from the network whose device id and error are markup.
     let client = TestClient::connect(broker.port, "pages-fleet", &[]).await;
@@ -157,23 +184,47 @@ async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
 
     let port = free_port();
     let child = Command::new(bin("edge-agent"))
-        .args(["fleet-status", "--serve", &format!("127.0.0.1:{port}"), "--broker", &broker.url()])
+        .args([
+            "fleet-status",
+            "--serve",
+            &format!("127.0.0.1:{port}"),
+            "--broker",
+            &broker.url(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start fleet-status --serve");
     let _dashboard = Dashboard(child);
-    assert!(wait_for_port(port, Duration::from_secs(10)), "the dashboard does not listen");
+    assert!(
+        wait_for_port(port, Duration::from_secs(10)),
+        "the dashboard does not listen"
+    );
     let url = format!("http://127.0.0.1:{port}/");
 
     let online = |dom: &str, d: &str| row(dom, d).is_some_and(|r| r.contains("class=\"online\""));
     let dom = dom_until(&url, |d| online(d, "cam-a") && online(d, "cam-b")).await;
-    let (ra, rb) = (row(&dom, "cam-a").expect("cam-a row"), row(&dom, "cam-b").expect("cam-b row"));
-    assert!(ra.contains("class=\"online\"") && ra.contains("efficientnet_lite0 1"), "{ra}");
-    assert!(rb.contains("class=\"online\"") && rb.contains("efficientnet_lite0 2"), "{rb}");
-    assert!(dom.contains("<b>efficientnet_lite0 1</b> 1") && dom.contains("<b>efficientnet_lite0 2</b> 1"), "{dom}");
+    let (ra, rb) = (
+        row(&dom, "cam-a").expect("cam-a row"),
+        row(&dom, "cam-b").expect("cam-b row"),
+    );
+    assert!(
+        ra.contains("class=\"online\"") && ra.contains("efficientnet_lite0 1"),
+        "{ra}"
+    );
+    assert!(
+        rb.contains("class=\"online\"") && rb.contains("efficientnet_lite0 2"),
+        "{rb}"
+    );
+    assert!(
+        dom.contains("<b>efficientnet_lite0 1</b> 1") && dom.contains("<b>efficientnet_lite0 2</b> 1"),
+        "{dom}"
+    );
     let hostile_row = row(&dom, "&lt;script&gt;alert('dev')&lt;\\script&gt;").expect("the hostile row");
-    assert!(hostile_row.contains("&lt;script&gt;alert('error')&lt;/script&gt;"), "{hostile_row}");
+    assert!(
+        hostile_row.contains("&lt;script&gt;alert('error')&lt;/script&gt;"),
+        "{hostile_row}"
+    );
     assert!(hostile_row.starts_with("<tr class=\"unknown\""), "{hostile_row}");
     assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"));
     assert_eq!(scripts(&dom), 1, "no element from the network: {dom}");
@@ -182,17 +233,26 @@ async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
 
     // Killed: the broker publishes cam-b's last will, and the row turns offline (greyed).
     b.kill9();
-    let dom = dom_until(&url, |d| row(d, "cam-b").is_some_and(|r| r.starts_with("<tr class=\"offline\""))).await;
+    let dom = dom_until(&url, |d| {
+        row(d, "cam-b").is_some_and(|r| r.starts_with("<tr class=\"offline\""))
+    })
+    .await;
     let rb = row(&dom, "cam-b").expect("cam-b row");
     assert!(rb.starts_with("<tr class=\"offline\""), "cam-b offline: {rb}");
-    assert!(rb.contains("efficientnet_lite0 2"), "the will names the model: {rb}");
+    assert!(
+        rb.contains("efficientnet_lite0 2"),
+        "the will names the model: {rb}"
+    );
     assert!(online(&dom, "cam-a"), "cam-a still online");
     let shot = block(|| screenshot(&url, "fleet-offline", 1300, 500));
     eprintln!("fleet dashboard screenshot: {}", shot.display());
 
     // Filter and sort through the query string (works without JavaScript).
     let filtered = block(|| dump_dom(&format!("{url}?q=offline&sort=device")));
-    assert!(row(&filtered, "cam-b").is_some() && row(&filtered, "cam-a").is_none(), "{filtered}");
+    assert!(
+        row(&filtered, "cam-b").is_some() && row(&filtered, "cam-a").is_none(),
+        "{filtered}"
+    );
     let (code, body) = http_get(port, "/api/fleet").expect("/api/fleet");
     assert_eq!(code, 200);
     let doc: Value = serde_json::from_str(&body).unwrap();
@@ -200,7 +260,12 @@ async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| (d["device"].as_str().unwrap().to_owned(), d["state"].as_str().unwrap().to_owned()))
+        .map(|d| {
+            (
+                d["device"].as_str().unwrap().to_owned(),
+                d["state"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert!(states.contains(&("cam-a".into(), "online".into())), "{doc}");
     assert!(states.contains(&("cam-b".into(), "offline".into())), "{doc}");

@@ -63,8 +63,8 @@ h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}\
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}\
 th a{color:inherit}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 .kv td:first-child{color:#555}.pill{display:inline-block;padding:0 .5em;border-radius:.6em;color:#fff;background:#777}\
-.online{background:#2e7d32}.backpressure{background:#ef6c00}.draining,.drained{background:#1565c0}\
-.shutting_down{background:#6a1b9a}.offline{background:#9e9e9e}.bad{color:#b71c1c}\
+.pill.online{background:#2e7d32}.pill.backpressure{background:#ef6c00}.pill.draining,.pill.drained{background:#1565c0}\
+.pill.shutting_down{background:#6a1b9a}.pill.offline{background:#bdbdbd}.bad{color:#b71c1c}\
 tr.offline td{color:#9e9e9e;background:#f0f0f0}#stale{background:#b71c1c;color:#fff;padding:.3em .6em}\
 .charts{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;background:#fff;border:1px solid #ddd;padding:.4em}\
 figcaption{font-weight:600;margin-bottom:.2em}.legend span{margin-right:1em}.muted{color:#777}\
@@ -178,7 +178,20 @@ pub fn line_chart(title: &str, slots: usize, series: &[Series<'_>], unit: &str, 
     for s in series {
         let mut points = String::new();
         let flush = |svg: &mut String, points: &mut String| {
-            if !points.is_empty() {
+            if let Some((x, y)) = points
+                .trim_end()
+                .split_once(',')
+                .filter(|_| !points.trim_end().contains(' '))
+            {
+                // A lone point: a dot, as a one-point line would not show.
+                let _ = write!(
+                    svg,
+                    "<circle cx=\"{x}\" cy=\"{y}\" r=\"2\" fill=\"{}\"><title>{}</title></circle>",
+                    s.colour,
+                    esc(s.name)
+                );
+                points.clear();
+            } else if !points.is_empty() {
                 let _ = write!(
                     svg,
                     "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"><title>{}</title></polyline>",
@@ -276,7 +289,13 @@ mod tests {
         let bars = bar_chart("t", 3, &s, "15 min");
         assert!(bars.contains("&lt;b&gt;") && !bars.contains("<b>"));
         let lines = line_chart("t", 3, &s, "ms", "15 min");
-        assert!(lines.contains("<polyline"));
+        assert!(lines.contains("<circle"), "a lone point is a dot: {lines}");
+        let two = [Series {
+            name: "x",
+            colour: "#000",
+            values: vec![Some(1.0), Some(2.0)],
+        }];
+        assert!(line_chart("t", 2, &two, "ms", "").contains("<polyline"));
         assert!(line_chart("t", 0, &[], "ms", "").contains("<svg"));
     }
 }
