@@ -171,3 +171,17 @@ fn is_loopback(addr: &str) -> bool {
     addr.parse::<std::net::SocketAddr>()
         .is_ok_and(|a| a.ip().is_loopback())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn only_loopback_addresses_keep_thumbnails_quiet() {
+        assert!(is_loopback("127.0.0.1:9464"));
+        assert!(is_loopback("[::1]:9464"));
+        assert!(!is_loopback("0.0.0.0:9464"));
+        assert!(!is_loopback("192.168.1.20:9464"));
+        assert!(!is_loopback("not an address"));
+    }
+}
