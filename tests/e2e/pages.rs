@@ -275,3 +275,70 @@ async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
     }
     drop(a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_dashboard_reads_statuses_from_a_broker_that_requires_client_certificates() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(pki.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let [ca, server, server_key, cert, key] = edge_e2e::test_pki(pki.path(), "fleet-viewer");
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with_config(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        ca.display(),
+        server.display(),
+        server_key.display(),
+    ));
+    // A retained status, published on the plain listener.
+    let client = TestClient::connect(broker.port, "pages-tls", &[]).await;
+    let status = json!({"device": "cam-tls", "state": "online", "model": {"name": "m", "version": "3"}});
+    client
+        .client
+        .publish(
+            "edge/cam-tls/status",
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&status).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let port = free_port();
+    let broker_url = format!("mqtts://localhost:{tls_port}");
+    let child = Command::new(bin("edge-agent"))
+        .args([
+            "fleet-status",
+            "--serve",
+            &format!("127.0.0.1:{port}"),
+            "--broker",
+            &broker_url,
+        ])
+        .arg("--tls-ca")
+        .arg(&ca)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet-status --serve");
+    let _dashboard = Dashboard(child);
+    assert!(
+        wait_for_port(port, Duration::from_secs(10)),
+        "the dashboard does not listen"
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    let doc = loop {
+        let doc: Value = http_get(port, "/api/fleet")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or(Value::Null);
+        if doc["devices"][0]["device"] == "cam-tls" || Instant::now() > end {
+            break doc;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(doc["devices"][0]["device"], "cam-tls", "{doc}");
+    assert_eq!(doc["devices"][0]["version"], "3");
+    assert_eq!(doc["connected"], true);
+}
