@@ -61,7 +61,7 @@ fetch(b.dataset.api,{cache:'no-store'}).then(function(r){if(!r.ok)throw r.status
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1em 2em;color:#222;background:#fafafa}\
 h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}\
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}\
-th a{color:inherit}td.n{text-align:right;font-variant-numeric:tabular-nums}\
+th a{color:inherit}#fleet td:not(:last-child){white-space:nowrap}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 .kv td:first-child{color:#555}.pill{display:inline-block;padding:0 .5em;border-radius:.6em;color:#fff;background:#777}\
 .pill.online{background:#2e7d32}.pill.backpressure{background:#ef6c00}.pill.draining,.pill.drained{background:#1565c0}\
 .pill.shutting_down{background:#6a1b9a}.pill.offline{background:#bdbdbd}.bad{color:#b71c1c}\
