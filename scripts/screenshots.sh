@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath "${1:-docs/img}")
 models=${EDGE_SHARED_DIR:-$(cd .. && pwd)/shared}/models
-cargo build -p edge-agent -p edge-convert --bins --locked >&2
+cargo build --workspace --bins --locked >&2
 bin=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug
 work=$(mktemp -d)
 pids=()
@@ -61,7 +61,7 @@ for round in $(seq 1 12); do
   fi
   sleep 4
 done
-kill -9 "$yard"
+kill -9 "$yard"; wait "$yard" 2>/dev/null || true
 sleep 2
 shot() { # url file width height
   chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="$work/browser" \
