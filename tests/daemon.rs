@@ -239,6 +239,16 @@ impl Mosquitto {
         self.spawn();
     }
 
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is read or answered.
+    pub fn pause(&self) {
+        signal(self.child.as_ref().expect("mosquitto running"), "-STOP");
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.as_ref().expect("mosquitto running"), "-CONT");
+    }
+
     /// The configuration file's directory (for files the configuration names).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -857,5 +867,125 @@ impl RawMqtt {
                 Some(_) => continue,
             }
         }
+    }
+}
+
+/// Eclipse Paho (Python, MQTT 5) as a third-party application: `tests/conformance/paho_requests.py`
+/// run by `python` (a Python with paho-mqtt: `EDGE_MQTT_PYTHON` from scripts/clients.sh),
+/// sending requests when told to and recording every reply it receives.
+pub struct PahoClient {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: Arc<Mutex<Vec<Value>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PahoClient {
+    /// Connects to the broker on `port`, subscribed to `reply_topic`; requests go to `device`
+    /// with `image` as payload and correlation data `<prefix>-<n>`.
+    pub fn start(
+        python: &Path,
+        port: u16,
+        device: &str,
+        reply_topic: &str,
+        image: &Path,
+        prefix: &str,
+    ) -> Self {
+        let script = crate::workspace().join("tests/conformance/paho_requests.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .args([&port.to_string(), device, reply_topic])
+            .arg(image)
+            .arg(prefix)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("paho client printed {line:?}: {e}"));
+                l.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+            }
+        });
+        let me = PahoClient {
+            child,
+            stdin,
+            lines,
+            reader: Some(reader),
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !me.lines().iter().any(|v| v["ready"] == true) {
+            assert!(
+                Instant::now() < end,
+                "the paho client did not connect and subscribe within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Publishes `n` more requests.
+    pub fn send(&mut self, n: usize) {
+        let stdin = self.stdin.as_mut().expect("paho client running");
+        writeln!(stdin, "send {n}")
+            .and_then(|()| stdin.flush())
+            .expect("paho client takes commands");
+    }
+
+    /// Replies received so far (correlation data, request id, error), duplicates included.
+    pub fn replies(&self) -> Vec<Value> {
+        self.lines()
+            .into_iter()
+            .filter(|v| v.get("correlation").is_some())
+            .collect()
+    }
+
+    /// Replies received so far, by correlation data.
+    pub fn replies_by_correlation(&self) -> HashMap<String, usize> {
+        let mut by = HashMap::new();
+        for r in self.replies() {
+            *by.entry(r["correlation"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        by
+    }
+
+    /// Waits until `n` distinct requests have replies or `timeout` passes; returns how many have.
+    pub fn wait_answered(&self, n: usize, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            let got = self.replies_by_correlation().len();
+            if got >= n || Instant::now() > end {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Disconnects (standard input closed) and waits for the client to exit.
+    pub fn finish(mut self) -> Vec<Value> {
+        drop(self.stdin.take());
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20)).expect("paho client exits");
+        assert!(status.success(), "paho client exited with {status}");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.replies()
+    }
+}
+
+impl Drop for PahoClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

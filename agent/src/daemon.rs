@@ -16,11 +16,13 @@
 //! Shutdown (SIGTERM/SIGINT): ingress stops taking messages (those not acknowledged are
 //! redelivered by the broker later), workers finish what they hold, the agent waits a little
 //! for the broker to acknowledge the last replies (those not acknowledged stay in the outbox
-//! and are published again at the next start), publishes its status as offline, disconnects
-//! and flushes the queue.
+//! and are published again at the next start), publishes its status as offline and, once the
+//! broker has acknowledged it (at most `OFFLINE_ACK_TIMEOUT`), disconnects; without that
+//! acknowledgement it closes the connection without DISCONNECT, so that the broker publishes
+//! the last will (`offline` too) instead. Then it flushes the queue.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,7 +49,14 @@ use crate::request::{ErrorCode, Label, ModelRef, Reply, RequestPolicy, Timings, 
 enum Tag {
     Reply(Seq),
     Status,
+    /// The final `offline` status at shutdown: its PUBACK is waited for.
+    Offline,
 }
+
+/// The longest a shutdown waits for the broker to acknowledge the final `offline` status.
+/// Without that acknowledgement the agent does not disconnect cleanly: it closes the
+/// connection, and the broker publishes the last will (`offline` too).
+const OFFLINE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Work for the publisher task.
 enum PubCmd {
@@ -60,8 +69,8 @@ enum PubCmd {
     },
     /// The connection is up: subscribe (again), republish the outbox if needed.
     Connected { session_present: bool, first: bool },
-    /// Answered once every command before it was handed to the client.
-    Flush(tokio::sync::oneshot::Sender<()>),
+    /// Disconnect cleanly after every command before it; answered once handed to the client.
+    Disconnect(tokio::sync::oneshot::Sender<()>),
     /// Drain (`false`: unsubscribe from requests) or resume (`true`: subscribe again).
     Requests(bool),
 }
@@ -135,6 +144,8 @@ struct Shared {
     topics: Topics,
     publish: mpsc::UnboundedSender<PubCmd>,
     tracker: Mutex<PublishTracker<Tag>>,
+    /// Told the broker's answer to the final `offline` status (`Err`: its refusal).
+    offline_acked: Mutex<Option<tokio::sync::oneshot::Sender<Result<(), String>>>>,
     /// New work was queued.
     work: Notify,
     /// Queue space was freed (a reply left the outbox or a request was completed).
@@ -155,6 +166,10 @@ struct Shared {
     fatal_reason: Mutex<Option<String>>,
     /// Sequence numbers workers hold, released if shutdown times out.
     in_flight: Mutex<HashSet<Seq>>,
+    /// Workers waiting for work; while one is, ingress stores a request already leased and
+    /// hands it over here (`Queue::enqueue_leased_async`), saving the worker a lease.
+    idle_workers: AtomicUsize,
+    handoff: Mutex<VecDeque<Leased>>,
     started_at: UnixMillis,
     offload: Option<Arc<crate::offload::Offload>>,
     /// Requests answered since start, by path (for the status).
@@ -428,6 +443,7 @@ pub async fn run(config: Config) -> Result<()> {
         topics,
         publish: publish_tx,
         tracker: Mutex::new(PublishTracker::default()),
+        offline_acked: Mutex::new(None),
         work: Notify::new(),
         space: Notify::new(),
         status_changed: Notify::new(),
@@ -439,6 +455,8 @@ pub async fn run(config: Config) -> Result<()> {
         fatal: CancellationToken::new(),
         fatal_reason: Mutex::new(None),
         in_flight: Mutex::new(HashSet::new()),
+        idle_workers: AtomicUsize::new(0),
+        handoff: Mutex::new(VecDeque::new()),
         started_at: UnixMillis::now(),
         offload,
         answered_local: AtomicU64::new(0),
@@ -518,25 +536,19 @@ pub async fn run(config: Config) -> Result<()> {
     housekeeping.abort();
     sighup.abort();
     model_task.abort();
-    shared.send(PubCmd::Publish {
-        tag: Tag::Status,
-        topic: shared.topics.status.clone(),
-        payload: offline_document(&shared.device, &shared.served.get().model)?,
-        retain: true,
-        correlation_data: None,
-    });
-    let (flushed, handed_over) = tokio::sync::oneshot::channel();
-    shared.send(PubCmd::Flush(flushed));
-    let _ = tokio::time::timeout(Duration::from_secs(2), handed_over).await;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline
-        && shared.connected.load(Ordering::Relaxed)
-        && !lock(&shared.tracker).is_empty()
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // A clean disconnect suppresses the last will: it is sent only once the broker has
+    // acknowledged the final status. Otherwise the connection is just closed and the broker
+    // publishes the will, so a stopped agent never stays `online` in its retained status.
+    let offline = offline_document(&shared.device, &shared.served.get().model)?;
+    if final_status(&shared, offline).await {
+        let (handed_over, disconnect) = tokio::sync::oneshot::channel();
+        shared.send(PubCmd::Disconnect(handed_over));
+        let _ = tokio::time::timeout(Duration::from_secs(1), disconnect).await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline && shared.connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
-    let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     conn_stop.cancel();
     let _ = conn_task.await;
     publisher.abort();
@@ -555,6 +567,39 @@ pub async fn run(config: Config) -> Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Publishes the final `offline` status and waits (at most `OFFLINE_ACK_TIMEOUT`) for the
+/// broker to acknowledge it; returns whether it did.
+async fn final_status(shared: &Shared, offline: Vec<u8>) -> bool {
+    let (acked_tx, acked) = tokio::sync::oneshot::channel();
+    *lock(&shared.offline_acked) = Some(acked_tx);
+    shared.send(PubCmd::Publish {
+        tag: Tag::Offline,
+        topic: shared.topics.status.clone(),
+        payload: offline,
+        retain: true,
+        correlation_data: None,
+    });
+    match tokio::time::timeout(OFFLINE_ACK_TIMEOUT, acked).await {
+        Ok(Ok(Ok(()))) => {
+            info!("the broker acknowledged the offline status; disconnecting");
+            true
+        }
+        Ok(Ok(Err(reason))) => {
+            warn!(
+                "the broker refused the offline status ({reason}); closing without DISCONNECT so that it publishes the last will"
+            );
+            false
+        }
+        Ok(Err(_)) | Err(_) => {
+            warn!(
+                timeout_s = OFFLINE_ACK_TIMEOUT.as_secs(),
+                "the broker did not acknowledge the offline status in time; closing without DISCONNECT so that it publishes the last will"
+            );
+            false
+        }
+    }
 }
 
 async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
@@ -685,10 +730,19 @@ async fn connection_task(
                     });
                 } else if let Some(Tag::Status) = tag {
                     warn!("the broker refused the status (PUBACK {reason}): check its ACL");
+                } else if let Some(Tag::Offline) = tag
+                    && let Some(tx) = lock(&shared.offline_acked).take()
+                {
+                    let _ = tx.send(Err(reason));
                 }
             }
             Ok(Event::PubAck { pkid, refused: None }) => {
                 let tag = lock(&shared.tracker).acked(pkid);
+                if let Some(Tag::Offline) = tag
+                    && let Some(tx) = lock(&shared.offline_acked).take()
+                {
+                    let _ = tx.send(Ok(()));
+                }
                 if let Some(Tag::Reply(seq)) = tag {
                     // On a blocking thread: the database may be busy with another fsync.
                     let shared = shared.clone();
@@ -812,7 +866,10 @@ async fn publisher_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbou
                     error!("cannot publish to {topic}: {e}");
                 }
             }
-            PubCmd::Flush(done) => {
+            PubCmd::Disconnect(done) => {
+                if let Err(e) = client.disconnect().await {
+                    debug!("cannot disconnect: {e}");
+                }
                 let _ = done.send(());
             }
             PubCmd::Requests(take) => {
@@ -978,9 +1035,18 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
         let mut parsed = shared.policy.parse(&message.inbound(), UnixMillis::now());
         loop {
             let group = !rx.is_empty() && held.len() < MAX_GROUP;
+            let mut handed: Option<Leased> = None;
             let store = async {
                 match &parsed {
                     Ok(request) if group => shared.queue.enqueue_unflushed(request).await,
+                    Ok(request) if shared.idle_workers.load(Ordering::SeqCst) > 0 => {
+                        let (outcome, leased) = shared
+                            .queue
+                            .enqueue_leased_async(request, UnixMillis::now())
+                            .await?;
+                        handed = leased;
+                        Ok(outcome)
+                    }
                     Ok(request) => shared.queue.enqueue_async(request).await,
                     Err(rejected) => shared.queue.reply_directly(&rejected.reply).await,
                 }
@@ -1027,6 +1093,11 @@ async fn ingress_task(client: Client, shared: Arc<Shared>, mut rx: mpsc::Unbound
                     match parsed {
                         Ok(request) => {
                             debug!(id = %request.request_id, seq = seq.get(), "queued");
+                            if let Some(leased) = handed {
+                                // Held from now on: released at shutdown if no worker takes it.
+                                lock(&shared.in_flight).insert(leased.seq());
+                                lock(&shared.handoff).push_back(leased);
+                            }
                             shared.work.notify_one();
                         }
                         Err(rejected) => {
@@ -1139,8 +1210,14 @@ async fn worker_task(shared: Arc<Shared>) {
         if shared.stopping.is_cancelled() {
             return;
         }
-        let queue = shared.queue.clone();
-        let leased = tokio::task::spawn_blocking(move || queue.lease(UnixMillis::now())).await;
+        let handed = lock(&shared.handoff).pop_front();
+        let leased = match handed {
+            Some(leased) => Ok(Ok(Some(leased))),
+            None => {
+                let queue = shared.queue.clone();
+                tokio::task::spawn_blocking(move || queue.lease(UnixMillis::now())).await
+            }
+        };
         match leased {
             Ok(Ok(Some(leased))) => {
                 let seq = leased.seq();
@@ -1152,11 +1229,13 @@ async fn worker_task(shared: Arc<Shared>) {
                 lock(&shared.in_flight).remove(&seq);
             }
             Ok(Ok(None)) => {
+                shared.idle_workers.fetch_add(1, Ordering::SeqCst);
                 tokio::select! {
-                    _ = shared.stopping.cancelled() => return,
+                    _ = shared.stopping.cancelled() => {}
                     _ = shared.work.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
+                shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
             }
             Ok(Err(e)) => {
                 error!("cannot lease from the queue: {e}");

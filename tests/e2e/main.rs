@@ -10,6 +10,7 @@ mod faults;
 mod fuzz_regressions;
 mod ingress;
 mod offload;
+mod outbox;
 mod pages;
 mod pool;
 mod powercut;

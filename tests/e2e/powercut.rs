@@ -48,7 +48,7 @@ impl Lcg {
 }
 
 /// Items in the agent's queue by state, from `/metrics` (0 when it cannot be read).
-fn queue_state(agent: &Agent) -> HashMap<&'static str, f64> {
+pub(crate) fn queue_state(agent: &Agent) -> HashMap<&'static str, f64> {
     let (_, body) = agent.http_get("/metrics").unwrap_or_default();
     ["pending", "leased", "outbox"]
         .into_iter()

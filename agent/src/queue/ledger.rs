@@ -244,6 +244,11 @@ impl Ledger {
         Admission::Admit
     }
 
+    /// Whether any item waits for a worker.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending > 0
+    }
+
     /// The sequence number the next enqueue will use.
     pub(crate) fn next_seq(&self) -> Seq {
         Seq(self.next_seq)

@@ -77,6 +77,7 @@
 //! |------|---------------------------|-------------------|
 //! | `enqueue` → `Enqueued` | body, pending entry, counter | PUBACK the request |
 //! | `enqueue_many_async` → `Enqueued`s | all of them, one transaction, one fsync | PUBACK them |
+//! | `enqueue_leased_async` → `Enqueued` (and a lease when nothing older was pending) | body, leased entry with its first attempt counted (or the pending entry), counter | PUBACK the request, run the worker on the lease |
 //! | `enqueue_unflushed` | nothing, until `flush_through` (group commit) | PUBACK after the flush |
 //! | `reply_directly` → `Enqueued` | the reply in outbox, counter | PUBACK the refused request, publish the reply |
 //! | `lease` | nothing; the raised attempt count is in the log, safe from a process crash | run the worker (a crash in it is counted) |

@@ -124,6 +124,68 @@ impl Queue {
         blocking(move || queue.write_requests(&encoded)).await
     }
 
+    /// `enqueue` for a request that arrives while a worker waits: when nothing older is
+    /// pending, the request is stored already leased to that worker (its first attempt
+    /// counted), in the same durable commit, and handed back; the worker then skips the
+    /// lease's own transaction and the read of the body it just wrote. Otherwise it is
+    /// enqueued as pending, exactly as by `enqueue`, and `None` comes back with the outcome.
+    /// `Enqueued` means durable, as for `enqueue`; a returned lease must be finished
+    /// (`complete` or `release`) like one from `lease`.
+    pub async fn enqueue_leased_async(
+        &self,
+        request: &StoredRequest,
+        now: UnixMillis,
+    ) -> Result<(EnqueueOutcome, Option<Leased>), QueueError> {
+        let (queue, encoded, request) = (self.clone(), Encoded::of(request)?, request.clone());
+        blocking(move || queue.write_leased(&encoded, request, now)).await
+    }
+
+    fn write_leased(
+        &self,
+        encoded: &Encoded,
+        request: StoredRequest,
+        now: UnixMillis,
+    ) -> Result<(EnqueueOutcome, Option<Leased>), QueueError> {
+        let mut ledger = self.ledger();
+        let seq = match admit(&ledger, encoded.payload_len) {
+            Ok(()) => ledger.next_seq(),
+            Err(refused) => return Ok((refused, None)),
+        };
+        let fresh = ItemMeta {
+            attempts: 0,
+            payload_len: encoded.payload_len,
+        };
+        let decision = ledger.decide_lease(fresh, request.deadline, now);
+        let db = &self.inner.db;
+        let reserve = ledger.reservation(seq);
+        if ledger.has_pending() || matches!(decision, LeaseDecision::DeadLetter { .. }) {
+            // Older items go first (and an item is dead-lettered only by `lease`).
+            db.insert_request(Sync::Full, seq, &encoded.body, encoded.payload_len, reserve)?;
+            ledger.on_reserved(reserve);
+            ledger.on_enqueued(seq, encoded.payload_len);
+            return Ok((EnqueueOutcome::Enqueued(seq), None));
+        }
+        let leased_meta = ItemMeta {
+            attempts: decision.attempts_after(),
+            ..fresh
+        };
+        db.insert_leased(seq, &encoded.body, leased_meta, reserve)?;
+        ledger.on_reserved(reserve);
+        ledger.on_enqueued(seq, encoded.payload_len);
+        ledger.on_leased(seq, fresh, decision);
+        let lease = Lease {
+            seq,
+            attempt: decision.attempts_after(),
+            expires_at: decision.expires_at(),
+            request,
+        };
+        let leased = match decision {
+            LeaseDecision::Expired { .. } => Leased::Expired(lease),
+            _ => Leased::Ready(lease),
+        };
+        Ok((EnqueueOutcome::Enqueued(seq), Some(leased)))
+    }
+
     fn write_request(&self, request: &Encoded, sync: Sync) -> Result<EnqueueOutcome, QueueError> {
         let mut ledger = self.ledger();
         let seq = match admit(&ledger, request.payload_len) {

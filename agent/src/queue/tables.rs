@@ -296,6 +296,23 @@ impl Tables {
         self.transact(sync, |tx| insert_request_in(tx, seq, body, payload_len, reserve))
     }
 
+    /// Enqueue straight into a lease (durable): body, leased index with the lease's attempt
+    /// count and the sequence counter, all or nothing.
+    pub(crate) fn insert_leased(
+        &self,
+        seq: Seq,
+        body: &[u8],
+        meta: ItemMeta,
+        reserve: Option<u64>,
+    ) -> rusqlite::Result<()> {
+        let index = layout::encode_index(meta);
+        self.transact(Sync::Full, |tx| {
+            tx.insert(Table::Items, seq, body)?;
+            tx.insert(Table::Leased, seq, &index)?;
+            reserve_in(tx, reserve)
+        })
+    }
+
     /// A request answered without queueing (rejected at ingress): its reply enters the outbox
     /// under a new sequence number (with a new reservation if given), all or nothing.
     pub(crate) fn insert_reply(

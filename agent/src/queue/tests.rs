@@ -376,6 +376,74 @@ fn async_enqueue_and_complete_are_durable() {
     assert_eq!(q.outbox().unwrap(), vec![(seq, reply("a"))]);
 }
 
+#[tokio::test]
+async fn enqueue_leased_hands_out_a_counted_lease_only_when_nothing_older_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), limits(3, 100, 3)).unwrap();
+    // Nothing pending: stored already leased, first attempt counted.
+    let (outcome, leased) = q.enqueue_leased_async(&request("a", 10), T0).await.unwrap();
+    let Some(Leased::Ready(a)) = leased else {
+        panic!("expected a Ready lease, got {leased:?}")
+    };
+    assert_eq!(outcome, EnqueueOutcome::Enqueued(a.seq()));
+    assert_eq!((a.attempt(), a.expires_at()), (1, T0.saturating_add(VISIBILITY)));
+    assert_eq!(a.request(), &request("a", 10));
+    assert_eq!(q.stats(), stats(0, 1, 0, 0, 10));
+    assert!(
+        q.lease(T0).unwrap().is_none(),
+        "a leased item is not leased twice"
+    );
+
+    // Something pending: it goes first, the new one waits its turn.
+    let b = enqueued(&q, &request("b", 20));
+    let (outcome, leased) = q.enqueue_leased_async(&request("c", 30), T0).await.unwrap();
+    assert_eq!(leased, None);
+    let EnqueueOutcome::Enqueued(c) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(q.stats(), stats(2, 1, 0, 0, 60));
+    assert_eq!(ready(&q, T0).seq(), b);
+    assert_eq!(ready(&q, T0).seq(), c);
+
+    // Bounds hold as for `enqueue`: nothing written.
+    let (outcome, leased) = q.enqueue_leased_async(&request("d", 10), T0).await.unwrap();
+    assert!(matches!(outcome, EnqueueOutcome::Full { .. }), "{outcome:?}");
+    assert_eq!(leased, None);
+
+    // The lease finishes like any other.
+    q.complete_async(a.seq(), &reply("a")).await.unwrap();
+    assert_eq!(q.stats(), stats(0, 2, 1, 0, 50));
+}
+
+#[tokio::test]
+async fn enqueue_leased_is_durable_and_its_attempt_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let (_, leased) = q.enqueue_leased_async(&request("a", 10), T0).await.unwrap();
+    let seq = leased.expect("leased").seq();
+    drop(q); // no release: as if the process died mid-work
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    assert_eq!(q.stats(), stats(1, 0, 0, 0, 10));
+    let again = ready(&q, T0);
+    assert_eq!(
+        (again.seq(), again.attempt()),
+        (seq, 2),
+        "the first attempt was counted"
+    );
+}
+
+#[tokio::test]
+async fn enqueue_leased_hands_out_a_request_past_its_deadline_as_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), roomy()).unwrap();
+    let late = StoredRequest {
+        deadline: Some(T0),
+        ..request("late", 10)
+    };
+    let (_, leased) = q.enqueue_leased_async(&late, T0).await.unwrap();
+    assert!(matches!(leased, Some(Leased::Expired(_))), "{leased:?}");
+}
+
 /// Runs a queue future (its blocking work goes to tokio's blocking threads).
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
