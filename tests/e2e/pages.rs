@@ -128,6 +128,50 @@ async fn device_page_shows_the_serving_model_and_counts_a_request_sent_over_mqtt
 
 struct Dashboard(Child);
 
+impl Dashboard {
+    /// `edge-agent fleet-status --serve` on a free port, `--broker url` and `extra` flags;
+    /// returns once it listens.
+    fn start(url: &str, extra: &[&std::ffi::OsStr]) -> (Dashboard, u16) {
+        let port = free_port();
+        let child = Command::new(bin("edge-agent"))
+            .args([
+                "fleet-status",
+                "--serve",
+                &format!("127.0.0.1:{port}"),
+                "--broker",
+                url,
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleet-status --serve");
+        let dashboard = Dashboard(child);
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "the dashboard does not listen"
+        );
+        (dashboard, port)
+    }
+
+    /// Publishes a retained status document for `device` on the plain listener of `port`.
+    async fn retained_status(port: u16, device: &str, status: &Value) {
+        let client = TestClient::connect(port, &format!("pages-{}", free_port()), &[]).await;
+        client
+            .client
+            .publish(
+                format!("edge/{device}/status"),
+                QoS::AtLeastOnce,
+                true,
+                serde_json::to_vec(status).unwrap(),
+            )
+            .await
+            .unwrap();
+        // Let it reach the broker before the client goes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 impl Drop for Dashboard {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -167,39 +211,11 @@ async fn fleet_dashboard_lists_running_agents_and_shows_a_killed_one_offline() {
     ));
     let mut b = Agent::start(AgentSpec::new("cam-b", &v2, Some(broker.url())));
     // A status from the network whose device id and error are markup.
-    let client = TestClient::connect(broker.port, "pages-fleet", &[]).await;
     let hostile = json!({"device": "x", "state": "<script>alert('state')</script>",
         "model": {"name": "<img src=x onerror=alert(1)>", "version": "1"},
         "last_error": {"code": "internal", "message": "<script>alert('error')</script>"}});
-    client
-        .client
-        .publish(
-            "edge/<script>alert('dev')<\\script>/status",
-            QoS::AtLeastOnce,
-            true,
-            serde_json::to_vec(&hostile).unwrap(),
-        )
-        .await
-        .unwrap();
-
-    let port = free_port();
-    let child = Command::new(bin("edge-agent"))
-        .args([
-            "fleet-status",
-            "--serve",
-            &format!("127.0.0.1:{port}"),
-            "--broker",
-            &broker.url(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fleet-status --serve");
-    let _dashboard = Dashboard(child);
-    assert!(
-        wait_for_port(port, Duration::from_secs(10)),
-        "the dashboard does not listen"
-    );
+    Dashboard::retained_status(broker.port, "<script>alert('dev')<\\script>", &hostile).await;
+    let (_dashboard, port) = Dashboard::start(&broker.url(), &[]);
     let url = format!("http://127.0.0.1:{port}/");
 
     let online = |dom: &str, d: &str| row(dom, d).is_some_and(|r| r.contains("class=\"online\""));
@@ -290,44 +306,19 @@ async fn fleet_dashboard_reads_statuses_from_a_broker_that_requires_client_certi
         server_key.display(),
     ));
     // A retained status, published on the plain listener.
-    let client = TestClient::connect(broker.port, "pages-tls", &[]).await;
     let status = json!({"device": "cam-tls", "state": "online", "model": {"name": "m", "version": "3"}});
-    client
-        .client
-        .publish(
-            "edge/cam-tls/status",
-            QoS::AtLeastOnce,
-            true,
-            serde_json::to_vec(&status).unwrap(),
-        )
-        .await
-        .unwrap();
-
-    let port = free_port();
-    let broker_url = format!("mqtts://localhost:{tls_port}");
-    let child = Command::new(bin("edge-agent"))
-        .args([
-            "fleet-status",
-            "--serve",
-            &format!("127.0.0.1:{port}"),
-            "--broker",
-            &broker_url,
-        ])
-        .arg("--tls-ca")
-        .arg(&ca)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fleet-status --serve");
-    let _dashboard = Dashboard(child);
-    assert!(
-        wait_for_port(port, Duration::from_secs(10)),
-        "the dashboard does not listen"
-    );
+    Dashboard::retained_status(broker.port, "cam-tls", &status).await;
+    let url = format!("mqtts://localhost:{tls_port}");
+    let flag = std::ffi::OsStr::new;
+    let flags = [
+        flag("--tls-ca"),
+        ca.as_os_str(),
+        flag("--tls-cert"),
+        cert.as_os_str(),
+        flag("--tls-key"),
+        key.as_os_str(),
+    ];
+    let (_dashboard, port) = Dashboard::start(&url, &flags);
     let end = Instant::now() + Duration::from_secs(20);
     let doc = loop {
         let doc: Value = http_get(port, "/api/fleet")
