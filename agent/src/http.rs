@@ -36,7 +36,6 @@ pub struct DevicePage {
 
 /// Binds `addr` and serves until the returned task is aborted.
 pub async fn serve(addr: &str, probe: Probe) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = bind(addr, "key `http.listen`").await?;
     if let Some(page) = &probe.page
         && page.history.keeps_images()
         && !is_loopback(addr)
@@ -47,6 +46,7 @@ pub async fn serve(addr: &str, probe: Probe) -> Result<tokio::task::JoinHandle<(
              thumbnails of the camera's last requests to anyone who can open it"
         );
     }
+    let listener = bind(addr, "key `http.listen`").await?;
     let metrics = probe.metrics.clone();
     let ready = probe.ready.clone();
     let mut app = Router::new();

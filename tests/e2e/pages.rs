@@ -333,3 +333,41 @@ async fn fleet_dashboard_reads_statuses_from_a_broker_that_requires_client_certi
     assert_eq!(doc["devices"][0]["version"], "3");
     assert_eq!(doc["connected"], true);
 }
+
+#[test]
+fn thumbnails_on_an_address_other_hosts_can_reach_are_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut child = Command::new(bin("edge-agent"))
+        .arg("run")
+        .arg("--bundle")
+        .arg(efficientnet_bundle())
+        .arg("--queue-dir")
+        .arg(dir.path().join("queue"))
+        .args([
+            "--device-id",
+            "cam-open",
+            "--http-listen",
+            &format!("0.0.0.0:{http}"),
+        ])
+        .env(
+            "EDGE_AGENT_EMBEDDED_BROKER__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("EDGE_AGENT_MODEL__TUNING", "false")
+        .env("EDGE_AGENT_HTTP__RECENT_IMAGES", "3")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start edge-agent");
+    let listening = wait_for_port(http, Duration::from_secs(60));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("edge-agent output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(listening, "the agent never listened:\n{log}");
+    assert!(
+        log.contains("http.recent_images > 0 on an address other hosts can reach"),
+        "no warning:\n{log}"
+    );
+}
