@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: locating the built binaries and the fixtures,
 //! running commands, reading TensorFlow's reference outputs.
 
+pub mod browser;
 pub mod daemon;
 pub mod lazyfs;
 pub mod mlserver;

@@ -183,8 +183,12 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the HTTP server.
+    /// Address of the device page (`/`, `/api/status`), `/metrics`, `/healthz` and
+    /// `/readyz`; empty disables the HTTP server.
     pub listen: String,
+    /// Thumbnails of the last requests' images on the device page (at most 20); 0: none,
+    /// camera images are private.
+    pub recent_images: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -384,6 +388,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".into(),
+            recent_images: 0,
         }
     }
 }
@@ -595,6 +600,9 @@ impl Config {
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return bad("http.listen", "must be an address like 127.0.0.1:9464, or empty");
+        }
+        if self.http.recent_images > crate::web::history::MAX_RECENT_IMAGES {
+            return bad("http.recent_images", "must be between 0 (no thumbnails) and 20");
         }
         let o = &self.offload;
         if o.timeout_ms == 0 {
@@ -834,6 +842,7 @@ mod tests {
             ("[queue]\nmax_items = 0\n", "queue.max_items"),
             ("[limits]\nmax_image_bytes = 99999999\n", "mqtt.max_packet_bytes"),
             ("[http]\nlisten = \"nowhere\"\n", "http.listen"),
+            ("[http]\nrecent_images = 21\n", "http.recent_images"),
         ] {
             let err = load_str(toml, &[], &none).unwrap_err();
             assert!(err.contains(key), "{toml:?}: {err}");

@@ -180,6 +180,8 @@ struct Shared {
     last_error: Mutex<Option<(&'static str, String)>>,
     /// Recent local preprocessing + inference time per request, ms (f64 bits; EWMA).
     local_latency_ms: AtomicU64,
+    /// The device page's last 15 minutes and last requests.
+    history: Arc<crate::web::History>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,9 +207,13 @@ impl Shared {
     }
 
     fn status_document(&self, state: &str) -> Vec<u8> {
+        serde_json::to_vec(&self.status_value(state)).unwrap_or_default()
+    }
+
+    fn status_value(&self, state: &str) -> serde_json::Value {
         let s = self.queue.stats();
         let limits = self.queue.limits();
-        let doc = serde_json::json!({
+        serde_json::json!({
             "device": self.device,
             "state": state,
             "agent_version": env!("CARGO_PKG_VERSION"),
@@ -237,8 +243,7 @@ impl Shared {
             "last_error": lock(&self.last_error)
                 .as_ref()
                 .map(|(code, message)| serde_json::json!({"code": code, "message": message})),
-        });
-        serde_json::to_vec(&doc).unwrap_or_default()
+        })
     }
 
     fn publish_reply(&self, seq: Seq, reply: StoredReply) {
@@ -459,6 +464,10 @@ pub async fn run(config: Config) -> Result<()> {
         answered_errors: AtomicU64::new(0),
         last_error: Mutex::new(quarantine_error),
         local_latency_ms: AtomicU64::new(0f64.to_bits()),
+        history: Arc::new(crate::web::History::new(
+            config.http.recent_images,
+            config.offload.min_confidence,
+        )),
         config,
     });
 
@@ -636,7 +645,18 @@ fn shared_http(shared: &Arc<Shared>) -> crate::http::Probe {
             Ok(())
         }
     });
-    crate::http::Probe { metrics, ready }
+    let s = shared.clone();
+    let status = Arc::new(move || {
+        let mut doc = s.status_value(s.state().as_str());
+        doc["mqtt_connected"] = s.connected.load(Ordering::Relaxed).into();
+        doc
+    });
+    let history = shared.history.clone();
+    crate::http::Probe {
+        metrics,
+        ready,
+        page: Some(crate::http::DevicePage { status, history }),
+    }
 }
 
 async fn connection_task(
@@ -1433,6 +1453,13 @@ async fn handle(shared: &Arc<Shared>, leased: Leased) {
             };
             counter.fetch_add(1, Ordering::Relaxed);
             shared.metrics.total.observe(since_ms(request.received_at) / 1e3);
+            let n = shared.history.answered(UnixMillis::now().0, &reply.payload);
+            if let Some(ticket) = shared.history.thumbnail_ticket() {
+                let (served, image) = (shared.served.get(), request.payload);
+                tokio::task::spawn_blocking(move || {
+                    ticket.attach(n, served.classifier.preprocessor(), &image)
+                });
+            }
             shared.space.notify_waiters();
             shared.publish_reply(seq, reply);
         }
@@ -1537,6 +1564,7 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
             let offset = served.classifier.manifest().output.label_offset;
             let labelled = c.probabilities.get(offset..).unwrap_or_default();
             let confidence = crate::routing::confidence(measure, labelled);
+            shared.history.confidence(best, confidence < threshold);
             if let Some(o) = offload
                 && confidence < threshold
             {

@@ -1,5 +1,5 @@
 //! `edge-agent fleet-status`: every device's retained status from the broker, as a table or
-//! JSON.
+//! JSON, or (`--serve ADDR`) live as the fleet dashboard (`edge_agent::web::fleet`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,7 +11,9 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 
-use edge_agent::config::broker_address;
+use edge_agent::config::{broker_address, broker_tls};
+use edge_agent::queue::UnixMillis;
+use edge_agent::web::Fleet;
 
 #[derive(Args, Debug)]
 pub struct FleetArgs {
@@ -34,6 +36,10 @@ pub struct FleetArgs {
     /// Print the status documents as one JSON array.
     #[arg(long)]
     json: bool,
+    /// Serve the live fleet dashboard on this address (e.g. 127.0.0.1:9465: `/` and
+    /// `/api/fleet`) until SIGTERM or SIGINT, instead of printing once.
+    #[arg(long, value_name = "ADDR", conflicts_with = "json")]
+    serve: Option<String>,
     #[arg(long, env = "EDGE_AGENT_MQTT__USERNAME", default_value = "")]
     username: String,
     #[arg(
@@ -43,6 +49,25 @@ pub struct FleetArgs {
         hide_env_values = true
     )]
     password: String,
+    /// PEM of the CA that signed the broker's certificate (mqtts:// brokers).
+    #[arg(long, env = "EDGE_AGENT_MQTT__TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for brokers that require one, with --tls-key.
+    #[arg(
+        long,
+        env = "EDGE_AGENT_MQTT__TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM), with --tls-cert.
+    #[arg(
+        long,
+        env = "EDGE_AGENT_MQTT__TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: FleetArgs) -> Result<ExitCode> {
@@ -51,6 +76,10 @@ pub fn run(args: FleetArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some(addr) = &args.serve {
+        runtime.block_on(serve(&args, host, port, addr))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let statuses = runtime.block_on(collect(&args, host, port))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
@@ -81,7 +110,9 @@ pub fn run(args: FleetArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn collect(args: &FleetArgs, host: String, port: u16) -> Result<Vec<Value>> {
+/// The connection options of both modes: a clean session under a fresh client id, statuses up
+/// to 1 MiB, login and TLS as given.
+fn options(args: &FleetArgs, host: String, port: u16) -> Result<MqttOptions> {
     let id = format!("edge-fleet-status-{}", std::process::id());
     let mut o = MqttOptions::new(id, host, port);
     o.set_keep_alive(Duration::from_secs(10))
@@ -90,7 +121,29 @@ async fn collect(args: &FleetArgs, host: String, port: u16) -> Result<Vec<Value>
     if !args.username.is_empty() {
         o.set_credentials(&args.username, &args.password);
     }
-    let (client, mut events) = AsyncClient::new(o, 16);
+    if broker_tls(&args.broker) {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+        };
+        let ca = args
+            .tls_ca
+            .as_deref()
+            .context("--broker is mqtts://: --tls-ca names the CA of the broker's certificate")?;
+        let client = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
+            _ => None,
+        };
+        let tls = edge_agent::mqtt::Tls {
+            ca: read("--tls-ca", ca)?,
+            client,
+        };
+        o.set_transport(tls.transport());
+    }
+    Ok(o)
+}
+
+async fn collect(args: &FleetArgs, host: String, port: u16) -> Result<Vec<Value>> {
+    let (client, mut events) = AsyncClient::new(options(args, host, port)?, 16);
     let filter = format!("{}/+/status", args.prefix);
     let mut by_device = std::collections::BTreeMap::new();
     let start = Instant::now();
@@ -131,4 +184,78 @@ async fn collect(args: &FleetArgs, host: String, port: u16) -> Result<Vec<Value>
     }
     let _ = client.disconnect().await;
     Ok(by_device.into_values().collect())
+}
+
+/// The dashboard: follows `<prefix>/+/status` (reconnecting after a lost connection) and
+/// serves what it saw, until SIGTERM or SIGINT.
+async fn serve(args: &FleetArgs, host: String, port: u16, addr: &str) -> Result<()> {
+    let fleet = std::sync::Arc::new(Fleet::new(&args.broker));
+    let http = edge_agent::http::serve_fleet(addr, fleet.clone()).await?;
+    eprintln!(
+        "fleet dashboard on http://{addr}/ (statuses from {})",
+        args.broker
+    );
+    let (client, mut events) = AsyncClient::new(options(args, host, port)?, 64);
+    let filter = format!("{}/+/status", args.prefix);
+    let follow = async {
+        let mut warned = false;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    fleet.set_connected(true);
+                    warned = false;
+                    if let Err(e) = client.subscribe(filter.as_str(), QoS::AtLeastOnce).await {
+                        eprintln!("warning: cannot subscribe to {filter}: {e}");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic);
+                    let device = device_of(&topic, &args.prefix);
+                    if let Some(device) = device
+                        && let Err(e) = fleet.update(device, &p.payload, p.retain, UnixMillis::now().0)
+                    {
+                        eprintln!("warning: {topic}: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    fleet.set_connected(false);
+                    if !warned {
+                        eprintln!("warning: lost the broker {} ({e}); reconnecting", args.broker);
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        signal = edge_agent::daemon::wait_for_signal() => signal,
+        () = follow => Ok(()),
+    };
+    let _ = client.disconnect().await;
+    http.abort();
+    result
+}
+
+/// `<device>` of `<prefix>/<device>/status`.
+fn device_of<'a>(topic: &'a str, prefix: &str) -> Option<&'a str> {
+    topic
+        .strip_prefix(prefix)?
+        .strip_prefix('/')?
+        .strip_suffix("/status")
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_of;
+
+    #[test]
+    fn the_device_is_the_topic_segment_before_status() {
+        assert_eq!(device_of("edge/cam1/status", "edge"), Some("cam1"));
+        assert_eq!(device_of("edge/<script>/status", "edge"), Some("<script>"));
+        assert_eq!(device_of("edge//status", "edge"), None);
+        assert_eq!(device_of("other/cam1/status", "edge"), None);
+    }
 }

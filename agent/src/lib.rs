@@ -15,3 +15,4 @@ pub mod queue;
 pub mod reconnect;
 pub mod request;
 pub mod routing;
+pub mod web;

@@ -93,7 +93,7 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
-    fn transport(&self) -> rumqttc::Transport {
+    pub fn transport(&self) -> rumqttc::Transport {
         rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
             ca: self.ca.clone(),
             alpn: None,

@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// Threads an inference running alone uses; 0: every core [key workers.threads].
     #[arg(long)]
     threads: Option<usize>,
-    /// Address for /metrics, /healthz, /readyz; "" disables [key http.listen].
+    /// Address of the device page (/), /api/status, /metrics, /healthz, /readyz; "" disables
+    /// [key http.listen].
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<String>,
     /// Log format: human or json [key log.format].

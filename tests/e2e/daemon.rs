@@ -917,7 +917,8 @@ fn print_config_shows_the_effective_configuration_as_loadable_toml() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_password_never_shows_in_logs_status_metrics_or_print_config_and_a_readable_file_is_warned_about() {
+async fn a_password_never_shows_in_logs_status_metrics_pages_or_print_config_and_a_readable_file_is_warned_about()
+ {
     use std::os::unix::fs::PermissionsExt;
     const SECRET: &str = "pw-Zq81-do-not-log";
     let broker = Mosquitto::start();
@@ -957,14 +958,22 @@ async fn a_password_never_shows_in_logs_status_metrics_or_print_config_and_a_rea
         "no warning about the readable file:\n{log}"
     );
     let (_, metrics) = agent.http_get("/metrics").unwrap_or_default();
+    let (_, page) = agent.http_get("/").unwrap_or_default();
+    let (_, api) = agent.http_get("/api/status").unwrap_or_default();
+    assert!(
+        page.contains("cam-sec") && api.contains("cam-sec"),
+        "no device page:\n{page}"
+    );
     let status: Vec<String> = client
         .on("edge/cam-sec/status")
         .iter()
         .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
         .collect();
     assert!(!status.is_empty(), "no status seen");
+    let pages = [("device page", page.as_str()), ("/api/status", api.as_str())];
     for (what, text) in [("log", log.as_str()), ("metrics", metrics.as_str())]
         .into_iter()
+        .chain(pages)
         .chain(status.iter().map(|s| ("status", s.as_str())))
     {
         assert!(!text.contains(SECRET), "the password is in the {what}:\n{text}");

@@ -12,6 +12,7 @@ mod ingress;
 mod mlserver;
 mod offload;
 mod outbox;
+mod pages;
 mod pool;
 mod powercut;
 mod powercut_lazyfs;

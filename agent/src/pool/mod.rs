@@ -300,6 +300,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
                         Ok(())
                     }
                 }),
+                page: None,
             };
             Some(crate::http::serve(&addr.to_string(), probe).await?)
         }
