@@ -68,7 +68,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              durable queue with flush before the PUBACK, workers and threads auto, adaptive \
              parallelism); round trip measured at the client, minus the reply's own \
              `timings_ms.preprocess + inference`. Round trip p50 {:.1} ms. It includes the queue's \
-             fsync before the request is acknowledged and the reply's durable outbox write. The \
+             enqueue with its fsync before the request is acknowledged (the lease in the same \
+             commit, a worker being idle) and the reply's commit to the outbox (not synced). The \
              slowest: {worst}.",
             image.len(),
             quantile(&rtts, 0.5)
