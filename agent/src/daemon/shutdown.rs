@@ -37,25 +37,14 @@ pub(super) struct Tasks {
 
 /// Stops the daemon gracefully.
 pub(super) async fn shutdown(shared: &Arc<Shared>, tasks: Tasks) -> Result<()> {
-    let Tasks {
-        ingress,
-        workers,
-        housekeeping,
-        sighup,
-        model_task,
-        conn_stop,
-        conn_task,
-        publisher,
-        http,
-    } = tasks;
     info!("shutting down: no new requests; finishing the ones being classified");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shared.stopping.cancel();
     shared.status_changed.notify_one();
     shared.work.notify_waiters();
     shared.space.notify_waiters();
-    ingress.abort();
-    let workers_done = futures_join(workers);
+    tasks.ingress.abort();
+    let workers_done = futures_join(tasks.workers);
     if tokio::time::timeout(Duration::from_secs(30), workers_done)
         .await
         .is_err()
@@ -76,9 +65,9 @@ pub(super) async fn shutdown(shared: &Arc<Shared>, tasks: Tasks) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    housekeeping.abort();
-    sighup.abort();
-    model_task.abort();
+    tasks.housekeeping.abort();
+    tasks.sighup.abort();
+    tasks.model_task.abort();
     // A clean disconnect suppresses the last will: it is sent only once the broker has
     // acknowledged the final status. Otherwise the connection is just closed and the broker
     // publishes the will, so a stopped agent never stays `online` in its retained status.
@@ -92,10 +81,10 @@ pub(super) async fn shutdown(shared: &Arc<Shared>, tasks: Tasks) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    conn_stop.cancel();
-    let _ = conn_task.await;
-    publisher.abort();
-    if let Some(h) = http {
+    tasks.conn_stop.cancel();
+    let _ = tasks.conn_task.await;
+    tasks.publisher.abort();
+    if let Some(h) = tasks.http {
         h.abort();
     }
     shared
