@@ -230,7 +230,7 @@ async fn serve(args: &FleetArgs, host: String, port: u16, addr: &str) -> Result<
         }
     };
     let result = tokio::select! {
-        signal = edge_agent::daemon::wait_for_signal() => signal,
+        signal = edge_agent::signal::wait_for_signal() => signal,
         () = follow => Ok(()),
     };
     let _ = client.disconnect().await;

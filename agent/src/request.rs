@@ -1,6 +1,6 @@
 //! The MQTT request and reply formats (DESIGN.md section 4), independent of any connection:
-//! an inbound message becomes a `StoredRequest` or a rejection with its error reply, and
-//! results become reply documents.
+//! an inbound message becomes a `StoredRequest` or a rejection with its error reply (the
+//! reply documents are `reply`'s).
 //!
 //! Requests
 //! - MQTT 5: the payload is the image (JPEG or PNG). Properties: Response Topic (where to
@@ -21,59 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use serde::Serialize;
 
 use crate::queue::{Protocol, StoredReply, StoredRequest, UnixMillis};
-
-/// The stable error codes of error replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The request itself is malformed (3.1.1 envelope, bad property values).
-    InvalidRequest,
-    /// The image cannot be decoded (garbage, truncated).
-    InvalidImage,
-    /// The image exceeds the byte or pixel limits.
-    TooLarge,
-    /// Not JPEG or PNG.
-    UnsupportedFormat,
-    /// The deadline passed before the request was classified.
-    DeadlineExceeded,
-    /// The agent failed (and retried) or the model failed.
-    Internal,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidRequest => "invalid_request",
-            Self::InvalidImage => "invalid_image",
-            Self::TooLarge => "too_large",
-            Self::UnsupportedFormat => "unsupported_format",
-            Self::DeadlineExceeded => "deadline_exceeded",
-            Self::Internal => "internal",
-        }
-    }
-
-    /// The code for an error code string of the runtime (`RuntimeError::code`).
-    pub fn from_runtime(code: &str) -> Self {
-        match code {
-            "invalid_image" => Self::InvalidImage,
-            "too_large" => Self::TooLarge,
-            "unsupported_format" => Self::UnsupportedFormat,
-            _ => Self::Internal,
-        }
-    }
-
-    pub const ALL: [ErrorCode; 6] = [
-        Self::InvalidRequest,
-        Self::InvalidImage,
-        Self::TooLarge,
-        Self::UnsupportedFormat,
-        Self::DeadlineExceeded,
-        Self::Internal,
-    ];
-}
+use crate::reply::{ErrorCode, error_document};
 
 /// What parsing needs to know about this agent.
 #[derive(Debug, Clone)]
@@ -429,94 +379,6 @@ impl RequestPolicy {
     }
 }
 
-/// The model a reply names.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ModelRef {
-    pub name: String,
-    pub version: String,
-}
-
-/// One label of a reply.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Label {
-    pub label: String,
-    /// Index in the model's output; absent when the cluster answered with a label the
-    /// local model does not have.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub index: Option<usize>,
-    pub score: f32,
-}
-
-/// Milliseconds spent in each stage.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
-pub struct Timings {
-    /// From arrival to the start of classification.
-    pub queued: f64,
-    pub preprocess: f64,
-    pub inference: f64,
-    /// From arrival to the reply.
-    pub total: f64,
-}
-
-/// A successful reply.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Reply<'a> {
-    pub id: &'a str,
-    pub device: &'a str,
-    pub model: &'a ModelRef,
-    /// `local` or `cluster`.
-    pub source: &'a str,
-    /// Why that path served it.
-    pub reason: &'a str,
-    pub top: Vec<Label>,
-    /// `probability`, or `logit` when a pool answered with raw logits.
-    pub score_kind: &'a str,
-    pub low_confidence: bool,
-    pub timings_ms: Timings,
-}
-
-impl Reply<'_> {
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_else(|e| {
-            error_document(self.id, self.device, None, ErrorCode::Internal, &e.to_string())
-        })
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: ErrorCode,
-    message: &'a str,
-}
-
-#[derive(Serialize)]
-struct ErrorReply<'a> {
-    id: &'a str,
-    device: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<&'a ModelRef>,
-    error: ErrorBody<'a>,
-}
-
-/// `{"id", "device", "model"?, "error": {"code", "message"}}`.
-pub fn error_document(
-    id: &str,
-    device: &str,
-    model: Option<&ModelRef>,
-    code: ErrorCode,
-    message: &str,
-) -> Vec<u8> {
-    let reply = ErrorReply {
-        id,
-        device,
-        model,
-        error: ErrorBody { code, message },
-    };
-    // Serialising strings and numbers cannot fail; keep a literal fallback anyway.
-    serde_json::to_vec(&reply)
-        .unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"reply encoding failed"}}"#.to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -727,46 +589,5 @@ mod tests {
         );
         let body = br#"{"image_b64":"/9j/","deadline_ms":0}"#;
         assert_eq!(with_default.parse(&v311(body), NOW).unwrap().deadline, None);
-    }
-
-    #[test]
-    fn reply_documents() {
-        let model = ModelRef {
-            name: "m".into(),
-            version: "1".into(),
-        };
-        let reply = Reply {
-            id: "r1",
-            device: "cam1",
-            model: &model,
-            source: "local",
-            reason: "local",
-            top: vec![Label {
-                label: "cat".into(),
-                index: Some(3),
-                score: 0.9,
-            }],
-            score_kind: "probability",
-            low_confidence: false,
-            timings_ms: Timings::default(),
-        };
-        let v: serde_json::Value = serde_json::from_slice(&reply.to_json()).unwrap();
-        assert_eq!(v["id"], "r1");
-        assert_eq!(v["model"]["version"], "1");
-        assert_eq!(v["top"][0]["label"], "cat");
-        assert!(v["timings_ms"]["total"].is_number());
-        let e: serde_json::Value = serde_json::from_slice(&error_document(
-            "r2",
-            "cam1",
-            Some(&model),
-            ErrorCode::TooLarge,
-            "big",
-        ))
-        .unwrap();
-        assert_eq!(e["error"]["code"], "too_large");
-        assert_eq!(e["model"]["name"], "m");
-        for code in ErrorCode::ALL {
-            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
-        }
     }
 }

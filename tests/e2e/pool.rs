@@ -326,7 +326,7 @@ async fn kserve_v2_infers_bytes_and_fp32_with_typed_and_raw_contents() {
         .map(|o| (o.name.as_str(), o.shape.as_slice()))
         .collect();
     assert_eq!(names, [("classes", &[1, 3][..]), ("scores", &[1, 3][..])]);
-    let labels = edge_agent::pool::kserve::split_raw_bytes(&r.raw_output_contents[0]).unwrap();
+    let labels = edge_agent::wire::split_raw_bytes(&r.raw_output_contents[0]).unwrap();
     assert_eq!(labels[0], b"tripod");
     let top1 = f32::from_le_bytes(r.raw_output_contents[1][..4].try_into().unwrap());
     assert!((top1 - best).abs() < 1e-6, "{top1} vs {best}");

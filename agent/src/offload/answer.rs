@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use edge_convert::bundle::Manifest;
 
 use crate::config::PoolScores;
-use crate::request::Label;
+use crate::reply::Label;
 
 /// The values of one output tensor of a pool's reply, whatever the protocol.
 #[derive(Debug, Clone, PartialEq)]

@@ -48,13 +48,14 @@ use edge_proto::inference::{
 };
 use edge_proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use edge_proto::tensorflow::serving::{ModelSpec, PredictRequest};
-use edge_proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
+use edge_proto::tensorflow::{DataType, TensorProto};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tracing::{debug, info, warn};
 
 use edge_convert::bundle::Manifest;
 
 use crate::config::{OffloadConfig, OffloadPayload, OffloadProtocol};
+use crate::wire;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
@@ -369,25 +370,18 @@ impl Offload {
     }
 
     fn predict_request(&self, payload: &Payload<'_>) -> PredictRequest {
-        let shape = |dims: &[i64]| Some(TensorShapeProto::from_dims(dims));
         let (key, tensor) = match payload {
             Payload::Encoded(bytes) => (
                 "images".to_owned(),
-                TensorProto {
-                    dtype: DataType::DtString as i32,
-                    tensor_shape: shape(&[1]),
-                    string_val: vec![bytes.to_vec()],
-                    ..TensorProto::default()
-                },
+                wire::string_tensor(&[1], vec![bytes.to_vec()]),
             ),
             Payload::Tensor(dims, values) => (
                 self.cfg.input_name.clone(),
-                TensorProto {
-                    dtype: DataType::DtFloat as i32,
-                    tensor_shape: shape(&dims.iter().map(|&d| d as i64).collect::<Vec<_>>()),
-                    tensor_content: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    ..TensorProto::default()
-                },
+                wire::float_tensor(
+                    &dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+                    values.to_vec(),
+                    true,
+                ),
             ),
         };
         PredictRequest {
@@ -404,7 +398,7 @@ impl Offload {
     fn infer_request(&self, payload: &Payload<'_>, top_k: usize) -> ModelInferRequest {
         let (input, raw) = match payload {
             Payload::Encoded(bytes) => {
-                let raw = crate::pool::kserve::join_raw_bytes(&[bytes.to_vec()]);
+                let raw = wire::join_raw_bytes(&[bytes.to_vec()]);
                 (
                     model_infer_request::InferInputTensor {
                         name: "images".into(),
@@ -422,7 +416,7 @@ impl Offload {
                     shape: dims.iter().map(|&d| d as i64).collect(),
                     ..Default::default()
                 },
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                wire::f32s_le(values),
             ),
         };
         ModelInferRequest {
@@ -463,22 +457,19 @@ fn predict_outputs(outputs: &HashMap<String, TensorProto>) -> Result<HashMap<Str
         .iter()
         .map(|(name, t)| {
             let values = if t.dtype == DataType::DtFloat as i32 {
-                Values::Floats(if t.tensor_content.is_empty() {
-                    t.float_val.clone()
-                } else {
-                    le_f32s(&t.tensor_content).map_err(|e| format!("output `{name}`: {e}"))?
-                })
+                Values::Floats(wire::float_values(t).map_err(|e| format!("output `{name}`: {e}"))?)
             } else if t.dtype == DataType::DtString as i32 {
                 Values::Strings(t.string_val.clone())
             } else {
                 Values::Other(format!("dtype {}", t.dtype))
             };
-            let shape = t
-                .tensor_shape
-                .as_ref()
-                .map(TensorShapeProto::sizes)
-                .unwrap_or_default();
-            Ok((name.clone(), Output { shape, values }))
+            Ok((
+                name.clone(),
+                Output {
+                    shape: wire::dims(t),
+                    values,
+                },
+            ))
         })
         .collect()
 }
@@ -501,13 +492,11 @@ fn infer_outputs(resp: &ModelInferResponse) -> Result<HashMap<String, Output>, S
             let bytes = resp.raw_output_contents.get(i).map(Vec::as_slice);
             let context = |e: String| format!("output `{}`: {e}", o.name);
             let values = match (o.datatype.as_str(), bytes) {
-                ("FP32", Some(b)) => Values::Floats(le_f32s(b).map_err(context)?),
+                ("FP32", Some(b)) => Values::Floats(wire::le_f32s(b).map_err(context)?),
                 ("FP32", None) => Values::Floats(typed.fp32_contents),
-                ("FP64", Some(b)) => Values::Floats(le_f64s_as_f32(b).map_err(context)?),
+                ("FP64", Some(b)) => Values::Floats(wire::le_f64s_as_f32(b).map_err(context)?),
                 ("FP64", None) => Values::Floats(typed.fp64_contents.iter().map(|&v| v as f32).collect()),
-                ("BYTES", Some(b)) => {
-                    Values::Strings(crate::pool::kserve::split_raw_bytes(b).map_err(context)?)
-                }
+                ("BYTES", Some(b)) => Values::Strings(wire::split_raw_bytes(b).map_err(context)?),
                 ("BYTES", None) => Values::Strings(typed.bytes_contents),
                 (other, _) => Values::Other(format!("datatype {other}")),
             };
@@ -520,23 +509,6 @@ fn infer_outputs(resp: &ModelInferResponse) -> Result<HashMap<String, Output>, S
             ))
         })
         .collect()
-}
-
-fn le_f64s_as_f32(bytes: &[u8]) -> Result<Vec<f32>, String> {
-    if !bytes.len().is_multiple_of(8) {
-        return Err(format!(
-            "{} bytes are not a whole number of float64 values",
-            bytes.len()
-        ));
-    }
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-        .collect())
-}
-
-fn le_f32s(bytes: &[u8]) -> Result<Vec<f32>, String> {
-    crate::pool::le_f32s(bytes).map_err(|s| s.message().to_owned())
 }
 
 fn tls_config(cfg: &OffloadConfig) -> Result<Option<ClientTlsConfig>, OffloadError> {

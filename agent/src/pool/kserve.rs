@@ -26,6 +26,7 @@ use edge_proto::inference::{
 use super::Pool;
 use super::engine::Item;
 use super::outputs::{Asked, Outputs};
+use crate::wire;
 
 pub struct KServe {
     pub pool: Arc<Pool>,
@@ -86,7 +87,7 @@ impl KServe {
         let (model, scored, asked) = match input.datatype.as_str() {
             "BYTES" => {
                 let images: Vec<Vec<u8>> = if raw {
-                    split_raw_bytes(&req.raw_input_contents[0]).map_err(Status::invalid_argument)?
+                    wire::split_raw_bytes(&req.raw_input_contents[0]).map_err(Status::invalid_argument)?
                 } else {
                     input
                         .contents
@@ -107,7 +108,7 @@ impl KServe {
             }
             "FP32" => {
                 let values: Vec<f32> = if raw {
-                    super::le_f32s(&req.raw_input_contents[0])?
+                    wire::le_f32s(&req.raw_input_contents[0]).map_err(Status::invalid_argument)?
                 } else {
                     input
                         .contents
@@ -140,7 +141,7 @@ impl KServe {
             let out = output("classes", "BYTES", shape);
             if raw {
                 outputs.push(out);
-                raw_outputs.push(join_raw_bytes(&classes));
+                raw_outputs.push(wire::join_raw_bytes(&classes));
             } else {
                 outputs.push(with_contents(
                     out,
@@ -155,7 +156,7 @@ impl KServe {
         let out = output("scores", "FP32", shape);
         if raw {
             outputs.push(out);
-            raw_outputs.push(scores.iter().flat_map(|v| v.to_le_bytes()).collect());
+            raw_outputs.push(wire::f32s_le(&scores));
         } else {
             outputs.push(with_contents(
                 out,
@@ -210,33 +211,6 @@ fn with_contents(
 ) -> model_infer_response::InferOutputTensor {
     o.contents = Some(contents);
     o
-}
-
-/// BYTES raw contents: each element is its u32 little-endian length, then its bytes.
-pub fn split_raw_bytes(raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-            return Err("raw BYTES input ends inside a length prefix".into());
-        };
-        let len = u32::from_le_bytes(*len) as usize;
-        if tail.len() < len {
-            return Err(format!("raw BYTES element of {len} bytes overruns the input"));
-        }
-        out.push(tail[..len].to_vec());
-        rest = &tail[len..];
-    }
-    Ok(out)
-}
-
-pub fn join_raw_bytes(items: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 4).sum());
-    for i in items {
-        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
-        out.extend_from_slice(i);
-    }
-    out
 }
 
 #[tonic::async_trait]
@@ -320,20 +294,5 @@ impl GrpcInferenceService for KServe {
         };
         self.pool.record("kserve.ModelInfer", &result, start);
         result.map(Response::new)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn raw_bytes_round_trip_and_reject_overruns() {
-        let items = vec![b"abc".to_vec(), Vec::new(), vec![0xFF; 300]];
-        let raw = join_raw_bytes(&items);
-        assert_eq!(split_raw_bytes(&raw).unwrap(), items);
-        assert!(split_raw_bytes(&raw[..raw.len() - 1]).is_err());
-        assert!(split_raw_bytes(&[1, 0]).is_err());
-        assert!(split_raw_bytes(&[5, 0, 0, 0, 1]).is_err());
     }
 }

@@ -207,20 +207,6 @@ impl Pool {
     }
 }
 
-/// Little-endian float32 values (TensorProto `tensor_content`, KServe raw FP32 contents).
-pub fn le_f32s(bytes: &[u8]) -> Result<Vec<f32>, Status> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(Status::invalid_argument(format!(
-            "{} bytes are not a whole number of float32 values",
-            bytes.len()
-        )));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
-
 fn to_status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidArgument(m) => Status::invalid_argument(m),
@@ -343,7 +329,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         options,
     ));
 
-    crate::daemon::wait_for_signal().await?;
+    crate::signal::wait_for_signal().await?;
     reloader.abort();
     info!(
         delay_ms = config.drain_delay.as_millis() as u64,

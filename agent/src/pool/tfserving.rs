@@ -28,13 +28,12 @@ use edge_proto::tensorflow::serving::{
     ModelSpec, MultiInferenceRequest, MultiInferenceResponse, PredictRequest, PredictResponse,
     RegressionRequest, RegressionResponse, SignatureDefMap, model_spec::VersionChoice,
 };
-use edge_proto::tensorflow::{
-    DataType, SignatureDef, TensorInfo, TensorProto, TensorShapeProto, tensor_info,
-};
+use edge_proto::tensorflow::{DataType, SignatureDef, TensorInfo, TensorShapeProto, tensor_info};
 
 use super::Pool;
 use super::engine::Item;
 use super::outputs::{Asked, Outputs};
+use crate::wire;
 
 pub const SIG_IMAGES: &str = "predict_images";
 pub const SIG_TENSOR: &str = "predict_tensor";
@@ -42,13 +41,6 @@ pub const SIG_DEFAULT: &str = "serving_default";
 
 pub struct TfServing {
     pub pool: Arc<Pool>,
-}
-
-fn dims(t: &TensorProto) -> Vec<i64> {
-    t.tensor_shape
-        .as_ref()
-        .map(TensorShapeProto::sizes)
-        .unwrap_or_default()
 }
 
 impl TfServing {
@@ -148,9 +140,9 @@ impl TfServing {
                     tensor.dtype
                 )));
             }
-            let values = float_values(&tensor)?;
+            let values = wire::float_values(&tensor).map_err(Status::invalid_argument)?;
             let items = p
-                .split_tensor(&dims(&tensor), values)
+                .split_tensor(&wire::dims(&tensor), values)
                 .map_err(Status::invalid_argument)?;
             let (model, scored) = p.score(items).await?;
             // `classes` asked for by name: the labelled top-k; else every class's score.
@@ -167,27 +159,11 @@ impl TfServing {
         if let Some((shape, classes)) = answer.classes
             && wanted("classes")
         {
-            out.insert(
-                "classes".to_owned(),
-                TensorProto {
-                    dtype: DataType::DtString as i32,
-                    tensor_shape: Some(TensorShapeProto::from_dims(&shape)),
-                    string_val: classes,
-                    ..TensorProto::default()
-                },
-            );
+            out.insert("classes".to_owned(), wire::string_tensor(&shape, classes));
         }
         if wanted("scores") {
             let (shape, scores) = answer.scores;
-            out.insert(
-                "scores".to_owned(),
-                TensorProto {
-                    dtype: DataType::DtFloat as i32,
-                    tensor_shape: Some(TensorShapeProto::from_dims(&shape)),
-                    float_val: scores,
-                    ..TensorProto::default()
-                },
-            );
+            out.insert("scores".to_owned(), wire::float_tensor(&shape, scores, false));
         }
         Ok(PredictResponse {
             model_spec: Some(self.response_spec(signature, &version)),
@@ -248,14 +224,6 @@ impl TfServing {
             .into(),
         }
     }
-}
-
-/// The float values of a DT_FLOAT tensor, from `tensor_content` (little-endian) or `float_val`.
-fn float_values(t: &TensorProto) -> Result<Vec<f32>, Status> {
-    if !t.tensor_content.is_empty() {
-        return super::le_f32s(&t.tensor_content);
-    }
-    Ok(t.float_val.clone())
 }
 
 #[tonic::async_trait]
