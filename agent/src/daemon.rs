@@ -31,8 +31,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use edge_convert::preprocess::ImageLimits;
-use edge_convert::runtime::{Classifier, RuntimeOptions, SettingsReport, TuneOptions, Tuning};
+use edge_runtime::preprocess::ImageLimits;
+use edge_runtime::runtime::{Classifier, RuntimeOptions, SettingsReport, TuneOptions, Tuning};
 
 use crate::config::{Config, MqttProtocol, broker_address};
 use crate::metrics::Metrics;
