@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use edge_convert::preprocess::ImageLimits;
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_runtime::preprocess::ImageLimits;
+use edge_runtime::runtime::{Classifier, RuntimeOptions};
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {

@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", edge_convert::error_chain(e.as_ref()));
+            eprintln!("error: {}", edge_runtime::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

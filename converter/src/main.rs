@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use edge_convert::bundle::manifest::{
+use edge_convert::convert::{self, ConvertOptions, InputOverrides, Progress};
+use edge_runtime::bundle::manifest::{
     ChannelOrder, Layout, OutputKind, Preprocessing, ResizeFilter, ResizePolicy,
 };
-use edge_convert::convert::{self, ConvertOptions, InputOverrides, Progress};
-use edge_convert::runtime::{self, Classifier, RuntimeOptions, RuntimeSettings, TuneOptions, Tuning};
+use edge_runtime::runtime::{self, Classifier, RuntimeOptions, RuntimeSettings, TuneOptions, Tuning};
 
 /// Convert exported image classifiers into edge bundles for edge-agent.
 ///
@@ -365,7 +365,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", edge_convert::error_chain(e.as_ref()));
+            eprintln!("error: {}", edge_runtime::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -528,7 +528,7 @@ fn profile(args: &ProfileArgs) -> Result<()> {
             "model": classifier.manifest().model,
             "threads": args.threads.get(),
             "cpu": cpu,
-            "tract": edge_convert::bundle::TRACT_VERSION,
+            "tract": edge_runtime::bundle::TRACT_VERSION,
             "settings": settings,
             "profile": profile,
         });
@@ -543,7 +543,7 @@ fn profile(args: &ProfileArgs) -> Result<()> {
         m.version,
         args.threads,
         profile.runs,
-        edge_convert::bundle::TRACT_VERSION,
+        edge_runtime::bundle::TRACT_VERSION,
     );
     println!(
         "runtime settings: {} ({})",
@@ -637,7 +637,7 @@ fn gflops_text(g: f64) -> String {
 }
 
 /// The manifest as JSON with the label list shortened to its length.
-fn without_labels(m: &edge_convert::bundle::Manifest) -> serde_json::Value {
+fn without_labels(m: &edge_runtime::bundle::Manifest) -> serde_json::Value {
     let mut v = serde_json::to_value(m).unwrap_or_default();
     if let Some(obj) = v.as_object_mut() {
         let n = m.labels.len();

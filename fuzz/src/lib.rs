@@ -14,12 +14,12 @@ use edge_agent::config::Config;
 use edge_agent::mqtt::Message;
 use edge_agent::queue::{Protocol, UnixMillis};
 use edge_agent::request::{RequestPolicy, valid_reply_topic};
-use edge_convert::bundle::manifest::{
+use edge_runtime::bundle::manifest::{
     ChannelOrder, InputSpec, Layout, Manifest, ModelInfo, OutputKind, OutputSpec, Preprocessing,
     ResizeFilter, ResizePolicy, SourceFormat, SourceInfo,
 };
-use edge_convert::preprocess::{ImageLimits, Preprocessor};
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_runtime::preprocess::{ImageLimits, Preprocessor};
+use edge_runtime::runtime::{Classifier, RuntimeOptions};
 
 /// The targets, by the name of their binary and of their regression folder.
 pub const TARGETS: [&str; 4] = ["mqtt_request", "image", "bundle", "config"];
@@ -188,7 +188,7 @@ pub fn image(data: &[u8]) -> bool {
 /// loads must also optimise, plan and pass the agent's smoke inference, as a model reload
 /// does before it serves.
 pub fn bundle(data: &[u8]) -> bool {
-    let Ok(bundle) = edge_convert::bundle::from_bytes(Path::new("fuzz.bundle"), data) else {
+    let Ok(bundle) = edge_runtime::bundle::from_bytes(Path::new("fuzz.bundle"), data) else {
         return false;
     };
     assert!(bundle.manifest.validate().is_ok());
@@ -325,9 +325,9 @@ fn image_seeds() -> Vec<Vec<u8>> {
 
 /// A complete bundle around edge-convert's synthetic tiny model (1x8x8x3 in, 2 classes out).
 pub fn tiny_bundle() -> Vec<u8> {
-    let model = edge_convert::bundle::synthetic_tiny_model().expect("the tiny model builds");
+    let model = edge_runtime::bundle::synthetic_tiny_model().expect("the tiny model builds");
     let manifest = Manifest {
-        format_version: edge_convert::bundle::manifest::FORMAT_VERSION,
+        format_version: edge_runtime::bundle::manifest::FORMAT_VERSION,
         model: ModelInfo {
             name: "synthetic-tiny".into(),
             version: "1".into(),
@@ -338,7 +338,7 @@ pub fn tiny_bundle() -> Vec<u8> {
             sha256: "0".repeat(64),
             signature: None,
         },
-        tract_version: edge_convert::bundle::TRACT_VERSION.into(),
+        tract_version: edge_runtime::bundle::TRACT_VERSION.into(),
         converter_version: "0.1.0".into(),
         input: InputSpec {
             name: "input".into(),
@@ -356,9 +356,9 @@ pub fn tiny_bundle() -> Vec<u8> {
         labels: vec!["synthetic_a".into(), "synthetic_b".into()],
         verification: None,
     };
-    let tar = edge_convert::bundle::nnef_tar(&model).expect("the tiny model serialises");
+    let tar = edge_runtime::bundle::nnef_tar(&model).expect("the tiny model serialises");
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().join("tiny.bundle");
-    edge_convert::bundle::write(&path, &manifest, &tar).expect("the tiny bundle writes");
+    edge_runtime::bundle::write(&path, &manifest, &tar).expect("the tiny bundle writes");
     std::fs::read(&path).expect("the tiny bundle reads back")
 }

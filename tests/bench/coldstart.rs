@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use edge_convert::bundle;
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_runtime::bundle;
+use edge_runtime::runtime::{Classifier, RuntimeOptions};
 use tract_core::ops::konst::Const;
 use tract_onnx::prelude::*;
 

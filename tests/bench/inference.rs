@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use edge_convert::bundle;
-use edge_convert::runtime::{Classifier, Profile, RuntimeOptions, Tensor, TuneOptions, Tuning};
+use edge_runtime::bundle;
+use edge_runtime::runtime::{Classifier, Profile, RuntimeOptions, Tensor, TuneOptions, Tuning};
 use tract_core::ops::Cost;
 
 use crate::Ctx;
@@ -177,7 +177,7 @@ fn profile_before_after(ctx: &Ctx, report: &mut Report) -> Result<()> {
 /// A fixed pseudo-random input of the classifier's input shape (the one tuning and profiling
 /// run on).
 pub fn input(c: &Classifier) -> Tensor {
-    edge_convert::runtime::tune::pseudo_random(&c.manifest().input.shape)
+    edge_runtime::runtime::tune::pseudo_random(&c.manifest().input.shape)
 }
 
 /// `n` inferences one after the other: milliseconds each.

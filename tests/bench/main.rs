@@ -214,7 +214,7 @@ fn machine(cpus: usize) -> Vec<String> {
             "Date: {}; edge-agent {} (release build), tract {}",
             date(),
             env!("CARGO_PKG_VERSION"),
-            edge_convert::bundle::TRACT_VERSION
+            edge_runtime::bundle::TRACT_VERSION
         ),
     ]
 }

@@ -5,9 +5,9 @@ use std::io::Cursor;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use edge_convert::bundle::read_manifest;
-use edge_convert::preprocess::{ImageLimits, Preprocessor};
-use edge_convert::runtime::Tensor;
+use edge_runtime::bundle::read_manifest;
+use edge_runtime::preprocess::{ImageLimits, Preprocessor};
+use edge_runtime::runtime::Tensor;
 use image::imageops::FilterType;
 
 use crate::Ctx;
@@ -142,7 +142,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     report.note(
         S,
         format!(
-            "JPEGs (quality 90) made from ../shared/models/coffee.jpg at each size. Ours: edge-convert's \
+            "JPEGs (quality 90) made from ../shared/models/coffee.jpg at each size. Ours: edge-runtime's \
              Preprocessor with the bundle's manifest (Inception preset: full-image bilinear resize, \
              x/127.5-1), DCT-scaled JPEG decoding, fast_image_resize. Naive: image::load_from_memory, \
              resize_exact (Triangle), normalise. {} rounds of 2 each side, interleaved. Peak heap: the \

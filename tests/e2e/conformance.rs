@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use edge_convert::bundle::read_manifest;
-use edge_convert::preprocess::{ImageLimits, Preprocessor};
-use edge_convert::runtime::{Classifier, RuntimeOptions, Tensor};
 use edge_e2e::{bin, run, shared_models, stderr, stdout};
+use edge_runtime::bundle::read_manifest;
+use edge_runtime::preprocess::{ImageLimits, Preprocessor};
+use edge_runtime::runtime::{Classifier, RuntimeOptions, Tensor};
 use serde_json::Value;
 
 use crate::classify_photos::efficientnet_bundle;

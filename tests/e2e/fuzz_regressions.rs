@@ -117,7 +117,7 @@ fn a_bundle_declaring_a_huge_input_is_refused_before_anything_is_allocated() {
         let huge = dir.path().join("huge.bundle");
         edge_e2e::rewrite_manifest(&tiny, &huge, |m| m["input"]["shape"] = serde_json::json!(shape));
         let bytes = std::fs::read(&huge).expect("read the rewritten bundle");
-        let err = edge_convert::bundle::from_bytes(&huge, &bytes)
+        let err = edge_runtime::bundle::from_bytes(&huge, &bytes)
             .err()
             .unwrap_or_else(|| panic!("a {shape:?} input loads"));
         let text = err.to_string();

@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use edge_convert::bundle::read_manifest;
-use edge_convert::preprocess::{ImageLimits, Preprocessor};
 use edge_e2e::shared_models;
 use edge_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use edge_proto::inference::{
@@ -19,6 +17,8 @@ use edge_proto::tensorflow::{DataType, TensorProto};
 use edge_proto::tonic_health::pb::HealthCheckRequest;
 use edge_proto::tonic_health::pb::health_check_response::ServingStatus;
 use edge_proto::tonic_health::pb::health_client::HealthClient;
+use edge_runtime::bundle::read_manifest;
+use edge_runtime::preprocess::{ImageLimits, Preprocessor};
 use prost::Message;
 
 use crate::classify_photos::efficientnet_bundle;

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use edge_convert::bundle::manifest::{ResizeFilter, ResizePolicy};
-use edge_convert::runtime::{Classifier, RuntimeOptions};
 use edge_e2e::{bin, fixtures, max_abs_diff, read_f32, run, stderr, stdout, top_k};
+use edge_runtime::bundle::manifest::{ResizeFilter, ResizePolicy};
+use edge_runtime::runtime::{Classifier, RuntimeOptions};
 use serde_json::Value;
 
 /// A reference case: an input tensor (NHWC) and TensorFlow's probabilities for it.
@@ -75,7 +75,7 @@ fn assert_matches_tensorflow(bundle: &Path, what: &str) -> f32 {
         } else {
             case.input.clone()
         };
-        let input = edge_convert::runtime::Tensor::from_shape(&shape, &data).unwrap();
+        let input = edge_runtime::runtime::Tensor::from_shape(&shape, &data).unwrap();
         let probs = classifier.infer(input).unwrap();
         let diff = max_abs_diff(&probs, &case.probs);
         println!(
@@ -118,7 +118,7 @@ fn onnx_nchw_bundle_matches_tensorflow() {
         &fixtures().join("inception_v3_seeded_nchw.onnx"),
         &["--labels", &labels_flag()],
     );
-    let manifest = edge_convert::bundle::read_manifest(&bundle).unwrap();
+    let manifest = edge_runtime::bundle::read_manifest(&bundle).unwrap();
     assert_eq!(manifest.input.shape, vec![1, 3, 299, 299]);
     assert_matches_tensorflow(&bundle, "ONNX NCHW");
 }
@@ -139,7 +139,7 @@ fn tf2_saved_model_bundle_matches_tensorflow() {
         &fixtures().join("inception_v3_seeded"),
         &["--labels", &labels_flag()],
     );
-    let manifest = edge_convert::bundle::read_manifest(&bundle).unwrap();
+    let manifest = edge_runtime::bundle::read_manifest(&bundle).unwrap();
     assert_eq!(manifest.source.signature.as_deref(), Some("serving_default"));
     assert_matches_tensorflow(&bundle, "TF2 SavedModel");
 }
@@ -165,7 +165,7 @@ fn tf2_jpeg_signature_saved_model_bundle_matches_tensorflow() {
 fn check_jpeg_signature_export(source: &str, kind: &str, what: &str) {
     let fx = fixtures();
     let (_dir, bundle) = convert(&fx.join(source), &[]);
-    let manifest = edge_convert::bundle::read_manifest(&bundle).unwrap();
+    let manifest = edge_runtime::bundle::read_manifest(&bundle).unwrap();
     // The in-graph decoding became the manifest's preprocessing; the labels constant the
     // `classes` output looked up became the bundle's labels.
     let p = &manifest.preprocessing;

@@ -48,8 +48,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
-use edge_convert::preprocess::ImageLimits;
-use edge_convert::runtime::{Classifier, RuntimeOptions, TuneOptions, Tuning};
+use edge_runtime::preprocess::ImageLimits;
+use edge_runtime::runtime::{Classifier, RuntimeOptions, TuneOptions, Tuning};
 
 use crate::config::{Config, MqttProtocol, broker_address};
 use crate::metrics::Metrics;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use edge_convert::runtime::SettingsReport;
+use edge_runtime::runtime::SettingsReport;
 
 use super::{Shared, lock};
 use crate::queue::UnixMillis;

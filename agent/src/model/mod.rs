@@ -13,8 +13,8 @@ pub mod store;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use edge_convert::bundle::BundleError;
-use edge_convert::runtime::{Classifier, RuntimeError, RuntimeOptions, Tensor};
+use edge_runtime::bundle::BundleError;
+use edge_runtime::runtime::{Classifier, RuntimeError, RuntimeOptions, Tensor};
 
 /// A value replaced atomically while readers keep the one they took.
 pub struct Current<T> {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use edge_convert::runtime::{Classifier, RuntimeOptions};
+use edge_runtime::runtime::{Classifier, RuntimeOptions};
 use tracing::warn;
 
 use super::fetch::{self, FetchLimits, Source};

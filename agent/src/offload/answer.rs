@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 
-use edge_convert::bundle::Manifest;
+use edge_runtime::bundle::Manifest;
 
 use crate::config::PoolScores;
 use crate::reply::Label;
@@ -115,7 +115,7 @@ pub fn read(
         }
         let mut v = scores_row.to_vec();
         if kind == PoolScores::Logits {
-            edge_convert::runtime::softmax(&mut v);
+            edge_runtime::runtime::softmax(&mut v);
         }
         Ok(v)
     };
@@ -162,7 +162,7 @@ pub fn read(
         }
         None => {
             let full = full_vector("without classes")?;
-            let top = edge_convert::runtime::top_k(manifest, &full, top_k)
+            let top = edge_runtime::runtime::top_k(manifest, &full, top_k)
                 .into_iter()
                 .map(|p| Label {
                     label: p.label,
@@ -217,7 +217,7 @@ fn describe(v: &Values) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_convert::bundle::manifest::{
+    use edge_runtime::bundle::manifest::{
         InputSpec, Layout, ModelInfo, OutputKind, OutputSpec, Preprocessing, SourceFormat, SourceInfo,
     };
 
@@ -304,7 +304,7 @@ mod tests {
         let full = [0.1, 0.6, 0.05, 0.25];
         let logits = [0.0f32, 2.0, -1.0, 1.0];
         let mut soft = logits;
-        edge_convert::runtime::softmax(&mut soft);
+        edge_runtime::runtime::softmax(&mut soft);
         let cases: Vec<Case> = vec![
             (
                 "[N,k] scores with [N,k] classes (TF Serving Inception): pairwise",

@@ -52,7 +52,7 @@ use edge_proto::tensorflow::{DataType, TensorProto};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tracing::{debug, info, warn};
 
-use edge_convert::bundle::Manifest;
+use edge_runtime::bundle::Manifest;
 
 use crate::config::{OffloadConfig, OffloadPayload, OffloadProtocol};
 use crate::wire;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 
-use edge_convert::runtime::{Classifier, Tensor};
+use edge_runtime::runtime::{Classifier, Tensor};
 
 use super::metrics::PoolMetrics;
 use crate::model::Current;

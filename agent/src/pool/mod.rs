@@ -26,10 +26,10 @@ use anyhow::{Context, Result};
 use tonic::Status;
 use tracing::{info, warn};
 
-use edge_convert::preprocess::ImageLimits;
-use edge_convert::runtime::{Classifier, RuntimeOptions, Tensor};
 use edge_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use edge_proto::tensorflow::serving::prediction_service_server::PredictionServiceServer;
+use edge_runtime::preprocess::ImageLimits;
+use edge_runtime::runtime::{Classifier, RuntimeOptions, Tensor};
 
 use engine::{Batching, Engine, EngineError, EngineOptions, Item, Scored};
 use metrics::PoolMetrics;
@@ -82,7 +82,7 @@ fn server_tls(config: &ServeConfig) -> Result<Option<tonic::transport::ServerTls
 
 /// Classes a model's answers can name: its output classes minus a background class (label
 /// offset). Comes from the model's output, whether the bundle has labels or not.
-pub fn answerable_classes(manifest: &edge_convert::bundle::Manifest) -> usize {
+pub fn answerable_classes(manifest: &edge_runtime::bundle::Manifest) -> usize {
     manifest
         .output
         .classes
@@ -122,7 +122,7 @@ impl Pool {
     /// Labels per image in a `classes`/`scores` answer of `manifest`'s model: `--top-k`, at
     /// most the classes it can name (its output classes after the label offset; a bundle
     /// without labels names them `class_<index>`).
-    pub fn answer_k(&self, manifest: &edge_convert::bundle::Manifest) -> usize {
+    pub fn answer_k(&self, manifest: &edge_runtime::bundle::Manifest) -> usize {
         self.top_k.min(answerable_classes(manifest))
     }
 

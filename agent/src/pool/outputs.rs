@@ -11,7 +11,7 @@
 //! Scores are probabilities (softmax applied for logit models). Before `scores`, the tensor
 //! signatures answered the full vector as `probabilities`; agents still read that name.
 
-use edge_convert::runtime::Classifier;
+use edge_runtime::runtime::Classifier;
 
 use super::engine::Scored;
 

@@ -111,7 +111,7 @@ pub struct Ticket {
 
 impl Ticket {
     /// Makes the thumbnail of request `n`'s image and keeps it (blocking: decodes the image).
-    pub fn attach(self, n: u64, preprocessor: &edge_convert::preprocess::Preprocessor, image: &[u8]) {
+    pub fn attach(self, n: u64, preprocessor: &edge_runtime::preprocess::Preprocessor, image: &[u8]) {
         if let Some(png) = super::thumb::thumbnail(preprocessor, image) {
             self.history.attach_image(n, png);
         }

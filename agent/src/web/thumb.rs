@@ -2,7 +2,7 @@
 //! the request's image decoded with the model's own limits, box-filtered down to at most
 //! `MAX_SIDE` pixels a side and encoded as PNG, in memory only.
 
-use edge_convert::preprocess::{Preprocessor, RgbImage};
+use edge_runtime::preprocess::{Preprocessor, RgbImage};
 
 /// Longest side of a thumbnail, pixels.
 pub const MAX_SIDE: u32 = 96;

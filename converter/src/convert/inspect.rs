@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use edge_runtime::bundle::{self, Manifest};
 use tract_core::ops::{Cost, konst::Const};
 use tract_onnx::prelude::*;
 
 use super::{ConvertError, InputOverrides, source};
-use crate::bundle::{self, Manifest};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {

@@ -9,13 +9,13 @@ pub mod source;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tract_onnx::prelude::*;
-
-use crate::bundle::{
+use edge_runtime::bundle::{
     self, BundleError, Manifest,
     manifest::{self as m, OutputKind, Preprocessing},
 };
-use crate::runtime::{Classifier, RuntimeOptions};
+use edge_runtime::runtime::{Classifier, RuntimeOptions};
+use tract_onnx::prelude::*;
+
 pub use progress::Progress;
 pub use source::{InputOverrides, SourceError, SourceModel};
 
@@ -267,7 +267,9 @@ pub fn verify(
     let plan = progress.step("optimising the source model", || optimise(source.model))?;
     let mut source_outputs = progress.step("running the source model", || run_all(&plan, &inputs))?;
     if manifest.output.kind == OutputKind::Logits {
-        source_outputs.iter_mut().for_each(|o| crate::runtime::softmax(o));
+        source_outputs
+            .iter_mut()
+            .for_each(|o| edge_runtime::runtime::softmax(o));
     }
     let max_abs_diff = max_abs_diff(&source_outputs, &bundle_outputs);
     Ok(VerifyReport {

@@ -4,8 +4,8 @@
 
 use tract_core::prelude::Tensor;
 
-use crate::bundle::Manifest;
-use crate::preprocess::{ImageLimits, Preprocessor, RgbImage};
+use edge_runtime::bundle::Manifest;
+use edge_runtime::preprocess::{ImageLimits, Preprocessor, RgbImage};
 
 /// `count` input tensors for `manifest`'s model; the same every run.
 pub fn sample_inputs(manifest: &Manifest, count: usize) -> Result<Vec<Tensor>, String> {

@@ -4,11 +4,11 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use edge_runtime::bundle::manifest::{Layout, Preprocessing, SourceFormat};
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use crate::bundle::manifest::{Layout, Preprocessing, SourceFormat};
 use crate::tf;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use edge_runtime::bundle::manifest::{ChannelOrder, ResizeFilter, ResizePolicy};
 use tract_tensorflow::prelude::*;
 
 use super::*;
-use crate::bundle::manifest::{ChannelOrder, ResizeFilter, ResizePolicy};
 
 const SIZE: usize = 299;
 

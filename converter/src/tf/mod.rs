@@ -24,12 +24,12 @@ mod variables;
 use std::path::Path;
 
 use edge_proto::tensorflow::{DataType, GraphDef, NodeDef, attr_value};
+use edge_runtime::bundle::manifest::Preprocessing;
 use prost::Message;
 
 pub use error::TfError;
 pub use tract_model::tract_model;
 
-use crate::bundle::manifest::Preprocessing;
 use graph::TensorRef;
 
 /// A frozen graph ready for tract, and what we learnt about it.

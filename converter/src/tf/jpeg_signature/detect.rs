@@ -4,12 +4,12 @@
 use std::collections::{HashSet, VecDeque};
 
 use edge_proto::tensorflow::NodeDef;
+use edge_runtime::bundle::manifest::{ChannelOrder, Preprocessing, ResizeFilter, ResizePolicy};
 
 use super::super::TfError;
 use super::super::graph::{TensorRef, attr_b, attr_i};
 use super::decoding_loop::{DECODERS, LoopValue};
 use super::nodes::Nodes;
-use crate::bundle::manifest::{ChannelOrder, Preprocessing, ResizeFilter, ResizePolicy};
 
 const TRANSPARENT: &[&str] = &[
     "Identity",

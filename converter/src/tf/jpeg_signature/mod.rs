@@ -12,11 +12,11 @@ mod nodes;
 use std::collections::HashSet;
 
 use edge_proto::tensorflow::{DataType, GraphDef, NodeDef, SignatureDef, attr_value::Value};
+use edge_runtime::bundle::manifest::Preprocessing;
 
 use super::graph::{TensorRef, const_value, fresh_name, set_attr, tensor_ref};
 use super::tensor::Data;
 use super::{LoadOptions, TfError};
-use crate::bundle::manifest::Preprocessing;
 use nodes::Nodes;
 
 /// The source graph cut at the decoded image, with what was learnt on the way.

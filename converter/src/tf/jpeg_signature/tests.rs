@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 
 use edge_proto::tensorflow::{FunctionDef, FunctionDefLibrary, NameAttrList, OpDef, op_def};
+use edge_runtime::bundle::manifest::{ResizeFilter, ResizePolicy};
 
 use super::super::graph::attr;
 use super::super::graph::test_util::{konst, op, placeholder, tensor_info as info};
 use super::super::tensor::{Data, HostTensor};
 use super::*;
-use crate::bundle::manifest::{ResizeFilter, ResizePolicy};
 
 fn int_const(name: &str, values: Vec<i32>) -> NodeDef {
     let shape = vec![values.len()];
