@@ -74,6 +74,17 @@ pub struct Label {
     pub score: f32,
 }
 
+impl From<edge_runtime::runtime::Prediction> for Label {
+    /// A class the local model scored (so its index is known).
+    fn from(p: edge_runtime::runtime::Prediction) -> Self {
+        Self {
+            label: p.label,
+            index: Some(p.index),
+            score: p.score,
+        }
+    }
+}
+
 /// Milliseconds spent in each stage.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
 pub struct Timings {

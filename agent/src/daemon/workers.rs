@@ -269,15 +269,7 @@ async fn classify_locally(
             let labelled = c.probabilities.get(offset..).unwrap_or_default();
             let confidence = routing::confidence(measure, labelled);
             shared.history.confidence(best, confidence < threshold);
-            let top = c
-                .top
-                .into_iter()
-                .map(|p| Label {
-                    label: p.label,
-                    index: Some(p.index),
-                    score: p.score,
-                })
-                .collect();
+            let top = c.top.into_iter().map(Label::from).collect();
             let answer = LocalAnswer {
                 top,
                 preprocess: ms(c.preprocess),

@@ -164,11 +164,7 @@ pub fn read(
             let full = full_vector("without classes")?;
             let top = edge_runtime::runtime::top_k(manifest, &full, top_k)
                 .into_iter()
-                .map(|p| Label {
-                    label: p.label,
-                    index: Some(p.index),
-                    score: p.score,
-                })
+                .map(Label::from)
                 .collect();
             (top, PoolScores::Probabilities)
         }
