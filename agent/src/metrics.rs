@@ -45,6 +45,7 @@ pub struct Metrics {
     pub acknowledged: Counter,
     pub replies_acked: Counter,
     pub replies_refused: Counter,
+    pub publish_resyncs: Counter,
     pub mqtt_oversized: Counter,
     pub queue_items: Family<StateLabels, Gauge>,
     pub queue_bytes: Gauge,
@@ -103,6 +104,12 @@ impl Metrics {
             "replies_refused",
             "Replies the broker refused (MQTT 5 PUBACK with an error reason, e.g. NotAuthorized): not delivered, not retried",
             replies_refused.clone(),
+        );
+        let publish_resyncs = Counter::default();
+        registry.register(
+            "publish_tracker_resyncs",
+            "Times the agent lost track of which PUBACK belongs to which reply and published its outbox again (duplicates, never losses)",
+            publish_resyncs.clone(),
         );
         let mqtt_oversized = Counter::default();
         registry.register(
@@ -196,6 +203,7 @@ impl Metrics {
             acknowledged,
             replies_acked,
             replies_refused,
+            publish_resyncs,
             mqtt_oversized,
             queue_items,
             queue_bytes,

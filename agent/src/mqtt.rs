@@ -19,8 +19,14 @@
 //! session. If it has not (`session_present` false), rumqttc drops them: the tracker is then
 //! reset, every reply still in the outbox is published again, and events from before the
 //! reset are ignored until the resubscription (sent after the reset) leaves, so a stale
-//! publish can never be taken for a new one. A reply is removed from the outbox only for its
-//! own PUBACK; the worst case of a mix-up is a duplicate, never a loss.
+//! publish can never be taken for a new one; tags queued between the reset and the
+//! resubscription are dropped at that barrier (their publishes leave before it; their replies
+//! are in the outbox that is published again). A reply is removed from the outbox only for its
+//! own PUBACK; the worst case of a mix-up is a duplicate, never a loss. Should the tracker
+//! still lose step with the client (a tag that never meets its publish pairs every later
+//! PUBACK with the reply before it and leaves the last one in the outbox), its oldest entry
+//! grows old on a live connection: the daemon's housekeeping then resets it and publishes the
+//! outbox again.
 //!
 //! # A message larger than `mqtt.max_packet_bytes`
 //!
@@ -35,7 +41,7 @@
 //! the broker must be told to refuse it (Mosquitto: `message_size_limit`).
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as QoSV5;
@@ -487,11 +493,13 @@ impl Message {
     }
 }
 
-/// Ties PUBACKs to what was published (see the module doc). `T` is the caller's tag.
+/// Ties PUBACKs to what was published (see the module doc). `T` is the caller's tag; each
+/// entry keeps when it was queued, so that a tracker out of step with the client (a tag that
+/// never met its publish or its PUBACK) shows as an old entry: see `oldest`.
 #[derive(Debug)]
 pub struct PublishTracker<T> {
-    queued: VecDeque<T>,
-    in_flight: HashMap<u16, T>,
+    queued: VecDeque<(T, Instant)>,
+    in_flight: HashMap<u16, (T, Instant)>,
     resyncing: bool,
 }
 
@@ -508,7 +516,7 @@ impl<T> Default for PublishTracker<T> {
 impl<T> PublishTracker<T> {
     /// Call just before handing a publish to the client.
     pub fn queued(&mut self, tag: T) {
-        self.queued.push_back(tag);
+        self.queued.push_back((tag, Instant::now()));
     }
 
     /// A publish left with `pkid`.
@@ -516,26 +524,47 @@ impl<T> PublishTracker<T> {
         if self.resyncing || self.in_flight.contains_key(&pkid) {
             return;
         }
-        if let Some(tag) = self.queued.pop_front() {
-            self.in_flight.insert(pkid, tag);
+        if let Some(entry) = self.queued.pop_front() {
+            self.in_flight.insert(pkid, entry);
         }
     }
 
     /// The broker acknowledged `pkid`: the tag it belongs to, if known.
     pub fn acked(&mut self, pkid: u16) -> Option<T> {
-        self.in_flight.remove(&pkid)
+        self.in_flight.remove(&pkid).map(|(tag, _)| tag)
     }
 
-    /// The broker lost the session: forget everything until `subscribed`.
+    /// The broker lost the session, or the tracker is out of step with the client: forget
+    /// everything until `subscribed`.
     pub fn reset(&mut self) {
         self.queued.clear();
         self.in_flight.clear();
         self.resyncing = true;
     }
 
+    /// Call just before handing the resubscription that ends a reset to the client. Tags
+    /// queued since the reset belong to publishes handed over before it, whose events are
+    /// ignored until it leaves: they are dropped here, or each would be paired with the
+    /// publish after its own (their replies are still in the outbox, published again after
+    /// the resubscription). Without a reset in progress it does nothing.
+    pub fn barrier(&mut self) {
+        if self.resyncing {
+            self.queued.clear();
+        }
+    }
+
     /// The subscription sent after `reset` left: events from now on are current.
     pub fn subscribed(&mut self) {
         self.resyncing = false;
+    }
+
+    /// When the oldest entry, queued or in flight, was queued. On a live connection a publish
+    /// leaves and is acknowledged within moments; an entry much older than that means the
+    /// tracker lost step with the client.
+    pub fn oldest(&self) -> Option<Instant> {
+        let queued = self.queued.front().map(|(_, at)| *at);
+        let in_flight = self.in_flight.values().map(|(_, at)| *at).min();
+        queued.into_iter().chain(in_flight).min()
     }
 
     pub fn len(&self) -> usize {
@@ -608,5 +637,51 @@ mod tests {
         t.published(3);
         assert_eq!(t.acked(1), None);
         assert_eq!(t.acked(3), Some("new"));
+    }
+
+    #[test]
+    fn tags_queued_during_a_reset_are_dropped_at_the_barrier() {
+        let mut t = PublishTracker::default();
+        t.queued("old");
+        t.published(1);
+        // The session is lost; a reply is handed over before the resubscription.
+        t.reset();
+        t.queued("handed over before the barrier");
+        t.barrier();
+        t.queued("status");
+        t.queued("outbox reply");
+        // Its publish leaves before the barrier and is ignored; then the barrier, then ours.
+        t.published(2);
+        t.subscribed();
+        t.published(3);
+        t.published(4);
+        assert_eq!(t.acked(2), None);
+        assert_eq!(t.acked(3), Some("status"));
+        assert_eq!(t.acked(4), Some("outbox reply"));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn without_a_reset_the_barrier_keeps_every_tag() {
+        let mut t = PublishTracker::default();
+        t.queued("a");
+        t.barrier();
+        t.published(1);
+        assert_eq!(t.acked(1), Some("a"));
+    }
+
+    #[test]
+    fn oldest_covers_queued_and_in_flight_entries() {
+        let mut t = PublishTracker::default();
+        assert_eq!(t.oldest(), None);
+        t.queued("a");
+        let first = t.oldest().expect("one entry");
+        t.published(1);
+        t.queued("b");
+        assert_eq!(t.oldest(), Some(first), "the in-flight entry is the oldest");
+        assert_eq!(t.acked(1), Some("a"));
+        assert!(t.oldest().is_some_and(|at| at >= first));
+        t.reset();
+        assert_eq!(t.oldest(), None);
     }
 }

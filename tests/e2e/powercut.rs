@@ -64,7 +64,7 @@ pub(crate) fn queue_state(agent: &Agent) -> HashMap<&'static str, f64> {
 }
 
 /// Waits until the agent's outbox holds a reply (the broker paused, so none is acknowledged).
-fn wait_for_outbox(agent: &Agent, within: Duration) {
+pub(crate) fn wait_for_outbox(agent: &Agent, within: Duration) {
     let start = Instant::now();
     while queue_state(agent)["outbox"] < 1.0 {
         assert!(

@@ -44,6 +44,7 @@ pub(super) async fn connection_task(
                     oversize_allowed = false;
                 }
                 shared.connected.store(true, Ordering::Relaxed);
+                *lock(&shared.connected_since) = Some(Instant::now());
                 shared.metrics.mqtt_connected.set(1);
                 shared.metrics.mqtt_connections.inc();
                 if !session_present {
@@ -106,6 +107,10 @@ pub(super) async fn connection_task(
                     tokio::spawn(async move {
                         match shared.queue.reply_acked_async(seq).await {
                             Ok(true) => {
+                                debug!(
+                                    seq = seq.get(),
+                                    pkid, "reply acknowledged by the broker: out of the outbox"
+                                );
                                 shared.metrics.replies_acked.inc();
                                 shared.space.notify_waiters();
                             }
@@ -161,6 +166,7 @@ pub(super) async fn connection_task(
                         *lock(&shared.last_error) = Some(("message_too_large", message));
                     }
                 }
+                *lock(&shared.connected_since) = None;
                 if shared.stopping.is_cancelled() {
                     shared.connected.store(false, Ordering::Relaxed);
                     debug!("connection closed: {e}");

@@ -1,6 +1,7 @@
 //! The housekeeping task, once a second or when the status changes: hands out again the
 //! requests whose lease expired, syncs the queue, publishes the retained status when it
-//! changed, and feeds systemd's watchdog.
+//! changed, resynchronises a publish tracker that lost step with the client, and feeds
+//! systemd's watchdog.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
-use super::Shared;
 use super::publisher::{PubCmd, Tag};
 use super::status::State;
+use super::{Shared, lock};
 use crate::queue::UnixMillis;
 
 pub(super) async fn housekeeping_task(shared: Arc<Shared>) {
@@ -47,6 +48,7 @@ pub(super) async fn housekeeping_task(shared: Arc<Shared>) {
             Ok(Err(e)) => error!("cannot requeue expired leases or sync the queue: {e}"),
             Err(e) => error!("requeue task failed: {e}"),
         }
+        resync_if_out_of_step(&shared);
         let stats = shared.queue.stats();
         shared.metrics.set_queue(&stats);
         let state = shared.state();
@@ -65,4 +67,40 @@ pub(super) async fn housekeeping_task(shared: Arc<Shared>) {
             last = Some((state, stats, answered, epoch));
         }
     }
+}
+
+/// If the publish tracker holds an entry much older than a publish takes to leave and be
+/// acknowledged on the current connection, it lost step with the client (a tag that never met
+/// its publish would pair every later PUBACK with the reply before it, and leave the last
+/// reply in the outbox): reset it and publish the outbox again, as after a lost session.
+/// Replies are then delivered twice at worst, never lost, and a reply the broker
+/// acknowledged leaves the outbox. The limit is twice the keep-alive, at least 60 s: a broker
+/// that stops answering is disconnected by the keep-alive well before.
+fn resync_if_out_of_step(shared: &Shared) {
+    let keep_alive = Duration::from_secs(shared.config.mqtt.keep_alive_secs);
+    let limit = (keep_alive * 2).max(Duration::from_secs(60));
+    let Some(since) = *lock(&shared.connected_since) else {
+        return;
+    };
+    let mut tracker = lock(&shared.tracker);
+    let Some(oldest) = tracker.oldest() else {
+        return;
+    };
+    let now = Instant::now();
+    if now.duration_since(since) < limit || now.duration_since(oldest) < limit {
+        return;
+    }
+    warn!(
+        entries = tracker.len(),
+        waited_secs = now.duration_since(oldest).as_secs(),
+        "a publish has waited for the broker's acknowledgement longer than the connection allows: \
+         publishing the outbox again"
+    );
+    tracker.reset();
+    drop(tracker);
+    shared.metrics.publish_resyncs.inc();
+    shared.send(PubCmd::Connected {
+        session_present: false,
+        first: false,
+    });
 }

@@ -135,6 +135,9 @@ struct Shared {
     /// Something in the status changed.
     status_changed: Notify,
     connected: AtomicBool,
+    /// When the current connection came up (`None` while there is none): how long the
+    /// tracker's entries may wait is measured against it (see `housekeeping`).
+    connected_since: Mutex<Option<Instant>>,
     /// Counts connections; a message is acknowledged only on the connection it came on.
     epoch: AtomicU64,
     backpressure: AtomicBool,
@@ -291,6 +294,7 @@ pub async fn run(config: Config) -> Result<()> {
         space: Notify::new(),
         status_changed: Notify::new(),
         connected: AtomicBool::new(false),
+        connected_since: Mutex::new(None),
         epoch: AtomicU64::new(0),
         backpressure: AtomicBool::new(false),
         draining: AtomicBool::new(false),

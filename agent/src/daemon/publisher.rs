@@ -97,6 +97,7 @@ pub(super) async fn publisher_task(
                 first,
             } => {
                 // The subscription also marks the end of a tracker reset (see `mqtt`).
+                lock(&shared.tracker).barrier();
                 let mut filters = vec![shared.topics.control.clone()];
                 if !shared.draining.load(Ordering::Relaxed) {
                     filters.extend(shared.topics.requests.iter().cloned());
@@ -121,7 +122,12 @@ pub(super) async fn publisher_task(
                     match shared.queue.outbox_async().await {
                         Ok(replies) => {
                             if !replies.is_empty() {
-                                info!(replies = replies.len(), "publishing replies not yet acknowledged");
+                                let seqs: Vec<u64> = replies.iter().map(|(seq, _)| seq.get()).collect();
+                                info!(
+                                    replies = replies.len(),
+                                    ?seqs,
+                                    "publishing replies not yet acknowledged"
+                                );
                             }
                             for (seq, reply) in replies {
                                 lock(&shared.tracker).queued(Tag::Reply(seq));
