@@ -150,6 +150,10 @@ struct ConvertArgs {
     /// Largest accepted absolute difference between bundle and source outputs.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
+    /// Keep the graph as the source has it: no rewrites for speed (today: average pools moved
+    /// after the 1x1 convolution that follows them). For comparing; the default is faster.
+    #[arg(long)]
+    no_rewrites: bool,
 }
 
 #[derive(Args)]
@@ -391,6 +395,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 version: args.model_version,
                 samples: args.samples,
                 tolerance: args.tolerance,
+                rewrites: !args.no_rewrites,
             };
             let converted = convert::convert(&args.source, &args.output, &options, &progress)
                 .with_context(|| format!("cannot convert {}", args.source.display()))?;

@@ -141,6 +141,22 @@ fn tf2_saved_model_bundle_matches_tensorflow() {
     );
     let manifest = edge_runtime::bundle::read_manifest(&bundle).unwrap();
     assert_eq!(manifest.source.signature.as_deref(), Some("serving_default"));
+    // The converter's speed rewrite (issue 20): the pool branches' average pools run after
+    // their 1x1 convolutions, on the narrow side (Inception's branch convolutions give 32 to
+    // 192 channels; before them the pools ran on 192 to 2048).
+    let model = edge_runtime::bundle::load(&bundle, u64::MAX).unwrap().model;
+    let channels: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<tract_core::ops::cnn::SumPool>())
+        .map(|p| p.pool_spec.input_channels)
+        .collect();
+    println!("average pools' channels: {channels:?}");
+    assert_eq!(channels.len(), 9, "{channels:?}");
+    assert!(
+        channels.iter().filter(|&&c| c <= 192).count() >= 8,
+        "{channels:?}"
+    );
     assert_matches_tensorflow(&bundle, "TF2 SavedModel");
 }
 

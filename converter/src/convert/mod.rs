@@ -3,6 +3,7 @@
 
 pub mod inspect;
 pub mod progress;
+pub mod rewrite;
 pub mod samples;
 pub mod source;
 
@@ -56,6 +57,8 @@ pub struct ConvertOptions {
     /// Sample inputs compared between source and bundle.
     pub samples: usize,
     pub tolerance: f32,
+    /// Rewrite the graph for speed (`rewrite`); the verify step checks the result.
+    pub rewrites: bool,
 }
 
 impl Default for ConvertOptions {
@@ -70,6 +73,7 @@ impl Default for ConvertOptions {
             version: "1".into(),
             samples: 3,
             tolerance: 1e-4,
+            rewrites: true,
         }
     }
 }
@@ -97,6 +101,17 @@ pub fn convert(
     // syntax, and the manifest records what matters: drop it.
     typed.properties.clear();
     let classes = output_classes(&typed)?;
+    if options.rewrites {
+        let moved = progress.step("rewriting for speed", || {
+            source::guard(|| rewrite::pools_after_pointwise_convs(&mut typed)).map_err(ConvertError::Model)
+        })?;
+        if moved > 0 {
+            notes.push(format!(
+                "moved {moved} average pools after the 1x1 convolution that follows them (they commute; \
+                 the pool then runs on fewer channels)"
+            ));
+        }
+    }
 
     let preprocessing = match (&options.preprocessing, &source.preprocessing) {
         (Some(p), _) => p.clone(),
