@@ -65,6 +65,27 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             }
         }
         let (ours_ms, naive_ms) = (median(&a), median(&b));
+        // The other decoding path, timed the same way: full-size decode by the image crate
+        // (zune-jpeg) and a resize from full size, against DCT-scaled decoding by jpeg-decoder.
+        let (scaled, full_path) = (ours.clone().with_dct_scaling(true), ours.clone().with_dct_scaling(false));
+        let (mut with_dct, mut without_dct) = (Vec::new(), Vec::new());
+        for _ in 0..ctx.rounds {
+            let start = Instant::now();
+            prepare(&scaled, &jpeg)?;
+            with_dct.push(ms(start.elapsed()));
+            let start = Instant::now();
+            prepare(&full_path, &jpeg)?;
+            without_dct.push(ms(start.elapsed()));
+        }
+        report.note(
+            S,
+            format!(
+                "{label}: JPEG to tensor with DCT-scaled decoding (jpeg-decoder) {:.1} ms; with a \
+                 full-size decode (image crate, zune-jpeg) and resize {:.1} ms.",
+                median(&with_dct),
+                median(&without_dct)
+            ),
+        );
         let decode: Vec<f64> = (0..5)
             .map(|_| {
                 let start = Instant::now();
