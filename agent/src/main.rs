@@ -43,6 +43,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A child the runtime tuner started to time an instruction set answers and exits here.
+    edge_runtime::runtime::tune::isa::child_entry();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Classify(args) => classify::run(&args),

@@ -362,6 +362,8 @@ fn read_labels(path: &Path) -> Result<Vec<String>> {
 }
 
 fn main() -> ExitCode {
+    // A child the runtime tuner started to time an instruction set answers and exits here.
+    edge_runtime::runtime::tune::isa::child_entry();
     let cli = Cli::parse();
     // tract may panic on malformed models; the converter turns those into errors, so keep
     // the default hook from printing a backtrace note on top.
@@ -618,7 +620,20 @@ fn describe_origin(s: &runtime::SettingsReport) -> String {
         .as_ref()
         .map(|c| format!("; cache {}", c.display()))
         .unwrap_or_default();
-    match s.origin {
+    let isa = s
+        .isa
+        .as_ref()
+        .map(|t| {
+            format!(
+                "; instruction sets: tract's detection {:.1} ms, TRACT_CPU_ISA={} {:.1} ms: {}",
+                t.native_ms,
+                t.candidate,
+                t.candidate_ms,
+                if t.kept { "kept" } else { "not kept" }
+            )
+        })
+        .unwrap_or_default();
+    let origin: String = match s.origin {
         Origin::Default => "tract's defaults, tuning off".into(),
         Origin::Given => "given with --setting".into(),
         Origin::Cached => format!(
@@ -626,7 +641,8 @@ fn describe_origin(s: &runtime::SettingsReport) -> String {
             measured.unwrap_or_default()
         ),
         Origin::Tuned => format!("measured now: {}{cache}", measured.unwrap_or_default()),
-    }
+    };
+    format!("{origin}{isa}")
 }
 
 fn gflops(multiply_adds: u64, ms: f64) -> f64 {

@@ -106,6 +106,8 @@ pub struct Ctx {
 }
 
 fn main() -> Result<()> {
+    // A child the runtime tuner started to time an instruction set answers and exits here.
+    edge_runtime::runtime::tune::isa::child_entry();
     let args = Args::parse();
     if let Some(Child::Load { bundle, onnx }) = args.child {
         return coldstart::child(bundle.as_deref(), onnx.as_deref());

@@ -67,7 +67,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         let (ours_ms, naive_ms) = (median(&a), median(&b));
         // The other decoding path, timed the same way: full-size decode by the image crate
         // (zune-jpeg) and a resize from full size, against DCT-scaled decoding by jpeg-decoder.
-        let (scaled, full_path) = (ours.clone().with_dct_scaling(true), ours.clone().with_dct_scaling(false));
+        let (scaled, full_path) = (
+            ours.clone().with_dct_scaling(true),
+            ours.clone().with_dct_scaling(false),
+        );
         let (mut with_dct, mut without_dct) = (Vec::new(), Vec::new());
         for _ in 0..ctx.rounds {
             let start = Instant::now();

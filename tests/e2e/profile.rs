@@ -23,6 +23,14 @@ fn profile(bundle: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&stdout(&out)).expect("profile --json prints JSON")
 }
 
+/// Whether this CPU has AVX-512 (the tuner then compares tract's kernels with its AVX2 ones).
+fn has_avx512() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "avx512f"))
+    })
+}
+
 /// The EfficientNet-Lite0 bundle copied into a directory of its own (the tuning cache goes
 /// beside it).
 fn private_efficientnet(dir: &Path) -> PathBuf {
@@ -108,12 +116,28 @@ fn tuning_is_cached_beside_the_bundle_and_redone_for_new_bytes() {
     );
     assert!(!m["trials"].as_array().unwrap().is_empty(), "{m}");
     assert!(cache.is_file(), "the choice is cached beside the bundle");
+    // On an AVX-512 CPU, tract's detection was timed against its AVX2 kernels, each in child
+    // processes of edge-convert (tract fixes its instruction set once per process).
+    let isa = &s["isa"];
+    if has_avx512() {
+        assert_eq!(isa["candidate"], "-avx512f", "{s}");
+        assert!(isa["native_ms"].as_f64().unwrap() > 0.0, "{isa}");
+        assert!(isa["candidate_ms"].as_f64().unwrap() > 0.0, "{isa}");
+        let cached: Value = serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
+        assert_eq!(&cached["entries"][0]["isa"], isa, "{cached}");
+    } else {
+        assert!(isa.is_null(), "nothing to compare without AVX-512: {s}");
+    }
 
     // Same bytes, same CPU: read from the cache, no tuning.
     let second = profile(&bundle, &["--runs", "1"]);
     assert_eq!(second["settings"]["origin"], "cached", "{}", second["settings"]);
     assert_eq!(second["settings"]["tuning_ms"], 0.0);
     assert_eq!(second["settings"]["settings"], s["settings"]);
+    assert_eq!(
+        second["settings"]["isa"], s["isa"],
+        "the cached comparison is reported"
+    );
 
     // The same bytes under another name (a copy: new inode and mtime) are found by sha256.
     let copy = dir.path().join("copy.bundle");
@@ -133,6 +157,23 @@ fn tuning_is_cached_beside_the_bundle_and_redone_for_new_bytes() {
     assert_eq!(fifth["settings"]["origin"], "tuned", "{}", fifth["settings"]);
     let text = std::fs::read_to_string(&cache).unwrap();
     assert!(serde_json::from_str::<Value>(&text).is_ok(), "{text}");
+}
+
+/// An operator's own `TRACT_CPU_ISA` is respected: no comparison, and the cache keys it.
+#[test]
+fn an_operators_tract_cpu_isa_is_not_second_guessed() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = private_efficientnet(dir.path());
+    let out = run(Command::new(bin("edge-convert"))
+        .env("TRACT_CPU_ISA", "-avx512f")
+        .args(["profile", "--runs", "1", "--tuning-budget-secs", "60", "--json"])
+        .arg(&bundle));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["settings"]["origin"], "tuned", "{}", v["settings"]);
+    assert!(v["settings"]["isa"].is_null(), "{}", v["settings"]);
+    let cache = std::fs::read_to_string(dir.path().join("edge-tuning.json")).unwrap();
+    assert!(cache.contains("TRACT_CPU_ISA=-avx512f"), "{cache}");
 }
 
 #[test]
@@ -196,6 +237,13 @@ async fn the_agent_tunes_once_and_reports_its_settings_in_the_status() {
     assert_eq!(rs["threads"], 1, "{rs}");
     assert!(rs["default_ms"].as_f64().unwrap() > 0.0, "{rs}");
     assert!(rs["knobs"].is_object(), "{rs}");
+    // edge-agent answers the tuner's instruction-set children too (see `tune::isa`).
+    if has_avx512() {
+        assert_eq!(rs["instruction_sets"]["candidate"], "-avx512f", "{rs}");
+        assert!(rs["instruction_sets"]["native_ms"].as_f64().unwrap() > 0.0, "{rs}");
+    } else {
+        assert!(rs["instruction_sets"].is_null(), "{rs}");
+    }
     // The cache is in the agent's model directory (its state), not beside the bundle.
     let cache = agent
         .queue_dir

@@ -112,6 +112,7 @@ fn runtime_settings_status(s: &SettingsReport) -> serde_json::Value {
         "default_ms": s.measured.as_ref().map(|m| m.default_ms),
         "chosen_ms": s.measured.as_ref().map(|m| m.chosen_ms),
         "tuning_ms": s.measured.as_ref().map(|m| m.tuning_ms),
+        "instruction_sets": s.isa,
         "note": s.note,
     })
 }

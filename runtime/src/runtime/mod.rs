@@ -128,8 +128,10 @@ impl Classifier {
     /// Loads, optimises and plans a bundle; with [`Tuning::Auto`], under the settings cached
     /// beside it for this CPU, or measured now (and cached) when there are none.
     pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
+        // First: the instruction set is fixed for the process once tract looks at the CPU.
+        let isa = tune::isa_before_load(path, options);
         let bundle = bundle::load(path, options.max_bundle_bytes)?;
-        let settings = tune::settings_for(Some(path), &bundle.model, options)?;
+        let settings = tune::settings_for(Some(path), &bundle.model, options, isa)?;
         Self::build(bundle.manifest, bundle.model, options, settings)
     }
 
@@ -140,7 +142,7 @@ impl Classifier {
         model: TypedModel,
         options: &RuntimeOptions,
     ) -> Result<Self, RuntimeError> {
-        let settings = tune::settings_for(None, &model, options)?;
+        let settings = tune::settings_for(None, &model, options, Default::default())?;
         Self::build(manifest, model, options, settings)
     }
 

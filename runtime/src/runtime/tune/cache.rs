@@ -36,8 +36,10 @@ impl CacheKey {
     }
 }
 
-/// The CPU as the cache keys it: architecture, model name, and the instruction sets tract
-/// detected (after any `TRACT_CPU_ISA` edit).
+/// The CPU as the cache keys it: architecture, model name, the instruction sets the standard
+/// library detects that tract's kernels use, and any `TRACT_CPU_ISA` the operator set. It
+/// does not ask tract, which would fix tract's instruction set for the process before the
+/// tuner chose it (see `isa`).
 pub fn cpu_description() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -57,10 +59,42 @@ pub fn cpu_description() -> String {
             })
         })
         .unwrap_or_else(|| "unknown".into());
+    let mut features: Vec<&str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (name, on) in [
+            ("avx2", std::is_x86_feature_detected!("avx2")),
+            ("fma", std::is_x86_feature_detected!("fma")),
+            ("f16c", std::is_x86_feature_detected!("f16c")),
+            ("avx512f", std::is_x86_feature_detected!("avx512f")),
+            ("avx512vnni", std::is_x86_feature_detected!("avx512vnni")),
+            ("avxvnni", std::is_x86_feature_detected!("avxvnni")),
+        ] {
+            if on {
+                features.push(name);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        for (name, on) in [
+            ("fp16", std::arch::is_aarch64_feature_detected!("fp16")),
+            ("dotprod", std::arch::is_aarch64_feature_detected!("dotprod")),
+            ("sve", std::arch::is_aarch64_feature_detected!("sve")),
+            ("sve2", std::arch::is_aarch64_feature_detected!("sve2")),
+        ] {
+            if on {
+                features.push(name);
+            }
+        }
+    }
+    let forced = std::env::var("TRACT_CPU_ISA")
+        .map(|v| format!(" TRACT_CPU_ISA={v}"))
+        .unwrap_or_default();
     format!(
-        "{} {model} [{:?}]",
+        "{} {model} [{}]{forced}",
         std::env::consts::ARCH,
-        tract_linalg::isa::native()
+        features.join(",")
     )
 }
 
@@ -109,6 +143,9 @@ pub struct CacheEntry {
     pub key: CacheKey,
     pub settings: RuntimeSettings,
     pub measured: Measured,
+    /// The instruction sets compared for this bundle on this CPU (`None`: nothing compared).
+    #[serde(default)]
+    pub isa: Option<super::IsaTrial>,
     pub at_unix_s: u64,
 }
 
@@ -241,6 +278,7 @@ mod tests {
                 tuning_ms: 100.0,
                 trials: Vec::new(),
             },
+            isa: None,
             at_unix_s: at,
         }
     }

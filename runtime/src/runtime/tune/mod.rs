@@ -15,6 +15,10 @@
 //! when they all match the file is taken as unchanged (as git's index does), otherwise it is
 //! hashed. A cache that cannot be read or written costs a new tuning, never a failed load:
 //! every candidate computes the same function up to float rounding.
+//!
+//! Before any of that, and before the bundle is even read, the instruction set tract's kernels
+//! use is chosen the same way (tract's detection against AVX2 on AVX-512 CPUs), in child
+//! processes because tract reads it once per process: see [`isa`].
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,7 +30,9 @@ use super::profile::median;
 use super::{RuntimeError, RuntimeOptions, RuntimeSettings, Tensor, pool, prepare};
 
 mod cache;
+pub mod isa;
 pub use cache::{CacheEntry, CacheFile, CacheKey, FileId, cpu_description, sha256_file};
+pub use isa::IsaTrial;
 
 /// How a model's runtime settings are chosen.
 #[derive(Debug, Clone, Default)]
@@ -60,7 +66,7 @@ impl Default for TuneOptions {
 /// Name of the cache file in its directory.
 pub const CACHE_FILE: &str = "edge-tuning.json";
 /// Version of [`CANDIDATES`] and of the search: a change makes cached choices stale.
-pub const SEARCH_VERSION: u32 = 1;
+pub const SEARCH_VERSION: u32 = 2;
 /// A candidate is kept when it takes at most this fraction of the best time so far.
 pub const MIN_GAIN: f64 = 0.97;
 /// Interleaved timing rounds per candidate (one inference of each side per round).
@@ -114,6 +120,9 @@ pub struct SettingsReport {
     /// Something the operator should know (cache not writable, budget reached).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The instruction sets compared (this load's or the cached comparison), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isa: Option<IsaTrial>,
 }
 
 impl SettingsReport {
@@ -125,7 +134,65 @@ impl SettingsReport {
             tuning_ms: 0.0,
             cache: None,
             note: None,
+            isa: None,
         }
+    }
+}
+
+/// What [`isa_before_load`] did, for [`settings_for`] to report and cache.
+#[derive(Debug, Clone, Default)]
+pub(super) struct IsaOutcome {
+    trial: Option<IsaTrial>,
+    note: Option<String>,
+}
+
+/// Call before the bundle is read (tract has not looked at the CPU yet): with
+/// [`Tuning::Auto`], installs the instruction set cached for this bundle and CPU, or compares
+/// them now in child processes and installs the faster (see [`isa`]).
+pub(super) fn isa_before_load(bundle: &Path, options: &RuntimeOptions) -> IsaOutcome {
+    let Tuning::Auto(tune) = &options.tuning else {
+        return IsaOutcome::default();
+    };
+    if std::env::var_os("TRACT_CPU_ISA").is_some() || isa::candidates().is_empty() {
+        return IsaOutcome::default(); // set by the operator, or nothing to compare
+    }
+    let cache_path = cache_dir(bundle, tune).join(CACHE_FILE);
+    let cached = CacheFile::read(&cache_path).ok().and_then(|cache| {
+        let file = FileId::of(bundle).ok()?;
+        let key = CacheKey::here(options.threads.get());
+        let i = cache.find(&key, &file, &mut || sha256_file(bundle)).ok()??;
+        Some(cache.entries[i].isa.clone())
+    });
+    let trial = match cached {
+        Some(trial) => trial,
+        None => isa::compare(
+            bundle,
+            options.threads.get(),
+            options.max_bundle_bytes,
+            tune.budget / 2,
+        ),
+    };
+    let note = match &trial {
+        Some(t) if t.kept => isa::install(&t.candidate).err(),
+        _ => None,
+    };
+    if let Some(t) = &trial {
+        tracing::info!(
+            candidate = %t.candidate, native_ms = t.native_ms, candidate_ms = t.candidate_ms,
+            kept = t.kept, "instruction sets compared"
+        );
+    }
+    IsaOutcome { trial, note }
+}
+
+fn cache_dir(bundle: &Path, tune: &TuneOptions) -> PathBuf {
+    match &tune.cache_dir {
+        Some(d) => d.clone(),
+        None => bundle
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned(),
     }
 }
 
@@ -158,6 +225,24 @@ pub(super) fn settings_for(
     bundle: Option<&Path>,
     model: &TypedModel,
     options: &RuntimeOptions,
+    isa: IsaOutcome,
+) -> Result<SettingsReport, RuntimeError> {
+    let mut report = settings_without_isa(bundle, model, options, isa.trial.clone())?;
+    report.isa = isa.trial;
+    if let Some(n) = isa.note {
+        report.note = Some(match report.note.take() {
+            Some(other) => format!("{other}; {n}"),
+            None => n,
+        });
+    }
+    Ok(report)
+}
+
+fn settings_without_isa(
+    bundle: Option<&Path>,
+    model: &TypedModel,
+    options: &RuntimeOptions,
+    isa: Option<IsaTrial>,
 ) -> Result<SettingsReport, RuntimeError> {
     let tune = match &options.tuning {
         Tuning::Off => return Ok(SettingsReport::plain(RuntimeSettings::default(), Origin::Default)),
@@ -169,15 +254,7 @@ pub(super) fn settings_for(
         let measured = measure(model, options, tune.budget)?;
         return Ok(tuned_report(measured.0, measured.1, None, None));
     };
-    let dir = match &tune.cache_dir {
-        Some(d) => d.clone(),
-        None => bundle
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_owned(),
-    };
-    let cache_path = dir.join(CACHE_FILE);
+    let cache_path = cache_dir(bundle, tune).join(CACHE_FILE);
     let mut cache = CacheFile::read(&cache_path).unwrap_or_else(|reason| {
         tracing::warn!(cache = %cache_path.display(), "ignoring the tuning cache: {reason}");
         CacheFile::default()
@@ -227,6 +304,7 @@ pub(super) fn settings_for(
         key,
         settings: settings.clone(),
         measured: measured.clone(),
+        isa,
         at_unix_s: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -262,6 +340,7 @@ fn tuned_report(
         measured: Some(measured),
         cache,
         note,
+        isa: None,
     }
 }
 
