@@ -78,9 +78,9 @@ const ROUNDS: usize = 5;
 /// convolution (ONNX forms' stem convolutions; about 10% of the time on an AMD EPYC, slower
 /// than im2col + matrix product there) and eager im2col (faster matrix products for KxK
 /// convolutions on an Intel Xeon, but a copy that costs more than it saves on the EPYC).
-/// `TRACT_ENABLE_BLOCKED_CONV` changed nothing measurable; `TRACT_AVGPOOL_SEPARABLE` and
-/// `TRACT_CPU_ISA` do change times but are read at evaluation or once per process, so a
-/// scope cannot set them per model.
+/// `TRACT_ENABLE_BLOCKED_CONV` changed nothing measurable; `TRACT_AVGPOOL_SEPARABLE` does
+/// change times but is read at evaluation, so a scope cannot set it per model;
+/// `TRACT_CPU_ISA` is read once per process and compared in child processes ([`isa`]).
 pub const CANDIDATES: &[&[(&str, &str)]] = &[
     &[("TRACT_DISABLE_DIRECT_SPATIAL", "true")],
     // Eager im2col for every kernel size, up to 8 MB of patch scratch per convolution.
