@@ -208,6 +208,28 @@ pub fn multiply_adds(bundle_path: &Path) -> Result<f64> {
 }
 
 pub fn run(ctx: &mut Ctx, peak: &Peak, report: &mut Report) -> Result<()> {
+    // As edge-agent does at its first start, the instruction set tract's kernels use is chosen
+    // (in child processes) before anything in this process runs tract, which then keeps it
+    // for the process: tuned on the SavedModel form (the last candidate), every row after
+    // runs with it.
+    if let Some((_, bundle)) = ctx.candidates.last() {
+        let bundle = bundle.clone();
+        let tuned = tuned_classifier(ctx, &bundle, 1)?;
+        let s = tuned.settings();
+        let isa = match &s.isa {
+            Some(t) => format!(
+                "tract's own choice {:.0} ms against `TRACT_CPU_ISA={}` {:.0} ms (each in child \
+                 processes): {}",
+                t.native_ms,
+                t.candidate,
+                t.candidate_ms,
+                if t.kept { "the latter kept" } else { "tract's kept" }
+            ),
+            None => "nothing to compare on this CPU (no AVX-512)".into(),
+        };
+        let note = s.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        report.note(S, format!("Instruction set chosen by the tuner: {isa}{note}."));
+    }
     // Pick the source form the runtime runs fastest (1 thread, a few runs each).
     let mut best: Option<(f64, usize)> = None;
     let mut tried = Vec::new();

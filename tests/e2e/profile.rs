@@ -240,7 +240,10 @@ async fn the_agent_tunes_once_and_reports_its_settings_in_the_status() {
     // edge-agent answers the tuner's instruction-set children too (see `tune::isa`).
     if has_avx512() {
         assert_eq!(rs["instruction_sets"]["candidate"], "-avx512f", "{rs}");
-        assert!(rs["instruction_sets"]["native_ms"].as_f64().unwrap() > 0.0, "{rs}");
+        assert!(
+            rs["instruction_sets"]["native_ms"].as_f64().unwrap() > 0.0,
+            "{rs}"
+        );
     } else {
         assert!(rs["instruction_sets"].is_null(), "{rs}");
     }
