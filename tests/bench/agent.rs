@@ -22,7 +22,12 @@ const REPLIES: &str = "bench/replies";
 pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let image = photo_jpeg(299, 299)?;
     let broker = Mosquitto::start_ephemeral();
-    let agent = Agent::start(AgentSpec::new("bench", &ctx.bundle, Some(broker.url())));
+    // As on a device: runtime-settings tuning on (the test harness turns it off), so the agent
+    // runs the instruction set and knobs the tuner picks, like the raw-tract baseline of this
+    // process (chosen in the inference section).
+    let spec =
+        AgentSpec::new("bench", &ctx.bundle, Some(broker.url())).env("EDGE_AGENT_MODEL__TUNING", "true");
+    let agent = Agent::start(spec);
     let rt = tokio::runtime::Runtime::new()?;
     let client = rt.block_on(TestClient::connect(broker.port, "bench-client", &[REPLIES]));
     let mut next = 0usize;
