@@ -133,20 +133,25 @@ mod tests {
     use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
     use tract_core::ops::nn::DataFormat;
 
+    /// A KxK stride-1 NHWC window from `cin` to `cout` channels.
+    fn nhwc(k: usize, padding: PaddingSpec, cin: usize, cout: usize) -> PoolSpec {
+        PoolSpec {
+            data_format: DataFormat::NHWC,
+            kernel_shape: tvec!(k, k),
+            padding,
+            dilations: None,
+            strides: None,
+            input_channels: cin,
+            output_channels: cout,
+        }
+    }
+
     /// x [1, 9, 9, C] -> average pool 3x3 s1 SAME -> 1x1 conv (C -> O, with bias), NHWC.
     fn pool_then_pointwise(c: usize, o: usize) -> TractResult<TypedModel> {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, 9, 9, c]))?;
         let pool = SumPool {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NHWC,
-                kernel_shape: tvec!(3, 3),
-                padding: PaddingSpec::SameUpper,
-                dilations: None,
-                strides: None,
-                input_channels: c,
-                output_channels: c,
-            },
+            pool_spec: nhwc(3, PaddingSpec::SameUpper, c, c),
             count_include_pad: false,
             normalize: true,
         };
@@ -157,15 +162,7 @@ mod tests {
         let bias: Vec<f32> = (0..o).map(|i| i as f32 / 3.0 - 1.0).collect();
         let bias = model.add_const("bias", tensor1(&bias))?;
         let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NHWC,
-                kernel_shape: tvec!(1, 1),
-                padding: PaddingSpec::Valid,
-                dilations: None,
-                strides: None,
-                input_channels: c,
-                output_channels: o,
-            },
+            pool_spec: nhwc(1, PaddingSpec::Valid, c, o),
             kernel_fmt: KernelFormat::HWIO,
             group: 1,
             q_params: None,
