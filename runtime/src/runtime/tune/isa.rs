@@ -142,18 +142,37 @@ pub fn compare(bundle: &Path, threads: usize, max_bundle_bytes: u64, budget: Dur
             threads,
             max_bundle_bytes,
         };
-        let output = Command::new(&exe)
+        let mut child = Command::new(&exe)
             .env(CHILD_ENV, serde_json::to_string(&request).ok()?)
             .env_remove("TRACT_CPU_ISA")
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .output()
+            .spawn()
             .ok()?;
-        if !output.status.success() {
-            tracing::warn!(isa, status = %output.status, "an instruction-set timing child failed");
+        // Bounded by the budget: a child that hangs is killed, and nothing is chosen.
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    tracing::warn!(
+                        isa,
+                        "an instruction-set timing child ran out of the tuning budget"
+                    );
+                    return None;
+                }
+            }
+        };
+        if !status.success() {
+            tracing::warn!(isa, %status, "an instruction-set timing child failed");
             return None;
         }
-        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take()?, &mut stdout).ok()?;
+        let answer: serde_json::Value = serde_json::from_str(&stdout).ok()?;
         answer["ms"].as_f64()
     };
     let (mut native, mut theirs) = (Vec::new(), Vec::new());
