@@ -66,11 +66,13 @@ pub struct ModelConfig {
     pub max_bundle_bytes: u64,
     /// Deadline of a bundle download (connection to last byte), in seconds.
     pub fetch_timeout_secs: u64,
-    /// Choose tract's runtime settings (knobs) for each bundle by measuring candidates on
-    /// this CPU when a bundle is first loaded; the choice is cached in `dir`
-    /// (`edge-tuning.json`, keyed by bundle sha256 and CPU). Off: tract's defaults.
+    /// Choose tract's runtime settings (knobs, and on AVX-512 CPUs its instruction set, timed
+    /// in child processes of the agent) for each bundle by measuring candidates on this CPU
+    /// when a bundle is first loaded; the choice is cached in `dir` (`edge-tuning.json`,
+    /// keyed by bundle sha256 and CPU). Off: tract's defaults.
     pub tuning: bool,
-    /// Longest time one tuning may take, in seconds (the model is not served meanwhile).
+    /// Longest time the knob search of one tuning may take, in seconds; the instruction-set
+    /// comparison takes at most half of it more (the model is not served meanwhile).
     pub tuning_budget_secs: u64,
 }
 

@@ -48,7 +48,8 @@ pub enum Tuning {
 
 #[derive(Debug, Clone)]
 pub struct TuneOptions {
-    /// Most time spent measuring (optimising candidates included).
+    /// Most time spent measuring knob candidates (optimising them included); comparing
+    /// instruction sets in child processes, when it applies, takes at most half of it more.
     pub budget: Duration,
     /// Directory of the cache file; `None`: the bundle's directory.
     pub cache_dir: Option<PathBuf>,
