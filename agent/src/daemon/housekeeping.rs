@@ -78,18 +78,14 @@ pub(super) async fn housekeeping_task(shared: Arc<Shared>) {
 /// that stops answering is disconnected by the keep-alive well before.
 fn resync_if_out_of_step(shared: &Shared) {
     let keep_alive = Duration::from_secs(shared.config.mqtt.keep_alive_secs);
-    let limit = (keep_alive * 2).max(Duration::from_secs(60));
-    let Some(since) = *lock(&shared.connected_since) else {
-        return;
-    };
+    let connected_since = *lock(&shared.connected_since);
     let mut tracker = lock(&shared.tracker);
-    let Some(oldest) = tracker.oldest() else {
-        return;
-    };
+    let oldest = tracker.oldest();
     let now = Instant::now();
-    if now.duration_since(since) < limit || now.duration_since(oldest) < limit {
+    if !out_of_step(now, connected_since, oldest, keep_alive) {
         return;
     }
+    let oldest = oldest.unwrap_or(now);
     warn!(
         entries = tracker.len(),
         waited_secs = now.duration_since(oldest).as_secs(),
@@ -103,4 +99,50 @@ fn resync_if_out_of_step(shared: &Shared) {
         session_present: false,
         first: false,
     });
+}
+
+/// Whether the tracker's oldest entry has outlived what a live connection allows: twice the
+/// keep-alive, at least 60 s, on a connection up at least that long (see
+/// `resync_if_out_of_step`).
+fn out_of_step(
+    now: Instant,
+    connected_since: Option<Instant>,
+    oldest: Option<Instant>,
+    keep_alive: Duration,
+) -> bool {
+    let limit = (keep_alive * 2).max(Duration::from_secs(60));
+    match (connected_since, oldest) {
+        (Some(since), Some(oldest)) => {
+            now.saturating_duration_since(since) >= limit && now.saturating_duration_since(oldest) >= limit
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_entry_older_than_the_limit_on_a_connection_up_that_long_is_out_of_step() {
+        let now = Instant::now() + Duration::from_secs(1_000);
+        let ago = |s: u64| Some(now - Duration::from_secs(s));
+        let ka = Duration::from_secs(30);
+        // Limit: max(2 x 30 s, 60 s) = 60 s.
+        assert!(out_of_step(now, ago(600), ago(61), ka));
+        assert!(
+            !out_of_step(now, ago(600), ago(59), ka),
+            "a publish still within the limit"
+        );
+        assert!(
+            !out_of_step(now, ago(30), ago(600), ka),
+            "a connection up for less than the limit"
+        );
+        assert!(!out_of_step(now, None, ago(600), ka), "no connection");
+        assert!(!out_of_step(now, ago(600), None, ka), "nothing tracked");
+        // A long keep-alive raises the limit: 2 x 100 s.
+        let long = Duration::from_secs(100);
+        assert!(!out_of_step(now, ago(600), ago(150), long));
+        assert!(out_of_step(now, ago(600), ago(201), long));
+    }
 }
