@@ -145,6 +145,8 @@ impl SettingsReport {
 pub(super) struct IsaOutcome {
     trial: Option<IsaTrial>,
     note: Option<String>,
+    /// The bundle's sha256 if the cache lookup had to hash it (not hashed twice).
+    sha256: Option<String>,
 }
 
 /// Call before the bundle is read (tract has not looked at the CPU yet): with
@@ -158,10 +160,17 @@ pub(super) fn isa_before_load(bundle: &Path, options: &RuntimeOptions) -> IsaOut
         return IsaOutcome::default(); // set by the operator, or nothing to compare
     }
     let cache_path = cache_dir(bundle, tune).join(CACHE_FILE);
+    let mut sha256 = None;
     let cached = CacheFile::read(&cache_path).ok().and_then(|cache| {
         let file = FileId::of(bundle).ok()?;
         let key = CacheKey::here(options.threads.get());
-        let i = cache.find(&key, &file, &mut || sha256_file(bundle)).ok()??;
+        let i = cache
+            .find(&key, &file, &mut || {
+                let d = sha256_file(bundle)?;
+                sha256 = Some(d.clone());
+                Ok(d)
+            })
+            .ok()??;
         Some(cache.entries[i].isa.clone())
     });
     let trial = match cached {
@@ -183,7 +192,7 @@ pub(super) fn isa_before_load(bundle: &Path, options: &RuntimeOptions) -> IsaOut
             kept = t.kept, "instruction sets compared"
         );
     }
-    IsaOutcome { trial, note }
+    IsaOutcome { trial, note, sha256 }
 }
 
 fn cache_dir(bundle: &Path, tune: &TuneOptions) -> PathBuf {
@@ -228,7 +237,7 @@ pub(super) fn settings_for(
     options: &RuntimeOptions,
     isa: IsaOutcome,
 ) -> Result<SettingsReport, RuntimeError> {
-    let mut report = settings_without_isa(bundle, model, options, isa.trial.clone())?;
+    let mut report = settings_without_isa(bundle, model, options, isa.trial.clone(), isa.sha256)?;
     report.isa = isa.trial;
     if let Some(n) = isa.note {
         report.note = Some(match report.note.take() {
@@ -244,6 +253,7 @@ fn settings_without_isa(
     model: &TypedModel,
     options: &RuntimeOptions,
     isa: Option<IsaTrial>,
+    known_sha256: Option<String>,
 ) -> Result<SettingsReport, RuntimeError> {
     let tune = match &options.tuning {
         Tuning::Off => return Ok(SettingsReport::plain(RuntimeSettings::default(), Origin::Default)),
@@ -262,8 +272,11 @@ fn settings_without_isa(
     });
     let file = FileId::of(bundle)
         .map_err(|e| RuntimeError::Settings(format!("cannot stat {}: {e}", bundle.display())))?;
-    let mut digest = None;
+    let mut digest = known_sha256;
     let found = cache.find(&key, &file, &mut || {
+        if let Some(d) = &digest {
+            return Ok(d.clone());
+        }
         let d = sha256_file(bundle)?;
         digest = Some(d.clone());
         Ok(d)
