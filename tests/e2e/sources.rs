@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use edge_e2e::{bin, fixtures, max_abs_diff, read_f32, run, stderr, stdout, top_k};
 use edge_runtime::bundle::manifest::{ResizeFilter, ResizePolicy};
-use edge_runtime::runtime::{Classifier, RuntimeOptions};
+use edge_runtime::runtime::{Classifier, RuntimeOptions, RuntimeSettings, Tuning};
 use serde_json::Value;
 
 /// A reference case: an input tensor (NHWC) and TensorFlow's probabilities for it.
@@ -63,9 +63,21 @@ fn nhwc_to_nchw(x: &[f32], h: usize, w: usize) -> Vec<f32> {
     out
 }
 
-/// Runs every reference case through the bundle; asserts 1e-4 and the same top-5.
+/// Runs every reference case through the bundle, with tract's kernels and with the runtime's
+/// own (`EDGE_KERNELS=gemm`); asserts 1e-4 and the same top-5 for both.
 fn assert_matches_tensorflow(bundle: &Path, what: &str) -> f32 {
-    let classifier = Classifier::load(bundle, &RuntimeOptions::default()).unwrap();
+    let tract = assert_kernels_match_tensorflow(bundle, what, Tuning::Off);
+    let ours = RuntimeSettings::new([("EDGE_KERNELS", "gemm")]).unwrap();
+    let what = format!("{what} (runtime kernels)");
+    tract.max(assert_kernels_match_tensorflow(bundle, &what, Tuning::Fixed(ours)))
+}
+
+fn assert_kernels_match_tensorflow(bundle: &Path, what: &str, tuning: Tuning) -> f32 {
+    let options = RuntimeOptions {
+        tuning,
+        ..RuntimeOptions::default()
+    };
+    let classifier = Classifier::load(bundle, &options).unwrap();
     let shape = classifier.manifest().input.shape.clone();
     let nchw = shape[1] == 3;
     let mut worst = 0f32;

@@ -6,6 +6,7 @@
 //! defaults, settings given by the caller, or settings measured on this machine by [`tune`] and
 //! cached beside the bundle.
 
+pub mod kernels;
 pub mod profile;
 pub mod settings;
 pub mod tune;
@@ -244,6 +245,16 @@ pub(crate) fn prepare(
     settings: &RuntimeSettings,
 ) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
     let scope = settings.scope()?;
+    let model = if settings.edge_kernels() {
+        let (model, done) = scope
+            .enter(|| model.into_decluttered())
+            .and_then(kernels::rewrite)
+            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
+        tracing::debug!(?done, "the runtime's own kernels took the place of tract's");
+        model
+    } else {
+        model
+    };
     scope.enter(|| {
         model
             .into_optimized()

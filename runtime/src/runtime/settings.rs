@@ -5,6 +5,10 @@
 //! Only knobs tract declares `scopable` are accepted: the others are read at evaluation or
 //! once per process (`TRACT_AVGPOOL_SEPARABLE`, `TRACT_CPU_ISA`) and a scope would not reach
 //! them.
+//!
+//! One setting is ours, not tract's: [`EDGE_KERNELS`] `= gemm` has the runtime's own kernels
+//! ([`super::kernels`]) take the place of tract's convolutions and 1x1 products; `tract` (or
+//! absent) keeps tract's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +16,9 @@ use std::fmt;
 use tract_core::knobs::KnobScope;
 
 use super::RuntimeError;
+
+/// The setting choosing between tract's convolution kernels and the runtime's own.
+pub const EDGE_KERNELS: &str = "EDGE_KERNELS";
 
 /// Knob name to value, e.g. `TRACT_LAZY_IM2COL_MIN_KERNEL = 1000`. Empty: tract's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -47,6 +54,11 @@ impl RuntimeSettings {
         &self.knobs
     }
 
+    /// The runtime's own convolution and 1x1 kernels are on.
+    pub fn edge_kernels(&self) -> bool {
+        self.knobs.get(EDGE_KERNELS).is_some_and(|v| v == "gemm")
+    }
+
     /// tract's defaults, nothing set.
     pub fn is_default(&self) -> bool {
         self.knobs.is_empty()
@@ -61,7 +73,16 @@ impl RuntimeSettings {
 
     /// The scope to enter around optimising and planning a model.
     pub(super) fn scope(&self) -> Result<KnobScope, RuntimeError> {
-        KnobScope::new(self.knobs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        if let Some(value) = self.knobs.get(EDGE_KERNELS)
+            && value != "gemm"
+            && value != "tract"
+        {
+            return Err(RuntimeError::Settings(format!(
+                "{EDGE_KERNELS}={value:?}: the kernels are \"gemm\" (the runtime's own) or \"tract\""
+            )));
+        }
+        let tract = self.knobs.iter().filter(|(k, _)| k.as_str() != EDGE_KERNELS);
+        KnobScope::new(tract.map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| RuntimeError::Settings(format!("{e:#}")))
     }
 }
@@ -98,6 +119,21 @@ mod tests {
             let err = RuntimeSettings::new([(k, v)]).unwrap_err().to_string();
             assert!(err.contains(k) || err.contains(v), "{err}");
         }
+    }
+
+    #[test]
+    fn the_runtime_kernels_setting_is_ours() {
+        let s = RuntimeSettings::new([(EDGE_KERNELS, "gemm")]).unwrap();
+        assert!(s.edge_kernels());
+        assert!(
+            !RuntimeSettings::new([(EDGE_KERNELS, "tract")])
+                .unwrap()
+                .edge_kernels()
+        );
+        let err = RuntimeSettings::new([(EDGE_KERNELS, "fast")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("EDGE_KERNELS") && err.contains("gemm"), "{err}");
     }
 
     #[test]

@@ -67,9 +67,13 @@ impl Default for TuneOptions {
 /// Name of the cache file in its directory.
 pub const CACHE_FILE: &str = "edge-tuning.json";
 /// Version of [`CANDIDATES`] and of the search: a change makes cached choices stale.
-pub const SEARCH_VERSION: u32 = 2;
+pub const SEARCH_VERSION: u32 = 3;
 /// A candidate is kept when it takes at most this fraction of the best time so far.
 pub const MIN_GAIN: f64 = 0.97;
+/// Largest difference a candidate's output may show against the defaults', relative to the
+/// largest magnitude of the latter (summation order differs between kernels; a wrong kernel
+/// differs by far more).
+pub const MAX_OUTPUT_DIFFERENCE: f32 = 1e-3;
 /// Interleaved timing rounds per candidate (one inference of each side per round).
 const ROUNDS: usize = 5;
 
@@ -82,7 +86,11 @@ const ROUNDS: usize = 5;
 /// `TRACT_ENABLE_BLOCKED_CONV` changed nothing measurable; `TRACT_AVGPOOL_SEPARABLE` does
 /// change times but is read at evaluation, so a scope cannot set it per model;
 /// `TRACT_CPU_ISA` is read once per process and compared in child processes ([`isa`]).
+/// First, the runtime's own convolution and 1x1 kernels ([`super::kernels`]): 15% faster than
+/// tract's on an AMD EPYC (BENCHMARKS.md); kept only where they are faster and agree with
+/// tract's output ([`MAX_OUTPUT_DIFFERENCE`]).
 pub const CANDIDATES: &[&[(&str, &str)]] = &[
+    &[(super::settings::EDGE_KERNELS, "gemm")],
     &[("TRACT_DISABLE_DIRECT_SPATIAL", "true")],
     // Eager im2col for every kernel size, up to 8 MB of patch scratch per convolution.
     &[
@@ -370,8 +378,9 @@ fn measure(
     let mut best_settings = RuntimeSettings::default();
     let mut best = Candidate::new(model, &best_settings)?;
     let input = input_for(model)?;
-    // Warm-up, and the defaults' time for the report.
+    // Warm-up, and the defaults' output every candidate must agree with.
     best.run(&executor, &input)?;
+    let reference = best.output(&executor, &input)?;
     let mut default_ms = None;
     let mut trials = Vec::new();
     for delta in CANDIDATES {
@@ -400,6 +409,14 @@ fn measure(
         };
         if candidate.graph == best.graph {
             trial.skipped = Some("same optimised graph".into());
+            trials.push(trial);
+            continue;
+        }
+        let difference = difference(&reference, &candidate.output(&executor, &input)?);
+        if difference > MAX_OUTPUT_DIFFERENCE {
+            trial.skipped = Some(format!(
+                "its output differs from tract's defaults' by {difference:.2e} (relative)"
+            ));
             trials.push(trial);
             continue;
         }
@@ -466,6 +483,22 @@ impl Candidate {
         })
     }
 
+    /// The first output's values for `input`.
+    fn output(&self, executor: &Executor, input: &Tensor) -> Result<Vec<f32>, RuntimeError> {
+        let outputs = multithread_tract_scope(executor.clone(), || {
+            self.plan.run(tvec![input.clone().into_tvalue()])
+        })
+        .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
+        let first = outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Inference("no output".into()))?;
+        let view = first
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>().map(<[f32]>::to_vec))
+            .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
+        Ok(view)
+    }
+
     fn run(&self, executor: &Executor, input: &Tensor) -> Result<f64, RuntimeError> {
         let start = Instant::now();
         multithread_tract_scope(executor.clone(), || {
@@ -503,6 +536,27 @@ fn interleave(
     Ok(Some((median(&mut ta), median(&mut tb))))
 }
 
+/// Largest absolute difference between two outputs over the largest magnitude of the first
+/// (infinite when their lengths differ or a value is not finite).
+fn difference(reference: &[f32], other: &[f32]) -> f32 {
+    if reference.len() != other.len() {
+        return f32::INFINITY;
+    }
+    let scale = reference.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
+    let worst = reference
+        .iter()
+        .zip(other)
+        .map(|(a, b)| {
+            if a.is_finite() && b.is_finite() {
+                (a - b).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0f32, f32::max);
+    worst / scale
+}
+
 /// A fixed pseudo-random input in [-1, 1) of the model's input shape.
 pub(crate) fn input_for(model: &TypedModel) -> Result<Tensor, RuntimeError> {
     let fact = model
@@ -529,4 +583,17 @@ pub fn pseudo_random(shape: &[usize]) -> Tensor {
         })
         .collect();
     Tensor::from_shape(shape, &data).unwrap_or_else(|_| Tensor::from(0f32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_difference_is_relative_to_the_reference_and_refuses_the_unusable() {
+        assert_eq!(difference(&[2.0, -4.0], &[2.0, -4.0]), 0.0);
+        assert!((difference(&[2.0, -4.0], &[2.0, -3.996]) - 1e-3).abs() < 1e-6);
+        assert_eq!(difference(&[1.0], &[1.0, 2.0]), f32::INFINITY);
+        assert_eq!(difference(&[1.0], &[f32::NAN]), f32::INFINITY);
+    }
 }

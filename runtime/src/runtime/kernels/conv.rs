@@ -1,0 +1,508 @@
+//! [`EdgeConv`]: a 2D f32 convolution (group 1, dilation 1) with bias and an optional ReLU,
+//! channels first or last, on the `gemm` crate's matrix products.
+
+use std::borrow::Cow;
+
+use tract_core::internal::*;
+use tract_core::ops::cnn::{Conv, KernelFormat};
+
+use super::{SendPtr, bias_values, const_f32, for_each_part, matmul, signed, split, threads};
+
+/// Largest share of the wide grid's columns that may be wasted (computed and dropped) before an
+/// explicit im2col is cheaper (measured in Inception V3 on an AMD EPYC: 5x5 on 35x35, 10% of
+/// the columns wasted, is faster wide; 1x7 on 17x17 (26%) and 1x3 on 8x8 (20%) by im2col).
+const MAX_WIDE_WASTE: f64 = 0.15;
+
+/// Sizes of one convolution, all concrete.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Geometry {
+    channels_last: bool,
+    batch: usize,
+    c: usize,
+    o: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    /// Padding: top, left, bottom, right.
+    pad: [usize; 4],
+    ho: usize,
+    wo: usize,
+    output_shape: TVec<usize>,
+}
+
+impl Geometry {
+    fn hp(&self) -> usize {
+        self.h + self.pad[0] + self.pad[2]
+    }
+
+    fn wp(&self) -> usize {
+        self.w + self.pad[1] + self.pad[3]
+    }
+
+    fn padded(&self) -> bool {
+        self.pad.iter().any(|p| *p > 0)
+    }
+
+    /// Stride 1 with few wasted columns: K*K shifted products over the wide grid.
+    fn wide(&self) -> bool {
+        let waste = (self.wp() - self.wo) as f64 / self.wp() as f64;
+        self.sh == 1 && self.sw == 1 && waste <= MAX_WIDE_WASTE
+    }
+
+    /// (between pixels, between channels) of the padded input.
+    fn input_strides(&self) -> (usize, usize) {
+        if self.channels_last {
+            (self.c, 1)
+        } else {
+            (1, self.hp() * self.wp())
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeConv {
+    pub(super) geometry: Geometry,
+    /// `[kh * kw * c, o]`: row `(ky * kw + kx) * c + ci`.
+    pub(super) weights: Arc<Tensor>,
+    /// `[o]`.
+    pub(super) bias: Arc<Tensor>,
+    pub(super) relu: bool,
+}
+
+impl EdgeConv {
+    /// Our form of tract's `conv` at `node`, when we handle it.
+    pub(super) fn from_tract(
+        model: &TypedModel,
+        node: &TypedNode,
+        conv: &Conv,
+    ) -> TractResult<Option<EdgeConv>> {
+        let spec = &conv.pool_spec;
+        let input = model.outlet_fact(node.inputs[0])?;
+        if conv.q_params.is_some()
+            || conv.group != 1
+            || spec.kernel_shape.len() != 2
+            || spec.dilations().iter().any(|d| *d != 1)
+            || input.datum_type != f32::datum_type()
+            || node.outputs[0].fact.datum_type != f32::datum_type()
+            || node.inputs.len() != 3
+        {
+            return Ok(None);
+        }
+        let (Some(shape), Some(out_shape)) = (
+            input.shape.as_concrete(),
+            node.outputs[0].fact.shape.as_concrete(),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(kernel), Some(bias)) = (
+            const_f32(model, node.inputs[1])?,
+            const_f32(model, node.inputs[2])?,
+        ) else {
+            return Ok(None);
+        };
+        let data = spec.data_format.shape(shape.to_vec())?;
+        let (c, hw) = (*data.c(), data.hw_dims().to_vec());
+        let o = spec.output_channels;
+        let padding = spec.computed_padding(&hw);
+        let strides = spec.strides();
+        let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+        let geometry = Geometry {
+            channels_last: spec.data_format.c_is_last(),
+            batch: data.n().copied().unwrap_or(1),
+            c,
+            o,
+            h: hw[0],
+            w: hw[1],
+            kh,
+            kw,
+            sh: strides[0],
+            sw: strides[1],
+            pad: [
+                padding[0].pad_before,
+                padding[1].pad_before,
+                padding[0].pad_after,
+                padding[1].pad_after,
+            ],
+            ho: padding[0].convoluted,
+            wo: padding[1].convoluted,
+            output_shape: out_shape.into(),
+        };
+        let expected =
+            spec.data_format
+                .from_n_c_hw(geometry.batch, o, [geometry.ho, geometry.wo].as_slice())?;
+        if expected.shape.as_slice() != out_shape
+            || geometry.ho + geometry.kh > geometry.hp() + 1
+            || geometry.wo + geometry.kw > geometry.wp() + 1
+            || c != spec.input_channels
+        {
+            return Ok(None);
+        }
+        let Some(weights) = reorder_kernel(&kernel, conv.kernel_fmt, [o, c, kh, kw])? else {
+            return Ok(None);
+        };
+        let bias = bias_values(&bias, o)?;
+        Ok(Some(EdgeConv {
+            geometry,
+            weights: Arc::new(tensor1(&weights)),
+            bias: Arc::new(tensor1(&bias)),
+            relu: false,
+        }))
+    }
+
+    /// One image: `x` its input, `y` its output.
+    fn run(&self, x: &[f32], y: &mut [f32]) -> TractResult<()> {
+        let g = &self.geometry;
+        let padded = pad(g, x);
+        let weights = self.weights.try_as_plain_ram()?;
+        let weights = weights.as_slice::<f32>()?;
+        let bias = self.bias.try_as_plain_ram()?;
+        let bias = bias.as_slice::<f32>()?;
+        if g.wide() {
+            let wp = g.wp();
+            let direct = wp == g.wo;
+            let mut wide = if direct {
+                Vec::new()
+            } else {
+                vec![0f32; g.ho * wp * g.o]
+            };
+            let dst = if direct { y.as_mut_ptr() } else { wide.as_mut_ptr() };
+            let rows = (g.ho - 1) * wp + g.wo;
+            let dst_strides = if g.channels_last { (g.o, 1) } else { (1, g.ho * wp) };
+            self.products(rows, &padded, weights, dst, dst_strides, |part, lhs, rhs, dst| {
+                let (px, pc) = g.input_strides();
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let tap = ky * g.kw + kx;
+                        // SAFETY: the shifted view of the wide rows ends at the padded
+                        // input's last element ((ho-1+kh-1)*wp + wo-1+kw-1 < hp*wp).
+                        unsafe {
+                            matmul(
+                                part,
+                                dst,
+                                signed(dst_strides),
+                                tap > 0,
+                                lhs.add((ky * wp + kx) * px),
+                                signed((px, pc)),
+                                rhs.add(tap * g.c * g.o),
+                                signed((g.o, 1)),
+                            )
+                        }
+                    }
+                }
+            });
+            let src = if direct { None } else { Some(wide.as_slice()) };
+            finish(g, src, wp, y, bias, self.relu);
+        } else {
+            let (col, col_strides) = im2col(g, &padded);
+            let kd = g.kh * g.kw * g.c;
+            let rows = g.ho * g.wo;
+            let dst_strides = if g.channels_last { (g.o, 1) } else { (1, rows) };
+            let dst = y.as_mut_ptr();
+            self.products(
+                rows,
+                &col,
+                weights,
+                dst,
+                dst_strides,
+                |(m, n, _), lhs, rhs, dst| {
+                    // SAFETY: the part's rows and columns are inside col, weights and y.
+                    unsafe {
+                        matmul(
+                            (m, n, kd),
+                            dst,
+                            signed(dst_strides),
+                            false,
+                            lhs,
+                            signed(col_strides),
+                            rhs,
+                            signed((g.o, 1)),
+                        )
+                    }
+                },
+            );
+            finish(g, None, g.wo, y, bias, self.relu);
+        }
+        Ok(())
+    }
+
+    /// Splits the product `rows x o` into one part per thread (along the larger side) and runs
+    /// `each((rows, cols, c), lhs, rhs, dst)` with the pointers moved to the part's corner.
+    #[allow(clippy::type_complexity)]
+    fn products(
+        &self,
+        rows: usize,
+        lhs: &[f32],
+        rhs: &[f32],
+        dst: *mut f32,
+        (dst_rs, dst_cs): (usize, usize),
+        each: impl Fn((usize, usize, usize), *const f32, *const f32, *mut f32) + Sync,
+    ) {
+        let g = &self.geometry;
+        let threads = threads();
+        let by_rows = rows >= g.o;
+        let parts = if by_rows {
+            split(rows, threads, 16)
+        } else {
+            split(g.o, threads, 16)
+        };
+        let (lhs, rhs, dst) = (
+            SendPtr(lhs.as_ptr() as *mut f32),
+            SendPtr(rhs.as_ptr() as *mut f32),
+            SendPtr(dst),
+        );
+        // Elements between two rows of the left matrix: pixels of the padded input when wide,
+        // rows of the im2col matrix else.
+        let row_step = match (g.wide(), g.channels_last) {
+            (true, _) => g.input_strides().0,
+            (false, true) => g.kh * g.kw * g.c,
+            (false, false) => 1,
+        };
+        for_each_part(parts.len(), |i| {
+            let range = parts[i].clone();
+            // SAFETY: offsets stay inside the buffers: ranges are within rows / o.
+            unsafe {
+                if by_rows {
+                    each(
+                        (range.len(), g.o, g.c),
+                        lhs.get().add(range.start * row_step),
+                        rhs.get(),
+                        dst.get().add(range.start * dst_rs),
+                    )
+                } else {
+                    each(
+                        (rows, range.len(), g.c),
+                        lhs.get(),
+                        rhs.get().add(range.start),
+                        dst.get().add(range.start * dst_cs),
+                    )
+                }
+            }
+        });
+    }
+}
+
+/// The weights as `[kh, kw, c, o]`, from tract's kernel format.
+fn reorder_kernel(
+    kernel: &Tensor,
+    format: KernelFormat,
+    [o, c, kh, kw]: [usize; 4],
+) -> TractResult<Option<Vec<f32>>> {
+    let expected: [usize; 4] = match format {
+        KernelFormat::OIHW => [o, c, kh, kw],
+        KernelFormat::HWIO => [kh, kw, c, o],
+        KernelFormat::OHWI => [o, kh, kw, c],
+    };
+    if kernel.shape() != expected {
+        return Ok(None);
+    }
+    let k = kernel.try_as_plain_ram()?;
+    let k = k.as_slice::<f32>()?;
+    let mut out = vec![0f32; o * c * kh * kw];
+    for oo in 0..o {
+        for ci in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let from = match format {
+                        KernelFormat::OIHW => ((oo * c + ci) * kh + ky) * kw + kx,
+                        KernelFormat::HWIO => ((ky * kw + kx) * c + ci) * o + oo,
+                        KernelFormat::OHWI => ((oo * kh + ky) * kw + kx) * c + ci,
+                    };
+                    out[((ky * kw + kx) * c + ci) * o + oo] = k[from];
+                }
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The input with its padding made explicit (zeros), in the same layout.
+fn pad<'a>(g: &Geometry, x: &'a [f32]) -> Cow<'a, [f32]> {
+    if !g.padded() {
+        return Cow::Borrowed(x);
+    }
+    let (hp, wp) = (g.hp(), g.wp());
+    let [top, left, ..] = g.pad;
+    let mut out = vec![0f32; hp * wp * g.c];
+    if g.channels_last {
+        let row = g.w * g.c;
+        for yy in 0..g.h {
+            let to = ((yy + top) * wp + left) * g.c;
+            out[to..to + row].copy_from_slice(&x[yy * row..][..row]);
+        }
+    } else {
+        for ch in 0..g.c {
+            for yy in 0..g.h {
+                let to = ch * hp * wp + (yy + top) * wp + left;
+                out[to..to + g.w].copy_from_slice(&x[(ch * g.h + yy) * g.w..][..g.w]);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The im2col matrix of the padded input and its (row, column) strides: one row per output
+/// pixel, one column per `(ky, kx, ci)`; pixel-major for channels last, column-major else.
+fn im2col(g: &Geometry, padded: &[f32]) -> (Vec<f32>, (usize, usize)) {
+    let (hp, wp) = (g.hp(), g.wp());
+    let kd = g.kh * g.kw * g.c;
+    let rows = g.ho * g.wo;
+    let mut col = vec![0f32; rows * kd];
+    if g.channels_last {
+        let run = g.kw * g.c;
+        for yy in 0..g.ho {
+            for xx in 0..g.wo {
+                let to = (yy * g.wo + xx) * kd;
+                for ky in 0..g.kh {
+                    let from = ((yy * g.sh + ky) * wp + xx * g.sw) * g.c;
+                    col[to + ky * run..][..run].copy_from_slice(&padded[from..from + run]);
+                }
+            }
+        }
+        (col, (kd, 1))
+    } else {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                for ch in 0..g.c {
+                    let column = &mut col[((ky * g.kw + kx) * g.c + ch) * rows..][..rows];
+                    let plane = &padded[ch * hp * wp..][..hp * wp];
+                    for yy in 0..g.ho {
+                        let line = &plane[(yy * g.sh + ky) * wp + kx..];
+                        let out = &mut column[yy * g.wo..][..g.wo];
+                        if g.sw == 1 {
+                            out.copy_from_slice(&line[..g.wo]);
+                        } else {
+                            for (xx, v) in out.iter_mut().enumerate() {
+                                *v = line[xx * g.sw];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (col, (1, rows))
+    }
+}
+
+/// Writes the output: bias added, ReLU applied, from `src` (the wide grid, `src_w` columns a
+/// row) or in place in `y` (`src` None, then `src_w` is the output's width).
+fn finish(g: &Geometry, src: Option<&[f32]>, src_w: usize, y: &mut [f32], bias: &[f32], relu: bool) {
+    let apply = |v: f32, b: f32| {
+        let v = v + b;
+        if relu { v.max(0.0) } else { v }
+    };
+    let rows = if g.channels_last { g.ho } else { g.o };
+    let parts = split(rows, threads(), 1);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let y_len = y.len();
+    for_each_part(parts.len(), |i| {
+        // SAFETY: every part writes the disjoint rows of its range.
+        let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
+        for r in parts[i].clone() {
+            if g.channels_last {
+                for xx in 0..g.wo {
+                    let out = &mut y[(r * g.wo + xx) * g.o..][..g.o];
+                    match src {
+                        Some(src) => {
+                            let from = &src[(r * src_w + xx) * g.o..][..g.o];
+                            for ((d, s), b) in out.iter_mut().zip(from).zip(bias) {
+                                *d = apply(*s, *b);
+                            }
+                        }
+                        None => out.iter_mut().zip(bias).for_each(|(d, b)| *d = apply(*d, *b)),
+                    }
+                }
+            } else {
+                let b = bias[r];
+                for yy in 0..g.ho {
+                    let out = &mut y[(r * g.ho + yy) * g.wo..][..g.wo];
+                    match src {
+                        Some(src) => {
+                            let from = &src[(r * g.ho + yy) * src_w..][..g.wo];
+                            for (d, s) in out.iter_mut().zip(from) {
+                                *d = apply(*s, b);
+                            }
+                        }
+                        None => out.iter_mut().for_each(|d| *d = apply(*d, b)),
+                    }
+                }
+            }
+        }
+    });
+}
+
+impl Op for EdgeConv {
+    fn name(&self) -> StaticName {
+        "EdgeConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        Ok(vec![format!(
+            "{}x{} stride {}x{}, {}->{} channels, {}, {}{}",
+            g.kh,
+            g.kw,
+            g.sh,
+            g.sw,
+            g.c,
+            g.o,
+            if g.channels_last {
+                "channels last"
+            } else {
+                "channels first"
+            },
+            if g.wide() { "shifted products" } else { "im2col" },
+            if self.relu { ", ReLU" } else { "" },
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for EdgeConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let g = &self.geometry;
+        let x = input.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let image_in = g.c * g.h * g.w;
+        let image_out = g.o * g.ho * g.wo;
+        ensure!(
+            x.len() == g.batch * image_in,
+            "EdgeConv input of {} values",
+            x.len()
+        );
+        // SAFETY: every output value is written by `run` (products then `finish`).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&g.output_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let y = view.as_slice_mut::<f32>()?;
+            for b in 0..g.batch {
+                self.run(
+                    &x[b * image_in..][..image_in],
+                    &mut y[b * image_out..][..image_out],
+                )?;
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for EdgeConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(self.geometry.output_shape.as_slice())))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let g = &self.geometry;
+        let fma = g.batch * g.ho * g.wo * g.o * g.kh * g.kw * g.c;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), fma.to_dim())))
+    }
+
+    as_op!();
+}

@@ -1,0 +1,281 @@
+//! [`EdgeMatMul`]: the f32 product of an activation with a constant weight matrix (what tract
+//! makes of a 1x1 convolution or a dense layer: `EinSum` with one contracted axis), with an
+//! optional bias and ReLU, on the `gemm` crate's matrix products.
+
+use tract_core::internal::*;
+use tract_core::ops::einsum::EinSum;
+
+use super::{SendPtr, const_f32, for_each_part, matmul, signed, split, threads};
+
+/// Sizes and element strides of the product `out (m x n) = data (m x k) * weights (k x n)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Layout {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// (between rows, between columns) of each matrix.
+    data: (usize, usize),
+    weights: (usize, usize),
+    out: (usize, usize),
+    /// Position of the `n` axis in the output (where a bias varies).
+    pub(super) n_axis: usize,
+    output_shape: TVec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeMatMul {
+    pub(super) layout: Layout,
+    pub(super) weights: Arc<Tensor>,
+    /// `[n]`, added to every row.
+    pub(super) bias: Option<Arc<Tensor>>,
+    pub(super) relu: bool,
+}
+
+impl EdgeMatMul {
+    /// Our form of tract's `einsum` at `node` and the outlet of its activation, when it is a
+    /// product we handle: two f32 inputs, one of them a constant matrix, one contracted axis,
+    /// the activation's other axes flattening to rows in the same order in the output.
+    pub(super) fn from_tract(
+        model: &TypedModel,
+        node: &TypedNode,
+        einsum: &EinSum,
+    ) -> TractResult<Option<(EdgeMatMul, OutletId)>> {
+        if einsum.q_params.is_some()
+            || einsum.operating_dt != f32::datum_type()
+            || node.inputs.len() != 2
+            || node.outputs[0].fact.datum_type != f32::datum_type()
+        {
+            return Ok(None);
+        }
+        let (w_slot, weights) = match (
+            const_f32(model, node.inputs[0])?,
+            const_f32(model, node.inputs[1])?,
+        ) {
+            (None, Some(w)) => (1, w),
+            (Some(w), None) => (0, w),
+            _ => return Ok(None),
+        };
+        let d_slot = 1 - w_slot;
+        let data_fact = model.outlet_fact(node.inputs[d_slot])?;
+        let (Some(data_shape), Some(out_shape)) = (
+            data_fact.shape.as_concrete(),
+            node.outputs[0].fact.shape.as_concrete(),
+        ) else {
+            return Ok(None);
+        };
+        if data_fact.datum_type != f32::datum_type() || weights.rank() != 2 {
+            return Ok(None);
+        }
+        let (data_shape, out_shape) = (data_shape.to_vec(), out_shape.to_vec());
+        let w_shape = weights.shape().to_vec();
+        let strides = |shape: &[usize]| -> Vec<usize> {
+            let mut s = vec![1; shape.len()];
+            for i in (0..shape.len().saturating_sub(1)).rev() {
+                s[i] = s[i + 1] * shape[i + 1];
+            }
+            s
+        };
+        let (d_strides, w_strides, o_strides) =
+            (strides(&data_shape), strides(&w_shape), strides(&out_shape));
+        let mut k_axis = None;
+        let mut n_axis = None;
+        // Rows: (position in data, position in output) of axes longer than 1.
+        let mut rows: Vec<(usize, usize, usize)> = Vec::new();
+        for axis in einsum.axes.iter_all_axes() {
+            let (d, w, o) = (&axis.inputs[d_slot], &axis.inputs[w_slot], &axis.outputs[0]);
+            if d.len() > 1 || w.len() > 1 || o.len() > 1 {
+                return Ok(None);
+            }
+            match (d.first(), w.first(), o.first()) {
+                (Some(&d), Some(&w), None) if k_axis.is_none() => k_axis = Some((d, w)),
+                (None, Some(&w), Some(&o)) if n_axis.is_none() => n_axis = Some((w, o)),
+                (Some(&d), None, Some(&o)) => {
+                    if data_shape[d] != out_shape[o] {
+                        return Ok(None);
+                    }
+                    if data_shape[d] > 1 {
+                        rows.push((d, o, data_shape[d]));
+                    }
+                }
+                (Some(&d), None, None) if data_shape[d] == 1 => {}
+                (None, None, Some(&o)) if out_shape[o] == 1 => {}
+                _ => return Ok(None),
+            }
+        }
+        let (Some((kd, kw)), Some((nw, no))) = (k_axis, n_axis) else {
+            return Ok(None);
+        };
+        // The row axes, in data order, must be in the same order in the output and each one
+        // must be the next one's length times its stride on both sides (they flatten).
+        rows.sort();
+        if rows.windows(2).any(|p| p[0].1 > p[1].1)
+            || rows.windows(2).any(|p| {
+                d_strides[p[0].0] != d_strides[p[1].0] * p[1].2
+                    || o_strides[p[0].1] != o_strides[p[1].1] * p[1].2
+            })
+        {
+            return Ok(None);
+        }
+        let m: usize = rows.iter().map(|r| r.2).product();
+        let (data_rs, out_rs) = rows.last().map_or((1, 1), |r| (d_strides[r.0], o_strides[r.1]));
+        let layout = Layout {
+            m,
+            n: w_shape[nw],
+            k: data_shape[kd],
+            data: (data_rs, d_strides[kd]),
+            weights: (w_strides[kw], w_strides[nw]),
+            out: (out_rs, o_strides[no]),
+            n_axis: no,
+            output_shape: out_shape.iter().copied().collect(),
+        };
+        if layout.k != w_shape[kw] || layout.n != out_shape[no] {
+            return Ok(None);
+        }
+        let op = EdgeMatMul {
+            layout,
+            weights,
+            bias: None,
+            relu: false,
+        };
+        Ok(Some((op, node.inputs[d_slot])))
+    }
+
+    fn run(&self, x: &[f32], y: &mut [f32]) -> TractResult<()> {
+        let l = &self.layout;
+        let weights = self.weights.try_as_plain_ram()?;
+        let weights = weights.as_slice::<f32>()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
+            None => None,
+        };
+        let by_rows = l.m >= l.n;
+        let parts = if by_rows {
+            split(l.m, threads(), 16)
+        } else {
+            split(l.n, threads(), 16)
+        };
+        let (x, w, y) = (
+            SendPtr(x.as_ptr() as *mut f32),
+            SendPtr(weights.as_ptr() as *mut f32),
+            SendPtr(y.as_mut_ptr()),
+        );
+        let bias = bias.as_deref();
+        for_each_part(parts.len(), |i| {
+            let range = parts[i].clone();
+            let (rows, cols) = if by_rows { (range, 0..l.n) } else { (0..l.m, range) };
+            // SAFETY: the part's rows and columns are inside data, weights and output (the
+            // layout was checked against their shapes), and parts write disjoint outputs.
+            unsafe {
+                let dst = y.get().add(rows.start * l.out.0 + cols.start * l.out.1);
+                matmul(
+                    (rows.len(), cols.len(), l.k),
+                    dst,
+                    signed(l.out),
+                    false,
+                    x.get().add(rows.start * l.data.0),
+                    signed(l.data),
+                    w.get().add(cols.start * l.weights.1),
+                    signed(l.weights),
+                );
+                if bias.is_some() || self.relu {
+                    epilogue(dst, l.out, rows.len(), cols.clone(), bias, self.relu);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Adds the bias of each column and applies the ReLU to a `rows x cols` block at `dst`.
+///
+/// # Safety
+/// The block must be inside one allocation that nothing else reads or writes meanwhile.
+unsafe fn epilogue(
+    dst: *mut f32,
+    (rs, cs): (usize, usize),
+    rows: usize,
+    cols: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    let apply = |v: f32, b: f32| {
+        let v = v + b;
+        if relu { v.max(0.0) } else { v }
+    };
+    let bias_of = |j: usize| bias.map_or(0.0, |b| b[j]);
+    unsafe {
+        if cs == 1 {
+            let b: Vec<f32> = cols.clone().map(bias_of).collect();
+            for i in 0..rows {
+                let row = std::slice::from_raw_parts_mut(dst.add(i * rs), cols.len());
+                row.iter_mut().zip(&b).for_each(|(v, b)| *v = apply(*v, *b));
+            }
+        } else if rs == 1 {
+            for (j, col) in cols.clone().enumerate() {
+                let b = bias_of(col);
+                let column = std::slice::from_raw_parts_mut(dst.add(j * cs), rows);
+                column.iter_mut().for_each(|v| *v = apply(*v, b));
+            }
+        } else {
+            for i in 0..rows {
+                for (j, col) in cols.clone().enumerate() {
+                    let v = dst.add(i * rs + j * cs);
+                    *v = apply(*v, bias_of(col));
+                }
+            }
+        }
+    }
+}
+
+impl Op for EdgeMatMul {
+    fn name(&self) -> StaticName {
+        "EdgeMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let l = &self.layout;
+        Ok(vec![format!(
+            "m={} k={} n={}{}{}",
+            l.m,
+            l.k,
+            l.n,
+            if self.bias.is_some() { ", bias" } else { "" },
+            if self.relu { ", ReLU" } else { "" },
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for EdgeMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let l = &self.layout;
+        let x = input.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        ensure!(x.len() == l.m * l.k, "EdgeMatMul input of {} values", x.len());
+        // SAFETY: the product writes every output value (read_dst is false).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&l.output_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            self.run(x, view.as_slice_mut::<f32>()?)?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for EdgeMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(self.layout.output_shape.as_slice())))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let l = &self.layout;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), (l.m * l.n * l.k).to_dim())))
+    }
+
+    as_op!();
+}

@@ -1,0 +1,521 @@
+//! The runtime's own kernels: tract ops of our own ([`EdgeConv`], [`EdgeMatMul`]) that take
+//! the place of tract's convolutions and 1x1 matrix products in a decluttered model before it
+//! is optimised, when the runtime settings ask for them (`EDGE_KERNELS=gemm`, chosen by the
+//! tuner by measurement like tract's knobs).
+//!
+//! Why: tract runs the KxK convolutions of Inception V3 through lazy im2col at 60-90% of what
+//! its matrix kernels reach on 1x1 products, and splits the 1x1 products that follow a concat
+//! into one product per branch. Our convolution feeds a packed, cache-blocked GEMM (the `gemm`
+//! crate) with shifted views of the (padded) input: a stride-1 KxK convolution is K*K
+//! accumulated products over a "wide" output grid as wide as the padded input, so no patch is
+//! ever copied; strided and badly-shaped ones gather an explicit im2col matrix first. Bias and
+//! a following ReLU are applied in the same pass that writes the output.
+//!
+//! The bundle is untouched: the rewrite happens at load, on the model tract parsed, so a
+//! bundle stays plain NNEF that any tract reads, and the choice stays per CPU (the tuner keeps
+//! tract's own kernels where they are faster, and checks that both agree on the output).
+//!
+//! Threads: an op splits its work into one part per thread of tract's current executor (the
+//! one an inference runs under), on that executor's pool.
+
+mod conv;
+mod matmul;
+
+use tract_core::internal::*;
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::cnn::Conv;
+use tract_core::ops::einsum::EinSum;
+use tract_linalg::multithread::{Executor, current_tract_executor};
+
+pub use conv::EdgeConv;
+pub use matmul::EdgeMatMul;
+
+/// What [`rewrite`] replaced.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    pub convolutions: usize,
+    pub matmuls: usize,
+    /// ReLUs folded into the kernel before them (bias additions are folded too).
+    pub relus: usize,
+}
+
+/// Replaces every convolution and 1x1 matrix product our kernels handle (f32, concrete shapes,
+/// constant weights) in a decluttered model, with the bias addition and ReLU that follow
+/// them; the others stay tract's.
+pub fn rewrite(mut model: TypedModel) -> TractResult<(TypedModel, Rewritten)> {
+    let mut done = Rewritten::default();
+    for id in model.eval_order()? {
+        let node = &model.nodes[id];
+        let (mut kernel, input) = if let Some(conv) = node.op_as::<Conv>() {
+            match EdgeConv::from_tract(&model, node, conv)? {
+                Some(op) => (Kernel::Conv(op), node.inputs[0]),
+                None => continue,
+            }
+        } else if let Some(einsum) = node.op_as::<EinSum>() {
+            match EdgeMatMul::from_tract(&model, node, einsum)? {
+                Some((op, data)) => (Kernel::MatMul(op), data),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        let mut last = id;
+        if let Kernel::MatMul(mm) = &mut kernel
+            && let Some((add, bias)) = following_bias(&model, last, mm.layout.n_axis)?
+        {
+            mm.bias = Some(Arc::new(tensor1(&bias)));
+            last = add;
+        }
+        if let Some(max) = following_relu(&model, last)? {
+            match &mut kernel {
+                Kernel::Conv(op) => op.relu = true,
+                Kernel::MatMul(op) => op.relu = true,
+            }
+            last = max;
+            done.relus += 1;
+        }
+        let mut patch = TypedModelPatch::default();
+        let tap = patch.tap_model(&model, input)?;
+        let name = model.nodes[id].name.clone();
+        let wire = match kernel {
+            Kernel::Conv(op) => {
+                done.convolutions += 1;
+                patch.wire_node(name, op, &[tap])?
+            }
+            Kernel::MatMul(op) => {
+                done.matmuls += 1;
+                patch.wire_node(name, op, &[tap])?
+            }
+        };
+        patch.shunt_outside(&model, OutletId::new(last, 0), wire[0])?;
+        patch.apply(&mut model)?;
+    }
+    let model = model.into_compact()?;
+    Ok((model, done))
+}
+
+enum Kernel {
+    Conv(EdgeConv),
+    MatMul(EdgeMatMul),
+}
+
+/// The only successor of `id` when it adds a constant bias varying along `n_axis` only, with
+/// the bias as one value per position of that axis.
+fn following_bias(model: &TypedModel, id: usize, n_axis: usize) -> TractResult<Option<(usize, Vec<f32>)>> {
+    let Some((succ, konst)) = binary_with_const(model, id, "Add")? else {
+        return Ok(None);
+    };
+    let shape = model.outlet_fact(OutletId::new(id, 0))?.shape.to_tvec();
+    let n = shape.get(n_axis).and_then(|d| d.to_usize().ok());
+    let fits = konst.rank() == shape.len()
+        && konst
+            .shape()
+            .iter()
+            .enumerate()
+            .all(|(ax, d)| *d == 1 || Some(*d) == n && ax == n_axis);
+    match (fits, n) {
+        (true, Some(n)) => Ok(Some((succ, bias_values(&konst, n)?))),
+        _ => Ok(None),
+    }
+}
+
+/// The node that is `id`'s only successor when it is `max(x, 0)` of the same shape.
+fn following_relu(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
+    let Some((succ, zero)) = binary_with_const(model, id, "Max")? else {
+        return Ok(None);
+    };
+    let is_zero = zero.len() == 1 && zero.try_as_plain_ram()?.as_slice::<f32>()?[0] == 0.0;
+    Ok(is_zero.then_some(succ))
+}
+
+/// `id`'s only successor when it is the binary op `name` of `id`'s output and an f32
+/// constant, giving an output of the same shape (not a model output itself).
+fn binary_with_const(model: &TypedModel, id: usize, name: &str) -> TractResult<Option<(usize, Arc<Tensor>)>> {
+    let node = &model.nodes[id];
+    if model.output_outlets()?.contains(&OutletId::new(id, 0)) {
+        return Ok(None);
+    }
+    let Some(succ) = model.single_succ(id)? else {
+        return Ok(None);
+    };
+    let Some(bin) = succ.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    if bin.0.name() != name || succ.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = if succ.inputs[0].node == id {
+        succ.inputs[1]
+    } else {
+        succ.inputs[0]
+    };
+    if other.node == id {
+        return Ok(None);
+    }
+    let Some(konst) = const_f32(model, other)? else {
+        return Ok(None);
+    };
+    let same_shape = model.outlet_fact(succ.id.into())?.shape == node.outputs[0].fact.shape;
+    Ok(same_shape.then_some((succ.id, konst)))
+}
+
+/// The constant f32 tensor feeding `outlet`, if it is one.
+fn const_f32(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+    let fact = model.outlet_fact(outlet)?;
+    Ok(fact.konst.clone().filter(|k| k.datum_type() == f32::datum_type()))
+}
+
+/// Bias of `channels` values from a constant of one value or `channels` values.
+fn bias_values(bias: &Tensor, channels: usize) -> TractResult<Vec<f32>> {
+    let values = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    match values.len() {
+        1 => Ok(vec![values[0]; channels]),
+        n if n == channels => Ok(values),
+        n => bail!("bias of {n} values for {channels} channels"),
+    }
+}
+
+/// Runs `f(part)` for `parts` parts: on the pool of tract's current executor when it has one,
+/// else one after the other on this thread.
+fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
+    use rayon::prelude::*;
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if parts > 1 => pool.install(|| (0..parts).into_par_iter().for_each(&f)),
+        _ => (0..parts).for_each(f),
+    }
+}
+
+/// Threads of tract's current executor.
+fn threads() -> usize {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads().max(1),
+        _ => 1,
+    }
+}
+
+/// Splits `0..len` into at most `parts` ranges whose starts are multiples of `align`.
+fn split(len: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, len.div_ceil(align).max(1));
+    let step = len.div_ceil(parts).div_ceil(align) * align;
+    (0..parts)
+        .map(|i| (i * step).min(len)..((i + 1) * step).min(len))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// A raw pointer handed to the parts of one op (each part writes a disjoint region).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Strides as `gemm` takes them.
+fn signed((a, b): (usize, usize)) -> (isize, isize) {
+    (a as isize, b as isize)
+}
+
+/// `dst (m x n) = lhs (m x k) * rhs (k x n)` (+ `dst` when `accumulate`), strides in elements
+/// (`rs` between rows, `cs` between columns), on this thread.
+///
+/// # Safety
+/// Every element addressed by the dimensions and strides must be inside its allocation, and
+/// `dst` must not overlap `lhs` or `rhs` or be written by another thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (isize, isize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (isize, isize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::tune::pseudo_random;
+    use tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
+    use tract_core::ops::math::max;
+    use tract_core::ops::nn::DataFormat;
+
+    /// Runs `model` as tract has it and rewritten, on 1 and 2 threads, and returns the largest
+    /// difference and what the rewrite did.
+    fn compare(model: TypedModel) -> (f32, Rewritten) {
+        let input = pseudo_random(model.input_fact(0).unwrap().shape.as_concrete().unwrap());
+        let (ours, done) = rewrite(model.clone()).unwrap();
+        let theirs = model.into_runnable().unwrap();
+        let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
+        let expected = theirs.run(tvec![input.clone().into_tvalue()]).unwrap().remove(0);
+        let mut worst = 0f32;
+        for executor in [Executor::SingleThread, Executor::multithread(2)] {
+            let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                ours.run(tvec![input.clone().into_tvalue()])
+            })
+            .unwrap()
+            .remove(0);
+            assert_eq!(got.shape(), expected.shape());
+            let (e, g) = (
+                expected.try_as_plain_ram().unwrap(),
+                got.try_as_plain_ram().unwrap(),
+            );
+            let (e, g) = (e.as_slice::<f32>().unwrap(), g.as_slice::<f32>().unwrap());
+            for (a, b) in e.iter().zip(g) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        (worst, done)
+    }
+
+    /// A model of one tract convolution (OIHW weights, a bias), optionally followed by a ReLU.
+    fn conv_model(
+        format: DataFormat,
+        (h, w, c, o): (usize, usize, usize, usize),
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        padding: PaddingSpec,
+        relu: bool,
+    ) -> TypedModel {
+        let mut model = TypedModel::default();
+        let shape: Vec<usize> = format
+            .from_n_c_hw(1, c, [h, w].as_slice())
+            .unwrap()
+            .shape
+            .to_vec();
+        let x = model.add_source("x", f32::fact(&shape)).unwrap();
+        let k = model
+            .add_const("k", pseudo_random(&[o, c, kernel[0], kernel[1]]))
+            .unwrap();
+        let b = model.add_const("b", pseudo_random(&[o])).unwrap();
+        let conv = Conv {
+            pool_spec: PoolSpec::new(
+                format,
+                kernel.iter().copied().collect(),
+                padding,
+                None,
+                Some(strides.iter().copied().collect()),
+                c,
+                o,
+            ),
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: None,
+        };
+        let mut y = model.wire_node("conv", conv, &[x, k, b]).unwrap();
+        if relu {
+            let zero = model
+                .add_const("zero", tensor0(0f32).broadcast_into_rank(shape.len()).unwrap())
+                .unwrap();
+            y = model.wire_node("relu", max(), &[y[0], zero]).unwrap();
+        }
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    #[test]
+    fn convolutions_match_tract() {
+        let explicit = |t, l, b, r| PaddingSpec::Explicit(tvec![t, l], tvec![b, r]);
+        for (format, dims, kernel, strides, padding, relu) in [
+            // Wide grid, as wide as the output (no padding): in place.
+            (
+                DataFormat::NHWC,
+                (9, 7, 5, 6),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::Valid,
+                true,
+            ),
+            (
+                DataFormat::CHW,
+                (9, 7, 5, 6),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+            ),
+            (
+                DataFormat::NCHW,
+                (11, 12, 4, 3),
+                [5, 5],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                true,
+            ),
+            (
+                DataFormat::HWC,
+                (17, 17, 8, 7),
+                [7, 1],
+                [1, 1],
+                explicit(3, 0, 3, 0),
+                true,
+            ),
+            // im2col: strides, and a wide grid wasting too many columns.
+            (
+                DataFormat::NHWC,
+                (17, 17, 8, 7),
+                [1, 7],
+                [1, 1],
+                explicit(0, 3, 0, 3),
+                true,
+            ),
+            (
+                DataFormat::CHW,
+                (8, 8, 6, 9),
+                [1, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+            ),
+            (
+                DataFormat::NHWC,
+                (15, 13, 3, 8),
+                [3, 3],
+                [2, 2],
+                PaddingSpec::Valid,
+                true,
+            ),
+            (
+                DataFormat::NCHW,
+                (15, 13, 5, 4),
+                [3, 3],
+                [2, 1],
+                explicit(1, 0, 1, 2),
+                false,
+            ),
+            // More output channels than pixels: split by columns on 2 threads.
+            (
+                DataFormat::CHW,
+                (4, 4, 3, 40),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                true,
+            ),
+        ] {
+            let model = conv_model(format, dims, kernel, strides, padding.clone(), relu);
+            let (worst, done) = compare(model);
+            let case = format!("{format:?} {dims:?} {kernel:?} {strides:?} {padding:?}");
+            assert_eq!(done.convolutions, 1, "{case}");
+            assert_eq!(done.relus, usize::from(relu), "{case}");
+            assert!(worst < 1e-4, "{case}: differs by {worst}");
+        }
+    }
+
+    /// A product of an activation with constant weights `[n, k]` as `expr` says, plus a bias
+    /// along `n` and a ReLU.
+    fn matmul_model(expr: &str, data: &[usize], n: usize, bias_shape: &[usize]) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(data)).unwrap();
+        let k = data[expr.find('k').unwrap()];
+        let w = model.add_const("w", pseudo_random(&[n, k])).unwrap();
+        let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+        let y = model.wire_node("mm", einsum, &[x, w]).unwrap();
+        let b = model.add_const("b", pseudo_random(bias_shape)).unwrap();
+        let y = model
+            .wire_node("bias", tract_core::ops::math::add(), &[y[0], b])
+            .unwrap();
+        let rank = model.outlet_fact(y[0]).unwrap().rank();
+        let zero = model
+            .add_const("zero", tensor0(0f32).broadcast_into_rank(rank).unwrap())
+            .unwrap();
+        let y = model.wire_node("relu", max(), &[y[0], zero]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    #[test]
+    fn products_with_bias_and_relu_match_tract() {
+        for (expr, data, n, bias) in [
+            ("mk,nk->mn", vec![50, 24], 10, vec![1, 10]),
+            ("kam,nk->nam", vec![24, 5, 7], 33, vec![33, 1, 1]),
+            ("ckam,nk->bnam", vec![1, 16, 6, 6], 8, vec![1, 8, 1, 1]),
+            // Fewer rows than columns: split by columns on 2 threads.
+            ("bk,nk->bn", vec![1, 64], 40, vec![1, 40]),
+        ] {
+            let (worst, done) = compare(matmul_model(expr, &data, n, &bias));
+            assert_eq!((done.matmuls, done.relus), (1, 1), "{expr}");
+            assert!(worst < 1e-4, "{expr}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn what_the_kernels_do_not_handle_stays_tract() {
+        // A dilated convolution and a product with two activations.
+        let mut model = conv_model(
+            DataFormat::NHWC,
+            (9, 9, 2, 2),
+            [3, 3],
+            [1, 1],
+            PaddingSpec::Valid,
+            false,
+        );
+        let conv = model.node_id_by_name("conv").unwrap();
+        if let Some(conv) = model.nodes[conv].op_as_mut::<Conv>() {
+            conv.pool_spec.dilations = Some(tvec![2, 2]);
+        }
+        let (_, done) = rewrite(model).unwrap();
+        assert_eq!(done, Rewritten::default());
+        let mut model = TypedModel::default();
+        let a = model.add_source("a", f32::fact([4, 3])).unwrap();
+        let b = model.add_source("b", f32::fact([5, 3])).unwrap();
+        let y = model
+            .wire_node(
+                "mm",
+                EinSum::new("mk,nk->mn".parse().unwrap(), f32::datum_type()),
+                &[a, b],
+            )
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        assert_eq!(rewrite(model).unwrap().1, Rewritten::default());
+    }
+
+    #[test]
+    fn split_covers_everything_once_on_aligned_starts() {
+        for (len, parts, align) in [(1225, 2, 16), (64, 2, 16), (5, 4, 16), (0, 2, 8), (100, 3, 1)] {
+            let ranges = split(len, parts, align);
+            assert!(ranges.len() <= parts.max(1));
+            let mut next = 0;
+            for r in &ranges {
+                assert_eq!(r.start, next);
+                assert_eq!(r.start % align, 0);
+                next = r.end;
+            }
+            assert_eq!(next, len);
+        }
+    }
+}
