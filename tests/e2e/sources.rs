@@ -69,7 +69,11 @@ fn assert_matches_tensorflow(bundle: &Path, what: &str) -> f32 {
     let tract = assert_kernels_match_tensorflow(bundle, what, Tuning::Off);
     let ours = RuntimeSettings::new([("EDGE_KERNELS", "gemm")]).unwrap();
     let what = format!("{what} (runtime kernels)");
-    tract.max(assert_kernels_match_tensorflow(bundle, &what, Tuning::Fixed(ours)))
+    tract.max(assert_kernels_match_tensorflow(
+        bundle,
+        &what,
+        Tuning::Fixed(ours),
+    ))
 }
 
 fn assert_kernels_match_tensorflow(bundle: &Path, what: &str, tuning: Tuning) -> f32 {

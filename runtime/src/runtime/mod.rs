@@ -245,10 +245,10 @@ pub(crate) fn prepare(
     settings: &RuntimeSettings,
 ) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
     let scope = settings.scope()?;
-    let model = if settings.edge_kernels() {
+    let model = if let Some(options) = settings.edge_kernels() {
         let (model, done) = scope
             .enter(|| model.into_decluttered())
-            .and_then(kernels::rewrite)
+            .and_then(|model| kernels::rewrite(model, options))
             .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
         tracing::debug!(?done, "the runtime's own kernels took the place of tract's");
         model

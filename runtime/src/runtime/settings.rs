@@ -19,6 +19,8 @@ use super::RuntimeError;
 
 /// The setting choosing between tract's convolution kernels and the runtime's own.
 pub const EDGE_KERNELS: &str = "EDGE_KERNELS";
+/// With the runtime's own kernels: `off` computes 3x3 convolutions directly, not by Winograd.
+pub const EDGE_WINOGRAD: &str = "EDGE_WINOGRAD";
 
 /// Knob name to value, e.g. `TRACT_LAZY_IM2COL_MIN_KERNEL = 1000`. Empty: tract's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -54,9 +56,14 @@ impl RuntimeSettings {
         &self.knobs
     }
 
-    /// The runtime's own convolution and 1x1 kernels are on.
-    pub fn edge_kernels(&self) -> bool {
-        self.knobs.get(EDGE_KERNELS).is_some_and(|v| v == "gemm")
+    /// The runtime's own convolution and 1x1 kernels, if they are on.
+    pub fn edge_kernels(&self) -> Option<super::kernels::KernelOptions> {
+        self.knobs
+            .get(EDGE_KERNELS)
+            .is_some_and(|v| v == "gemm")
+            .then(|| super::kernels::KernelOptions {
+                winograd: self.knobs.get(EDGE_WINOGRAD).is_none_or(|v| v != "off"),
+            })
     }
 
     /// tract's defaults, nothing set.
@@ -81,7 +88,18 @@ impl RuntimeSettings {
                 "{EDGE_KERNELS}={value:?}: the kernels are \"gemm\" (the runtime's own) or \"tract\""
             )));
         }
-        let tract = self.knobs.iter().filter(|(k, _)| k.as_str() != EDGE_KERNELS);
+        if let Some(value) = self.knobs.get(EDGE_WINOGRAD)
+            && value != "on"
+            && value != "off"
+        {
+            return Err(RuntimeError::Settings(format!(
+                "{EDGE_WINOGRAD}={value:?}: \"on\" (the default with {EDGE_KERNELS}=gemm) or \"off\""
+            )));
+        }
+        let tract = self
+            .knobs
+            .iter()
+            .filter(|(k, _)| k.as_str() != EDGE_KERNELS && k.as_str() != EDGE_WINOGRAD);
         KnobScope::new(tract.map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| RuntimeError::Settings(format!("{e:#}")))
     }
@@ -124,16 +142,19 @@ mod tests {
     #[test]
     fn the_runtime_kernels_setting_is_ours() {
         let s = RuntimeSettings::new([(EDGE_KERNELS, "gemm")]).unwrap();
-        assert!(s.edge_kernels());
-        assert!(
-            !RuntimeSettings::new([(EDGE_KERNELS, "tract")])
-                .unwrap()
-                .edge_kernels()
-        );
+        assert_eq!(s.edge_kernels().map(|k| k.winograd), Some(true));
+        let s = RuntimeSettings::new([(EDGE_KERNELS, "gemm"), (EDGE_WINOGRAD, "off")]).unwrap();
+        assert_eq!(s.edge_kernels().map(|k| k.winograd), Some(false));
+        let tract = RuntimeSettings::new([(EDGE_KERNELS, "tract")]).unwrap();
+        assert!(tract.edge_kernels().is_none());
         let err = RuntimeSettings::new([(EDGE_KERNELS, "fast")])
             .unwrap_err()
             .to_string();
         assert!(err.contains("EDGE_KERNELS") && err.contains("gemm"), "{err}");
+        let err = RuntimeSettings::new([(EDGE_WINOGRAD, "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("EDGE_WINOGRAD"), "{err}");
     }
 
     #[test]

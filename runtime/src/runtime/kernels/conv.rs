@@ -1,12 +1,11 @@
 //! [`EdgeConv`]: a 2D f32 convolution (group 1, dilation 1) with bias and an optional ReLU,
 //! channels first or last, on the `gemm` crate's matrix products.
 
-use std::borrow::Cow;
-
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 
-use super::{SendPtr, bias_values, const_f32, for_each_part, matmul, signed, split, threads};
+use super::winograd;
+use super::{Scratch, SendPtr, bias_values, const_f32, for_each_part, matmul, signed, split, threads};
 
 /// Largest share of the wide grid's columns that may be wasted (computed and dropped) before an
 /// explicit im2col is cheaper (measured in Inception V3 on an AMD EPYC: 5x5 on 35x35, 10% of
@@ -16,21 +15,21 @@ const MAX_WIDE_WASTE: f64 = 0.15;
 /// Sizes of one convolution, all concrete.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct Geometry {
-    channels_last: bool,
-    batch: usize,
-    c: usize,
-    o: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    sh: usize,
-    sw: usize,
+    pub(super) channels_last: bool,
+    pub(super) batch: usize,
+    pub(super) c: usize,
+    pub(super) o: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) sh: usize,
+    pub(super) sw: usize,
     /// Padding: top, left, bottom, right.
-    pad: [usize; 4],
-    ho: usize,
-    wo: usize,
-    output_shape: TVec<usize>,
+    pub(super) pad: [usize; 4],
+    pub(super) ho: usize,
+    pub(super) wo: usize,
+    pub(super) output_shape: TVec<usize>,
 }
 
 impl Geometry {
@@ -70,6 +69,8 @@ pub struct EdgeConv {
     /// `[o]`.
     pub(super) bias: Arc<Tensor>,
     pub(super) relu: bool,
+    /// The Winograd-transformed weights, `[16][c][o]`, when this convolution runs that way.
+    pub(super) winograd: Option<Arc<Tensor>>,
 }
 
 impl EdgeConv {
@@ -78,6 +79,7 @@ impl EdgeConv {
         model: &TypedModel,
         node: &TypedNode,
         conv: &Conv,
+        winograd: bool,
     ) -> TractResult<Option<EdgeConv>> {
         let spec = &conv.pool_spec;
         let input = model.outlet_fact(node.inputs[0])?;
@@ -144,31 +146,41 @@ impl EdgeConv {
             return Ok(None);
         };
         let bias = bias_values(&bias, o)?;
+        let winograd = (winograd && winograd::suits(&geometry))
+            .then(|| Arc::new(tensor1(&winograd::transform_weights(&geometry, &weights))));
         Ok(Some(EdgeConv {
             geometry,
             weights: Arc::new(tensor1(&weights)),
             bias: Arc::new(tensor1(&bias)),
             relu: false,
+            winograd,
         }))
     }
 
     /// One image: `x` its input, `y` its output.
     fn run(&self, x: &[f32], y: &mut [f32]) -> TractResult<()> {
         let g = &self.geometry;
+        let bias = self.bias.try_as_plain_ram()?;
+        let bias = bias.as_slice::<f32>()?;
+        if let Some(u) = &self.winograd {
+            let u = u.try_as_plain_ram()?;
+            winograd::run(g, u.as_slice::<f32>()?, x, y, bias, self.relu);
+            return Ok(());
+        }
         let padded = pad(g, x);
         let weights = self.weights.try_as_plain_ram()?;
         let weights = weights.as_slice::<f32>()?;
-        let bias = self.bias.try_as_plain_ram()?;
-        let bias = bias.as_slice::<f32>()?;
         if g.wide() {
             let wp = g.wp();
             let direct = wp == g.wo;
-            let mut wide = if direct {
-                Vec::new()
+            // Rows of the wide grid past the last output row's columns are neither written
+            // nor read: stale scratch is fine.
+            let mut wide = Scratch::take(if direct { 0 } else { g.ho * wp * g.o });
+            let dst = if direct {
+                y.as_mut_ptr()
             } else {
-                vec![0f32; g.ho * wp * g.o]
+                wide.0.as_mut_ptr()
             };
-            let dst = if direct { y.as_mut_ptr() } else { wide.as_mut_ptr() };
             let rows = (g.ho - 1) * wp + g.wo;
             let dst_strides = if g.channels_last { (g.o, 1) } else { (1, g.ho * wp) };
             self.products(rows, &padded, weights, dst, dst_strides, |part, lhs, rhs, dst| {
@@ -193,7 +205,11 @@ impl EdgeConv {
                     }
                 }
             });
-            let src = if direct { None } else { Some(wide.as_slice()) };
+            let src = if direct {
+                None
+            } else {
+                Some(&wide.0[..g.ho * wp * g.o])
+            };
             finish(g, src, wp, y, bias, self.relu);
         } else {
             let (col, col_strides) = im2col(g, &padded);
@@ -203,7 +219,7 @@ impl EdgeConv {
             let dst = y.as_mut_ptr();
             self.products(
                 rows,
-                &col,
+                &col.0,
                 weights,
                 dst,
                 dst_strides,
@@ -319,13 +335,19 @@ fn reorder_kernel(
 }
 
 /// The input with its padding made explicit (zeros), in the same layout.
-fn pad<'a>(g: &Geometry, x: &'a [f32]) -> Cow<'a, [f32]> {
-    if !g.padded() {
-        return Cow::Borrowed(x);
+fn pad<'a>(g: &Geometry, x: &'a [f32]) -> Padded<'a> {
+    pad_to(g, x, (g.hp(), g.wp()))
+}
+
+/// The input with its padding made explicit (zeros) and zeros below and to the right up to
+/// `hp x wp` (at least the padded size), in the same layout.
+pub(super) fn pad_to<'a>(g: &Geometry, x: &'a [f32], (hp, wp): (usize, usize)) -> Padded<'a> {
+    if !g.padded() && (hp, wp) == (g.h, g.w) {
+        return Padded::Input(x);
     }
-    let (hp, wp) = (g.hp(), g.wp());
     let [top, left, ..] = g.pad;
-    let mut out = vec![0f32; hp * wp * g.c];
+    let mut scratch = Scratch::zeroed(hp * wp * g.c);
+    let out = &mut scratch.0[..hp * wp * g.c];
     if g.channels_last {
         let row = g.w * g.c;
         for yy in 0..g.h {
@@ -340,16 +362,35 @@ fn pad<'a>(g: &Geometry, x: &'a [f32]) -> Cow<'a, [f32]> {
             }
         }
     }
-    Cow::Owned(out)
+    Padded::Scratch(scratch, hp * wp * g.c)
+}
+
+/// An input as a convolution reads it: as given, or padded in a scratch buffer.
+pub(super) enum Padded<'a> {
+    Input(&'a [f32]),
+    Scratch(Scratch, usize),
+}
+
+impl std::ops::Deref for Padded<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Padded::Input(x) => x,
+            Padded::Scratch(s, len) => &s.0[..*len],
+        }
+    }
 }
 
 /// The im2col matrix of the padded input and its (row, column) strides: one row per output
 /// pixel, one column per `(ky, kx, ci)`; pixel-major for channels last, column-major else.
-fn im2col(g: &Geometry, padded: &[f32]) -> (Vec<f32>, (usize, usize)) {
+fn im2col(g: &Geometry, padded: &[f32]) -> (Scratch, (usize, usize)) {
     let (hp, wp) = (g.hp(), g.wp());
     let kd = g.kh * g.kw * g.c;
     let rows = g.ho * g.wo;
-    let mut col = vec![0f32; rows * kd];
+    // Every value is written below.
+    let mut scratch = Scratch::take(rows * kd);
+    let col = &mut scratch.0[..rows * kd];
     if g.channels_last {
         let run = g.kw * g.c;
         for yy in 0..g.ho {
@@ -361,7 +402,7 @@ fn im2col(g: &Geometry, padded: &[f32]) -> (Vec<f32>, (usize, usize)) {
                 }
             }
         }
-        (col, (kd, 1))
+        (scratch, (kd, 1))
     } else {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
@@ -382,7 +423,7 @@ fn im2col(g: &Geometry, padded: &[f32]) -> (Vec<f32>, (usize, usize)) {
                 }
             }
         }
-        (col, (1, rows))
+        (scratch, (1, rows))
     }
 }
 
@@ -453,7 +494,11 @@ impl Op for EdgeConv {
             } else {
                 "channels first"
             },
-            if g.wide() { "shifted products" } else { "im2col" },
+            match (&self.winograd, g.wide()) {
+                (Some(_), _) => "Winograd F(2x2,3x3)",
+                (None, true) => "shifted products",
+                (None, false) => "im2col",
+            },
             if self.relu { ", ReLU" } else { "" },
         )])
     }

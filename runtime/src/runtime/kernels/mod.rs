@@ -20,6 +20,7 @@
 
 mod conv;
 mod matmul;
+mod winograd;
 
 use tract_core::internal::*;
 use tract_core::ops::binary::TypedBinOp;
@@ -39,15 +40,28 @@ pub struct Rewritten {
     pub relus: usize,
 }
 
+/// Which of our kernels [`rewrite`] may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Winograd F(2x2, 3x3) for the 3x3 stride-1 convolutions it suits.
+    pub winograd: bool,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        KernelOptions { winograd: true }
+    }
+}
+
 /// Replaces every convolution and 1x1 matrix product our kernels handle (f32, concrete shapes,
 /// constant weights) in a decluttered model, with the bias addition and ReLU that follow
 /// them; the others stay tract's.
-pub fn rewrite(mut model: TypedModel) -> TractResult<(TypedModel, Rewritten)> {
+pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(TypedModel, Rewritten)> {
     let mut done = Rewritten::default();
     for id in model.eval_order()? {
         let node = &model.nodes[id];
         let (mut kernel, input) = if let Some(conv) = node.op_as::<Conv>() {
-            match EdgeConv::from_tract(&model, node, conv)? {
+            match EdgeConv::from_tract(&model, node, conv, options.winograd)? {
                 Some(op) => (Kernel::Conv(op), node.inputs[0]),
                 None => continue,
             }
@@ -216,6 +230,58 @@ impl<T> SendPtr<T> {
     }
 }
 
+thread_local! {
+    /// Buffers of earlier inferences on this thread, kept for the next ones: fresh large
+    /// allocations come from the kernel as untouched pages, and faulting them in cost more
+    /// than the products they feed (22 MB of Winograd products: about 5 ms).
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most bytes of scratch kept per thread between inferences.
+const MAX_KEPT_SCRATCH: usize = 64 << 20;
+
+/// A scratch buffer of `len` values from this thread's free list, with stale contents (every
+/// caller writes what it reads, or zeroes it first); given back when dropped.
+struct Scratch(Vec<f32>);
+
+impl Scratch {
+    fn take(len: usize) -> Scratch {
+        let reused = SCRATCH.with_borrow_mut(|free| {
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        });
+        Scratch(reused.unwrap_or_else(|| vec![0f32; len]))
+    }
+
+    /// A scratch buffer of `len` zeros.
+    fn zeroed(len: usize) -> Scratch {
+        let mut scratch = Scratch::take(len);
+        scratch.0[..len].fill(0.0);
+        scratch
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.0);
+        SCRATCH.with_borrow_mut(|free| {
+            free.push(buffer);
+            // Keep the largest buffers within the bound.
+            free.sort_by_key(|b| std::cmp::Reverse(b.len()));
+            let mut kept = 0;
+            free.retain(|b| {
+                kept += b.len() * 4;
+                kept <= MAX_KEPT_SCRATCH
+            });
+        });
+    }
+}
+
 /// Strides as `gemm` takes them.
 fn signed((a, b): (usize, usize)) -> (isize, isize) {
     (a as isize, b as isize)
@@ -275,10 +341,16 @@ mod tests {
     use tract_core::ops::nn::DataFormat;
 
     /// Runs `model` as tract has it and rewritten, on 1 and 2 threads, and returns the largest
-    /// difference and what the rewrite did.
-    fn compare(model: TypedModel) -> (f32, Rewritten) {
+    /// difference and what the rewrite did, with our ops' descriptions.
+    fn compare(model: TypedModel, options: KernelOptions) -> (f32, Rewritten, String) {
         let input = pseudo_random(model.input_fact(0).unwrap().shape.as_concrete().unwrap());
-        let (ours, done) = rewrite(model.clone()).unwrap();
+        let (ours, done) = rewrite(model.clone(), options).unwrap();
+        let info: Vec<String> = ours
+            .nodes
+            .iter()
+            .filter(|n| n.op.name().starts_with("Edge"))
+            .flat_map(|n| n.op.info().unwrap())
+            .collect();
         let theirs = model.into_runnable().unwrap();
         let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
         let expected = theirs.run(tvec![input.clone().into_tvalue()]).unwrap().remove(0);
@@ -299,7 +371,7 @@ mod tests {
                 worst = worst.max((a - b).abs());
             }
         }
-        (worst, done)
+        (worst, done, info.join("; "))
     }
 
     /// A model of one tract convolution (OIHW weights, a bias), optionally followed by a ReLU.
@@ -428,12 +500,28 @@ mod tests {
             ),
         ] {
             let model = conv_model(format, dims, kernel, strides, padding.clone(), relu);
-            let (worst, done) = compare(model);
-            let case = format!("{format:?} {dims:?} {kernel:?} {strides:?} {padding:?}");
+            let (worst, done, info) = compare(model, KernelOptions::default());
+            let case = format!("{format:?} {dims:?} {kernel:?} {strides:?} {padding:?}: {info}");
+            let winograd = kernel == [3, 3] && strides == [1, 1] && dims.2 >= 64;
+            assert_eq!(info.contains("Winograd"), winograd, "{case}");
             assert_eq!(done.convolutions, 1, "{case}");
             assert_eq!(done.relus, usize::from(relu), "{case}");
             assert!(worst < 1e-4, "{case}: differs by {worst}");
         }
+        // Winograd off: the same convolution by shifted products.
+        let model = conv_model(
+            DataFormat::CHW,
+            (21, 23, 64, 5),
+            [3, 3],
+            [1, 1],
+            PaddingSpec::SameUpper,
+            true,
+        );
+        let (worst, _, info) = compare(model, KernelOptions { winograd: false });
+        assert!(
+            info.contains("shifted products") && worst < 1e-4,
+            "{info}: {worst}"
+        );
     }
 
     /// A product of an activation with constant weights `[n, k]` as `expr` says, plus a bias
@@ -467,7 +555,8 @@ mod tests {
             // Fewer rows than columns: split by columns on 2 threads.
             ("bk,nk->bn", vec![1, 64], 40, vec![1, 40]),
         ] {
-            let (worst, done) = compare(matmul_model(expr, &data, n, &bias));
+            let model = matmul_model(expr, &data, n, &bias);
+            let (worst, done, _) = compare(model, KernelOptions::default());
             assert_eq!((done.matmuls, done.relus), (1, 1), "{expr}");
             assert!(worst < 1e-4, "{expr}: differs by {worst}");
         }
@@ -488,7 +577,7 @@ mod tests {
         if let Some(conv) = model.nodes[conv].op_as_mut::<Conv>() {
             conv.pool_spec.dilations = Some(tvec![2, 2]);
         }
-        let (_, done) = rewrite(model).unwrap();
+        let (_, done) = rewrite(model, KernelOptions::default()).unwrap();
         assert_eq!(done, Rewritten::default());
         let mut model = TypedModel::default();
         let a = model.add_source("a", f32::fact([4, 3])).unwrap();
@@ -501,7 +590,10 @@ mod tests {
             )
             .unwrap();
         model.select_output_outlets(&y).unwrap();
-        assert_eq!(rewrite(model).unwrap().1, Rewritten::default());
+        assert_eq!(
+            rewrite(model, KernelOptions::default()).unwrap().1,
+            Rewritten::default()
+        );
     }
 
     #[test]

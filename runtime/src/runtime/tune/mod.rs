@@ -91,6 +91,8 @@ const ROUNDS: usize = 5;
 /// tract's output ([`MAX_OUTPUT_DIFFERENCE`]).
 pub const CANDIDATES: &[&[(&str, &str)]] = &[
     &[(super::settings::EDGE_KERNELS, "gemm")],
+    // With them: 3x3 convolutions computed directly rather than by Winograd F(2x2, 3x3).
+    &[(super::settings::EDGE_WINOGRAD, "off")],
     &[("TRACT_DISABLE_DIRECT_SPATIAL", "true")],
     // Eager im2col for every kernel size, up to 8 MB of patch scratch per convolution.
     &[
