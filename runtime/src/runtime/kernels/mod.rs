@@ -20,6 +20,7 @@
 
 mod conv;
 mod matmul;
+mod pool;
 mod winograd;
 
 use tract_core::internal::*;
@@ -30,12 +31,14 @@ use tract_linalg::multithread::{Executor, current_tract_executor};
 
 pub use conv::EdgeConv;
 pub use matmul::EdgeMatMul;
+pub use pool::EdgePool;
 
 /// What [`rewrite`] replaced.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Rewritten {
     pub convolutions: usize,
     pub matmuls: usize,
+    pub pools: usize,
     /// ReLUs folded into the kernel before them (bias additions are folded too).
     pub relus: usize,
 }
@@ -70,6 +73,8 @@ pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(Ty
                 Some((op, data)) => (Kernel::MatMul(op), data),
                 None => continue,
             }
+        } else if let Some((op, data)) = EdgePool::from_tract(&model, node)? {
+            (Kernel::Pool(op), data)
         } else {
             continue;
         };
@@ -80,11 +85,15 @@ pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(Ty
             mm.bias = Some(Arc::new(tensor1(&bias)));
             last = add;
         }
-        if let Some(max) = following_relu(&model, last)? {
-            match &mut kernel {
-                Kernel::Conv(op) => op.relu = true,
-                Kernel::MatMul(op) => op.relu = true,
-            }
+        let relu = match &mut kernel {
+            Kernel::Conv(op) => Some(&mut op.relu),
+            Kernel::MatMul(op) => Some(&mut op.relu),
+            Kernel::Pool(_) => None,
+        };
+        if let Some(relu) = relu
+            && let Some(max) = following_relu(&model, last)?
+        {
+            *relu = true;
             last = max;
             done.relus += 1;
         }
@@ -100,6 +109,10 @@ pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(Ty
                 done.matmuls += 1;
                 patch.wire_node(name, op, &[tap])?
             }
+            Kernel::Pool(op) => {
+                done.pools += 1;
+                patch.wire_node(name, op, &[tap])?
+            }
         };
         patch.shunt_outside(&model, OutletId::new(last, 0), wire[0])?;
         patch.apply(&mut model)?;
@@ -111,6 +124,7 @@ pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(Ty
 enum Kernel {
     Conv(EdgeConv),
     MatMul(EdgeMatMul),
+    Pool(EdgePool),
 }
 
 /// The only successor of `id` when it adds a constant bias varying along `n_axis` only, with
@@ -559,6 +573,126 @@ mod tests {
             let (worst, done, _) = compare(model, KernelOptions::default());
             assert_eq!((done.matmuls, done.relus), (1, 1), "{expr}");
             assert!(worst < 1e-4, "{expr}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn pools_match_tract() {
+        use tract_core::ops::cnn::{MaxPool, SumPool};
+        let explicit = |t, l, b, r| PaddingSpec::Explicit(tvec![t, l], tvec![b, r]);
+        for (format, (h, w, c), kernel, strides, padding, max, moved) in [
+            (
+                DataFormat::NCHW,
+                (15, 15, 6),
+                [3, 3],
+                [2, 2],
+                PaddingSpec::Valid,
+                true,
+                false,
+            ),
+            (
+                DataFormat::NCHW,
+                (15, 14, 6),
+                [3, 3],
+                [2, 2],
+                PaddingSpec::Valid,
+                true,
+                true,
+            ),
+            (
+                DataFormat::NHWC,
+                (9, 8, 5),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+                false,
+            ),
+            (
+                DataFormat::CHW,
+                (9, 8, 5),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+                true,
+            ),
+            (
+                DataFormat::CHW,
+                (7, 9, 3),
+                [2, 3],
+                [1, 2],
+                explicit(1, 1, 0, 1),
+                false,
+                false,
+            ),
+            (
+                DataFormat::HWC,
+                (7, 9, 3),
+                [3, 2],
+                [2, 1],
+                explicit(0, 1, 1, 0),
+                true,
+                false,
+            ),
+        ] {
+            let mut model = TypedModel::default();
+            let (c_axis, last) = if format.has_n() { (1, 3) } else { (0, 2) };
+            let shape: Vec<usize> = format
+                .from_n_c_hw(1, c, [h, w].as_slice())
+                .unwrap()
+                .shape
+                .to_vec();
+            let source_shape = if moved {
+                // Channels last, moved to first for the pool.
+                let mut s = shape.clone();
+                let channels = s.remove(c_axis);
+                s.push(channels);
+                s
+            } else {
+                shape.clone()
+            };
+            let mut x = model.add_source("x", f32::fact(&source_shape)).unwrap();
+            if moved {
+                x = model.wire_node("move", AxisOp::Move(last, c_axis), &[x]).unwrap()[0];
+            }
+            let spec = PoolSpec::new(
+                format,
+                kernel.iter().copied().collect(),
+                padding.clone(),
+                None,
+                Some(strides.iter().copied().collect()),
+                c,
+                c,
+            );
+            let y = if max {
+                model.wire_node(
+                    "pool",
+                    MaxPool {
+                        pool_spec: spec,
+                        with_index_outputs: None,
+                    },
+                    &[x],
+                )
+            } else {
+                let pool = SumPool {
+                    pool_spec: spec,
+                    count_include_pad: false,
+                    normalize: true,
+                };
+                model.wire_node("pool", pool, &[x])
+            }
+            .unwrap();
+            model.select_output_outlets(&y).unwrap();
+            let case = format!("{format:?} {h}x{w}x{c} {kernel:?} {strides:?} {padding:?} moved {moved}");
+            let (worst, done, info) = compare(model, KernelOptions::default());
+            assert_eq!(done.pools, 1, "{case}");
+            assert_eq!(
+                info.contains("channels last to channels first"),
+                moved,
+                "{case}: {info}"
+            );
+            assert!(worst < 1e-5, "{case}: differs by {worst}");
         }
     }
 

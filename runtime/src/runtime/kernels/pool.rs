@@ -1,0 +1,330 @@
+//! [`EdgePool`]: 2D max and average (or sum) pooling of f32 maps, channels first or last,
+//! split over the threads; a channels-last input that tract moves to channels first just for
+//! the pool (Inception V3's first max pool: a 5.5 MB transpose) is read as it is.
+
+use tract_core::internal::*;
+use tract_core::ops::cnn::{MaxPool, SumPool};
+use tract_core::ops::nn::DataFormat;
+
+use super::{Scratch, SendPtr, for_each_part, split, threads};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Reduce {
+    Max,
+    /// The sum, divided by the window's size (padding counted or not) when `normalize`.
+    Sum {
+        normalize: bool,
+        count_padding: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EdgePool {
+    reduce: Reduce,
+    /// Layout of the input and of the output.
+    input_channels_last: bool,
+    output_channels_last: bool,
+    batch: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    /// Padding before: top, left.
+    pad: [usize; 2],
+    ho: usize,
+    wo: usize,
+    output_shape: TVec<usize>,
+}
+
+impl EdgePool {
+    /// Our form of tract's max or sum pool at `node`, and the outlet it reads (before the
+    /// axis move feeding it, when that move only serves the pool).
+    pub(super) fn from_tract(
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<(EdgePool, OutletId)>> {
+        let (spec, reduce) = if let Some(max) = node.op_as::<MaxPool>() {
+            if max.with_index_outputs.is_some() {
+                return Ok(None);
+            }
+            (&max.pool_spec, Reduce::Max)
+        } else if let Some(sum) = node.op_as::<SumPool>() {
+            let reduce = Reduce::Sum {
+                normalize: sum.normalize,
+                count_padding: sum.count_include_pad,
+            };
+            (&sum.pool_spec, reduce)
+        } else {
+            return Ok(None);
+        };
+        let input = model.outlet_fact(node.inputs[0])?;
+        if spec.kernel_shape.len() != 2
+            || spec.dilations().iter().any(|d| *d != 1)
+            || input.datum_type != f32::datum_type()
+            || node.outputs.len() != 1
+        {
+            return Ok(None);
+        }
+        let (Some(shape), Some(out_shape)) = (
+            input.shape.as_concrete(),
+            node.outputs[0].fact.shape.as_concrete(),
+        ) else {
+            return Ok(None);
+        };
+        let data = spec.data_format.shape(shape.to_vec())?;
+        let hw = data.hw_dims().to_vec();
+        let padding = spec.computed_padding(&hw);
+        let strides = spec.strides();
+        let output_channels_last = spec.data_format.c_is_last();
+        let mut pool = EdgePool {
+            reduce,
+            input_channels_last: output_channels_last,
+            output_channels_last,
+            batch: data.n().copied().unwrap_or(1),
+            c: *data.c(),
+            h: hw[0],
+            w: hw[1],
+            kh: spec.kernel_shape[0],
+            kw: spec.kernel_shape[1],
+            sh: strides[0],
+            sw: strides[1],
+            pad: [padding[0].pad_before, padding[1].pad_before],
+            ho: padding[0].convoluted,
+            wo: padding[1].convoluted,
+            output_shape: out_shape.into(),
+        };
+        let expected = spec
+            .data_format
+            .from_n_c_hw(pool.batch, pool.c, [pool.ho, pool.wo].as_slice())?;
+        if expected.shape.as_slice() != out_shape || pool.ho == 0 || pool.wo == 0 {
+            return Ok(None);
+        }
+        // A move from channels last to channels first that only feeds this pool.
+        let mut from = node.inputs[0];
+        let producer = &model.nodes[from.node];
+        let moved_to_first = matches!(
+            (producer.op_as::<AxisOp>(), spec.data_format),
+            (Some(AxisOp::Move(3, 1)), DataFormat::NCHW) | (Some(AxisOp::Move(2, 0)), DataFormat::CHW)
+        );
+        if moved_to_first && producer.outputs[0].successors.len() == 1 {
+            pool.input_channels_last = true;
+            from = producer.inputs[0];
+        }
+        Ok(Some((pool, from)))
+    }
+
+    /// One image.
+    fn run(&self, x: &[f32], y: &mut [f32]) {
+        let transpose = self.input_channels_last != self.output_channels_last;
+        let mut scratch = Scratch::take(if transpose { y.len() } else { 0 });
+        let out: &mut [f32] = if transpose { &mut scratch.0[..y.len()] } else { y };
+        if self.input_channels_last {
+            self.channels_last(x, out);
+        } else {
+            self.channels_first(x, out);
+        }
+        if transpose {
+            // [ho * wo][c] -> [c][ho * wo].
+            let pixels = self.ho * self.wo;
+            for (p, values) in scratch.0[..y.len()].chunks_exact(self.c).enumerate() {
+                for (ch, v) in values.iter().enumerate() {
+                    y[ch * pixels + p] = *v;
+                }
+            }
+        }
+    }
+
+    /// Rows `y0..y1` of the window of output row `yy` (clipped to the input), and the same for
+    /// columns.
+    fn window(&self, out: usize, stride: usize, pad: usize, k: usize, size: usize) -> (usize, usize) {
+        let start = (out * stride) as isize - pad as isize;
+        let from = start.max(0) as usize;
+        let to = ((start + k as isize).max(0) as usize).min(size);
+        (from, to.max(from))
+    }
+
+    fn finish(&self, value: f32, rows: usize, cols: usize) -> f32 {
+        match self.reduce {
+            Reduce::Max => value,
+            Reduce::Sum { normalize: false, .. } => value,
+            Reduce::Sum {
+                count_padding: true, ..
+            } => value / (self.kh * self.kw) as f32,
+            Reduce::Sum { .. } => value / (rows * cols).max(1) as f32,
+        }
+    }
+
+    fn init(&self) -> f32 {
+        match self.reduce {
+            Reduce::Max => f32::NEG_INFINITY,
+            Reduce::Sum { .. } => 0.0,
+        }
+    }
+
+    fn combine(&self, a: &mut [f32], b: &[f32]) {
+        match self.reduce {
+            Reduce::Max => a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(*b)),
+            Reduce::Sum { .. } => a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
+        }
+    }
+
+    /// `x` `[h][w][c]`, `y` `[ho][wo][c]`: every output pixel reduces its window's channel
+    /// vectors; output rows split over the threads.
+    fn channels_last(&self, x: &[f32], y: &mut [f32]) {
+        let c = self.c;
+        let parts = split(self.ho, threads(), 1);
+        let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
+        for_each_part(parts.len(), |part| {
+            // SAFETY: parts write the disjoint output rows of their range.
+            let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
+            for yy in parts[part].clone() {
+                let (r0, r1) = self.window(yy, self.sh, self.pad[0], self.kh, self.h);
+                for xx in 0..self.wo {
+                    let (c0, c1) = self.window(xx, self.sw, self.pad[1], self.kw, self.w);
+                    let out = &mut y[(yy * self.wo + xx) * c..][..c];
+                    out.fill(self.init());
+                    for r in r0..r1 {
+                        for col in c0..c1 {
+                            self.combine(out, &x[(r * self.w + col) * c..][..c]);
+                        }
+                    }
+                    let (rows, cols) = (r1 - r0, c1 - c0);
+                    out.iter_mut().for_each(|v| *v = self.finish(*v, rows, cols));
+                }
+            }
+        });
+    }
+
+    /// `x` `[c][h][w]`, `y` `[c][ho][wo]`: per output row, the window's rows reduced first
+    /// (whole rows at once), then each output's columns; channels split over the threads.
+    fn channels_first(&self, x: &[f32], y: &mut [f32]) {
+        let parts = split(self.c, threads(), 1);
+        let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
+        for_each_part(parts.len(), |part| {
+            // SAFETY: parts write the disjoint channels of their range.
+            let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
+            let mut acc = vec![0f32; self.w];
+            // Per kernel column, the outputs whose window has it inside the input; per output,
+            // its window's columns inside the input (padding counted or not).
+            let columns: Vec<std::ops::Range<usize>> = (0..self.kw)
+                .map(|kx| {
+                    let inside = |xx: &usize| {
+                        let col = (xx * self.sw + kx) as isize - self.pad[1] as isize;
+                        col >= 0 && (col as usize) < self.w
+                    };
+                    let first = (0..self.wo).find(inside).unwrap_or(self.wo);
+                    let end = (first..self.wo).find(|xx| !inside(xx)).unwrap_or(self.wo);
+                    first..end
+                })
+                .collect();
+            let counts: Vec<f32> = (0..self.wo)
+                .map(|xx| match self.reduce {
+                    Reduce::Sum {
+                        count_padding: true, ..
+                    } => self.kw as f32,
+                    _ => columns.iter().filter(|r| r.contains(&xx)).count() as f32,
+                })
+                .collect();
+            for ch in parts[part].clone() {
+                let plane = &x[ch * self.h * self.w..][..self.h * self.w];
+                for yy in 0..self.ho {
+                    let (r0, r1) = self.window(yy, self.sh, self.pad[0], self.kh, self.h);
+                    acc.fill(self.init());
+                    for r in r0..r1 {
+                        self.combine(&mut acc, &plane[r * self.w..][..self.w]);
+                    }
+                    let out = &mut y[(ch * self.ho + yy) * self.wo..][..self.wo];
+                    out.fill(self.init());
+                    // Each kernel column in turn, over the outputs whose window has it inside
+                    // the input: shifted (strided) slices of the row reduced above.
+                    for (kx, outputs) in columns.iter().enumerate() {
+                        for xx in outputs.clone() {
+                            let v = acc[xx * self.sw + kx - self.pad[1]];
+                            out[xx] = match self.reduce {
+                                Reduce::Max => out[xx].max(v),
+                                Reduce::Sum { .. } => out[xx] + v,
+                            };
+                        }
+                    }
+                    if let Reduce::Sum {
+                        normalize: true,
+                        count_padding,
+                    } = self.reduce
+                    {
+                        let rows = if count_padding { self.kh } else { r1 - r0 } as f32;
+                        for (v, cols) in out.iter_mut().zip(&counts) {
+                            *v /= rows * cols;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Op for EdgePool {
+    fn name(&self) -> StaticName {
+        match self.reduce {
+            Reduce::Max => "EdgeMaxPool".into(),
+            Reduce::Sum { .. } => "EdgeSumPool".into(),
+        }
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let layout = |last: bool| if last { "channels last" } else { "channels first" };
+        Ok(vec![format!(
+            "{}x{} stride {}x{}, {} channels, {} to {}",
+            self.kh,
+            self.kw,
+            self.sh,
+            self.sw,
+            self.c,
+            layout(self.input_channels_last),
+            layout(self.output_channels_last),
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for EdgePool {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let x = input.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let image_in = self.c * self.h * self.w;
+        let image_out = self.c * self.ho * self.wo;
+        ensure!(
+            x.len() == self.batch * image_in,
+            "EdgePool input of {} values",
+            x.len()
+        );
+        // SAFETY: `run` writes every output value.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let y = view.as_slice_mut::<f32>()?;
+            for b in 0..self.batch {
+                self.run(
+                    &x[b * image_in..][..image_in],
+                    &mut y[b * image_out..][..image_out],
+                );
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for EdgePool {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(self.output_shape.as_slice())))
+    }
+
+    as_op!();
+}
