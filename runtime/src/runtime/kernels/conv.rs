@@ -346,23 +346,40 @@ pub(super) fn pad_to<'a>(g: &Geometry, x: &'a [f32], (hp, wp): (usize, usize)) -
         return Padded::Input(x);
     }
     let [top, left, ..] = g.pad;
-    let mut scratch = Scratch::zeroed(hp * wp * g.c);
-    let out = &mut scratch.0[..hp * wp * g.c];
-    if g.channels_last {
-        let row = g.w * g.c;
-        for yy in 0..g.h {
-            let to = ((yy + top) * wp + left) * g.c;
-            out[to..to + row].copy_from_slice(&x[yy * row..][..row]);
-        }
+    let len = hp * wp * g.c;
+    let mut scratch = Scratch::take(len);
+    // Rows (channels last) or channels (first), split over the threads; each part zeroes
+    // and fills its own region.
+    let (units, unit) = if g.channels_last {
+        (hp, wp * g.c)
     } else {
-        for ch in 0..g.c {
-            for yy in 0..g.h {
-                let to = ch * hp * wp + (yy + top) * wp + left;
-                out[to..to + g.w].copy_from_slice(&x[(ch * g.h + yy) * g.w..][..g.w]);
+        (g.c, hp * wp)
+    };
+    let parts = split(units, threads(), 1);
+    let out = SendPtr(scratch.0.as_mut_ptr());
+    for_each_part(parts.len(), |part| {
+        let range = parts[part].clone();
+        // SAFETY: parts write the disjoint units of their range, inside the scratch.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(out.get().add(range.start * unit), range.len() * unit) };
+        out.fill(0.0);
+        for (i, u) in range.enumerate() {
+            let out = &mut out[i * unit..][..unit];
+            if g.channels_last {
+                // Padded row u holds input row u - top.
+                if u >= top && u - top < g.h {
+                    let row = g.w * g.c;
+                    out[left * g.c..][..row].copy_from_slice(&x[(u - top) * row..][..row]);
+                }
+            } else {
+                for yy in 0..g.h {
+                    let to = (yy + top) * wp + left;
+                    out[to..to + g.w].copy_from_slice(&x[(u * g.h + yy) * g.w..][..g.w]);
+                }
             }
         }
-    }
-    Padded::Scratch(scratch, hp * wp * g.c)
+    });
+    Padded::Scratch(scratch, len)
 }
 
 /// An input as a convolution reads it: as given, or padded in a scratch buffer.
@@ -388,43 +405,46 @@ fn im2col(g: &Geometry, padded: &[f32]) -> (Scratch, (usize, usize)) {
     let (hp, wp) = (g.hp(), g.wp());
     let kd = g.kh * g.kw * g.c;
     let rows = g.ho * g.wo;
-    // Every value is written below.
+    // Every value is written below: output pixels (channels last) or columns of the matrix
+    // (first) split over the threads.
     let mut scratch = Scratch::take(rows * kd);
-    let col = &mut scratch.0[..rows * kd];
-    if g.channels_last {
-        let run = g.kw * g.c;
-        for yy in 0..g.ho {
-            for xx in 0..g.wo {
-                let to = (yy * g.wo + xx) * kd;
+    let col = SendPtr(scratch.0.as_mut_ptr());
+    let (units, unit) = if g.channels_last { (rows, kd) } else { (kd, rows) };
+    let parts = split(units, threads(), 1);
+    for_each_part(parts.len(), |part| {
+        let range = parts[part].clone();
+        // SAFETY: parts write the disjoint units of their range, inside the scratch.
+        let col =
+            unsafe { std::slice::from_raw_parts_mut(col.get().add(range.start * unit), range.len() * unit) };
+        for (i, u) in range.enumerate() {
+            let out = &mut col[i * unit..][..unit];
+            if g.channels_last {
+                let (yy, xx) = (u / g.wo, u % g.wo);
+                let run = g.kw * g.c;
                 for ky in 0..g.kh {
                     let from = ((yy * g.sh + ky) * wp + xx * g.sw) * g.c;
-                    col[to + ky * run..][..run].copy_from_slice(&padded[from..from + run]);
+                    out[ky * run..][..run].copy_from_slice(&padded[from..from + run]);
                 }
-            }
-        }
-        (scratch, (kd, 1))
-    } else {
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                for ch in 0..g.c {
-                    let column = &mut col[((ky * g.kw + kx) * g.c + ch) * rows..][..rows];
-                    let plane = &padded[ch * hp * wp..][..hp * wp];
-                    for yy in 0..g.ho {
-                        let line = &plane[(yy * g.sh + ky) * wp + kx..];
-                        let out = &mut column[yy * g.wo..][..g.wo];
-                        if g.sw == 1 {
-                            out.copy_from_slice(&line[..g.wo]);
-                        } else {
-                            for (xx, v) in out.iter_mut().enumerate() {
-                                *v = line[xx * g.sw];
-                            }
+            } else {
+                // Column u is (ky, kx, ch).
+                let (tap, ch) = (u / g.c, u % g.c);
+                let (ky, kx) = (tap / g.kw, tap % g.kw);
+                let plane = &padded[ch * hp * wp..][..hp * wp];
+                for yy in 0..g.ho {
+                    let line = &plane[(yy * g.sh + ky) * wp + kx..];
+                    let out = &mut out[yy * g.wo..][..g.wo];
+                    if g.sw == 1 {
+                        out.copy_from_slice(&line[..g.wo]);
+                    } else {
+                        for (xx, v) in out.iter_mut().enumerate() {
+                            *v = line[xx * g.sw];
                         }
                     }
                 }
             }
         }
-        (scratch, (1, rows))
-    }
+    });
+    (scratch, if g.channels_last { (kd, 1) } else { (1, rows) })
 }
 
 /// Writes the output: bias added, ReLU applied, from `src` (the wide grid, `src_w` columns a

@@ -271,13 +271,6 @@ impl Scratch {
         });
         Scratch(reused.unwrap_or_else(|| vec![0f32; len]))
     }
-
-    /// A scratch buffer of `len` zeros.
-    fn zeroed(len: usize) -> Scratch {
-        let mut scratch = Scratch::take(len);
-        scratch.0[..len].fill(0.0);
-        scratch
-    }
 }
 
 impl Drop for Scratch {
