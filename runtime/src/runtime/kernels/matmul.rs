@@ -29,6 +29,9 @@ pub struct EdgeMatMul {
     /// `[n]`, added to every row.
     pub(super) bias: Option<Arc<Tensor>>,
     pub(super) relu: bool,
+    /// A second input of the output's shape is added to the product (before the bias and
+    /// ReLU): the sum of products tract makes of a 1x1 convolution after a concat.
+    pub(super) accumulate: bool,
 }
 
 impl EdgeMatMul {
@@ -136,6 +139,7 @@ impl EdgeMatMul {
             weights,
             bias: None,
             relu: false,
+            accumulate: false,
         };
         Ok(Some((op, node.inputs[d_slot])))
     }
@@ -171,7 +175,7 @@ impl EdgeMatMul {
                     (rows.len(), cols.len(), l.k),
                     dst,
                     signed(l.out),
-                    false,
+                    self.accumulate,
                     x.get().add(rows.start * l.data.0),
                     signed(l.data),
                     w.get().add(cols.start * l.weights.1),
@@ -235,10 +239,11 @@ impl Op for EdgeMatMul {
     fn info(&self) -> TractResult<Vec<String>> {
         let l = &self.layout;
         Ok(vec![format!(
-            "m={} k={} n={}{}{}",
+            "m={} k={} n={}{}{}{}",
             l.m,
             l.k,
             l.n,
+            if self.accumulate { ", accumulated" } else { "" },
             if self.bias.is_some() { ", bias" } else { "" },
             if self.relu { ", ReLU" } else { "" },
         )])
@@ -250,14 +255,28 @@ impl Op for EdgeMatMul {
 impl EvalOp for EdgeMatMul {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let l = &self.layout;
+        ensure!(
+            inputs.len() == 1 + usize::from(self.accumulate),
+            "EdgeMatMul inputs"
+        );
+        let mut output = if self.accumulate {
+            // The addend becomes the output (moved when nothing else holds it).
+            let addend = inputs.remove(1).into_tensor();
+            ensure!(
+                addend.shape() == l.output_shape.as_slice(),
+                "EdgeMatMul addend shape"
+            );
+            addend
+        } else {
+            // SAFETY: the product writes every output value (read_dst is false).
+            unsafe { Tensor::uninitialized::<f32>(&l.output_shape)? }
+        };
+        let input = args_1!(inputs);
         let x = input.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
         ensure!(x.len() == l.m * l.k, "EdgeMatMul input of {} values", x.len());
-        // SAFETY: the product writes every output value (read_dst is false).
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&l.output_shape)? };
         {
             let mut view = output.try_as_plain_ram_mut()?;
             self.run(x, view.as_slice_mut::<f32>()?)?;
@@ -268,7 +287,8 @@ impl EvalOp for EdgeMatMul {
 
 impl TypedOp for EdgeMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        ensure!(inputs.len() == 1 + usize::from(self.accumulate));
+        ensure!(inputs.iter().all(|i| i.datum_type == f32::datum_type()));
         Ok(tvec!(f32::fact(self.layout.output_shape.as_slice())))
     }
 

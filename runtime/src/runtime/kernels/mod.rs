@@ -39,6 +39,8 @@ pub struct Rewritten {
     pub convolutions: usize,
     pub matmuls: usize,
     pub pools: usize,
+    /// Sums of two products done as one product accumulated onto the other's result.
+    pub accumulated: usize,
     /// ReLUs folded into the kernel before them (bias additions are folded too).
     pub relus: usize,
 }
@@ -117,8 +119,64 @@ pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(Ty
         patch.shunt_outside(&model, OutletId::new(last, 0), wire[0])?;
         patch.apply(&mut model)?;
     }
-    let model = model.into_compact()?;
+    let model = accumulate(model.into_compact()?, &mut done)?;
     Ok((model, done))
+}
+
+/// `a + p` where `p` is a plain product of ours that feeds only this sum: `p` accumulated
+/// onto `a` (one pass over the output instead of two), then the bias and ReLU after the sum
+/// folded in too. Chains (`((p1 + p2) + p3) + p4`, what tract makes of a 1x1 convolution
+/// after a concat) become chains of accumulating products.
+fn accumulate(mut model: TypedModel, done: &mut Rewritten) -> TractResult<TypedModel> {
+    for id in model.eval_order()? {
+        let node = &model.nodes[id];
+        let Some(bin) = node.op_as::<TypedBinOp>() else {
+            continue;
+        };
+        if bin.0.name() != "Add" || node.inputs.len() != 2 {
+            continue;
+        }
+        let shape = &node.outputs[0].fact.shape;
+        if node
+            .inputs
+            .iter()
+            .any(|i| model.outlet_fact(*i).map_or(true, |f| &f.shape != shape))
+        {
+            continue;
+        }
+        let outputs = model.output_outlets()?;
+        let plain = |slot: usize| {
+            let outlet = node.inputs[slot];
+            let producer = &model.nodes[outlet.node];
+            producer
+                .op_as::<EdgeMatMul>()
+                .filter(|mm| !mm.accumulate && mm.bias.is_none() && !mm.relu)
+                .filter(|_| producer.outputs[0].successors.len() == 1)
+                .filter(|_| !outputs.contains(&outlet))
+                .map(|mm| (mm.clone(), producer.inputs[0], node.inputs[1 - slot]))
+        };
+        let Some((mut op, data, addend)) = plain(1).or_else(|| plain(0)) else {
+            continue;
+        };
+        op.accumulate = true;
+        let mut last = id;
+        if let Some((add, bias)) = following_bias(&model, last, op.layout.n_axis)? {
+            op.bias = Some(Arc::new(tensor1(&bias)));
+            last = add;
+        }
+        if let Some(max) = following_relu(&model, last)? {
+            op.relu = true;
+            last = max;
+            done.relus += 1;
+        }
+        let mut patch = TypedModelPatch::default();
+        let taps = patch.taps(&model, &[data, addend])?;
+        let wire = patch.wire_node(node.name.clone(), op, &taps)?;
+        patch.shunt_outside(&model, OutletId::new(last, 0), wire[0])?;
+        patch.apply(&mut model)?;
+        done.accumulated += 1;
+    }
+    model.into_compact()
 }
 
 enum Kernel {
@@ -566,6 +624,65 @@ mod tests {
             let (worst, done, _) = compare(model, KernelOptions::default());
             assert_eq!((done.matmuls, done.relus), (1, 1), "{expr}");
             assert!(worst < 1e-4, "{expr}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn sums_of_products_accumulate_with_the_bias_and_relu_after_them() {
+        // ((x1 W1 + x2 W2) + x3 W3) + b, then ReLU: tract's form of a 1x1 convolution after
+        // a concat of three branches.
+        let mut model = TypedModel::default();
+        let mut sum = None;
+        for (i, k) in [5usize, 7, 3].into_iter().enumerate() {
+            let x = model.add_source(format!("x{i}"), f32::fact([k, 6, 4])).unwrap();
+            let w = model.add_const(format!("w{i}"), pseudo_random(&[9, k])).unwrap();
+            let einsum = EinSum::new("kam,nk->nam".parse().unwrap(), f32::datum_type());
+            let p = model.wire_node(format!("p{i}"), einsum, &[x, w]).unwrap()[0];
+            sum = Some(match sum {
+                None => p,
+                Some(s) => model
+                    .wire_node(format!("s{i}"), tract_core::ops::math::add(), &[s, p])
+                    .unwrap()[0],
+            });
+        }
+        let b = model.add_const("b", pseudo_random(&[9, 1, 1])).unwrap();
+        let y = model
+            .wire_node("bias", tract_core::ops::math::add(), &[sum.unwrap(), b])
+            .unwrap();
+        let zero = model
+            .add_const("zero", tensor0(0f32).broadcast_into_rank(3).unwrap())
+            .unwrap();
+        let y = model.wire_node("relu", max(), &[y[0], zero]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let inputs: TVec<TValue> = (0..3)
+            .map(|i| pseudo_random(model.input_fact(i).unwrap().shape.as_concrete().unwrap()).into_tvalue())
+            .collect();
+        let (ours, done) = rewrite(model.clone(), KernelOptions::default()).unwrap();
+        assert_eq!(
+            (done.matmuls, done.accumulated, done.relus),
+            (3, 2, 1),
+            "{done:?}"
+        );
+        assert!(!ours.nodes.iter().any(|n| n.op_is::<TypedBinOp>()), "{ours}");
+        let expected = model
+            .into_runnable()
+            .unwrap()
+            .run(inputs.clone())
+            .unwrap()
+            .remove(0);
+        let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
+        for executor in [Executor::SingleThread, Executor::multithread(2)] {
+            let got =
+                tract_linalg::multithread::multithread_tract_scope(executor, || ours.run(inputs.clone()))
+                    .unwrap()
+                    .remove(0);
+            let (e, g) = (
+                expected.try_as_plain_ram().unwrap(),
+                got.try_as_plain_ram().unwrap(),
+            );
+            let (e, g) = (e.as_slice::<f32>().unwrap(), g.as_slice::<f32>().unwrap());
+            let worst = e.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "differs by {worst}");
         }
     }
 
