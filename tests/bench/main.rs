@@ -67,6 +67,9 @@ enum Child {
         bundle: Option<PathBuf>,
         #[arg(long)]
         onnx: Option<PathBuf>,
+        /// With --bundle: load with tuning on and this cache directory (as edge-agent does).
+        #[arg(long)]
+        tuning_cache: Option<PathBuf>,
     },
 }
 
@@ -109,8 +112,13 @@ fn main() -> Result<()> {
     // A child the runtime tuner started to time an instruction set answers and exits here.
     edge_runtime::runtime::tune::isa::child_entry();
     let args = Args::parse();
-    if let Some(Child::Load { bundle, onnx }) = args.child {
-        return coldstart::child(bundle.as_deref(), onnx.as_deref());
+    if let Some(Child::Load {
+        bundle,
+        onnx,
+        tuning_cache,
+    }) = args.child
+    {
+        return coldstart::child(bundle.as_deref(), onnx.as_deref(), tuning_cache.as_deref());
     }
     let python = match args.python {
         Some(p) => p,
