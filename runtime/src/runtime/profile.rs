@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tract_core::internal::{Cost, TValue};
 use tract_core::plan::{EvalContext, eval};
 use tract_core::prelude::{IntoTValue, TypedModel, TypedRunnableModel, tvec};
-use tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_linalg::multithread::Executor;
+
+use super::run_on;
 
 use super::{RuntimeError, Tensor};
 
@@ -78,34 +80,37 @@ pub(super) fn profile(
 ) -> Result<Profile, RuntimeError> {
     let failed = |e: tract_core::prelude::TractError| RuntimeError::Inference(format!("{e:#}"));
     let model = plan.model();
-    let mut state = plan.spawn().map_err(failed)?;
     let runs = runs.max(1);
     // per_node[id][run]
     let mut per_node: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); model.nodes.len()];
     let mut gaps: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); model.nodes.len()];
     let mut totals = Vec::with_capacity(runs);
     for run in 0..=runs {
-        let mut times = vec![Duration::ZERO; model.nodes.len()];
-        let mut before = vec![Duration::ZERO; model.nodes.len()];
-        let start = Instant::now();
-        let mut last = start;
-        multithread_tract_scope(executor.clone(), || {
-            state.run_plan_with_eval(
-                tvec![input.clone().into_tvalue()],
-                |ctx: &EvalContext, op_state, node, inputs: tract_core::prelude::TVec<TValue>| {
-                    let start = Instant::now();
-                    before[node.id] += start - last;
-                    let out = eval(ctx, op_state, node, inputs);
-                    last = Instant::now();
-                    times[node.id] += last - start;
-                    out
-                },
-            )
-        })
-        .map_err(failed)?;
+        // As `Classifier::infer` runs (on the pool's thread), with every node timed.
+        let (times, before, elapsed) = run_on(&executor, || {
+            let mut state = plan.spawn().map_err(failed)?;
+            let mut times = vec![Duration::ZERO; model.nodes.len()];
+            let mut before = vec![Duration::ZERO; model.nodes.len()];
+            let start = Instant::now();
+            let mut last = start;
+            state
+                .run_plan_with_eval(
+                    tvec![input.clone().into_tvalue()],
+                    |ctx: &EvalContext, op_state, node, inputs: tract_core::prelude::TVec<TValue>| {
+                        let start = Instant::now();
+                        before[node.id] += start - last;
+                        let out = eval(ctx, op_state, node, inputs);
+                        last = Instant::now();
+                        times[node.id] += last - start;
+                        out
+                    },
+                )
+                .map_err(failed)?;
+            Ok::<_, RuntimeError>((times, before, start.elapsed()))
+        })?;
         // Run 0 warms caches and allocations up and is not counted.
         if run > 0 {
-            totals.push(start.elapsed().as_secs_f64() * 1e3);
+            totals.push(elapsed.as_secs_f64() * 1e3);
             for (id, t) in times.iter().enumerate() {
                 per_node[id].push(t.as_secs_f64() * 1e3);
                 gaps[id].push(before[id].as_secs_f64() * 1e3);

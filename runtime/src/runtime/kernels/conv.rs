@@ -185,6 +185,28 @@ impl EdgeConv {
             let dst_strides = if g.channels_last { (g.o, 1) } else { (1, g.ho * wp) };
             self.products(rows, &padded, weights, dst, dst_strides, |part, lhs, rhs, dst| {
                 let (px, pc) = g.input_strides();
+                if g.channels_last {
+                    // A kernel row's taps read kw consecutive pixels: kw * c contiguous values
+                    // per output row, one product of depth kw * c per kernel row (rows of the
+                    // left matrix overlap, which a product only reading them allows).
+                    let (m, n, _) = part;
+                    for ky in 0..g.kh {
+                        // SAFETY: as below, the last row read ends at the padded input's end.
+                        unsafe {
+                            matmul(
+                                (m, n, g.kw * g.c),
+                                dst,
+                                signed(dst_strides),
+                                ky > 0,
+                                lhs.add(ky * wp * px),
+                                signed((px, 1)),
+                                rhs.add(ky * g.kw * g.c * g.o),
+                                signed((g.o, 1)),
+                            )
+                        }
+                    }
+                    return;
+                }
                 for ky in 0..g.kh {
                     for kx in 0..g.kw {
                         let tap = ky * g.kw + kx;

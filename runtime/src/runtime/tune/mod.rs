@@ -23,11 +23,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tract_core::prelude::{IntoTValue, TypedModel, TypedRunnableModel, tvec};
-use tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_core::prelude::{TypedModel, TypedRunnableModel};
+use tract_linalg::multithread::Executor;
 
 use super::profile::median;
-use super::{RuntimeError, RuntimeOptions, RuntimeSettings, Tensor, pool, prepare};
+use super::{
+    RuntimeError, RuntimeOptions, RuntimeSettings, Tensor, first_output, pool, prepare, run_on,
+};
 
 mod cache;
 pub mod isa;
@@ -487,26 +489,13 @@ impl Candidate {
 
     /// The first output's values for `input`.
     fn output(&self, executor: &Executor, input: &Tensor) -> Result<Vec<f32>, RuntimeError> {
-        let outputs = multithread_tract_scope(executor.clone(), || {
-            self.plan.run(tvec![input.clone().into_tvalue()])
-        })
-        .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
-        let first = outputs
-            .first()
-            .ok_or_else(|| RuntimeError::Inference("no output".into()))?;
-        let view = first
-            .try_as_plain_ram()
-            .and_then(|v| v.as_slice::<f32>().map(<[f32]>::to_vec))
-            .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
-        Ok(view)
+        run_on(executor, || first_output(&self.plan, input.clone()))
     }
 
+    /// One inference as `Classifier::infer` runs it, timed.
     fn run(&self, executor: &Executor, input: &Tensor) -> Result<f64, RuntimeError> {
         let start = Instant::now();
-        multithread_tract_scope(executor.clone(), || {
-            self.plan.run(tvec![input.clone().into_tvalue()])
-        })
-        .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;
+        run_on(executor, || first_output(&self.plan, input.clone()))?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 }
