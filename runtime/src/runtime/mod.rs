@@ -236,22 +236,32 @@ pub(crate) fn prepare(
     settings: &RuntimeSettings,
 ) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
     let scope = settings.scope()?;
-    let model = if let Some(options) = settings.edge_kernels() {
-        let (model, done) = scope
-            .enter(|| model.into_decluttered())
-            .and_then(|model| kernels::rewrite(model, options))
-            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))?;
-        tracing::debug!(?done, "the runtime's own kernels took the place of tract's");
-        model
-    } else {
-        model
+    let start = Instant::now();
+    let failed = |e: tract_core::prelude::TractError| RuntimeError::Prepare(format!("{e:#}"));
+    let model = scope.enter(|| model.into_decluttered()).map_err(failed)?;
+    let decluttered = start.elapsed();
+    let model = match settings.edge_kernels() {
+        Some(options) => {
+            let (model, done) = kernels::rewrite(model, options).map_err(failed)?;
+            tracing::debug!(?done, "the runtime's own kernels took the place of tract's");
+            model
+        }
+        None => model,
     };
-    scope.enter(|| {
-        model
-            .into_optimized()
-            .and_then(|m| m.into_runnable_with_options(&RunOptions::default()))
-            .map_err(|e| RuntimeError::Prepare(format!("{e:#}")))
-    })
+    let rewritten = start.elapsed();
+    // Decluttered already: tract's code generation passes only.
+    let plan = scope.enter(|| {
+        let mut model = model;
+        model.optimize()?;
+        model.into_runnable_with_options(&RunOptions::default())
+    });
+    tracing::debug!(
+        declutter_ms = decluttered.as_secs_f64() * 1e3,
+        rewrite_ms = (rewritten - decluttered).as_secs_f64() * 1e3,
+        optimise_and_plan_ms = (start.elapsed() - rewritten).as_secs_f64() * 1e3,
+        "model prepared"
+    );
+    plan.map_err(failed)
 }
 
 /// Runs `f` as an inference runs on `executor`: on the caller's thread, with tract's executor
@@ -263,10 +273,7 @@ pub(crate) fn run_on<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs the plan on `input` and returns its first output's values.
-pub(crate) fn first_output(
-    plan: &Arc<TypedRunnableModel>,
-    input: Tensor,
-) -> Result<Vec<f32>, RuntimeError> {
+pub(crate) fn first_output(plan: &Arc<TypedRunnableModel>, input: Tensor) -> Result<Vec<f32>, RuntimeError> {
     let outputs = plan
         .run(tvec![input.into_tvalue()])
         .map_err(|e| RuntimeError::Inference(format!("{e:#}")))?;

@@ -27,9 +27,7 @@ use tract_core::prelude::{TypedModel, TypedRunnableModel};
 use tract_linalg::multithread::Executor;
 
 use super::profile::median;
-use super::{
-    RuntimeError, RuntimeOptions, RuntimeSettings, Tensor, first_output, pool, prepare, run_on,
-};
+use super::{RuntimeError, RuntimeOptions, RuntimeSettings, Tensor, first_output, pool, prepare, run_on};
 
 mod cache;
 pub mod isa;
