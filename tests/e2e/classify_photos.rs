@@ -75,3 +75,48 @@ fn dct_scaled_decoding_of_a_large_photo_classifies_like_a_full_decode() {
         scores[1]
     );
 }
+
+#[test]
+fn the_runtime_kernels_name_the_photos_with_the_same_top_5_as_tracts() {
+    // EfficientNet-Lite0 mixes what the runtime's kernels take (1x1 products, the strided stem
+    // convolution) with what stays tract's (depthwise convolutions, ReLU6).
+    use edge_runtime::runtime::{Classifier, RuntimeOptions, RuntimeSettings, Tuning};
+    let bundle = efficientnet_bundle();
+    let load = |tuning| {
+        let options = RuntimeOptions {
+            tuning,
+            ..RuntimeOptions::default()
+        };
+        Classifier::load(&bundle, &options).unwrap()
+    };
+    let tract = load(Tuning::Off);
+    let ours = load(Tuning::Fixed(
+        RuntimeSettings::new([("EDGE_KERNELS", "gemm")]).unwrap(),
+    ));
+    for (photo, label) in [("coffee.jpg", "espresso"), ("camera.jpg", "tripod")] {
+        let image = std::fs::read(shared_models().join(photo)).unwrap();
+        let (a, b) = (
+            tract.classify(&image, 5).unwrap(),
+            ours.classify(&image, 5).unwrap(),
+        );
+        let labels = |c: &edge_runtime::runtime::Classification| -> Vec<String> {
+            c.top.iter().map(|p| p.label.clone()).collect()
+        };
+        let worst = a
+            .probabilities
+            .iter()
+            .zip(&b.probabilities)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "{photo}: tract {:?} {:.4}, runtime kernels {:?} {:.4}, max abs diff {worst:.2e}",
+            labels(&a),
+            a.top[0].score,
+            labels(&b),
+            b.top[0].score
+        );
+        assert_eq!(b.top[0].label, label, "{photo}");
+        assert_eq!(labels(&a), labels(&b), "{photo}: top-5 differs");
+        assert!(worst < 1e-4, "{photo}: probabilities differ by {worst}");
+    }
+}
