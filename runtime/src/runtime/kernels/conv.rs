@@ -5,7 +5,10 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 
 use super::winograd;
-use super::{Scratch, SendPtr, bias_values, const_f32, for_each_part, matmul, signed, split, threads};
+use super::{
+    Scratch, SendPtr, activate, bias_values, const_f32, eval_images, for_each_part, matmul, signed, split,
+    threads,
+};
 
 /// Largest share of the wide grid's columns that may be wasted (computed and dropped) before an
 /// explicit im2col is cheaper (measured in Inception V3 on an AMD EPYC: 5x5 on 35x35, 10% of
@@ -472,10 +475,7 @@ fn im2col(g: &Geometry, padded: &[f32]) -> (Scratch, (usize, usize)) {
 /// Writes the output: bias added, ReLU applied, from `src` (the wide grid, `src_w` columns a
 /// row) or in place in `y` (`src` None, then `src_w` is the output's width).
 fn finish(g: &Geometry, src: Option<&[f32]>, src_w: usize, y: &mut [f32], bias: &[f32], relu: bool) {
-    let apply = |v: f32, b: f32| {
-        let v = v + b;
-        if relu { v.max(0.0) } else { v }
-    };
+    let apply = |v: f32, b: f32| activate(v, b, relu);
     let rows = if g.channels_last { g.ho } else { g.o };
     let parts = split(rows, threads(), 1);
     let y_ptr = SendPtr(y.as_mut_ptr());
@@ -552,30 +552,10 @@ impl EvalOp for EdgeConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
         let g = &self.geometry;
-        let x = input.try_as_plain_ram()?;
-        let x = x.as_slice::<f32>()?;
-        let image_in = g.c * g.h * g.w;
-        let image_out = g.o * g.ho * g.wo;
-        ensure!(
-            x.len() == g.batch * image_in,
-            "EdgeConv input of {} values",
-            x.len()
-        );
-        // SAFETY: every output value is written by `run` (products then `finish`).
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&g.output_shape)? };
-        {
-            let mut view = output.try_as_plain_ram_mut()?;
-            let y = view.as_slice_mut::<f32>()?;
-            for b in 0..g.batch {
-                self.run(
-                    &x[b * image_in..][..image_in],
-                    &mut y[b * image_out..][..image_out],
-                )?;
-            }
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let sizes = (g.batch, g.c * g.h * g.w, g.o * g.ho * g.wo);
+        // `run` writes every output value (products then `finish`).
+        eval_images("EdgeConv", inputs, &g.output_shape, sizes, |x, y| self.run(x, y))
     }
 }
 

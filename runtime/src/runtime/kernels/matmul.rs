@@ -5,7 +5,7 @@
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
-use super::{SendPtr, const_f32, for_each_part, matmul, signed, split, threads};
+use super::{SendPtr, activate, const_f32, for_each_part, matmul, signed, split, threads};
 
 /// Sizes and element strides of the product `out (m x n) = data (m x k) * weights (k x n)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -148,10 +148,8 @@ impl EdgeMatMul {
         let l = &self.layout;
         let weights = self.weights.try_as_plain_ram()?;
         let weights = weights.as_slice::<f32>()?;
-        let bias = match &self.bias {
-            Some(b) => Some(b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
-            None => None,
-        };
+        let bias = self.bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
+        let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
         let by_rows = l.m >= l.n;
         let parts = if by_rows {
             split(l.m, threads(), 16)
@@ -163,7 +161,6 @@ impl EdgeMatMul {
             SendPtr(weights.as_ptr() as *mut f32),
             SendPtr(y.as_mut_ptr()),
         );
-        let bias = bias.as_deref();
         for_each_part(parts.len(), |i| {
             let range = parts[i].clone();
             let (rows, cols) = if by_rows { (range, 0..l.n) } else { (0..l.m, range) };
@@ -202,10 +199,7 @@ unsafe fn epilogue(
     bias: Option<&[f32]>,
     relu: bool,
 ) {
-    let apply = |v: f32, b: f32| {
-        let v = v + b;
-        if relu { v.max(0.0) } else { v }
-    };
+    let apply = |v: f32, b: f32| activate(v, b, relu);
     let bias_of = |j: usize| bias.map_or(0.0, |b| b[j]);
     unsafe {
         if cs == 1 {

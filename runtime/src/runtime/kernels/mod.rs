@@ -347,6 +347,43 @@ impl Drop for Scratch {
     }
 }
 
+/// A value of a kernel's output: plus its channel's bias, then the ReLU when folded in.
+#[inline(always)]
+fn activate(v: f32, bias: f32, relu: bool) -> f32 {
+    let v = v + bias;
+    if relu { v.max(0.0) } else { v }
+}
+
+/// Evaluates an op image by image: `run(x, y)` for each of the `batch` images of the input
+/// (`image_in` values each) into a new output of `output_shape` (`image_out` values each),
+/// which `run` must write whole.
+fn eval_images(
+    what: &str,
+    inputs: TVec<TValue>,
+    output_shape: &[usize],
+    (batch, image_in, image_out): (usize, usize, usize),
+    run: impl Fn(&[f32], &mut [f32]) -> TractResult<()>,
+) -> TractResult<TVec<TValue>> {
+    let input = args_1!(inputs);
+    let x = input.try_as_plain_ram()?;
+    let x = x.as_slice::<f32>()?;
+    ensure!(x.len() == batch * image_in, "{what} input of {} values", x.len());
+    ensure!(output_shape.iter().product::<usize>() == batch * image_out);
+    // SAFETY: `run` writes every value of each image's output.
+    let mut output = unsafe { Tensor::uninitialized::<f32>(output_shape)? };
+    {
+        let mut view = output.try_as_plain_ram_mut()?;
+        let y = view.as_slice_mut::<f32>()?;
+        for b in 0..batch {
+            run(
+                &x[b * image_in..][..image_in],
+                &mut y[b * image_out..][..image_out],
+            )?;
+        }
+    }
+    Ok(tvec!(output.into_tvalue()))
+}
+
 /// Strides as `gemm` takes them.
 fn signed((a, b): (usize, usize)) -> (isize, isize) {
     (a as isize, b as isize)

@@ -6,7 +6,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{MaxPool, SumPool};
 use tract_core::ops::nn::DataFormat;
 
-use super::{Scratch, SendPtr, for_each_part, split, threads};
+use super::{Scratch, SendPtr, eval_images, for_each_part, split, threads};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Reduce {
@@ -294,29 +294,12 @@ impl EvalOp for EdgePool {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let x = input.try_as_plain_ram()?;
-        let x = x.as_slice::<f32>()?;
-        let image_in = self.c * self.h * self.w;
-        let image_out = self.c * self.ho * self.wo;
-        ensure!(
-            x.len() == self.batch * image_in,
-            "EdgePool input of {} values",
-            x.len()
-        );
-        // SAFETY: `run` writes every output value.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
-        {
-            let mut view = output.try_as_plain_ram_mut()?;
-            let y = view.as_slice_mut::<f32>()?;
-            for b in 0..self.batch {
-                self.run(
-                    &x[b * image_in..][..image_in],
-                    &mut y[b * image_out..][..image_out],
-                );
-            }
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let sizes = (self.batch, self.c * self.h * self.w, self.c * self.ho * self.wo);
+        // `run` writes every output value.
+        eval_images("EdgePool", inputs, &self.output_shape, sizes, |x, y| {
+            self.run(x, y);
+            Ok(())
+        })
     }
 }
 

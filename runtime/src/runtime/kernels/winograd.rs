@@ -11,7 +11,7 @@
 //! contiguous values.
 
 use super::conv::{Geometry, pad_to};
-use super::{Scratch, SendPtr, for_each_part, matmul, signed, split, threads};
+use super::{Scratch, SendPtr, activate, for_each_part, matmul, signed, split, threads};
 
 /// Smallest output for which Winograd is used (tiles of 2x2 output pixels): below, the 16
 /// products are too small for the matrix kernels to run near their peak (Inception V3's 8x8
@@ -197,10 +197,7 @@ pub(super) fn run(g: &Geometry, u: &[f32], x: &[f32], y: &mut [f32], bias: &[f32
     });
 
     // Y = At M A, plus bias and ReLU.
-    let apply = |v: f32, b: f32| {
-        let v = v + b;
-        if relu { v.max(0.0) } else { v }
-    };
+    let apply = |v: f32, b: f32| activate(v, b, relu);
     let y_ptr = SendPtr(y.as_mut_ptr());
     let y_len = y.len();
     let (ho, wo) = (g.ho, g.wo);
