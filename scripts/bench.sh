@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/build-deps.sh
 EDGE_FIXTURES=$(scripts/fixtures.sh)
 export EDGE_FIXTURES
 cache="${EDGE_CACHE_DIR:-$HOME/.cache/edge-fleet}"

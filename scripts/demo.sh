@@ -22,6 +22,7 @@ if ! command -v mosquitto_pub >/dev/null; then
   fi
 fi
 
+scripts/build-deps.sh
 fixtures=$(scripts/fixtures.sh)
 models=${EDGE_SHARED_DIR:-$(cd .. && pwd)/shared}/models
 cargo build --workspace --bins --locked >&2

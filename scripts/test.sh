@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/build-deps.sh
 EDGE_FIXTURES=$(scripts/fixtures.sh)
 export EDGE_FIXTURES
 echo "fixtures: $EDGE_FIXTURES" >&2

@@ -76,7 +76,8 @@ pub struct Preprocessor {
     size: (u32, u32),
     limits: ImageLimits,
     /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT when the crop stays at least
-    /// as large as the input size: less time and memory, slightly different pixels.
+    /// as large as the input size: less time and memory, slightly different pixels (never
+    /// with the TensorFlow legacy bilinear filter, which must see TensorFlow's pixels).
     dct_scaling: bool,
 }
 
@@ -110,7 +111,9 @@ impl Preprocessor {
     }
 
     /// Decodes a JPEG or PNG to 8-bit RGB: grey is replicated, alpha dropped, 16-bit
-    /// reduced, CMYK converted. Limits are checked from the header before decoding.
+    /// reduced, CMYK converted. Limits are checked from the header before decoding. JPEGs go
+    /// to libjpeg-turbo (SIMD, DCT scaling); what it does not take, and PNGs, to the `image`
+    /// crate (zune-jpeg, png).
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
         if bytes.len() > self.limits.max_bytes {
             return Err(ImageError::TooLarge {
@@ -137,9 +140,7 @@ impl Preprocessor {
         let (width, height) = reader.into_dimensions().map_err(decode_error)?;
         self.check_dimensions(width, height)?;
         if format == image::ImageFormat::Jpeg
-            && self.dct_scaling
-            && self.spec.filter != ResizeFilter::TfLegacyBilinear
-            && let Some(image) = self.decode_jpeg_scaled(bytes, width, height)?
+            && let Some(image) = self.decode_jpeg_turbo(bytes, width, height)
         {
             return Ok(image);
         }
@@ -180,52 +181,67 @@ impl Preprocessor {
         Ok(())
     }
 
-    /// DCT-scaled decode of an RGB or grey JPEG, or `None` when no reduction applies.
-    fn decode_jpeg_scaled(
-        &self,
-        bytes: &[u8],
-        width: u32,
-        height: u32,
-    ) -> Result<Option<RgbImage>, ImageError> {
-        let (crop_w, crop_h) = crop_size(self.spec.resize, width, height);
-        let (target_h, target_w) = self.size;
-        let factor = [8u32, 4, 2]
-            .into_iter()
-            .find(|f| crop_w / f >= target_w && crop_h / f >= target_h);
-        let Some(factor) = factor else { return Ok(None) };
-        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-        decoder
-            .read_info()
-            .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let format = decoder.info().map(|i| i.pixel_format);
-        if !matches!(
-            format,
-            Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8)
-        ) {
-            return Ok(None); // CMYK and 16-bit go through the general decoder
-        }
-        let (req_w, req_h) = (width.div_ceil(factor), height.div_ceil(factor));
-        let (w, h) = decoder
-            .scale(
-                req_w.min(u16::MAX as u32) as u16,
-                req_h.min(u16::MAX as u32) as u16,
-            )
-            .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        decoder.set_max_decoding_buffer_size(self.limits.max_pixels.saturating_mul(3) as usize);
-        let data = decoder.decode().map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let (w, h) = (u32::from(w), u32::from(h));
-        let pixels = match format {
-            Some(jpeg_decoder::PixelFormat::L8) => data.iter().flat_map(|&g| [g, g, g]).collect(),
-            _ => data,
+    /// Decodes a baseline or progressive JPEG with libjpeg-turbo, at 1/2, 1/4 or 1/8 scale in
+    /// the DCT where the crop stays at least as large as the input (and DCT scaling is on).
+    /// `None` when libjpeg-turbo cannot or would not decode it to RGB exactly (CMYK, 12-bit,
+    /// a corrupt stream it only warns about): the general decoder then decides.
+    fn decode_jpeg_turbo(&self, bytes: &[u8], width: u32, height: u32) -> Option<RgbImage> {
+        let factor = if self.dct_scaling && self.spec.filter != ResizeFilter::TfLegacyBilinear {
+            let (crop_w, crop_h) = crop_size(self.spec.resize, width, height);
+            let (target_h, target_w) = self.size;
+            [8u32, 4, 2]
+                .into_iter()
+                .find(|f| crop_w / f >= target_w && crop_h / f >= target_h)
+                .unwrap_or(1)
+        } else {
+            1
         };
-        if pixels.len() != (w * h * 3) as usize {
-            return Err(ImageError::Invalid("JPEG decoded to an unexpected size".into()));
+        let result = TURBO.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let decompressor = match slot.as_mut() {
+                Some(d) => d,
+                None => {
+                    let mut d = turbojpeg::Decompressor::new()?;
+                    // A progressive JPEG may carry thousands of tiny scans, each a pass over
+                    // the whole image: libjpeg-turbo's advice for untrusted input.
+                    d.set_scan_limit(MAX_JPEG_SCANS)?;
+                    slot.insert(d)
+                }
+            };
+            let header = decompressor.read_header(bytes)?;
+            if !matches!(
+                header.colorspace,
+                turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray | turbojpeg::Colorspace::RGB
+            ) || header.is_lossless
+                || (header.width, header.height) != (width as usize, height as usize)
+            {
+                return Ok(None);
+            }
+            let scaling = turbojpeg::ScalingFactor::new(1, factor as usize);
+            decompressor.set_scaling_factor(scaling)?;
+            let scaled = header.scaled(scaling);
+            let mut image = turbojpeg::Image {
+                pixels: vec![0u8; scaled.width * scaled.height * 3],
+                width: scaled.width,
+                pitch: scaled.width * 3,
+                height: scaled.height,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            decompressor.decompress(bytes, image.as_deref_mut())?;
+            Ok::<_, turbojpeg::Error>(Some(image))
+        });
+        match result {
+            Ok(Some(image)) => Some(RgbImage {
+                width: u32::try_from(image.width).ok()?,
+                height: u32::try_from(image.height).ok()?,
+                pixels: image.pixels,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!("libjpeg-turbo did not decode the JPEG ({e}); trying the general decoder");
+                None
+            }
         }
-        Ok(Some(RgbImage {
-            width: w,
-            height: h,
-            pixels,
-        }))
     }
 
     /// Crop, resize, normalise and lay out a decoded image.
@@ -334,6 +350,16 @@ impl Preprocessor {
     }
 }
 
+/// Most scans a progressive JPEG may have (libjpeg-turbo's advice for untrusted input is a
+/// limit; real encoders write about 10).
+const MAX_JPEG_SCANS: u32 = 500;
+
+thread_local! {
+    /// One libjpeg-turbo decompressor per thread, reused across images.
+    static TURBO: std::cell::RefCell<Option<turbojpeg::Decompressor>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Whether a JPEG's last scan (SOS marker) is followed by an end-of-image marker. Entropy-coded
 /// data stuffs every 0xFF with 0x00, so marker pairs cannot occur inside it.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
@@ -412,5 +438,112 @@ mod tests {
         let policy = ResizePolicy::CentralFraction { fraction: 0.875 };
         // TF: start = int((480 - 420) / 2) = 30, int((640 - 560) / 2) = 40
         assert_eq!(crop_box(policy, 640, 480), (40, 30, 560, 420));
+    }
+
+    fn inception_299() -> Preprocessor {
+        let input = InputSpec {
+            name: "input".into(),
+            shape: vec![1, 299, 299, 3],
+            layout: Layout::Nhwc,
+            dtype: "f32".into(),
+        };
+        Preprocessor::new(Preprocessing::inception(), input, ImageLimits::default()).unwrap()
+    }
+
+    /// A smooth colour picture with some texture, as `width` x `height` RGB.
+    fn picture(width: u32, height: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(width, height, |x, y| {
+            let t = ((x * 7 + y * 13) % 32) as u8;
+            image::Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, 96 + t])
+        })
+    }
+
+    fn encode_jpeg<P>(img: &image::ImageBuffer<P, Vec<u8>>) -> Vec<u8>
+    where
+        P: image::PixelWithColorType + image::Pixel<Subpixel = u8>,
+    {
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut Cursor::new(&mut out), 92)
+            .encode_image(img)
+            .unwrap();
+        out
+    }
+
+    fn mean_abs_difference(a: &[u8], b: &[u8]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| f64::from(x.abs_diff(y)))
+            .sum::<f64>()
+            / a.len() as f64
+    }
+
+    #[test]
+    fn libjpeg_turbo_decodes_what_the_general_decoder_decodes() {
+        let jpeg = encode_jpeg(&picture(320, 240));
+        // 320x240 is too small to scale for a 299x299 input: a full-size decode.
+        let ours = inception_299()
+            .decode_jpeg_turbo(&jpeg, 320, 240)
+            .expect("libjpeg-turbo decodes it");
+        let reference = image::load_from_memory(&jpeg).unwrap().into_rgb8();
+        assert_eq!((ours.width, ours.height), (320, 240));
+        // Two correct IDCTs differ by rounding only.
+        let diff = mean_abs_difference(&ours.pixels, reference.as_raw());
+        assert!(diff < 1.0, "mean abs difference {diff}");
+    }
+
+    #[test]
+    fn large_jpeg_is_decoded_scaled_in_the_dct() {
+        let jpeg = encode_jpeg(&picture(1280, 720));
+        let pre = inception_299();
+        let scaled = pre.decode(&jpeg).unwrap();
+        // 720 / 2 = 360 >= 299, 720 / 4 = 180 < 299: half size.
+        assert_eq!((scaled.width, scaled.height), (640, 360));
+        let full = pre.clone().with_dct_scaling(false).decode(&jpeg).unwrap();
+        assert_eq!((full.width, full.height), (1280, 720));
+        // Half size in the DCT is about the full decode averaged over 2x2 blocks.
+        let full = image::RgbImage::from_raw(1280, 720, full.pixels).unwrap();
+        let halved = image::imageops::resize(&full, 640, 360, image::imageops::FilterType::Triangle);
+        let diff = mean_abs_difference(&scaled.pixels, halved.as_raw());
+        assert!(diff < 2.0, "mean abs difference {diff}");
+    }
+
+    #[test]
+    fn grey_jpeg_becomes_rgb_with_equal_channels() {
+        let grey = image::GrayImage::from_fn(64, 48, |x, y| image::Luma([(x * 3 + y) as u8]));
+        let decoded = inception_299()
+            .decode_jpeg_turbo(&encode_jpeg(&grey), 64, 48)
+            .expect("libjpeg-turbo decodes it");
+        assert_eq!((decoded.width, decoded.height), (64, 48));
+        assert!(
+            decoded
+                .pixels
+                .chunks_exact(3)
+                .all(|p| p[0] == p[1] && p[1] == p[2])
+        );
+    }
+
+    #[test]
+    fn corrupt_jpegs_are_refused_or_decoded_never_a_panic() {
+        let jpeg = encode_jpeg(&picture(96, 64));
+        let pre = inception_299();
+        let mut refused = 0;
+        // Single-byte damage all over the file, headers and entropy-coded data alike.
+        for i in (2..jpeg.len() - 2).step_by(3) {
+            for value in [0x00, 0xFF, jpeg[i] ^ 0x5A] {
+                let mut bad = jpeg.clone();
+                bad[i] = value;
+                match pre.decode(&bad) {
+                    Ok(image) => assert_eq!(image.pixels.len(), (image.width * image.height * 3) as usize),
+                    Err(
+                        ImageError::Invalid(_)
+                        | ImageError::UnsupportedFormat(_)
+                        | ImageError::TooManyPixels { .. },
+                    ) => refused += 1,
+                    Err(other) => panic!("byte {i} = {value:#x}: unexpected error {other}"),
+                }
+            }
+        }
+        assert!(refused > 0, "no damaged JPEG was refused");
     }
 }
