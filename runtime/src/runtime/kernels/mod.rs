@@ -252,6 +252,14 @@ fn const_f32(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Ten
 }
 
 /// Bias of `channels` values from a constant of one value or `channels` values.
+/// A 1-D f32 tensor of `len` values written by `fill` in place (a `Vec` made into a tensor
+/// is copied: for the weights, 100 MB of copies at every load).
+fn f32_tensor(len: usize, fill: impl FnOnce(&mut [f32])) -> TractResult<Tensor> {
+    let mut t = Tensor::zero::<f32>(&[len])?;
+    fill(t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+    Ok(t)
+}
+
 fn bias_values(bias: &Tensor, channels: usize) -> TractResult<Vec<f32>> {
     let values = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     match values.len() {

@@ -35,9 +35,8 @@ fn tiles(g: &Geometry) -> (usize, usize) {
 
 /// The transformed weights `U`, `[16][c][o]`, from `[3][3][c][o]`.
 #[allow(clippy::needless_range_loop)] // the transform reads clearest indexed
-pub(super) fn transform_weights(g: &Geometry, weights: &[f32]) -> Vec<f32> {
+pub(super) fn transform_weights(g: &Geometry, weights: &[f32], u: &mut [f32]) {
     let (c, o) = (g.c, g.o);
-    let mut u = vec![0f32; 16 * c * o];
     for ci in 0..c {
         for oo in 0..o {
             let w = |ky: usize, kx: usize| weights[((ky * 3 + kx) * c + ci) * o + oo];
@@ -59,7 +58,6 @@ pub(super) fn transform_weights(g: &Geometry, weights: &[f32]) -> Vec<f32> {
             }
         }
     }
-    u
 }
 
 /// One image: `x` its input, `y` its output, `u` the transformed weights.
