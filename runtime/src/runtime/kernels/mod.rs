@@ -310,23 +310,23 @@ impl<T> SendPtr<T> {
     }
 }
 
-thread_local! {
-    /// Buffers of earlier inferences on this thread, kept for the next ones: fresh large
-    /// allocations come from the kernel as untouched pages, and faulting them in cost more
-    /// than the products they feed (22 MB of Winograd products: about 5 ms).
-    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Buffers of earlier inferences, kept for the next ones: fresh large allocations come from
+/// the kernel as untouched pages, and faulting them in cost more than the products they feed
+/// (22 MB of Winograd products: about 5 ms). One list for the process, not one per thread:
+/// the daemon runs inferences on whichever blocking thread is free, and per-thread lists
+/// each warmed up (and held up to the bound) separately.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
-/// Most bytes of scratch kept per thread between inferences.
-const MAX_KEPT_SCRATCH: usize = 64 << 20;
+/// Most bytes of scratch kept between inferences.
+const MAX_KEPT_SCRATCH: usize = 96 << 20;
 
-/// A scratch buffer of `len` values from this thread's free list, with stale contents (every
-/// caller writes what it reads, or zeroes it first); given back when dropped.
+/// A scratch buffer of `len` values from the free list, with stale contents (every caller
+/// writes what it reads, or zeroes it first); given back when dropped.
 struct Scratch(Vec<f32>);
 
 impl Scratch {
     fn take(len: usize) -> Scratch {
-        let reused = SCRATCH.with_borrow_mut(|free| {
+        let reused = SCRATCH.lock().ok().and_then(|mut free| {
             let best = free
                 .iter()
                 .enumerate()
@@ -342,7 +342,8 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let buffer = std::mem::take(&mut self.0);
-        SCRATCH.with_borrow_mut(|free| {
+        // A poisoned list (a panic while it was held) just stops keeping buffers.
+        if let Ok(mut free) = SCRATCH.lock() {
             free.push(buffer);
             // Keep the largest buffers within the bound.
             free.sort_by_key(|b| std::cmp::Reverse(b.len()));
@@ -351,7 +352,7 @@ impl Drop for Scratch {
                 kept += b.len() * 4;
                 kept <= MAX_KEPT_SCRATCH
             });
-        });
+        }
     }
 }
 
