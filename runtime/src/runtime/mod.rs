@@ -269,7 +269,11 @@ pub(crate) fn prepare(
 /// threads instead was measured slower with 2 threads (Inception V3: 102-107 ms against 79):
 /// the other thread is then asleep when a part is handed to it.
 pub(crate) fn run_on<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
-    multithread_tract_scope(executor.clone(), f)
+    let result = multithread_tract_scope(executor.clone(), f);
+    if matches!(executor, Executor::MultiThread(_)) {
+        kernels::spin::rest();
+    }
+    result
 }
 
 /// Runs the plan on `input` and returns its first output's values.

@@ -16,11 +16,13 @@
 //! tract's own kernels where they are faster, and checks that both agree on the output).
 //!
 //! Threads: an op splits its work into one part per thread of tract's current executor (the
-//! one an inference runs under), on that executor's pool.
+//! one an inference runs under, which says how many threads it may use); the caller and
+//! [`spin`]'s helper threads run the parts (tract's own ops keep the executor's rayon pool).
 
 mod conv;
 mod matmul;
 mod pool;
+pub(crate) mod spin;
 mod winograd;
 
 use tract_core::internal::*;
@@ -269,12 +271,11 @@ fn bias_values(bias: &Tensor, channels: usize) -> TractResult<Vec<f32>> {
     }
 }
 
-/// Runs `f(part)` for `parts` parts: on the pool of tract's current executor when it has one,
-/// else one after the other on this thread.
+/// Runs `f(part)` for `parts` parts: shared by this thread and [`spin`]'s helpers, as many as
+/// tract's current executor has threads, else one after the other on this thread.
 fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
-    use rayon::prelude::*;
     match current_tract_executor() {
-        Executor::MultiThread(pool) if parts > 1 => pool.install(|| (0..parts).into_par_iter().for_each(&f)),
+        Executor::MultiThread(pool) if parts > 1 => spin::run(pool.current_num_threads(), parts, &f),
         _ => (0..parts).for_each(f),
     }
 }
