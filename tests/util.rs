@@ -39,6 +39,38 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A directory for files a test process keeps for its whole run (bundles converted once),
+/// under the target directory: `<target>/<profile>/e2e-run/<pid>`. A `TempDir` held in a
+/// static is never dropped, so each run used to leave its bundles in /tmp (11 GB after a
+/// day of runs); here the directories of processes no longer alive are removed instead.
+pub fn run_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let mut target = exe.parent().expect("target dir");
+        if target.file_name().is_some_and(|n| n == "deps") {
+            target = target.parent().expect("target dir");
+        }
+        let root = target.join("e2e-run");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let alive = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| Path::new("/proc").join(pid.to_string()).exists());
+                if !alive {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = root.join(std::process::id().to_string());
+        std::fs::create_dir_all(&dir).expect("create the run directory");
+        dir
+    })
+    .clone()
+}
+
 /// The fixture directory made by `scripts/fixtures.sh` (env `EDGE_FIXTURES`).
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("EDGE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
@@ -215,15 +247,8 @@ fn crc32(data: &[u8]) -> u32 {
 /// EfficientNet-Lite0 converted once per test run (shared by the tests that need a real,
 /// valid bundle).
 pub fn efficientnet_bundle() -> std::path::PathBuf {
-    static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> = std::sync::OnceLock::new();
-    BUNDLE
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = convert_efficientnet(dir.path());
-            (dir, path)
-        })
-        .1
-        .clone()
+    static BUNDLE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUNDLE.get_or_init(|| convert_efficientnet(&run_dir())).clone()
 }
 
 fn convert_efficientnet(dir: &std::path::Path) -> std::path::PathBuf {

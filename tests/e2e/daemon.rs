@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use edge_e2e::daemon::{Agent, AgentSpec, Mosquitto, TestClient, free_port};
-use edge_e2e::{bin, fixtures, run, shared_models, stderr};
+use edge_e2e::{bin, fixtures, run, run_dir, shared_models, stderr};
 use serde_json::Value;
 
 use crate::classify_photos::efficientnet_bundle;
@@ -68,11 +68,10 @@ pub(crate) fn block<T>(f: impl FnOnce() -> T) -> T {
 
 /// The seeded-weight Inception V3 (slow on purpose here), converted once per run.
 pub fn inception_bundle() -> PathBuf {
-    static BUNDLE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    static BUNDLE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUNDLE
         .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let bundle = dir.path().join("inception_v3_seeded.bundle");
+            let bundle = run_dir().join("inception_v3_seeded.bundle");
             let f = fixtures();
             let out = run(Command::new(bin("edge-convert"))
                 .arg("convert")
@@ -82,9 +81,8 @@ pub fn inception_bundle() -> PathBuf {
                 .args(["--preset", "inception", "--labels"])
                 .arg(f.join("inception_v3_seeded_labels.txt")));
             assert!(out.status.success(), "{}", stderr(&out));
-            (dir, bundle)
+            bundle
         })
-        .1
         .clone()
 }
 
