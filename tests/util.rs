@@ -115,6 +115,15 @@ pub fn stderr(o: &Output) -> String {
 /// Asserts a command failed the way users should see failures: a non-zero exit, an
 /// `error:` paragraph, and no panic or backtrace.
 pub fn assert_clean_failure(o: &Output, what: &str) -> String {
+    assert_clean_exit(o, what, 1)
+}
+
+/// [`assert_clean_failure`] for a usage or configuration error: exit code 2.
+pub fn assert_config_failure(o: &Output, what: &str) -> String {
+    assert_clean_exit(o, what, 2)
+}
+
+fn assert_clean_exit(o: &Output, what: &str, code: i32) -> String {
     let err = stderr(o);
     assert!(
         !o.status.success(),
@@ -123,7 +132,7 @@ pub fn assert_clean_failure(o: &Output, what: &str) -> String {
     );
     assert_eq!(
         o.status.code(),
-        Some(1),
+        Some(code),
         "{what}: exit code {:?}\n{err}",
         o.status.code()
     );

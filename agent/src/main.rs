@@ -56,7 +56,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", edge_runtime::error_chain(e.as_ref()));
-            ExitCode::FAILURE
+            // 2: the configuration is wrong (restarting will not help; the unit does not);
+            // 1: a failure at run time.
+            if e.chain().any(|c| c.is::<edge_agent::config::ConfigError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -718,19 +718,19 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
         c
     };
     let out = run(agent().arg("--config").arg(&bad));
-    let err = edge_e2e::assert_clean_failure(&out, "unknown key");
+    let err = edge_e2e::assert_config_failure(&out, "unknown key");
     assert!(err.contains("max_itemz"), "{err}");
 
     std::fs::write(&bad, "[mqtt]\nprotocol = \"v4\"\n").unwrap();
-    let err = edge_e2e::assert_clean_failure(&run(agent().arg("--config").arg(&bad)), "bad value");
+    let err = edge_e2e::assert_config_failure(&run(agent().arg("--config").arg(&bad)), "bad value");
     assert!(err.contains("mqtt.protocol"), "{err}");
 
     let out = run(agent().env("EDGE_AGENT_WORKERS__COUNT", "65"));
-    let err = edge_e2e::assert_clean_failure(&out, "bad environment value");
+    let err = edge_e2e::assert_config_failure(&out, "bad environment value");
     assert!(err.contains("workers.count"), "{err}");
 
     let out = run(agent().arg("--config").arg(dir.path().join("missing.toml")));
-    let err = edge_e2e::assert_clean_failure(&out, "missing file");
+    let err = edge_e2e::assert_config_failure(&out, "missing file");
     assert!(err.contains("does not exist"), "{err}");
 
     // A bundle that cannot be loaded stops the agent with the path named.
