@@ -220,7 +220,8 @@ fn cache_dir(bundle: &Path, tune: &TuneOptions) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Measured {
     pub threads: usize,
-    /// Median ms per inference with tract's defaults and with the chosen settings.
+    /// Median ms per inference with tract's defaults, and the chosen settings' time derived
+    /// from it by the kept trials' interleaved ratios.
     pub default_ms: f64,
     pub chosen_ms: f64,
     /// Wall time the tuning took.
@@ -384,6 +385,10 @@ fn measure(
     best.run(&executor, &input)?;
     let reference = best.output(&executor, &input)?;
     let mut default_ms = None;
+    // The chosen settings' time relative to the defaults: the product of the kept trials'
+    // ratios, each measured interleaved with what it replaced (times measured minutes apart
+    // on a busy machine are not comparable; ratios in one interleaving are).
+    let mut chosen_ratio = 1.0;
     let mut trials = Vec::new();
     for delta in CANDIDATES {
         let mut settings = best_settings.clone();
@@ -433,7 +438,7 @@ fn measure(
         if ratio <= MIN_GAIN {
             trial.kept = true;
             best = candidate;
-            best.ms = Some(theirs);
+            chosen_ratio *= ratio;
             best_settings = settings;
         }
         trials.push(trial);
@@ -448,7 +453,7 @@ fn measure(
             median(&mut t)
         }
     };
-    let chosen_ms = best.ms.unwrap_or(default_ms);
+    let chosen_ms = default_ms * chosen_ratio;
     Ok((
         best_settings,
         Measured {
@@ -466,7 +471,6 @@ struct Candidate {
     plan: std::sync::Arc<TypedRunnableModel>,
     /// The optimised graph's operators in order: equal graphs run the same code.
     graph: Vec<String>,
-    ms: Option<f64>,
 }
 
 impl Candidate {
@@ -478,11 +482,7 @@ impl Candidate {
             .iter()
             .map(|n| format!("{} {:?}", n.op().name(), n.op().info().unwrap_or_default()))
             .collect();
-        Ok(Candidate {
-            plan,
-            graph,
-            ms: None,
-        })
+        Ok(Candidate { plan, graph })
     }
 
     /// The first output's values for `input`.
