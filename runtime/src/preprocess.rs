@@ -183,7 +183,8 @@ impl Preprocessor {
     }
 
     /// Decodes a baseline or progressive JPEG with libjpeg-turbo, at 1/2, 1/4 or 1/8 scale in
-    /// the DCT where the crop stays at least as large as the input (and DCT scaling is on).
+    /// the DCT where the crop stays at least [`DCT_SCALING_GAP`] times the input size (and DCT
+    /// scaling is on).
     /// `None` when libjpeg-turbo cannot or would not decode it to RGB exactly (CMYK, 12-bit,
     /// a corrupt stream it only warns about): the general decoder then decides.
     fn decode_jpeg_turbo(&self, bytes: &[u8], width: u32, height: u32) -> Option<RgbImage> {

@@ -102,12 +102,7 @@ fn the_runtime_kernels_name_the_photos_with_the_same_top_5_as_tracts() {
         let labels = |c: &edge_runtime::runtime::Classification| -> Vec<String> {
             c.top.iter().map(|p| p.label.clone()).collect()
         };
-        let worst = a
-            .probabilities
-            .iter()
-            .zip(&b.probabilities)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = edge_e2e::max_abs_diff(&a.probabilities, &b.probabilities);
         println!(
             "{photo}: tract {:?} {:.4}, runtime kernels {:?} {:.4}, max abs diff {worst:.2e}",
             labels(&a),

@@ -11,9 +11,7 @@ use tract_core::plan::{EvalContext, eval};
 use tract_core::prelude::{IntoTValue, TypedModel, TypedRunnableModel, tvec};
 use tract_linalg::multithread::Executor;
 
-use super::run_on;
-
-use super::{RuntimeError, Tensor};
+use super::{RuntimeError, Tensor, run_on};
 
 /// One node of the plan: its median time over the runs and its cost.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -86,7 +84,7 @@ pub(super) fn profile(
     let mut gaps: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); model.nodes.len()];
     let mut totals = Vec::with_capacity(runs);
     for run in 0..=runs {
-        // As `Classifier::infer` runs (on the pool's thread), with every node timed.
+        // As `Classifier::infer` runs (`run_on`), with every node timed.
         let (times, before, elapsed) = run_on(&executor, || {
             let mut state = plan.spawn().map_err(failed)?;
             let mut times = vec![Duration::ZERO; model.nodes.len()];

@@ -253,7 +253,6 @@ fn const_f32(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Ten
     Ok(fact.konst.clone().filter(|k| k.datum_type() == f32::datum_type()))
 }
 
-/// Bias of `channels` values from a constant of one value or `channels` values.
 /// A 1-D f32 tensor of `len` values written by `fill` in place (a `Vec` made into a tensor
 /// is copied: for the weights, 100 MB of copies at every load).
 fn f32_tensor(len: usize, fill: impl FnOnce(&mut [f32])) -> TractResult<Tensor> {
@@ -262,6 +261,7 @@ fn f32_tensor(len: usize, fill: impl FnOnce(&mut [f32])) -> TractResult<Tensor> 
     Ok(t)
 }
 
+/// Bias of `channels` values from a constant of one value or `channels` values.
 fn bias_values(bias: &Tensor, channels: usize) -> TractResult<Vec<f32>> {
     let values = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     match values.len() {
