@@ -54,6 +54,25 @@ impl Geometry {
         self.sh == 1 && self.sw == 1 && waste <= MAX_WIDE_WASTE
     }
 
+    /// Values in one output channel's kernel, `kh * kw * c`.
+    fn depth(&self) -> usize {
+        self.kh * self.kw * self.c
+    }
+
+    /// (between rows `(ky, kx, ci)`, between output channels) of the reordered weights:
+    /// `[kh, kw, c, o]` for channels last, `[o, kh, kw, c]` for channels first. Either way the
+    /// weights are the matrix the products read with unit stride along the depth or the
+    /// output channels as `gemm` reads them without packing a copy at every call: the product
+    /// of a channels-first convolution is column-major (pixels are its rows, contiguous), and
+    /// `gemm` reads a right-hand matrix of unit row stride in place.
+    pub(super) fn weight_strides(&self) -> (usize, usize) {
+        if self.channels_last {
+            (self.o, 1)
+        } else {
+            (1, self.depth())
+        }
+    }
+
     /// (between pixels, between channels) of the padded input.
     fn input_strides(&self) -> (usize, usize) {
         if self.channels_last {
@@ -67,12 +86,14 @@ impl Geometry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeConv {
     pub(super) geometry: Geometry,
-    /// `[kh * kw * c, o]`: row `(ky * kw + kx) * c + ci`.
+    /// `[kh * kw * c, o]` as a matrix of strides [`Geometry::weight_strides`]: row
+    /// `(ky * kw + kx) * c + ci`.
     pub(super) weights: Arc<Tensor>,
     /// `[o]`.
     pub(super) bias: Arc<Tensor>,
     pub(super) relu: bool,
-    /// The Winograd-transformed weights, `[16][c][o]`, when this convolution runs that way.
+    /// The Winograd-transformed weights, 16 matrices `c x o` of strides
+    /// [`Geometry::weight_strides`] with `kh = kw = 1`, when this convolution runs that way.
     pub(super) winograd: Option<Arc<Tensor>>,
 }
 
@@ -145,7 +166,7 @@ impl EdgeConv {
         {
             return Ok(None);
         }
-        let Some(weights) = reorder_kernel(&kernel, conv.kernel_fmt, [o, c, kh, kw])? else {
+        let Some(weights) = reorder_kernel(&kernel, conv.kernel_fmt, &geometry)? else {
             return Ok(None);
         };
         let bias = bias_values(&bias, o)?;
@@ -217,6 +238,7 @@ impl EdgeConv {
                     }
                     return;
                 }
+                let ws = g.weight_strides();
                 for ky in 0..g.kh {
                     for kx in 0..g.kw {
                         let tap = ky * g.kw + kx;
@@ -230,8 +252,8 @@ impl EdgeConv {
                                 tap > 0,
                                 lhs.add((ky * wp + kx) * px),
                                 signed((px, pc)),
-                                rhs.add(tap * g.c * g.o),
-                                signed((g.o, 1)),
+                                rhs.add(tap * g.c * ws.0),
+                                signed(ws),
                             )
                         }
                     }
@@ -266,7 +288,7 @@ impl EdgeConv {
                             lhs,
                             signed(col_strides),
                             rhs,
-                            signed((g.o, 1)),
+                            signed(g.weight_strides()),
                         )
                     }
                 },
@@ -323,7 +345,7 @@ impl EdgeConv {
                     each(
                         (rows, range.len(), g.c),
                         lhs.get(),
-                        rhs.get().add(range.start),
+                        rhs.get().add(range.start * g.weight_strides().1),
                         dst.get().add(range.start * dst_cs),
                     )
                 }
@@ -332,12 +354,10 @@ impl EdgeConv {
     }
 }
 
-/// The weights as `[kh, kw, c, o]`, from tract's kernel format.
-fn reorder_kernel(
-    kernel: &Tensor,
-    format: KernelFormat,
-    [o, c, kh, kw]: [usize; 4],
-) -> TractResult<Option<Tensor>> {
+/// The weights as `[kh, kw, c, o]` (channels last) or `[o, kh, kw, c]` (first), from tract's
+/// kernel format (see [`Geometry::weight_strides`]).
+fn reorder_kernel(kernel: &Tensor, format: KernelFormat, g: &Geometry) -> TractResult<Option<Tensor>> {
+    let (o, c, kh, kw) = (g.o, g.c, g.kh, g.kw);
     let expected: [usize; 4] = match format {
         KernelFormat::OIHW => [o, c, kh, kw],
         KernelFormat::HWIO => [kh, kw, c, o],
@@ -354,6 +374,21 @@ fn reorder_kernel(
         KernelFormat::OHWI => ((oo * kh + ky) * kw + kx) * c + ci,
     };
     let weights = f32_tensor(o * c * kh * kw, |out| {
+        if !g.channels_last {
+            // Output channel by output channel: both sides are read and written in order for
+            // OHWI kernels, and in runs of kw (OIHW) or o (HWIO) values else.
+            for oo in 0..o {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = oo * g.depth() + (ky * kw + kx) * c;
+                        for ci in 0..c {
+                            out[row + ci] = k[from(oo, ci, ky, kx)];
+                        }
+                    }
+                }
+            }
+            return;
+        }
         // In blocks of 16 output channels: each write fills a cache line, each read stream is
         // sequential (an element-wise transpose of Inception's 24 M weights cost 30 ms at load).
         for block in (0..o).step_by(16) {

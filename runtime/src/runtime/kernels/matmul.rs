@@ -5,7 +5,7 @@
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
-use super::{SendPtr, activate, const_f32, for_each_part, matmul, signed, split, threads};
+use super::{SendPtr, activate, const_f32, f32_tensor, for_each_part, matmul, signed, split, threads};
 
 /// Sizes and element strides of the product `out (m x n) = data (m x k) * weights (k x n)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -121,7 +121,7 @@ impl EdgeMatMul {
         }
         let m: usize = rows.iter().map(|r| r.2).product();
         let (data_rs, out_rs) = rows.last().map_or((1, 1), |r| (d_strides[r.0], o_strides[r.1]));
-        let layout = Layout {
+        let mut layout = Layout {
             m,
             n: w_shape[nw],
             k: data_shape[kd],
@@ -134,6 +134,28 @@ impl EdgeMatMul {
         if layout.k != w_shape[kw] || layout.n != out_shape[no] {
             return Ok(None);
         }
+        // A column-major output makes `gemm` read the weights as its right-hand matrix, in
+        // place when their rows are contiguous (else it packs a copy at every call): store
+        // them `[n][k]` then.
+        let weights = if layout.out.1 >= layout.out.0 && layout.weights.0 != 1 {
+            let (k, n, (rs, cs)) = (layout.k, layout.n, layout.weights);
+            let w = weights.try_as_plain_ram()?;
+            let w = w.as_slice::<f32>()?;
+            layout.weights = (1, k);
+            // In blocks of 16 columns, as `reorder_kernel` does, for sequential reads.
+            let t = f32_tensor(k * n, |out| {
+                for block in (0..n).step_by(16) {
+                    for i in 0..k {
+                        for j in block..(block + 16).min(n) {
+                            out[j * k + i] = w[i * rs + j * cs];
+                        }
+                    }
+                }
+            })?;
+            Arc::new(t.into_shape(&[n, k])?)
+        } else {
+            weights
+        };
         let op = EdgeMatMul {
             layout,
             weights,

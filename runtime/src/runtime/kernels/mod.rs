@@ -610,6 +610,32 @@ mod tests {
                 PaddingSpec::SameUpper,
                 true,
             ),
+            // Winograd (3x3, stride 1, at least 64 channels and 100 tiles): odd sizes (edge
+            // tiles) and even, channels last and first.
+            (
+                DataFormat::NHWC,
+                (21, 19, 64, 5),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                true,
+            ),
+            (
+                DataFormat::CHW,
+                (20, 22, 64, 7),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+            ),
+            (
+                DataFormat::NCHW,
+                (23, 24, 65, 3),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::Valid,
+                true,
+            ),
         ] {
             let model = conv_model(format, dims, kernel, strides, padding.clone(), relu);
             let (worst, done, info) = compare(model, KernelOptions::default());
@@ -636,13 +662,15 @@ mod tests {
         );
     }
 
-    /// A product of an activation with constant weights `[n, k]` as `expr` says, plus a bias
-    /// along `n` and a ReLU.
+    /// A product of an activation with constant weights (`[n, k]` or `[k, n]`, as `expr`
+    /// says), plus a bias along `n` and a ReLU.
     fn matmul_model(expr: &str, data: &[usize], n: usize, bias_shape: &[usize]) -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact(data)).unwrap();
         let k = data[expr.find('k').unwrap()];
-        let w = model.add_const("w", pseudo_random(&[n, k])).unwrap();
+        let w_axes = expr.split(',').nth(1).unwrap().split("->").next().unwrap();
+        let w_shape: Vec<usize> = w_axes.chars().map(|a| if a == 'k' { k } else { n }).collect();
+        let w = model.add_const("w", pseudo_random(&w_shape)).unwrap();
         let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
         let y = model.wire_node("mm", einsum, &[x, w]).unwrap();
         let b = model.add_const("b", pseudo_random(bias_shape)).unwrap();
@@ -663,6 +691,9 @@ mod tests {
         for (expr, data, n, bias) in [
             ("mk,nk->mn", vec![50, 24], 10, vec![1, 10]),
             ("kam,nk->nam", vec![24, 5, 7], 33, vec![33, 1, 1]),
+            // Weights `[k, n]` with a column-major output: stored `[n, k]` at load.
+            ("kam,kn->nam", vec![24, 5, 7], 33, vec![33, 1, 1]),
+            ("mk,kn->mn", vec![50, 24], 10, vec![1, 10]),
             ("ckam,nk->bnam", vec![1, 16, 6, 6], 8, vec![1, 8, 1, 1]),
             // Fewer rows than columns: split by columns on 2 threads.
             ("bk,nk->bn", vec![1, 64], 40, vec![1, 40]),

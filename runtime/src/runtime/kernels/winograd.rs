@@ -33,13 +33,15 @@ fn tiles(g: &Geometry) -> (usize, usize) {
     (g.ho.div_ceil(2), g.wo.div_ceil(2))
 }
 
-/// The transformed weights `U`, `[16][c][o]`, from `[3][3][c][o]`.
+/// The transformed weights `U`: 16 matrices `c x o` of [`u_strides`], from the convolution's
+/// weights (`[3 * 3 * c, o]` of [`Geometry::weight_strides`]).
 #[allow(clippy::needless_range_loop)] // the transform reads clearest indexed
 pub(super) fn transform_weights(g: &Geometry, weights: &[f32], u: &mut [f32]) {
     let (c, o) = (g.c, g.o);
+    let (ws, us) = (g.weight_strides(), u_strides(g));
     for ci in 0..c {
         for oo in 0..o {
-            let w = |ky: usize, kx: usize| weights[((ky * 3 + kx) * c + ci) * o + oo];
+            let w = |ky: usize, kx: usize| weights[((ky * 3 + kx) * c + ci) * ws.0 + oo * ws.1];
             // t = G g (4x3), then U = t Gt (4x4).
             let mut t = [[0f32; 3]; 4];
             for kx in 0..3 {
@@ -53,11 +55,17 @@ pub(super) fn transform_weights(g: &Geometry, weights: &[f32], u: &mut [f32]) {
                 let [a, b, cc] = *row;
                 let values = [a, 0.5 * (a + b + cc), 0.5 * (a - b + cc), cc];
                 for (nu, v) in values.into_iter().enumerate() {
-                    u[((xi * 4 + nu) * c + ci) * o + oo] = v;
+                    u[(xi * 4 + nu) * c * o + ci * us.0 + oo * us.1] = v;
                 }
             }
         }
     }
+}
+
+/// (between input channels, between output channels) of each of the 16 matrices of `U`: as
+/// the convolution's weights are laid out, for the same reason.
+fn u_strides(g: &Geometry) -> (usize, usize) {
+    if g.channels_last { (g.o, 1) } else { (1, g.c) }
 }
 
 /// One image: `x` its input, `y` its output, `u` the transformed weights.
@@ -188,7 +196,7 @@ pub(super) fn run(g: &Geometry, u: &[f32], x: &[f32], y: &mut [f32], bias: &[f32
                     v_ptr.get().add(k * t * c),
                     signed(lhs_strides),
                     u_ptr.get().add(k * c * o),
-                    signed((o, 1)),
+                    signed(u_strides(g)),
                 )
             }
         }
