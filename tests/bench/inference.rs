@@ -180,6 +180,43 @@ pub fn input(c: &Classifier) -> Tensor {
     edge_runtime::runtime::tune::pseudo_random(&c.manifest().input.shape)
 }
 
+/// The `concurrent` profiling aid: `workers` threads each running `runs` single-threaded
+/// inferences at once, against one thread alone, in rounds.
+pub fn concurrent(bundle: &Path, tuning_cache: &Path, workers: usize, runs: usize) -> Result<()> {
+    let options = RuntimeOptions {
+        tuning: Tuning::Auto(TuneOptions {
+            budget: std::time::Duration::from_secs(120),
+            cache_dir: Some(tuning_cache.to_owned()),
+        }),
+        ..RuntimeOptions::default()
+    };
+    let c =
+        Classifier::load(bundle, &options).with_context(|| format!("cannot load {}", bundle.display()))?;
+    let x = input(&c);
+    time_runs(&c, &x, 2)?;
+    for _ in 0..3 {
+        let alone = crate::stats::median(&time_runs(&c, &x, runs)?);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| s.spawn(|| time_runs(&c, &x, runs)))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+                    .map(drop)
+            })
+        })?;
+        let together = (workers * runs) as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "alone {alone:.1} ms ({:.2} images/s); {workers} at once {together:.2} images/s ({:.1} ms each)",
+            1000.0 / alone,
+            workers as f64 * 1000.0 / together
+        );
+    }
+    Ok(())
+}
+
 /// `n` inferences one after the other: milliseconds each.
 pub fn time_runs(c: &Classifier, x: &Tensor, n: usize) -> Result<Vec<f64>> {
     (0..n)

@@ -71,6 +71,20 @@ enum Child {
         #[arg(long)]
         tuning_cache: Option<PathBuf>,
     },
+    /// (profiling aid) Runs single-threaded inferences of a bundle on several threads at once,
+    /// as the daemon's workers do, and prints images/s beside one thread's alone; tuning on,
+    /// cached in --tuning-cache. Run it under `perf` to see what concurrency costs.
+    #[command(hide = true)]
+    Concurrent {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        tuning_cache: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 16)]
+        runs: usize,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -112,13 +126,19 @@ fn main() -> Result<()> {
     // A child the runtime tuner started to time an instruction set answers and exits here.
     edge_runtime::runtime::tune::isa::child_entry();
     let args = Args::parse();
-    if let Some(Child::Load {
-        bundle,
-        onnx,
-        tuning_cache,
-    }) = args.child
-    {
-        return coldstart::child(bundle.as_deref(), onnx.as_deref(), tuning_cache.as_deref());
+    match args.child {
+        Some(Child::Load {
+            bundle,
+            onnx,
+            tuning_cache,
+        }) => return coldstart::child(bundle.as_deref(), onnx.as_deref(), tuning_cache.as_deref()),
+        Some(Child::Concurrent {
+            bundle,
+            tuning_cache,
+            workers,
+            runs,
+        }) => return inference::concurrent(&bundle, &tuning_cache, workers, runs),
+        None => {}
     }
     let python = match args.python {
         Some(p) => p,
