@@ -161,13 +161,19 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         Target::RatioAtLeast(0.95),
     );
     let ort_best = o_par.max(o_seq);
+    let ort_name = format!(
+        "ONNX Runtime NCHW, best of 1x{c} threads and {c}x1 thread",
+        c = ctx.cpus
+    );
     report.row(
         S,
         "daemon sustained throughput vs ONNX Runtime's best",
         daemon,
         "images/s",
-        Some(("ONNX Runtime NCHW, best of 1x2 threads and 2x1 thread", ort_best)),
-        Target::None,
+        Some((&ort_name, ort_best)),
+        // Issue 20: the daemon, JPEG decoding and queue included, at 0.8 of the raw ONNX
+        // Runtime's best way of using the same cores.
+        Target::RatioAtLeast(0.8),
     );
     report.note(
         S,
