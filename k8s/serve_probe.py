@@ -319,7 +319,23 @@ def main() -> int:
     if copied:
         print(f"bundle volume filled by initContainer(s) {[c['name'] for c in copied]}")
 
-    # Overrides: only the bundle path and the two listen addresses.
+    # The tuning cache (edge-tuning.json, written at load): on a writable volume, as the root
+    # file system is read-only; here it goes to a fresh directory the server's user can write.
+    where_cache, cache = setting(rest, env, "--tuning-cache", "EDGE_POOL_TUNING_CACHE")
+    if cache is not None:
+        writable = [
+            m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts") or []
+            if not m.get("readOnly")
+        ]
+        report.check(any((cache.rstrip("/") + "/").startswith(m) for m in writable),
+                     "tuning cache lies under a writable volume mount",
+                     f"{cache} ({where_cache}), writable mounts {writable}")
+        cache_dir = tempfile.mkdtemp(prefix="edge-tuning-")
+        os.chmod(cache_dir, 0o777)
+        override(rest, env, "--tuning-cache", "EDGE_POOL_TUNING_CACHE", cache_dir)
+        print(f"overridden: tuning cache -> {cache_dir}")
+
+    # Overrides: only the bundle path, the two listen addresses and the tuning cache.
     local_grpc, local_http = free_port(), free_port()
     override(rest, env, "--bundle", "EDGE_POOL_BUNDLE", str(opts.bundle.resolve()))
     override(rest, env, "--listen", "EDGE_POOL_LISTEN", f"127.0.0.1:{local_grpc}")

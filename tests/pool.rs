@@ -43,6 +43,12 @@ impl Server {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--model-name", "inception", "--drain-delay-secs", "2"])
+            // Tests run tract's defaults unless they ask for tuning (it takes seconds per start).
+            .args(if extra.contains(&"--tuning") {
+                &[][..]
+            } else {
+                &["--tuning", "off"][..]
+            })
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

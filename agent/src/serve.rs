@@ -10,9 +10,16 @@ use clap::Args;
 
 use edge_agent::pool::ServeConfig;
 use edge_agent::pool::engine::Batching;
+use edge_runtime::runtime::{TuneOptions, Tuning};
 
 /// Every flag also reads an EDGE_POOL_* environment variable (shown below), so a Kubernetes
 /// Deployment can configure the pool from a ConfigMap.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TuningArg {
+    Auto,
+    Off,
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The edge bundle to serve.
@@ -41,6 +48,20 @@ pub struct ServeArgs {
     /// Always use --threads threads per inference instead of adapting to the load.
     #[arg(long, env = "EDGE_POOL_FIXED_THREADS")]
     fixed_threads: bool,
+    /// How the runtime settings are chosen: `auto` measures them on this machine at load,
+    /// as the device agent does (the runtime's own convolution kernels or tract's, the
+    /// instruction set, tract's knobs; about 5-15 s the first time, bounded by
+    /// --tuning-budget-secs) and caches the choice in edge-tuning.json in --tuning-cache;
+    /// `off` runs tract's defaults.
+    #[arg(long, env = "EDGE_POOL_TUNING", value_enum, default_value = "auto")]
+    tuning: TuningArg,
+    /// Longest time spent tuning when --tuning auto has no cached choice.
+    #[arg(long, env = "EDGE_POOL_TUNING_BUDGET_SECS", default_value_t = 30)]
+    tuning_budget_secs: u64,
+    /// Directory of the tuning cache (default: the bundle's). When it cannot be written
+    /// (a read-only model volume), each start tunes again and logs a warning.
+    #[arg(long, env = "EDGE_POOL_TUNING_CACHE", value_name = "DIR")]
+    tuning_cache: Option<PathBuf>,
     /// Requests held at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "EDGE_POOL_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]
     max_concurrent_requests: usize,
@@ -105,6 +126,13 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         workers: positive("workers", args.workers.unwrap_or(cpus))?,
         threads: positive("threads", args.threads.unwrap_or(cpus))?,
         adaptive: !args.fixed_threads,
+        tuning: match args.tuning {
+            TuningArg::Off => Tuning::Off,
+            TuningArg::Auto => Tuning::Auto(TuneOptions {
+                budget: Duration::from_secs(args.tuning_budget_secs),
+                cache_dir: args.tuning_cache,
+            }),
+        },
         max_concurrent_requests: positive("max-concurrent-requests", args.max_concurrent_requests)?,
         max_batch_items: positive("max-batch-items", args.max_batch_items)?,
         batching: (args.max_batch_size > 0).then(|| Batching {

@@ -470,3 +470,44 @@ async fn dynamic_batching_groups_concurrent_requests_and_answers_each_correctly(
     assert_eq!(items, 8.0);
     assert!(turns < 8.0, "no request was grouped: {turns} turns");
 }
+
+/// `--tuning auto` (the default outside tests): the pool measures its runtime settings at
+/// load like the device agent, caches the choice in --tuning-cache, and answers the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_tunes_its_runtime_settings_caches_them_and_answers_the_same() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let server = Server::start(&[
+        "--tuning",
+        "auto",
+        "--tuning-cache",
+        dir,
+        "--tuning-budget-secs",
+        "20",
+    ]);
+    let mut tf = PredictionServiceClient::new(server.channel().await);
+    let r = tf
+        .predict(images_request(vec![photo("coffee.jpg")]))
+        .await
+        .expect("Predict")
+        .into_inner();
+    assert_eq!(r.outputs["classes"].string_val[0], b"espresso");
+    let score = r.outputs["scores"].float_val[0];
+    assert!((score - 0.9547).abs() < 1e-3, "{score}");
+    // The choice is cached, keyed by the bundle and this CPU, for the next start.
+    let cached =
+        std::fs::read_to_string(cache.path().join("edge-tuning.json")).expect("tuning cache written");
+    let cached: serde_json::Value = serde_json::from_str(&cached).unwrap();
+    let entries = cached["entries"].as_array().expect("cache entries");
+    assert_eq!(entries.len(), 1, "{cached}");
+    let entry = &entries[0];
+    assert_eq!(
+        entry["bundle_sha256"].as_str().map(str::len),
+        Some(64),
+        "{cached}"
+    );
+    assert!(
+        entry["settings"].is_object() && entry["measured"].is_object(),
+        "{cached}"
+    );
+}

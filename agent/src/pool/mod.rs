@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use edge_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use edge_proto::tensorflow::serving::prediction_service_server::PredictionServiceServer;
 use edge_runtime::preprocess::ImageLimits;
-use edge_runtime::runtime::{Classifier, RuntimeOptions, Tensor};
+use edge_runtime::runtime::{Classifier, RuntimeOptions, Tensor, Tuning};
 
 use engine::{Batching, Engine, EngineError, EngineOptions, Item, Scored};
 use metrics::PoolMetrics;
@@ -50,6 +50,9 @@ pub struct ServeConfig {
     pub threads: usize,
     /// One thread per inference while several run (see `RuntimeOptions::adaptive`).
     pub adaptive: bool,
+    /// How the runtime settings are chosen (the device agent tunes them; so does the pool
+    /// by default).
+    pub tuning: Tuning,
     pub max_concurrent_requests: usize,
     /// Images or tensors per request.
     pub max_batch_items: usize,
@@ -225,6 +228,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             max_bytes: config.max_image_bytes,
             ..ImageLimits::default()
         },
+        tuning: config.tuning.clone(),
         ..RuntimeOptions::default()
     };
     let bundle = config.bundle.clone();
@@ -238,7 +242,16 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .model_name
         .clone()
         .unwrap_or_else(|| manifest.model.name.clone());
-    info!(model = %model_name, version = %manifest.model.version, load_ms = start.elapsed().as_millis() as u64, "model loaded");
+    let settings = classifier.settings();
+    info!(
+        model = %model_name, version = %manifest.model.version,
+        load_ms = start.elapsed().as_millis() as u64,
+        runtime_settings = %settings.settings, settings_origin = ?settings.origin,
+        "model loaded"
+    );
+    if let Some(note) = &settings.note {
+        warn!("runtime settings: {note}");
+    }
     let metrics = Arc::new(PoolMetrics::new());
     metrics.set_model(&manifest.model.name, &manifest.model.version);
     // Installed before the server reports SERVING: SIGHUP's default action would end it.
