@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use edge_e2e::daemon::{Agent, AgentSpec, Mosquitto, TestClient, free_port};
 use edge_e2e::pool::{Server, images_request};
 use edge_proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use edge_proto::tonic::transport::Channel;
 
 use crate::Ctx;
-use crate::inference::classifier;
+use crate::inference::tuned_classifier;
 use crate::preprocess::photo_jpeg;
 use crate::report::{Report, Target};
 use crate::stats::{median, ms};
@@ -55,13 +55,18 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let mut rates: Vec<(bool, usize, f64)> = Vec::new();
     let mut c1_latency = f64::NAN;
     let (mut grpc_overhead, mut grpc_detail) = (f64::NAN, String::new());
+    // As deployed: the pool tunes its runtime settings at load (the test harness turns that
+    // off), cached in the bench's scratch directory like the in-process baselines'.
+    let cache = ctx.scratch.path().to_str().context("scratch path is not UTF-8")?;
+    let tuned = ["--tuning", "auto", "--tuning-cache", cache];
     for batching in [false, true] {
-        let extra: &[&str] = if batching {
+        let batch: &[&str] = if batching {
             &["--max-batch-size", "4", "--max-queue-delay-ms", "2"]
         } else {
             &[]
         };
-        let server = Server::start_bundle(&ctx.bundle, free_port(), extra);
+        let extra = [&tuned[..], batch].concat();
+        let server = Server::start_bundle(&ctx.bundle, free_port(), &extra);
         let channel = rt.block_on(server.channel());
         rt.block_on(drive(&channel, &image, 2, 4))?; // warm-up
         for concurrency in [1, 4, 16] {
@@ -135,7 +140,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     );
 
     // gRPC overhead: a Predict at concurrency 1 minus the same work in process.
-    let c = classifier(&ctx.bundle, ctx.cpus)?;
+    let c = tuned_classifier(ctx, &ctx.bundle, ctx.cpus)?;
     c.classify(&image, 5)?;
     let local: Vec<f64> = (0..5)
         .map(|_| {
@@ -156,10 +161,11 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     report.note(S, format!("gRPC overhead: {grpc_detail}."));
 
     // The offload path: an agent that sends every request to the pool.
-    let server = Server::start_bundle(&ctx.bundle, free_port(), &[]);
+    let server = Server::start_bundle(&ctx.bundle, free_port(), &tuned);
     rt.block_on(server.channel());
     let broker = Mosquitto::start_ephemeral();
     let spec = AgentSpec::new("bench-off", &ctx.bundle, Some(broker.url()))
+        .env("EDGE_AGENT_MODEL__TUNING", "true")
         .env(
             "EDGE_AGENT_OFFLOAD__ENDPOINTS",
             format!("[\"127.0.0.1:{}\"]", server.port),
@@ -200,7 +206,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     report.note(
         S,
         format!(
-            "Pool: `edge-agent serve` (release) with the bundle, TF Serving Predict with one 299x299 JPEG \
+            "Pool: `edge-agent serve` (release) with the bundle and its tuned runtime settings (as \
+             deployed), TF Serving Predict with one 299x299 JPEG \
              per call (`predict_images`), tonic client in process; {} calls per concurrency level, \
              twice, median rate. In-process classify of the same JPEG: {local:.1} ms; a Predict at \
              concurrency 1: {c1_latency:.1} ms. Offload path: an agent with `min_confidence = 1` \
