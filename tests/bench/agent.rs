@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use edge_e2e::daemon::{Agent, AgentSpec, Mosquitto, TestClient};
 
 use crate::Ctx;
-use crate::inference::{input, time_runs, tuned_classifier};
+use crate::inference::{input, rate_at_once, time_runs, tuned_classifier};
 use crate::ort::Ort;
 use crate::preprocess::photo_jpeg;
 use crate::report::{Report, Target};
@@ -102,18 +102,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         time_runs(&alone, &x, burst_n)?;
         seq.push(burst_n as f64 / start.elapsed().as_secs_f64());
 
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..ctx.cpus)
-                .map(|_| s.spawn(|| time_runs(&single, &x, per_thread)))
-                .collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
-                    .map(drop)
-            })
-        })?;
-        par.push((per_thread * ctx.cpus) as f64 / start.elapsed().as_secs_f64());
+        par.push(rate_at_once(&single, &x, ctx.cpus, per_thread)?);
 
         let start = Instant::now();
         ort_all.run(burst_n)?;

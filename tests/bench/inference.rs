@@ -53,11 +53,16 @@ pub fn classifier(bundle: &Path, threads: usize) -> Result<Classifier> {
 /// The bundle under the runtime settings the tuner picks on this machine for `threads`
 /// threads (as edge-agent runs it), cached in the bench's scratch directory.
 pub fn tuned_classifier(ctx: &Ctx, bundle: &Path, threads: usize) -> Result<Classifier> {
+    tuned_classifier_in(ctx.scratch.path(), bundle, threads)
+}
+
+/// [`tuned_classifier`] with its tuning cache in `cache_dir`.
+fn tuned_classifier_in(cache_dir: &Path, bundle: &Path, threads: usize) -> Result<Classifier> {
     let options = RuntimeOptions {
         threads: NonZeroUsize::new(threads).unwrap_or(NonZeroUsize::MIN),
         tuning: Tuning::Auto(TuneOptions {
             budget: std::time::Duration::from_secs(120),
-            cache_dir: Some(ctx.scratch.path().to_owned()),
+            cache_dir: Some(cache_dir.to_owned()),
         }),
         ..RuntimeOptions::default()
     };
@@ -183,31 +188,12 @@ pub fn input(c: &Classifier) -> Tensor {
 /// The `concurrent` profiling aid: `workers` threads each running `runs` single-threaded
 /// inferences at once, against one thread alone, in rounds.
 pub fn concurrent(bundle: &Path, tuning_cache: &Path, workers: usize, runs: usize) -> Result<()> {
-    let options = RuntimeOptions {
-        tuning: Tuning::Auto(TuneOptions {
-            budget: std::time::Duration::from_secs(120),
-            cache_dir: Some(tuning_cache.to_owned()),
-        }),
-        ..RuntimeOptions::default()
-    };
-    let c =
-        Classifier::load(bundle, &options).with_context(|| format!("cannot load {}", bundle.display()))?;
+    let c = tuned_classifier_in(tuning_cache, bundle, 1)?;
     let x = input(&c);
     time_runs(&c, &x, 2)?;
     for _ in 0..3 {
         let alone = crate::stats::median(&time_runs(&c, &x, runs)?);
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| s.spawn(|| time_runs(&c, &x, runs)))
-                .collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
-                    .map(drop)
-            })
-        })?;
-        let together = (workers * runs) as f64 / start.elapsed().as_secs_f64();
+        let together = rate_at_once(&c, &x, workers, runs)?;
         println!(
             "alone {alone:.1} ms ({:.2} images/s); {workers} at once {together:.2} images/s ({:.1} ms each)",
             1000.0 / alone,
@@ -215,6 +201,20 @@ pub fn concurrent(bundle: &Path, tuning_cache: &Path, workers: usize, runs: usiz
         );
     }
     Ok(())
+}
+
+/// `threads` threads each running `n` inferences of `c` at once: images per second overall.
+pub fn rate_at_once(c: &Classifier, x: &Tensor, threads: usize, n: usize) -> Result<f64> {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| time_runs(c, x, n))).collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+                .map(drop)
+        })
+    })?;
+    Ok((threads * n) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// `n` inferences one after the other: milliseconds each.
