@@ -240,13 +240,18 @@ impl EdgePool {
                     out.fill(self.init());
                     // Each kernel column in turn, over the outputs whose window has it inside
                     // the input: shifted (strided) slices of the row reduced above.
+                    // (One loop per reduction, on zipped slices: no bounds check or match per
+                    // value.)
                     for (kx, outputs) in columns.iter().enumerate() {
-                        for xx in outputs.clone() {
-                            let v = acc[xx * self.sw + kx - self.pad[1]];
-                            out[xx] = match self.reduce {
-                                Reduce::Max => out[xx].max(v),
-                                Reduce::Sum { .. } => out[xx] + v,
-                            };
+                        if outputs.is_empty() {
+                            continue;
+                        }
+                        let first = outputs.start * self.sw + kx - self.pad[1];
+                        let taps = acc[first..].iter().step_by(self.sw);
+                        let outs = out[outputs.clone()].iter_mut();
+                        match self.reduce {
+                            Reduce::Max => outs.zip(taps).for_each(|(o, v)| *o = o.max(*v)),
+                            Reduce::Sum { .. } => outs.zip(taps).for_each(|(o, v)| *o += v),
                         }
                     }
                     if let Reduce::Sum {
