@@ -28,10 +28,12 @@ Prints one line per check and a closing "N passed, N failed" line; exits 1 on an
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -331,6 +333,7 @@ def main() -> int:
                      "tuning cache lies under a writable volume mount",
                      f"{cache} ({where_cache}), writable mounts {writable}")
         cache_dir = tempfile.mkdtemp(prefix="edge-tuning-")
+        atexit.register(shutil.rmtree, cache_dir, True)
         os.chmod(cache_dir, 0o777)
         override(rest, env, "--tuning-cache", "EDGE_POOL_TUNING_CACHE", cache_dir)
         print(f"overridden: tuning cache -> {cache_dir}")

@@ -12,14 +12,15 @@ use edge_agent::pool::ServeConfig;
 use edge_agent::pool::engine::Batching;
 use edge_runtime::runtime::{TuneOptions, Tuning};
 
-/// Every flag also reads an EDGE_POOL_* environment variable (shown below), so a Kubernetes
-/// Deployment can configure the pool from a ConfigMap.
+/// `--tuning`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum TuningArg {
     Auto,
     Off,
 }
 
+/// Every flag also reads an EDGE_POOL_* environment variable (shown below), so a Kubernetes
+/// Deployment can configure the pool from a ConfigMap.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The edge bundle to serve.
