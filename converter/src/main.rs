@@ -600,6 +600,9 @@ fn profile(args: &ProfileArgs) -> Result<()> {
             n.name,
             n.output
         );
+        if !n.info.is_empty() {
+            println!("{:>5} {}", "", n.info);
+        }
     }
     Ok(())
 }

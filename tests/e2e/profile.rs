@@ -79,6 +79,13 @@ fn profile_times_every_node_of_inception_and_accounts_for_all_the_time() {
             "{n}"
         );
     }
+    // Matrix products say what they multiply (tract's OptMatMul: its kernel and sizes).
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["op"] == "OptMatMul" && n["info"].as_str().unwrap().contains("k:")),
+        "no OptMatMul tells its sizes"
+    );
     // Ops are listed slowest first.
     let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
     assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");

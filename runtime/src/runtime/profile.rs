@@ -22,6 +22,9 @@ pub struct NodeTime {
     pub op: String,
     /// Shape of the node's first output (e.g. `1,35,35,288,F32`).
     pub output: String,
+    /// What the operator says of itself (e.g. `3x3 stride 1x1, 80->192 channels, channels
+    /// first, Winograd F(2x2,3x3), ReLU`), empty when it says nothing.
+    pub info: String,
     pub ms: f64,
     /// Time the plan spent between the previous node and this one (releasing the values no
     /// longer needed, gathering this node's inputs).
@@ -131,11 +134,13 @@ pub(super) fn profile(
             .first()
             .map(|o| format!("{:?}", o.fact))
             .unwrap_or_default();
+        let info = node.op().info().map(|i| i.join("; ")).unwrap_or_default();
         nodes.push(NodeTime {
             id,
             name: node.name.clone(),
             op,
             output,
+            info,
             ms,
             before_ms,
             share: 0.0,

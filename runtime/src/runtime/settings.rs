@@ -8,7 +8,8 @@
 //!
 //! One setting is ours, not tract's: [`EDGE_KERNELS`] `= gemm` has the runtime's own kernels
 //! ([`super::kernels`]) take the place of tract's convolutions and 1x1 products; `tract` (or
-//! absent) keeps tract's.
+//! absent) keeps tract's. With them, [`EDGE_WINOGRAD`] and [`EDGE_MICRO_KERNELS`] (`on` by
+//! default, or `off`) choose how they compute.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +22,12 @@ use super::RuntimeError;
 pub const EDGE_KERNELS: &str = "EDGE_KERNELS";
 /// With the runtime's own kernels: `off` computes 3x3 convolutions directly, not by Winograd.
 pub const EDGE_WINOGRAD: &str = "EDGE_WINOGRAD";
+/// With the runtime's own kernels: `off` runs every product through `gemm::gemm` rather than
+/// our driver of its micro-kernels (weights packed at load, epilogues fused).
+pub const EDGE_MICRO_KERNELS: &str = "EDGE_MICRO_KERNELS";
+
+/// Our settings (not tract knobs) that take `on` or `off`.
+const SWITCHES: [&str; 2] = [EDGE_WINOGRAD, EDGE_MICRO_KERNELS];
 
 /// Knob name to value, e.g. `TRACT_LAZY_IM2COL_MIN_KERNEL = 1000`. Empty: tract's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -63,6 +70,7 @@ impl RuntimeSettings {
             .is_some_and(|v| v == "gemm")
             .then(|| super::kernels::KernelOptions {
                 winograd: self.knobs.get(EDGE_WINOGRAD).is_none_or(|v| v != "off"),
+                micro_kernels: self.knobs.get(EDGE_MICRO_KERNELS).is_none_or(|v| v != "off"),
             })
     }
 
@@ -88,18 +96,20 @@ impl RuntimeSettings {
                 "{EDGE_KERNELS}={value:?}: the kernels are \"gemm\" (the runtime's own) or \"tract\""
             )));
         }
-        if let Some(value) = self.knobs.get(EDGE_WINOGRAD)
-            && value != "on"
-            && value != "off"
-        {
-            return Err(RuntimeError::Settings(format!(
-                "{EDGE_WINOGRAD}={value:?}: \"on\" (the default with {EDGE_KERNELS}=gemm) or \"off\""
-            )));
+        for switch in SWITCHES {
+            if let Some(value) = self.knobs.get(switch)
+                && value != "on"
+                && value != "off"
+            {
+                return Err(RuntimeError::Settings(format!(
+                    "{switch}={value:?}: \"on\" (the default with {EDGE_KERNELS}=gemm) or \"off\""
+                )));
+            }
         }
         let tract = self
             .knobs
             .iter()
-            .filter(|(k, _)| k.as_str() != EDGE_KERNELS && k.as_str() != EDGE_WINOGRAD);
+            .filter(|(k, _)| k.as_str() != EDGE_KERNELS && !SWITCHES.contains(&k.as_str()));
         KnobScope::new(tract.map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| RuntimeError::Settings(format!("{e:#}")))
     }
@@ -151,6 +161,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("EDGE_KERNELS") && err.contains("gemm"), "{err}");
+        let s = RuntimeSettings::new([(EDGE_KERNELS, "gemm"), (EDGE_MICRO_KERNELS, "off")]).unwrap();
+        let options = s.edge_kernels().unwrap();
+        assert!(options.winograd && !options.micro_kernels);
+        let err = RuntimeSettings::new([(EDGE_MICRO_KERNELS, "no")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("EDGE_MICRO_KERNELS"), "{err}");
         let err = RuntimeSettings::new([(EDGE_WINOGRAD, "1")])
             .unwrap_err()
             .to_string();

@@ -4,6 +4,7 @@
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 
+use super::panel::{self, Activations, Isa, Packed};
 use super::winograd;
 use super::{
     Scratch, SendPtr, activate, bias_values, const_f32, eval_images, f32_tensor, for_each_part, matmul,
@@ -55,7 +56,7 @@ impl Geometry {
     }
 
     /// Values in one output channel's kernel, `kh * kw * c`.
-    fn depth(&self) -> usize {
+    pub(super) fn depth(&self) -> usize {
         self.kh * self.kw * self.c
     }
 
@@ -87,8 +88,12 @@ impl Geometry {
 pub struct EdgeConv {
     pub(super) geometry: Geometry,
     /// `[kh * kw * c, o]` as a matrix of strides [`Geometry::weight_strides`]: row
-    /// `(ky * kw + kx) * c + ci`.
-    pub(super) weights: Arc<Tensor>,
+    /// `(ky * kw + kx) * c + ci`; for `gemm::gemm`, when this CPU has no micro-kernels of
+    /// ours ([`panel::isa`]) and the convolution does not run by Winograd.
+    pub(super) weights: Option<Arc<Tensor>>,
+    /// The same matrix for our micro-kernels (channel-major channels first, in panels of
+    /// [`panel::Isa::mr`] channels channels last).
+    pub(super) packed: Option<Packed>,
     /// `[o]`.
     pub(super) bias: Arc<Tensor>,
     pub(super) relu: bool,
@@ -104,6 +109,7 @@ impl EdgeConv {
         node: &TypedNode,
         conv: &Conv,
         winograd: bool,
+        isa: Option<Isa>,
     ) -> TractResult<Option<EdgeConv>> {
         let spec = &conv.pool_spec;
         let input = model.outlet_fact(node.inputs[0])?;
@@ -166,22 +172,35 @@ impl EdgeConv {
         {
             return Ok(None);
         }
-        let Some(weights) = reorder_kernel(&kernel, conv.kernel_fmt, &geometry)? else {
+        let Some(weights_tensor) = reorder_kernel(&kernel, conv.kernel_fmt, &geometry)? else {
             return Ok(None);
         };
+        let weights = &weights_tensor;
         let bias = bias_values(&bias, o)?;
+        let plain = weights.try_as_plain_ram()?;
+        let plain = plain.as_slice::<f32>()?;
+        let (mut weights, mut packed) = (None, None);
         let winograd = if winograd && winograd::suits(&geometry) {
-            let w = weights.try_as_plain_ram()?;
-            let w = w.as_slice::<f32>()?;
             Some(Arc::new(f32_tensor(16 * c * o, |u| {
-                winograd::transform_weights(&geometry, w, u)
+                winograd::transform_weights(&geometry, plain, u)
             })?))
+        } else if let Some(isa) = isa.filter(|_| geometry.wide()) {
+            let width = if geometry.channels_last { isa.mr } else { 0 };
+            packed = Some(Packed::new(
+                plain,
+                (geometry.depth(), o),
+                geometry.weight_strides(),
+                width,
+            )?);
+            None
         } else {
+            weights = Some(Arc::new(weights_tensor));
             None
         };
         Ok(Some(EdgeConv {
             geometry,
-            weights: Arc::new(weights),
+            weights,
+            packed,
             bias: Arc::new(tensor1(&bias)),
             relu: false,
             winograd,
@@ -199,7 +218,11 @@ impl EdgeConv {
             return Ok(());
         }
         let padded = pad(g, x);
-        let weights = self.weights.try_as_plain_ram()?;
+        if let (Some(packed), Some(isa)) = (&self.packed, panel::isa()) {
+            return self.run_packed(isa, packed, &padded, y, bias);
+        }
+        let weights = self.weights.as_ref().context("EdgeConv without weights")?;
+        let weights = weights.try_as_plain_ram()?;
         let weights = weights.as_slice::<f32>()?;
         if g.wide() {
             let wp = g.wp();
@@ -294,6 +317,139 @@ impl EdgeConv {
                 },
             );
             finish(g, None, g.wo, y, bias, self.relu);
+        }
+        Ok(())
+    }
+
+    /// [`Self::run`] on our micro-kernels: every tap of the kernel in one product whose tiles
+    /// are written to `y` with the bias and ReLU (and without a wide grid's extra columns).
+    fn run_packed(
+        &self,
+        isa: Isa,
+        packed: &Packed,
+        padded: &[f32],
+        y: &mut [f32],
+        bias: &[f32],
+    ) -> TractResult<()> {
+        let g = &self.geometry;
+        let w = packed.data.try_as_plain_ram()?;
+        let w = w.as_slice::<f32>()?;
+        let (hp, wp) = (g.hp(), g.wp());
+        let relu = self.relu;
+        // The activations and the pixels the product runs over: the wide grid's positions
+        // (stride 1: row `yy * wp + xx`, kept when `xx < wo`), or an im2col matrix's rows.
+        let col;
+        let offsets: Vec<usize>;
+        let (act, pixels, grid_w) = if g.wide() {
+            let rows = (g.ho - 1) * wp + g.wo;
+            let act = if g.channels_last {
+                // A kernel row's taps are kw * c consecutive values.
+                offsets = (0..g.kh).map(|ky| ky * wp * g.c).collect();
+                Activations {
+                    base: padded.as_ptr(),
+                    offsets: &offsets,
+                    seg_len: g.kw * g.c,
+                    depth_stride: 1,
+                    pixel_stride: g.c,
+                }
+            } else {
+                offsets = (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw).collect();
+                Activations {
+                    base: padded.as_ptr(),
+                    offsets: &offsets,
+                    seg_len: g.c,
+                    depth_stride: hp * wp,
+                    pixel_stride: 1,
+                }
+            };
+            (act, rows, wp)
+        } else {
+            let strides;
+            (col, strides) = im2col(g, padded);
+            offsets = vec![0];
+            let act = Activations {
+                base: col.0.as_ptr(),
+                offsets: &offsets,
+                seg_len: g.depth(),
+                depth_stride: strides.1,
+                pixel_stride: strides.0,
+            };
+            (act, g.ho * g.wo, g.wo)
+        };
+        let out = SendPtr(y.as_mut_ptr());
+        let plane = g.ho * g.wo;
+        // Output pixel of grid position `p`, when it is one.
+        let pixel = move |p: usize| {
+            let (yy, xx) = (p / grid_w, p % grid_w);
+            (xx < g.wo).then_some(yy * g.wo + xx)
+        };
+        let threads = threads();
+        if g.channels_last {
+            let parts = split(pixels, threads, isa.nr);
+            for_each_part(parts.len(), |i| {
+                // SAFETY: the activations cover every position and tap (wide: the last
+                // position's last tap is the padded input's last value); parts write the
+                // disjoint pixels of their range.
+                unsafe {
+                    panel::channels_by_pixels(isa, 0..g.o, parts[i].clone(), act, packed, w, |t| {
+                        for (j, p) in t.cols.clone().enumerate() {
+                            let Some(px) = pixel(p) else { continue };
+                            let from = &t.values[j * t.stride..][..t.rows.len()];
+                            let to = std::slice::from_raw_parts_mut(
+                                out.get().add(px * g.o + t.rows.start),
+                                t.rows.len(),
+                            );
+                            for ((d, s), b) in to.iter_mut().zip(from).zip(&bias[t.rows.clone()]) {
+                                *d = activate(*s, *b, relu);
+                            }
+                        }
+                    })
+                }
+            });
+        } else {
+            let by_pixels = pixels >= g.o;
+            let parts = if by_pixels {
+                split(pixels, threads, 16)
+            } else {
+                split(g.o, threads, isa.nr)
+            };
+            for_each_part(parts.len(), |i| {
+                let (rows, cols) = if by_pixels {
+                    (parts[i].clone(), 0..g.o)
+                } else {
+                    (0..pixels, parts[i].clone())
+                };
+                // SAFETY: as above; parts write disjoint pixels or channels.
+                unsafe {
+                    panel::pixels_by_channels(isa, rows, cols, act, packed, w, |t| {
+                        // The tile's runs of output pixels: (first in the tile, first pixel,
+                        // length), one per grid row it crosses.
+                        let mut runs = [(0, 0, 0); 64];
+                        let mut n = 0;
+                        let mut p = t.rows.start;
+                        while p < t.rows.end && n < runs.len() {
+                            let (yy, xx) = (p / grid_w, p % grid_w);
+                            let row_end = (yy * grid_w + g.wo).min(t.rows.end);
+                            if xx < g.wo {
+                                runs[n] = (p - t.rows.start, yy * g.wo + xx, row_end - p);
+                                n += 1;
+                            }
+                            p = (yy + 1) * grid_w;
+                        }
+                        for (j, ch) in t.cols.clone().enumerate() {
+                            let b = bias[ch];
+                            let from = &t.values[j * t.stride..][..t.rows.len()];
+                            let to = out.get().add(ch * plane);
+                            for &(at, px, len) in &runs[..n] {
+                                let to = std::slice::from_raw_parts_mut(to.add(px), len);
+                                for (d, s) in to.iter_mut().zip(&from[at..at + len]) {
+                                    *d = activate(*s, b, relu);
+                                }
+                            }
+                        }
+                    })
+                }
+            });
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
+use super::panel::{self, Activations, Isa, Packed};
 use super::{SendPtr, activate, const_f32, f32_tensor, for_each_part, matmul, signed, split, threads};
 
 /// Sizes and element strides of the product `out (m x n) = data (m x k) * weights (k x n)`.
@@ -25,7 +26,12 @@ pub(super) struct Layout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeMatMul {
     pub(super) layout: Layout,
-    pub(super) weights: Arc<Tensor>,
+    /// `k x n` of strides `layout.weights`, for `gemm::gemm`: when the product does not run
+    /// on our micro-kernels (`packed`).
+    pub(super) weights: Option<Arc<Tensor>>,
+    /// The weights for our micro-kernels: channel-major when the output's rows are
+    /// contiguous, in panels of [`panel::Isa::mr`] columns when its columns are.
+    pub(super) packed: Option<Packed>,
     /// `[n]`, added to every row.
     pub(super) bias: Option<Arc<Tensor>>,
     pub(super) relu: bool,
@@ -42,6 +48,7 @@ impl EdgeMatMul {
         model: &TypedModel,
         node: &TypedNode,
         einsum: &EinSum,
+        isa: Option<Isa>,
     ) -> TractResult<Option<(EdgeMatMul, OutletId)>> {
         if einsum.q_params.is_some()
             || einsum.operating_dt != f32::datum_type()
@@ -134,6 +141,28 @@ impl EdgeMatMul {
         if layout.k != w_shape[kw] || layout.n != out_shape[no] {
             return Ok(None);
         }
+        // Fewer rows than a vector's lanes (a dense layer on one image) waste most of the
+        // micro-kernels' lanes: `gemm` has a matrix-vector path for those.
+        if let Some(isa) = isa.filter(|_| layout.m >= 16) {
+            let width = match layout.shape() {
+                Shape::PixelsByChannels => Some(0),
+                Shape::ChannelsByPixels => Some(isa.mr),
+                Shape::Other => None,
+            };
+            if let Some(width) = width {
+                let w = weights.try_as_plain_ram()?;
+                let packed = Packed::new(w.as_slice::<f32>()?, (layout.k, layout.n), layout.weights, width)?;
+                let op = EdgeMatMul {
+                    layout,
+                    weights: None,
+                    packed: Some(packed),
+                    bias: None,
+                    relu: false,
+                    accumulate: false,
+                };
+                return Ok(Some((op, node.inputs[d_slot])));
+            }
+        }
         // A column-major output makes `gemm` read the weights as its right-hand matrix, in
         // place when their rows are contiguous (else it packs a copy at every call): store
         // them `[n][k]` then.
@@ -158,7 +187,8 @@ impl EdgeMatMul {
         };
         let op = EdgeMatMul {
             layout,
-            weights,
+            weights: Some(weights),
+            packed: None,
             bias: None,
             relu: false,
             accumulate: false,
@@ -168,10 +198,14 @@ impl EdgeMatMul {
 
     fn run(&self, x: &[f32], y: &mut [f32]) -> TractResult<()> {
         let l = &self.layout;
-        let weights = self.weights.try_as_plain_ram()?;
-        let weights = weights.as_slice::<f32>()?;
         let bias = self.bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
         let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
+        if let (Some(packed), Some(isa)) = (&self.packed, panel::isa()) {
+            return self.run_packed(isa, packed, x, y, bias);
+        }
+        let weights = self.weights.as_ref().context("EdgeMatMul without weights")?;
+        let weights = weights.try_as_plain_ram()?;
+        let weights = weights.as_slice::<f32>()?;
         let by_rows = l.m >= l.n;
         let parts = if by_rows {
             split(l.m, threads(), 16)
@@ -206,6 +240,123 @@ impl EdgeMatMul {
             }
         });
         Ok(())
+    }
+}
+
+impl EdgeMatMul {
+    /// [`Self::run`] on our micro-kernels, each tile written to `y` with the addend, bias and
+    /// ReLU.
+    fn run_packed(
+        &self,
+        isa: Isa,
+        packed: &Packed,
+        x: &[f32],
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+    ) -> TractResult<()> {
+        let l = &self.layout;
+        let w = packed.data.try_as_plain_ram()?;
+        let w = w.as_slice::<f32>()?;
+        let offsets = [0];
+        let act = Activations {
+            base: x.as_ptr(),
+            offsets: &offsets,
+            seg_len: l.k,
+            depth_stride: l.data.1,
+            pixel_stride: l.data.0,
+        };
+        let (relu, accumulate) = (self.relu, self.accumulate);
+        let out = SendPtr(y.as_mut_ptr());
+        let threads = threads();
+        // Writes `from` (+ the addend in `to`) + `bias`, ReLU applied, to `to`: one loop per
+        // case, each vectorised.
+        let put = move |to: &mut [f32], from: &[f32], bias: &mut dyn Iterator<Item = f32>| match accumulate {
+            true => {
+                (to.iter_mut().zip(from).zip(bias)).for_each(|((d, s), b)| *d = activate(*s + *d, b, relu))
+            }
+            false => (to.iter_mut().zip(from).zip(bias)).for_each(|((d, s), b)| *d = activate(*s, b, relu)),
+        };
+        let zeros = vec![0f32; l.n];
+        let bias = bias.unwrap_or(&zeros);
+        match l.shape() {
+            Shape::PixelsByChannels => {
+                let by_rows = l.m >= l.n;
+                let parts = if by_rows {
+                    split(l.m, threads, 16)
+                } else {
+                    split(l.n, threads, isa.nr)
+                };
+                for_each_part(parts.len(), |i| {
+                    let (rows, cols) = if by_rows {
+                        (parts[i].clone(), 0..l.n)
+                    } else {
+                        (0..l.m, parts[i].clone())
+                    };
+                    // SAFETY: the layout was checked against the data's shape; parts write
+                    // disjoint tiles.
+                    unsafe {
+                        panel::pixels_by_channels(isa, rows, cols, act, packed, w, |t| {
+                            for (j, col) in t.cols.clone().enumerate() {
+                                let from = &t.values[j * t.stride..][..t.rows.len()];
+                                let to = out.get().add(col * l.out.1 + t.rows.start);
+                                let to = std::slice::from_raw_parts_mut(to, t.rows.len());
+                                put(to, from, &mut std::iter::repeat(bias[col]));
+                            }
+                        })
+                    }
+                });
+            }
+            Shape::ChannelsByPixels => {
+                let by_pixels = l.m >= 4 * isa.nr * threads;
+                let parts = if by_pixels {
+                    split(l.m, threads, isa.nr)
+                } else {
+                    split(l.n, threads, isa.mr)
+                };
+                for_each_part(parts.len(), |i| {
+                    let (pixels, channels) = if by_pixels {
+                        (parts[i].clone(), 0..l.n)
+                    } else {
+                        (0..l.m, parts[i].clone())
+                    };
+                    // SAFETY: as above.
+                    unsafe {
+                        panel::channels_by_pixels(isa, channels, pixels, act, packed, w, |t| {
+                            for (j, p) in t.cols.clone().enumerate() {
+                                let from = &t.values[j * t.stride..][..t.rows.len()];
+                                let to = out.get().add(p * l.out.0 + t.rows.start);
+                                let to = std::slice::from_raw_parts_mut(to, t.rows.len());
+                                put(to, from, &mut bias[t.rows.clone()].iter().copied());
+                            }
+                        })
+                    }
+                });
+            }
+            Shape::Other => bail!("EdgeMatMul: packed weights for a product of another shape"),
+        }
+        Ok(())
+    }
+}
+
+/// How a product maps on our micro-kernels.
+enum Shape {
+    /// The output's rows contiguous, and the data's: the tiles' vectors run along rows.
+    PixelsByChannels,
+    /// The output's columns contiguous: the tiles' vectors run along columns, the data is
+    /// broadcast in place.
+    ChannelsByPixels,
+    Other,
+}
+
+impl Layout {
+    fn shape(&self) -> Shape {
+        if self.out.0 == 1 && self.data.0 == 1 {
+            Shape::PixelsByChannels
+        } else if self.out.1 == 1 {
+            Shape::ChannelsByPixels
+        } else {
+            Shape::Other
+        }
     }
 }
 

@@ -21,6 +21,7 @@
 
 mod conv;
 mod matmul;
+mod panel;
 mod pool;
 pub(crate) mod spin;
 mod winograd;
@@ -54,11 +55,17 @@ pub struct Rewritten {
 pub struct KernelOptions {
     /// Winograd F(2x2, 3x3) for the 3x3 stride-1 convolutions it suits.
     pub winograd: bool,
+    /// Our driver of the micro-kernels ([`panel`]) where this CPU has them; off, every product
+    /// goes through `gemm::gemm` (as on CPUs without them: the kernels' tests run both).
+    pub micro_kernels: bool,
 }
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        KernelOptions { winograd: true }
+        KernelOptions {
+            winograd: true,
+            micro_kernels: true,
+        }
     }
 }
 
@@ -67,15 +74,16 @@ impl Default for KernelOptions {
 /// them; the others stay tract's.
 pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(TypedModel, Rewritten)> {
     let mut done = Rewritten::default();
+    let isa = panel::isa().filter(|_| options.micro_kernels);
     for id in model.eval_order()? {
         let node = &model.nodes[id];
         let (mut kernel, input) = if let Some(conv) = node.op_as::<Conv>() {
-            match EdgeConv::from_tract(&model, node, conv, options.winograd)? {
+            match EdgeConv::from_tract(&model, node, conv, options.winograd, isa)? {
                 Some(op) => (Kernel::Conv(op), node.inputs[0]),
                 None => continue,
             }
         } else if let Some(einsum) = node.op_as::<EinSum>() {
-            match EdgeMatMul::from_tract(&model, node, einsum)? {
+            match EdgeMatMul::from_tract(&model, node, einsum, isa)? {
                 Some((op, data)) => (Kernel::MatMul(op), data),
                 None => continue,
             }
@@ -506,8 +514,20 @@ mod tests {
     use tract_core::ops::nn::DataFormat;
 
     /// Runs `model` as tract has it and rewritten, on 1 and 2 threads, and returns the largest
-    /// difference and what the rewrite did, with our ops' descriptions.
+    /// difference (relative to the largest output value, when above 1) and what the rewrite did, with our ops' descriptions.
     fn compare(model: TypedModel, options: KernelOptions) -> (f32, Rewritten, String) {
+        // Through `gemm::gemm` as on CPUs without our micro-kernels, then as this CPU runs it.
+        let off = KernelOptions {
+            micro_kernels: false,
+            ..options
+        };
+        let (worst_off, done_off, _) = compare_with(model.clone(), off);
+        let (worst, done, info) = compare_with(model, options);
+        assert_eq!(done, done_off);
+        (worst.max(worst_off), done, info)
+    }
+
+    fn compare_with(model: TypedModel, options: KernelOptions) -> (f32, Rewritten, String) {
         let input = pseudo_random(model.input_fact(0).unwrap().shape.as_concrete().unwrap());
         let (ours, done) = rewrite(model.clone(), options).unwrap();
         let info: Vec<String> = ours
@@ -532,8 +552,11 @@ mod tests {
                 got.try_as_plain_ram().unwrap(),
             );
             let (e, g) = (e.as_slice::<f32>().unwrap(), g.as_slice::<f32>().unwrap());
+            // Relative to the output's largest value (sums over hundreds of products round
+            // differently in the last bits, in any order).
+            let scale = e.iter().fold(1f32, |m, v| m.max(v.abs()));
             for (a, b) in e.iter().zip(g) {
-                worst = worst.max((a - b).abs());
+                worst = worst.max((a - b).abs() / scale);
             }
         }
         (worst, done, info.join("; "))
@@ -620,6 +643,23 @@ mod tests {
                 [1, 1],
                 explicit(3, 0, 3, 0),
                 true,
+            ),
+            // Deeper than one pass of the micro-kernels (512): 5x5 over 24 and 40 channels.
+            (
+                DataFormat::NCHW,
+                (9, 26, 24, 50),
+                [5, 5],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                true,
+            ),
+            (
+                DataFormat::NHWC,
+                (8, 30, 40, 70),
+                [5, 5],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
             ),
             // im2col: strides, and a wide grid wasting too many columns.
             (
@@ -708,7 +748,13 @@ mod tests {
             PaddingSpec::SameUpper,
             true,
         );
-        let (worst, _, info) = compare(model, KernelOptions { winograd: false });
+        let (worst, _, info) = compare(
+            model,
+            KernelOptions {
+                winograd: false,
+                ..KernelOptions::default()
+            },
+        );
         assert!(
             info.contains("shifted products") && worst < 1e-4,
             "{info}: {worst}"
@@ -750,6 +796,11 @@ mod tests {
             ("ckam,nk->bnam", vec![1, 16, 6, 6], 8, vec![1, 8, 1, 1]),
             // Fewer rows than columns: split by columns on 2 threads.
             ("bk,nk->bn", vec![1, 64], 40, vec![1, 40]),
+            // Deeper than one pass of the micro-kernels (512); few columns (the data read in
+            // place) and more; rows past a whole tile.
+            ("kam,nk->nam", vec![600, 9, 9], 40, vec![40, 1, 1]),
+            ("kam,nk->nam", vec![100, 9, 9], 70, vec![70, 1, 1]),
+            ("mk,nk->mn", vec![70, 600], 70, vec![1, 70]),
         ] {
             let model = matmul_model(expr, &data, n, &bias);
             let (worst, done, _) = compare(model, KernelOptions::default());

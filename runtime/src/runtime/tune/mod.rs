@@ -67,7 +67,7 @@ impl Default for TuneOptions {
 /// Name of the cache file in its directory.
 pub const CACHE_FILE: &str = "edge-tuning.json";
 /// Version of [`CANDIDATES`] and of the search: a change makes cached choices stale.
-pub const SEARCH_VERSION: u32 = 3;
+pub const SEARCH_VERSION: u32 = 4;
 /// A candidate is kept when it takes at most this fraction of the best time so far.
 pub const MIN_GAIN: f64 = 0.97;
 /// Largest difference a candidate's output may show against the defaults', relative to the
@@ -93,6 +93,8 @@ pub const CANDIDATES: &[&[(&str, &str)]] = &[
     &[(super::settings::EDGE_KERNELS, "gemm")],
     // With them: 3x3 convolutions computed directly rather than by Winograd F(2x2, 3x3).
     &[(super::settings::EDGE_WINOGRAD, "off")],
+    // With them: every product through `gemm::gemm` rather than our micro-kernel driver.
+    &[(super::settings::EDGE_MICRO_KERNELS, "off")],
     &[("TRACT_DISABLE_DIRECT_SPATIAL", "true")],
     // Eager im2col for every kernel size, up to 8 MB of patch scratch per convolution.
     &[
