@@ -4,7 +4,7 @@
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 
-use super::panel::{self, Activations, Isa, Packed};
+use super::panel::{self, Activations, Grid, Isa, Packed};
 use super::winograd;
 use super::{
     Scratch, SendPtr, activate, bias_values, const_f32, eval_images, f32_tensor, for_each_part, matmul,
@@ -184,7 +184,7 @@ impl EdgeConv {
             Some(Arc::new(f32_tensor(16 * c * o, |u| {
                 winograd::transform_weights(&geometry, plain, u)
             })?))
-        } else if let Some(isa) = isa.filter(|_| geometry.wide()) {
+        } else if let Some(isa) = isa.filter(|_| geometry.wide() || !geometry.channels_last) {
             let width = if geometry.channels_last { isa.mr } else { 0 };
             packed = Some(Packed::new(
                 plain,
@@ -337,8 +337,8 @@ impl EdgeConv {
         let (hp, wp) = (g.hp(), g.wp());
         let relu = self.relu;
         // The activations and the pixels the product runs over: the wide grid's positions
-        // (stride 1: row `yy * wp + xx`, kept when `xx < wo`), or an im2col matrix's rows.
-        let col;
+        // (stride 1: row `yy * wp + xx`, kept when `xx < wo`), or the output's pixels, their
+        // patches gathered from the input as the product packs them (channels first).
         let offsets: Vec<usize>;
         let (act, pixels, grid_w) = if g.wide() {
             let rows = (g.ho - 1) * wp + g.wo;
@@ -351,6 +351,7 @@ impl EdgeConv {
                     seg_len: g.kw * g.c,
                     depth_stride: 1,
                     pixel_stride: g.c,
+                    grid: None,
                 }
             } else {
                 offsets = (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw).collect();
@@ -360,19 +361,27 @@ impl EdgeConv {
                     seg_len: g.c,
                     depth_stride: hp * wp,
                     pixel_stride: 1,
+                    grid: None,
                 }
             };
             (act, rows, wp)
         } else {
-            let strides;
-            (col, strides) = im2col(g, padded);
-            offsets = vec![0];
+            ensure!(
+                !g.channels_last,
+                "EdgeConv: packed weights for a channels-last im2col"
+            );
+            offsets = (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw).collect();
             let act = Activations {
-                base: col.0.as_ptr(),
+                base: padded.as_ptr(),
                 offsets: &offsets,
-                seg_len: g.depth(),
-                depth_stride: strides.1,
-                pixel_stride: strides.0,
+                seg_len: g.c,
+                depth_stride: hp * wp,
+                pixel_stride: 1,
+                grid: Some(Grid {
+                    width: g.wo,
+                    row_step: g.sh * wp,
+                    col_step: g.sw,
+                }),
             };
             (act, g.ho * g.wo, g.wo)
         };
@@ -744,6 +753,7 @@ impl Op for EdgeConv {
             match (&self.winograd, g.wide()) {
                 (Some(_), _) => "Winograd F(2x2,3x3)",
                 (None, true) => "shifted products",
+                (None, false) if self.packed.is_some() => "im2col gathered as it is packed",
                 (None, false) => "im2col",
             },
             if self.relu { ", ReLU" } else { "" },

@@ -264,6 +264,7 @@ impl EdgeMatMul {
             seg_len: l.k,
             depth_stride: l.data.1,
             pixel_stride: l.data.0,
+            grid: None,
         };
         let (relu, accumulate) = (self.relu, self.accumulate);
         let out = SendPtr(y.as_mut_ptr());

@@ -694,6 +694,14 @@ mod tests {
                 explicit(1, 0, 1, 2),
                 false,
             ),
+            (
+                DataFormat::CHW,
+                (16, 13, 3, 70),
+                [3, 3],
+                [2, 2],
+                PaddingSpec::SameUpper,
+                true,
+            ),
             // More output channels than pixels: split by columns on 2 threads.
             (
                 DataFormat::CHW,

@@ -191,7 +191,8 @@ impl Packed {
 
 /// Where the activations of a product are: the value at depth `d = s * seg_len + i` (segment
 /// `s`, e.g. a convolution's tap or kernel row) for pixel `p` is at
-/// `base + offsets[s] + i * depth_stride + p * pixel_stride`.
+/// `base + offsets[s] + i * depth_stride + p * pixel_stride`, or with a `grid`, at
+/// `base + offsets[s] + i * depth_stride + grid.offset(p)`.
 #[derive(Clone, Copy)]
 pub(super) struct Activations<'a> {
     pub(super) base: *const f32,
@@ -199,6 +200,17 @@ pub(super) struct Activations<'a> {
     pub(super) seg_len: usize,
     pub(super) depth_stride: usize,
     pub(super) pixel_stride: usize,
+    pub(super) grid: Option<Grid>,
+}
+
+/// Pixels laid out in rows of `width`, `row_step` values apart, `col_step` apart in a row: a
+/// strided convolution's output pixels over its (padded) input, which [`pixels_by_channels`]
+/// gathers as it packs (an im2col matrix never written whole).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Grid {
+    pub(super) width: usize,
+    pub(super) row_step: usize,
+    pub(super) col_step: usize,
 }
 
 // SAFETY: activations are only read, by every thread of an op while the op runs.
@@ -351,7 +363,7 @@ pub(super) unsafe fn pixels_by_channels(
     let passes = passes(&act);
     // Few channels (a few panels of weights): the micro-kernels read whole row blocks of the
     // activations in place, as `gemm` does (a packed copy is read too few times to pay).
-    let in_place = channels.len() <= IN_PLACE_CHANNELS && act.offsets.len() == 1;
+    let in_place = channels.len() <= IN_PLACE_CHANNELS && act.offsets.len() == 1 && act.grid.is_none();
     // Rows in chunks whose packed activations (`[row block][depth][mr]`) fit in the L2 cache
     // beside the pass's weights.
     let most = (PACKED_VALUES / (KC.min(act.depth()).max(1) * mr)).max(1) * mr;
@@ -377,9 +389,10 @@ pub(super) unsafe fn pixels_by_channels(
                 let a = &mut packed[b * depth * mr..][..depth * mr];
                 // SAFETY: the caller vouches for the activations.
                 unsafe {
-                    match (mr, rb == mr) {
-                        (64, true) => pack_full::<64>(a, &act, pass, r0),
-                        (16, true) => pack_full::<16>(a, &act, pass, r0),
+                    match (act.grid, mr, rb == mr) {
+                        (Some(grid), ..) => pack_grid(a, mr, &act, grid, pass, r0, rb),
+                        (None, 64, true) => pack_full::<64>(a, &act, pass, r0),
+                        (None, 16, true) => pack_full::<16>(a, &act, pass, r0),
                         _ => pack_part(a, mr, &act, pass, r0, rb),
                     }
                 }
@@ -471,6 +484,55 @@ unsafe fn pack_part(a: &mut [f32], mr: usize, act: &Activations, pass: &[Piece],
             let from =
                 unsafe { std::slice::from_raw_parts(act.base.add(seg + i * act.depth_stride + r0), rb) };
             to[..rb].copy_from_slice(from);
+            to[rb..].fill(0.0);
+        }
+    }
+}
+
+/// [`pack_part`] for pixels on a [`Grid`]: each row of the grid the pixels cross is a run,
+/// copied (`col_step` 1) or gathered.
+///
+/// # Safety
+/// As [`pixels_by_channels`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_grid(
+    a: &mut [f32],
+    mr: usize,
+    act: &Activations,
+    grid: Grid,
+    pass: &[Piece],
+    r0: usize,
+    rb: usize,
+) {
+    // (first in the column, offset of its first pixel, length), one per grid row crossed.
+    let mut runs = [(0, 0, 0); MAX_MR];
+    let mut n = 0;
+    let mut p = r0;
+    while p < r0 + rb && n < runs.len() {
+        let (row, col) = (p / grid.width, p % grid.width);
+        let len = (grid.width - col).min(r0 + rb - p);
+        runs[n] = (p - r0, row * grid.row_step + col * grid.col_step, len);
+        n += 1;
+        p += len;
+    }
+    let mut columns = a.chunks_exact_mut(mr);
+    for piece in pass {
+        let seg = act.offsets[piece.seg];
+        for (i, to) in piece.range.clone().zip(&mut columns) {
+            // SAFETY: the caller vouches for the activations.
+            let base = unsafe { act.base.add(seg + i * act.depth_stride) };
+            for &(at, from, len) in &runs[..n] {
+                let to = &mut to[at..at + len];
+                if grid.col_step == 1 {
+                    // SAFETY: as above.
+                    to.copy_from_slice(unsafe { std::slice::from_raw_parts(base.add(from), len) });
+                } else {
+                    for (j, v) in to.iter_mut().enumerate() {
+                        // SAFETY: as above.
+                        *v = unsafe { *base.add(from + j * grid.col_step) };
+                    }
+                }
+            }
             to[rb..].fill(0.0);
         }
     }
