@@ -175,35 +175,37 @@ impl EdgeConv {
         let Some(weights_tensor) = reorder_kernel(&kernel, conv.kernel_fmt, &geometry)? else {
             return Ok(None);
         };
-        let weights = &weights_tensor;
         let bias = bias_values(&bias, o)?;
-        let plain = weights.try_as_plain_ram()?;
-        let plain = plain.as_slice::<f32>()?;
-        let (mut weights, mut packed) = (None, None);
-        let winograd = if winograd && winograd::suits(&geometry) {
-            Some(Arc::new(f32_tensor(16 * c * o, |u| {
+        let (mut weights, mut packed, mut transformed) = (None, None, None);
+        if winograd && winograd::suits(&geometry) {
+            let plain = weights_tensor.try_as_plain_ram()?;
+            let plain = plain.as_slice::<f32>()?;
+            transformed = Some(Arc::new(f32_tensor(16 * c * o, |u| {
                 winograd::transform_weights(&geometry, plain, u)
-            })?))
+            })?));
         } else if let Some(isa) = isa.filter(|_| geometry.wide() || !geometry.channels_last) {
-            let width = if geometry.channels_last { isa.mr } else { 0 };
-            packed = Some(Packed::new(
-                plain,
-                (geometry.depth(), o),
-                geometry.weight_strides(),
-                width,
-            )?);
-            None
+            packed = Some(if geometry.channels_last {
+                let plain = weights_tensor.try_as_plain_ram()?;
+                Packed::new(
+                    plain.as_slice::<f32>()?,
+                    (geometry.depth(), o),
+                    geometry.weight_strides(),
+                    isa.mr,
+                )?
+            } else {
+                // `[o][kh][kw][c]` is already each channel's depth contiguous.
+                Packed::channel_major(weights_tensor, geometry.depth(), o)?
+            });
         } else {
             weights = Some(Arc::new(weights_tensor));
-            None
-        };
+        }
         Ok(Some(EdgeConv {
             geometry,
             weights,
             packed,
             bias: Arc::new(tensor1(&bias)),
             relu: false,
-            winograd,
+            winograd: transformed,
         }))
     }
 

@@ -172,6 +172,21 @@ impl Packed {
         })
     }
 
+    /// A channel-major matrix as it is: `t` holds `channels` rows of `depth` values.
+    pub(super) fn channel_major(t: Tensor, depth: usize, channels: usize) -> TractResult<Packed> {
+        ensure!(
+            t.len() == depth * channels,
+            "weights of {} values for {depth} x {channels}",
+            t.len()
+        );
+        Ok(Packed {
+            data: Arc::new(t),
+            depth,
+            channels,
+            width: 0,
+        })
+    }
+
     /// Where `channel` (the first of a panel) starts at depth `d`, and the strides (along the
     /// depth, between channels) from there.
     fn at(&self, values: &[f32], channel: usize, d: usize) -> (*const f32, isize, isize) {
