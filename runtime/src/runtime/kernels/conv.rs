@@ -7,8 +7,8 @@ use tract_core::ops::cnn::{Conv, KernelFormat};
 use super::panel::{self, Activations, Grid, Isa, Packed};
 use super::winograd;
 use super::{
-    Scratch, SendPtr, activate, bias_values, const_f32, eval_images, f32_tensor, for_each_part, matmul,
-    signed, split, threads,
+    Scratch, SendPtr, activate, bias_values, const_f32, eval_images, f32_tensor, for_each_block,
+    for_each_part, matmul, signed, split, threads,
 };
 
 /// Largest share of the wide grid's columns that may be wasted (computed and dropped) before an
@@ -394,15 +394,13 @@ impl EdgeConv {
             let (yy, xx) = (p / grid_w, p % grid_w);
             (xx < g.wo).then_some(yy * g.wo + xx)
         };
-        let threads = threads();
         if g.channels_last {
-            let parts = split(pixels, threads, isa.nr);
-            for_each_part(parts.len(), |i| {
+            for_each_block((pixels, g.o), true, (isa.nr, isa.mr), |pixels, channels| {
                 // SAFETY: the activations cover every position and tap (wide: the last
                 // position's last tap is the padded input's last value); parts write the
                 // disjoint pixels of their range.
                 unsafe {
-                    panel::channels_by_pixels(isa, 0..g.o, parts[i].clone(), act, packed, w, |t| {
+                    panel::channels_by_pixels(isa, channels, pixels, act, packed, w, |t| {
                         for (j, p) in t.cols.clone().enumerate() {
                             let Some(px) = pixel(p) else { continue };
                             let from = &t.values[j * t.stride..][..t.rows.len()];
@@ -418,18 +416,7 @@ impl EdgeConv {
                 }
             });
         } else {
-            let by_pixels = pixels >= g.o;
-            let parts = if by_pixels {
-                split(pixels, threads, 16)
-            } else {
-                split(g.o, threads, isa.nr)
-            };
-            for_each_part(parts.len(), |i| {
-                let (rows, cols) = if by_pixels {
-                    (parts[i].clone(), 0..g.o)
-                } else {
-                    (0..pixels, parts[i].clone())
-                };
+            for_each_block((pixels, g.o), pixels >= g.o, (16, isa.nr), |rows, cols| {
                 // SAFETY: as above; parts write disjoint pixels or channels.
                 unsafe {
                     panel::pixels_by_channels(isa, rows, cols, act, packed, w, |t| {

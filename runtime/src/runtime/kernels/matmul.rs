@@ -6,7 +6,9 @@ use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
 use super::panel::{self, Activations, Isa, Packed};
-use super::{SendPtr, activate, const_f32, f32_tensor, for_each_part, matmul, signed, split, threads};
+use super::{
+    SendPtr, activate, const_f32, f32_tensor, for_each_block, for_each_part, matmul, signed, split, threads,
+};
 
 /// Sizes and element strides of the product `out (m x n) = data (m x k) * weights (k x n)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -268,7 +270,6 @@ impl EdgeMatMul {
         };
         let (relu, accumulate) = (self.relu, self.accumulate);
         let out = SendPtr(y.as_mut_ptr());
-        let threads = threads();
         // Writes `from` (+ the addend in `to`) + `bias`, ReLU applied, to `to`: one loop per
         // case, each vectorised.
         let put = move |to: &mut [f32], from: &[f32], bias: &mut dyn Iterator<Item = f32>| match accumulate {
@@ -281,18 +282,7 @@ impl EdgeMatMul {
         let bias = bias.unwrap_or(&zeros);
         match l.shape() {
             Shape::PixelsByChannels => {
-                let by_rows = l.m >= l.n;
-                let parts = if by_rows {
-                    split(l.m, threads, 16)
-                } else {
-                    split(l.n, threads, isa.nr)
-                };
-                for_each_part(parts.len(), |i| {
-                    let (rows, cols) = if by_rows {
-                        (parts[i].clone(), 0..l.n)
-                    } else {
-                        (0..l.m, parts[i].clone())
-                    };
+                for_each_block((l.m, l.n), l.m >= l.n, (16, isa.nr), |rows, cols| {
                     // SAFETY: the layout was checked against the data's shape; parts write
                     // disjoint tiles.
                     unsafe {
@@ -308,18 +298,8 @@ impl EdgeMatMul {
                 });
             }
             Shape::ChannelsByPixels => {
-                let by_pixels = l.m >= 4 * isa.nr * threads;
-                let parts = if by_pixels {
-                    split(l.m, threads, isa.nr)
-                } else {
-                    split(l.n, threads, isa.mr)
-                };
-                for_each_part(parts.len(), |i| {
-                    let (pixels, channels) = if by_pixels {
-                        (parts[i].clone(), 0..l.n)
-                    } else {
-                        (0..l.m, parts[i].clone())
-                    };
+                let by_pixels = l.m >= 4 * isa.nr * threads();
+                for_each_block((l.m, l.n), by_pixels, (isa.nr, isa.mr), |pixels, channels| {
                     // SAFETY: as above.
                     unsafe {
                         panel::channels_by_pixels(isa, channels, pixels, act, packed, w, |t| {

@@ -318,6 +318,29 @@ fn split(len: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> 
         .collect()
 }
 
+/// Runs `f(rows, cols)` over `0..rows x 0..cols` split in one block per thread: along the
+/// rows (starts aligned to `row_align`) when `by_rows`, else along the columns.
+fn for_each_block(
+    (rows, cols): (usize, usize),
+    by_rows: bool,
+    (row_align, col_align): (usize, usize),
+    f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    let parts = if by_rows {
+        split(rows, threads(), row_align)
+    } else {
+        split(cols, threads(), col_align)
+    };
+    for_each_part(parts.len(), |i| {
+        let part = parts[i].clone();
+        if by_rows {
+            f(part, 0..cols)
+        } else {
+            f(0..rows, part)
+        }
+    });
+}
+
 /// A raw pointer handed to the parts of one op (each part writes a disjoint region).
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
