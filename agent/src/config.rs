@@ -150,8 +150,8 @@ pub struct WorkersConfig {
     /// Threads an inference running alone uses. 0: every CPU core.
     pub threads: usize,
     /// Adaptive parallelism: an inference running alone uses `threads` threads (lowest
-    /// latency); inferences running side by side use one thread each (highest throughput).
-    /// false: every inference uses `threads` threads.
+    /// latency); inferences running side by side, or while requests wait in the queue, use
+    /// one thread each (highest throughput). false: every inference uses `threads` threads.
     pub adaptive: bool,
 }
 

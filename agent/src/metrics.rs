@@ -21,6 +21,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadsLabels {
+    /// Threads one inference ran on.
+    pub threads: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -55,6 +61,7 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     pub preprocess: Histogram,
     pub inference: Histogram,
+    pub inference_threads: Family<ThreadsLabels, Counter>,
     pub total: Histogram,
     pub confidence: Histogram,
     pub cluster: Histogram,
@@ -159,6 +166,13 @@ impl Metrics {
         );
         let preprocess = hist(&mut registry, "preprocess", "Image decoding and resizing");
         let inference = hist(&mut registry, "inference", "Model inference");
+        let inference_threads = Family::<ThreadsLabels, Counter>::default();
+        registry.register(
+            "inferences_by_threads",
+            "Local inferences by the threads each ran on (adaptive parallelism: all of them alone, \
+             one while other requests wait)",
+            inference_threads.clone(),
+        );
         let total = hist(&mut registry, "request", "From arrival to the reply");
         let confidence = Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]);
         registry.register(
@@ -213,6 +227,7 @@ impl Metrics {
             queue_wait,
             preprocess,
             inference,
+            inference_threads,
             total,
             confidence,
             cluster,

@@ -1369,3 +1369,48 @@ async fn a_full_disk_stops_the_agent_cleanly_and_a_restart_with_room_answers_eve
     );
     summarize("full disk", &ids, &by_id, by_id.len());
 }
+
+/// Adaptive parallelism in the daemon: a request alone runs on every thread; in a backlog,
+/// each runs on one (the others take the other cores), counted by threads in the metrics.
+/// (The queue's part in that choice, for an inference that starts while the other worker is
+/// between two requests, is too brief a window to hit on purpose here; the agent benchmark's
+/// throughput shows it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_alone_gets_every_thread_and_a_backlog_one_thread_each() {
+    let broker = Mosquitto::start();
+    let spec = AgentSpec::new("cam-threads", &inception_bundle(), Some(broker.url()))
+        .env("EDGE_AGENT_WORKERS__COUNT", 2)
+        .env("EDGE_AGENT_WORKERS__THREADS", 2);
+    let agent = block(|| Agent::start(spec));
+    let client = TestClient::connect(broker.port, "t-threads", &["app/threads"]).await;
+    let count = |metrics: &str, threads: u32| -> u64 {
+        let series = format!("edge_agent_inferences_by_threads_total{{threads=\"{threads}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+
+    let alone = send_load(&client, "cam-threads", "app/threads", 1, "alone").await;
+    wait_answered(&client, "app/threads", &alone, Duration::from_secs(60)).await;
+    let metrics = agent.http_get("/metrics").unwrap().1;
+    assert_eq!((count(&metrics, 2), count(&metrics, 1)), (1, 0), "{metrics}");
+
+    // Published at once: all queued long before the first is classified (Inception V3 takes
+    // tens of milliseconds). Only the first can find no other request waiting.
+    let n = 6;
+    let burst = send_load(&client, "cam-threads", "app/threads", n, "burst").await;
+    wait_answered(&client, "app/threads", &burst, Duration::from_secs(120)).await;
+    let metrics = agent.http_get("/metrics").unwrap().1;
+    let (all, one) = (count(&metrics, 2), count(&metrics, 1));
+    assert_eq!(all + one, 1 + n as u64, "{metrics}");
+    assert!(
+        one >= n as u64 - 1,
+        "{one} of {n} requests in the backlog ran on one thread:\n{metrics}"
+    );
+    let by_id = client.replies_by_id("app/threads");
+    for id in burst {
+        assert!(by_id[&id][0].get("top").is_some(), "{:?}", by_id[&id]);
+    }
+}

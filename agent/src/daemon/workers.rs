@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use edge_runtime::runtime::Parallelism;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{Served, Shared, lock};
 use crate::config::PoolScores;
+use crate::metrics::ThreadsLabels;
 use crate::offload::{Answer, Offload, OffloadError, Payload};
 use crate::queue::{Lease, Leased, QueueError, StoredReply, UnixMillis};
 use crate::reply::{Answering, ErrorCode, Label, ScoreKind, Timings};
@@ -231,6 +233,18 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
     }
 }
 
+/// How many threads a local inference may take: one while requests wait in the queue for
+/// another worker, which is about to take the other cores. The runtime alone only sees the
+/// inferences already running, and would give every thread to an inference that starts while
+/// the other workers are between two requests (storing a reply, leasing the next).
+fn parallelism(shared: &Shared) -> Parallelism {
+    if shared.config.workers.count() > 1 && shared.queue.stats().pending > 0 {
+        Parallelism::Single
+    } else {
+        Parallelism::Auto
+    }
+}
+
 /// Classifies on the device, on a blocking thread; `Err` is the error reply.
 async fn classify_locally(
     shared: &Arc<Shared>,
@@ -239,10 +253,12 @@ async fn classify_locally(
     k: usize,
 ) -> Result<(Lease, LocalAnswer), (Vec<u8>, Outcome)> {
     let s = served.clone();
+    let parallelism = parallelism(shared);
     let (lease, result) = match tokio::task::spawn_blocking(move || {
         let image = &lease.request().payload;
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.classifier.classify(image, k)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.classifier.classify_with(image, k, parallelism)
+        }));
         (lease, result)
     })
     .await
@@ -259,6 +275,12 @@ async fn classify_locally(
         Ok(c) => {
             shared.metrics.preprocess.observe(c.preprocess.as_secs_f64());
             shared.metrics.inference.observe(c.inference.as_secs_f64());
+            let threads = u32::try_from(c.threads).unwrap_or(u32::MAX);
+            shared
+                .metrics
+                .inference_threads
+                .get_or_create(&ThreadsLabels { threads })
+                .inc();
             shared.observe_local_latency(ms(c.preprocess) + ms(c.inference));
             let best = c.top.first().map(|p| p.score).unwrap_or(0.0);
             shared.metrics.confidence.observe(f64::from(best));

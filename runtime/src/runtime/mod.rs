@@ -106,10 +106,25 @@ pub struct Classification {
     pub preprocess: Duration,
     #[serde(serialize_with = "ser_ms")]
     pub inference: Duration,
+    /// Threads the inference ran on (see [`Parallelism`]).
+    pub threads: usize,
 }
 
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// How many of its threads an inference may use, with adaptive parallelism on (without it,
+/// every inference uses them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Parallelism {
+    /// Every thread when no other inference of the classifier is running, else one.
+    #[default]
+    Auto,
+    /// One thread (the caller's): the caller knows that more work is about to take the other
+    /// cores, e.g. requests waiting in its queue for another worker. Running alone on every
+    /// thread would then only fight that work for the cores.
+    Single,
 }
 
 pub struct Classifier {
@@ -118,6 +133,8 @@ pub struct Classifier {
     preprocessor: Preprocessor,
     /// `threads` > 1: the pool an inference splits its matrix products over.
     pool: Option<Executor>,
+    /// The pool's threads (1 without a pool).
+    threads: usize,
     adaptive: bool,
     /// Inferences running now (adaptive parallelism).
     running: AtomicUsize,
@@ -165,6 +182,7 @@ impl Classifier {
             plan,
             preprocessor,
             pool: pool(options.threads),
+            threads: options.threads.get(),
             adaptive: options.adaptive,
             running: AtomicUsize::new(0),
             settings,
@@ -194,32 +212,55 @@ impl Classifier {
     /// Runs the network on one input tensor; returns the probabilities of every output
     /// class (softmax applied when the model outputs logits).
     pub fn infer(&self, input: Tensor) -> Result<Vec<f32>, RuntimeError> {
+        self.infer_with(input, Parallelism::Auto)
+    }
+
+    /// [`Classifier::infer`], told how many threads it may use (see [`Parallelism`]).
+    pub fn infer_with(&self, input: Tensor, parallelism: Parallelism) -> Result<Vec<f32>, RuntimeError> {
+        self.run(input, parallelism)
+            .map(|(probabilities, _)| probabilities)
+    }
+
+    /// The probabilities, and the threads the inference ran on.
+    fn run(&self, input: Tensor, parallelism: Parallelism) -> Result<(Vec<f32>, usize), RuntimeError> {
         let running = Running::enter(&self.running);
-        let executor = match &self.pool {
-            Some(pool) if !self.adaptive || running.alone => pool.clone(),
-            _ => Executor::SingleThread,
+        let all = !self.adaptive || (running.alone && parallelism == Parallelism::Auto);
+        let (executor, threads) = match &self.pool {
+            Some(pool) if all => (pool.clone(), self.threads),
+            _ => (Executor::SingleThread, 1),
         };
         let mut probabilities = run_on(&executor, || first_output(&self.plan, input))?;
         drop(running);
         if self.manifest.output.kind == OutputKind::Logits {
             softmax(&mut probabilities);
         }
-        Ok(probabilities)
+        Ok((probabilities, threads))
     }
 
     /// Decodes, preprocesses and classifies one encoded image.
     pub fn classify(&self, image: &[u8], top_k: usize) -> Result<Classification, RuntimeError> {
+        self.classify_with(image, top_k, Parallelism::Auto)
+    }
+
+    /// [`Classifier::classify`], told how many threads the inference may use.
+    pub fn classify_with(
+        &self,
+        image: &[u8],
+        top_k: usize,
+        parallelism: Parallelism,
+    ) -> Result<Classification, RuntimeError> {
         let start = Instant::now();
         let input = self.preprocessor.tensor_from_bytes(image)?;
         let preprocess = start.elapsed();
         let start = Instant::now();
-        let probabilities = self.infer(input)?;
+        let (probabilities, threads) = self.run(input, parallelism)?;
         let inference = start.elapsed();
         Ok(Classification {
             top: self.top_k(&probabilities, top_k),
             probabilities,
             preprocess,
             inference,
+            threads,
         })
     }
 
