@@ -35,9 +35,11 @@ pub struct RuntimeOptions {
     /// Threads tract uses for an inference (matrix products split across them).
     pub threads: NonZeroUsize,
     /// Adaptive parallelism: an inference that runs alone uses `threads` threads (lowest
-    /// latency); while another inference of the same classifier is running it runs on its
-    /// caller's thread only (one single-threaded inference per core gives the highest
-    /// throughput, and threads split across concurrent inferences only contend).
+    /// latency); while another inference is running it runs on its caller's thread only (one
+    /// single-threaded inference per core gives the highest throughput, and threads split
+    /// across concurrent inferences only contend). The runtime's own kernels decide again at
+    /// every parallel section, so an inference takes the cores others leave and gives them
+    /// back when another starts.
     pub adaptive: bool,
     /// Largest bundle file accepted.
     pub max_bundle_bytes: u64,
@@ -106,7 +108,9 @@ pub struct Classification {
     pub preprocess: Duration,
     #[serde(serialize_with = "ser_ms")]
     pub inference: Duration,
-    /// Threads the inference ran on (see [`Parallelism`]).
+    /// Threads the inference started on (see [`Parallelism`]); with adaptive parallelism the
+    /// runtime's kernels then take all of them while no other inference runs and one while
+    /// others do, decided again at each parallel section.
     pub threads: usize,
 }
 
@@ -229,7 +233,10 @@ impl Classifier {
             Some(pool) if all => (pool.clone(), self.threads),
             _ => (Executor::SingleThread, 1),
         };
+        // The runtime's kernels decide again at every parallel section (see `Adaptive`).
+        let adaptive = (self.adaptive && self.pool.is_some()).then(|| kernels::Adaptive::enter(self.threads));
         let mut probabilities = run_on(&executor, || first_output(&self.plan, input))?;
+        drop(adaptive);
         drop(running);
         if self.manifest.output.kind == OutputKind::Logits {
             softmax(&mut probabilities);

@@ -282,19 +282,63 @@ fn bias_values(bias: &Tensor, channels: usize) -> TractResult<Vec<f32>> {
 }
 
 /// Runs `f(part)` for `parts` parts: shared by this thread and [`spin`]'s helpers, as many as
-/// tract's current executor has threads, else one after the other on this thread.
+/// [`threads`] says, else one after the other on this thread.
 fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
-    match current_tract_executor() {
-        Executor::MultiThread(pool) if parts > 1 => spin::run(pool.current_num_threads(), parts, &f),
+    match threads() {
+        threads if threads > 1 && parts > 1 => spin::run(threads, parts, &f),
         _ => (0..parts).for_each(f),
     }
 }
 
-/// Threads of tract's current executor.
+/// Threads the parallel section starting now may use: inside an [`Adaptive`] inference, all of
+/// its threads while it is the only adaptive inference running in the process and one
+/// otherwise, decided again at every section; elsewhere, tract's current executor's.
 fn threads() -> usize {
+    if let Some(all) = ADAPTIVE_THREADS.get() {
+        return if ADAPTIVE_RUNNING.load(Ordering::Acquire) == 1 {
+            all
+        } else {
+            1
+        };
+    }
     match current_tract_executor() {
         Executor::MultiThread(pool) => pool.current_num_threads().max(1),
         _ => 1,
+    }
+}
+
+/// Adaptive inferences running in the process now.
+static ADAPTIVE_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Set while this thread runs an adaptive inference: the threads it may take.
+    static ADAPTIVE_THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// An inference whose parallel sections take every one of `threads` threads while it runs
+/// alone, one while other adaptive inferences run: a request that started next to another
+/// takes the freed core when the other ends (the last requests of a backlog), and one that
+/// started alone gives it back when another starts. Held on the inference's thread while it
+/// runs; the runtime's own kernels ask [`threads`] at each section.
+pub(crate) struct Adaptive {
+    outer: Option<usize>,
+}
+
+impl Adaptive {
+    pub(crate) fn enter(threads: usize) -> Self {
+        ADAPTIVE_RUNNING.fetch_add(1, Ordering::AcqRel);
+        Adaptive {
+            outer: ADAPTIVE_THREADS.replace(Some(threads)),
+        }
+    }
+}
+
+impl Drop for Adaptive {
+    fn drop(&mut self) {
+        ADAPTIVE_THREADS.set(self.outer);
+        ADAPTIVE_RUNNING.fetch_sub(1, Ordering::AcqRel);
+        // Helpers it may have borrowed stop spinning.
+        spin::rest();
     }
 }
 
@@ -535,6 +579,33 @@ mod tests {
     use tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
     use tract_core::ops::math::max;
     use tract_core::ops::nn::DataFormat;
+
+    #[test]
+    fn adaptive_sections_take_every_thread_only_while_no_other_adaptive_inference_runs() {
+        assert_eq!(
+            threads(),
+            1,
+            "outside an inference: tract's executor (single here)"
+        );
+        let me = Adaptive::enter(2);
+        assert_eq!(threads(), 2, "alone");
+        let (started, ended) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let other = Adaptive::enter(2);
+                assert_eq!(threads(), 1, "the other one, started second");
+                started.wait();
+                ended.wait();
+                drop(other);
+            });
+            started.wait();
+            assert_eq!(threads(), 1, "while another runs");
+            ended.wait();
+        });
+        assert_eq!(threads(), 2, "the other ended: alone again");
+        drop(me);
+        assert_eq!(threads(), 1);
+    }
 
     /// Runs `model` as tract has it and rewritten, on 1 and 2 threads, and returns the largest
     /// difference (relative to the largest output value, when above 1) and what the rewrite did, with our ops' descriptions.
