@@ -250,9 +250,8 @@ fn nnef() -> &'static tract_nnef::framework::Nnef {
     NNEF.get_or_init(tract_nnef::nnef)
 }
 
-/// Reads the NNEF model in a tar held in memory (a bundle or a bare NNEF tar): [`guard`]'s checks of the tar
-/// first, then tract's parse (streaming from the start again), [`guard`]'s checks of the
-/// parsed graph, and tract's build.
+/// Reads the NNEF model in a tar held in memory (a bundle or a bare NNEF tar): [`guard`]'s
+/// checks of the tar first, then tract's parse from the start again.
 fn read_model(path: &Path, bytes: &[u8]) -> Result<TypedModel, BundleError> {
     check_archive(path, std::io::Cursor::new(bytes))?;
     parse_model(path, std::io::Cursor::new(bytes))

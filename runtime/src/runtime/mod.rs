@@ -216,16 +216,11 @@ impl Classifier {
     /// Runs the network on one input tensor; returns the probabilities of every output
     /// class (softmax applied when the model outputs logits).
     pub fn infer(&self, input: Tensor) -> Result<Vec<f32>, RuntimeError> {
-        self.infer_with(input, Parallelism::Auto)
-    }
-
-    /// [`Classifier::infer`], told how many threads it may use (see [`Parallelism`]).
-    pub fn infer_with(&self, input: Tensor, parallelism: Parallelism) -> Result<Vec<f32>, RuntimeError> {
-        self.run(input, parallelism)
+        self.run(input, Parallelism::Auto)
             .map(|(probabilities, _)| probabilities)
     }
 
-    /// The probabilities, and the threads the inference ran on.
+    /// The probabilities, and the threads the inference started on.
     fn run(&self, input: Tensor, parallelism: Parallelism) -> Result<(Vec<f32>, usize), RuntimeError> {
         let running = Running::enter(&self.running);
         let all = !self.adaptive || (running.alone && parallelism == Parallelism::Auto);
