@@ -188,10 +188,12 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             "JPEGs (quality 90) made from ../shared/models/coffee.jpg at each size, 4:4:4 (the image crate's \
              encoder) or, on the camera row, 4:2:0 (jpeg-encoder). Ours: edge-runtime's \
              Preprocessor with the bundle's manifest (Inception preset: full-image bilinear resize, \
-             x/127.5-1), DCT-scaled JPEG decoding, fast_image_resize. Naive: image::load_from_memory, \
-             resize_exact (Triangle), normalise. {} rounds of 2 each side, interleaved. Peak heap: the \
-             bench's counting global allocator, bytes allocated above the start (the input file is \
-             already in memory and not counted in it).",
+             x/127.5-1), DCT-scaled JPEG decoding (large baseline JPEGs split across two threads: \
+             the second walks the Huffman codes to the cut and decodes the rest), \
+             fast_image_resize. Naive: image::load_from_memory, resize_exact (Triangle), normalise. \
+             {} rounds of 2 each side, interleaved. Peak heap: the bench's counting global \
+             allocator, bytes allocated above the start (the input file is already in memory and \
+             not counted in it).",
             ctx.rounds
         ),
     );

@@ -310,6 +310,12 @@ fn threads() -> usize {
 /// Adaptive inferences running in the process now.
 static ADAPTIVE_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
+/// Adaptive inferences (the daemon's and the pool's) running in the process now: work that
+/// would take another core (a split JPEG decode) does so only while this is 0.
+pub(crate) fn inferences_running() -> usize {
+    ADAPTIVE_RUNNING.load(Ordering::Acquire)
+}
+
 thread_local! {
     /// Set while this thread runs an adaptive inference: the threads it may take.
     static ADAPTIVE_THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };

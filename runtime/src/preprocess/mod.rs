@@ -7,6 +7,8 @@ use std::io::Cursor;
 use fast_image_resize::{self as fr, images::Image, images::ImageRef};
 use tract_core::prelude::*;
 
+mod split;
+
 use crate::bundle::manifest::{ChannelOrder, InputSpec, Layout, Preprocessing, ResizeFilter, ResizePolicy};
 
 /// Bounds on what an untrusted image may cost before and while decoding.
@@ -80,6 +82,9 @@ pub struct Preprocessor {
     /// pixels (never with the TensorFlow legacy bilinear filter, which must see TensorFlow's
     /// pixels).
     dct_scaling: bool,
+    /// Decode large baseline JPEGs on two threads (see [`split`]) while no inference runs in
+    /// the process to need the second core.
+    split_decode: bool,
 }
 
 impl Preprocessor {
@@ -93,11 +98,19 @@ impl Preprocessor {
             size,
             limits,
             dct_scaling: true,
+            split_decode: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
         })
     }
 
     pub fn with_dct_scaling(mut self, on: bool) -> Self {
         self.dct_scaling = on;
+        self
+    }
+
+    /// Whether large JPEGs may be decoded on two threads (on by default where the machine has
+    /// more than one core); the pixels are the same either way.
+    pub fn with_split_decode(mut self, on: bool) -> Self {
+        self.split_decode = on;
         self
     }
 
@@ -219,6 +232,18 @@ impl Preprocessor {
                 || (header.width, header.height) != (width as usize, height as usize)
             {
                 return Ok(None);
+            }
+            if self.split_decode
+                && crate::runtime::kernels::inferences_running() == 0
+                && let Some((pixels, width, height)) = split::decode(bytes, factor as usize)
+            {
+                return Ok(Some(turbojpeg::Image {
+                    pixels,
+                    width,
+                    pitch: width * 3,
+                    height,
+                    format: turbojpeg::PixelFormat::RGB,
+                }));
             }
             let scaling = turbojpeg::ScalingFactor::new(1, factor as usize);
             decompressor.set_scaling_factor(scaling)?;
@@ -517,6 +542,22 @@ mod tests {
         let halved = image::imageops::resize(&full, 960, 540, image::imageops::FilterType::Triangle);
         let diff = mean_abs_difference(&scaled.pixels, halved.as_raw());
         assert!(diff < 2.0, "mean abs difference {diff}");
+    }
+
+    #[test]
+    fn a_jpeg_decoded_on_two_threads_has_the_pixels_of_one() {
+        // Noise so that the scan is large enough to be split.
+        let noisy = image::RgbImage::from_fn(1920, 1080, |x, y| {
+            let n = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 97;
+            image::Rgb([(x % 256) as u8 ^ n as u8, (y % 256) as u8, (n * 2) as u8])
+        });
+        let jpeg = encode_jpeg(&noisy);
+        assert!(split::decode(&jpeg, 2).is_some(), "the JPEG is split");
+        let pre = inception_299();
+        let two = pre.decode(&jpeg).unwrap();
+        let one = pre.clone().with_split_decode(false).decode(&jpeg).unwrap();
+        assert_eq!((two.width, two.height), (960, 540));
+        assert!(two.pixels == one.pixels);
     }
 
     #[test]

@@ -1,0 +1,194 @@
+//! The split decode against libjpeg-turbo's one-thread decode, byte for byte.
+
+use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+
+use super::layout::Layout;
+use super::*;
+
+/// A photo-like picture: gradients, texture and edges, so that blocks carry many
+/// coefficients of every size.
+fn picture(width: usize, height: usize) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            let noise = ((x * 7919 + y * 104_729) ^ (x * y)) % 61;
+            let edge = if (x / 37 + y / 23) % 2 == 0 { 60 } else { 0 };
+            rgb.push(((x * 255 / width) + noise) as u8);
+            rgb.push(((y * 255 / height) as u8).wrapping_add(edge));
+            rgb.push((96 + (x ^ y) % 97 + noise / 2) as u8);
+        }
+    }
+    rgb
+}
+
+struct Jpeg {
+    sampling: SamplingFactor,
+    grey: bool,
+    optimised: bool,
+    restart: u16,
+    progressive: bool,
+}
+
+const PLAIN: Jpeg = Jpeg {
+    sampling: SamplingFactor::R_4_2_0,
+    grey: false,
+    optimised: false,
+    restart: 0,
+    progressive: false,
+};
+
+fn encode(width: usize, height: usize, how: &Jpeg) -> Vec<u8> {
+    let rgb = picture(width, height);
+    let mut out = Vec::new();
+    let mut encoder = Encoder::new(&mut out, 90);
+    encoder.set_sampling_factor(how.sampling);
+    encoder.set_optimized_huffman_tables(how.optimised);
+    encoder.set_restart_interval(how.restart);
+    encoder.set_progressive(how.progressive);
+    let (w, h) = (width as u16, height as u16);
+    if how.grey {
+        let luma: Vec<u8> = rgb.chunks_exact(3).map(|p| p[1]).collect();
+        encoder.encode(&luma, w, h, ColorType::Luma).unwrap();
+    } else {
+        encoder.encode(&rgb, w, h, ColorType::Rgb).unwrap();
+    }
+    out
+}
+
+/// libjpeg-turbo's one-thread decode at 1/`denom` scale.
+fn whole(jpeg: &[u8], denom: usize) -> (Vec<u8>, usize, usize) {
+    let mut d = turbojpeg::Decompressor::new().unwrap();
+    let scaling = turbojpeg::ScalingFactor::new(1, denom);
+    d.set_scaling_factor(scaling).unwrap();
+    let header = d.read_header(jpeg).unwrap().scaled(scaling);
+    let mut image = turbojpeg::Image {
+        pixels: vec![0u8; header.width * header.height * 3],
+        width: header.width,
+        pitch: header.width * 3,
+        height: header.height,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    d.decompress(jpeg, image.as_deref_mut()).unwrap();
+    (image.pixels, header.width, header.height)
+}
+
+fn assert_same(jpeg: &[u8], denom: usize) {
+    let (split, w, h) = decode(jpeg, denom).expect("the JPEG is split");
+    let (reference, rw, rh) = whole(jpeg, denom);
+    assert_eq!((w, h), (rw, rh));
+    if let Some(i) = split.iter().zip(&reference).position(|(a, b)| a != b) {
+        panic!("1/{denom}: first difference at row {}", i / (w * 3));
+    }
+}
+
+#[test]
+fn split_decode_is_the_one_thread_decode_for_every_sampling_and_scale() {
+    for sampling in [
+        SamplingFactor::R_4_4_4,
+        SamplingFactor::R_4_2_2,
+        SamplingFactor::R_4_2_0,
+    ] {
+        // A frame, and a size that is no whole number of MCUs.
+        for (width, height) in [(1920, 1080), (1001, 777)] {
+            let jpeg = encode(width, height, &Jpeg { sampling, ..PLAIN });
+            for denom in [1, 2, 4, 8] {
+                assert_same(&jpeg, denom);
+            }
+        }
+    }
+}
+
+#[test]
+fn grey_and_optimised_tables_are_split_too() {
+    let grey = encode(1280, 720, &Jpeg { grey: true, ..PLAIN });
+    assert_same(&grey, 1);
+    assert_same(&grey, 2);
+    let optimised = encode(
+        1280,
+        720,
+        &Jpeg {
+            optimised: true,
+            ..PLAIN
+        },
+    );
+    // Optimised tables may lack the codes the made-up row needs; split or not, never wrong.
+    if decode(&optimised, 2).is_some() {
+        assert_same(&optimised, 2);
+    }
+}
+
+#[test]
+fn the_rest_of_a_scan_resumes_at_every_row_of_mcus() {
+    // Each row starts at another bit of a byte: every case of the made-up row's last block.
+    let jpeg = encode(
+        640,
+        480,
+        &Jpeg {
+            sampling: SamplingFactor::R_4_4_4,
+            ..PLAIN
+        },
+    );
+    let layout = Layout::parse(&jpeg).unwrap();
+    let (reference, width, _) = whole(&jpeg, 1);
+    let (_, rows) = layout.mcus();
+    let mut leftovers = std::collections::BTreeSet::new();
+    for row in 1..rows {
+        let resume = resume::walk(&layout, &jpeg, row).unwrap();
+        leftovers.insert(resume.leftover_bits());
+        let rest = resume::resumed_jpeg(&layout, &jpeg, row, &resume).unwrap();
+        let (pixels, w, _) = whole(&rest, 1);
+        assert_eq!(w, width);
+        // Skip the made-up row of 8 pixel rows: the rest is the image from `row` on.
+        let from = row * 8 * width * 3;
+        assert!(pixels[8 * width * 3..] == reference[from..], "row {row}");
+    }
+    assert!(leftovers.len() >= 6, "bit offsets covered: {leftovers:?}");
+}
+
+#[test]
+fn what_is_not_one_baseline_scan_is_left_to_the_usual_decode() {
+    let restarts = encode(1280, 720, &Jpeg { restart: 4, ..PLAIN });
+    assert!(Layout::parse(&restarts).is_none());
+    let progressive = encode(
+        1280,
+        720,
+        &Jpeg {
+            progressive: true,
+            ..PLAIN
+        },
+    );
+    assert!(Layout::parse(&progressive).is_none());
+    // Too small to be worth a thread.
+    let small = encode(299, 299, &PLAIN);
+    assert!(Layout::parse(&small).is_some());
+    assert!(decode(&small, 1).is_none());
+}
+
+#[test]
+fn corrupt_scans_fail_or_decode_never_panic() {
+    let jpeg = encode(
+        1280,
+        720,
+        &Jpeg {
+            sampling: SamplingFactor::R_4_4_4,
+            ..PLAIN
+        },
+    );
+    let layout = Layout::parse(&jpeg).unwrap();
+    let scan = layout.scan_start..jpeg.len() - 2;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..40 {
+        let mut bad = jpeg.clone();
+        for _ in 0..3 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = scan.start + (state as usize) % scan.len();
+            bad[at] ^= 1 << (state >> 60 & 7);
+        }
+        let _ = decode(&bad, 2);
+        // Cut anywhere in the scan.
+        let cut = scan.start + (state as usize >> 3) % scan.len();
+        let _ = decode(&bad[..cut], 2);
+    }
+}
