@@ -104,6 +104,10 @@ impl<'a> Skipper<'a> {
         }
         let mut done = 0;
         'mcus: loop {
+            // Data that ends early is no scan to split (the reader would read zeros on).
+            if bits.past_end() {
+                return None;
+            }
             for &(dc, ac, dc_huffman, ac_huffman, component) in &order {
                 if done == blocks {
                     break 'mcus;
