@@ -20,10 +20,13 @@ mod skip;
 
 use std::cell::RefCell;
 use std::ffi::c_int;
+use std::sync::{Mutex, PoisonError};
 
 use turbojpeg_sys as tj;
 
 use layout::Layout;
+
+use crate::runtime::kernels::spin;
 
 /// Share of the rows of MCUs the caller's thread decodes: the other thread first walks those
 /// rows' Huffman codes (~0.4 of the time decoding them takes), then decodes the rest. 0.6-0.68
@@ -34,9 +37,20 @@ const FIRST_SHARE: f64 = 0.65;
 const MIN_ROWS: usize = 8;
 const MIN_SCAN_BYTES: usize = 64 * 1024;
 
-/// Decodes `bytes` to RGB at 1/`denom` scale (1, 2, 4 or 8) on this thread and one more:
-/// (pixels, width, height), or `None` when the JPEG does not qualify or a part fails.
+/// Decodes `bytes` to RGB at 1/`denom` scale (1, 2, 4 or 8) on this thread and a helper:
+/// (pixels, width, height), or `None` when the JPEG does not qualify, no helper is free or a
+/// part fails.
 pub(super) fn decode(bytes: &[u8], denom: usize) -> Option<(Vec<u8>, usize, usize)> {
+    decode_on(bytes, denom, spin::run_pair)
+}
+
+/// [`decode`] with `run_pair`, which runs `f(0)` and `f(1)` at the same time, or nothing and
+/// says so.
+fn decode_on(
+    bytes: &[u8],
+    denom: usize,
+    run_pair: impl FnOnce(&(dyn Fn(usize) + Sync)) -> bool,
+) -> Option<(Vec<u8>, usize, usize)> {
     let layout = Layout::parse(bytes)?;
     let (_, rows) = layout.mcus();
     if rows < MIN_ROWS || bytes.len() - layout.scan_start < MIN_SCAN_BYTES {
@@ -54,18 +68,26 @@ pub(super) fn decode(bytes: &[u8], denom: usize) -> Option<(Vec<u8>, usize, usiz
     let cut = row * per_row + margin;
     let mut pixels = vec![0u8; width.checked_mul(height)?.checked_mul(3)?];
     let (top, bottom) = pixels.split_at_mut(cut.checked_mul(width * 3)?);
-    let done = std::thread::scope(|scope| {
-        let second = scope.spawn(|| {
-            let resume = resume::walk(&layout, bytes, row)?;
-            let jpeg = resume::resumed_jpeg(&layout, bytes, row, &resume)?;
-            // The made-up row and the margin are cropped away.
-            decode_rows(&jpeg, denom, per_row + margin, bottom)
-        });
-        let first = decode_rows(bytes, denom, 0, top);
-        let second = second.join().ok().flatten();
-        first.and(second)
-    });
-    done.map(|()| (pixels, width, height))
+    let (top, bottom) = (Mutex::new(top), Mutex::new(bottom));
+    let (first, second) = (Mutex::new(None), Mutex::new(None));
+    let part = |part: usize| {
+        if part == 0 {
+            let mut top = top.lock().unwrap_or_else(PoisonError::into_inner);
+            *first.lock().unwrap_or_else(PoisonError::into_inner) = decode_rows(bytes, denom, 0, &mut top);
+        } else {
+            let mut bottom = bottom.lock().unwrap_or_else(PoisonError::into_inner);
+            let decoded = resume::walk(&layout, bytes, row)
+                .and_then(|resume| resume::resumed_jpeg(&layout, bytes, row, &resume))
+                // The made-up row and the margin are cropped away.
+                .and_then(|jpeg| decode_rows(&jpeg, denom, per_row + margin, &mut bottom));
+            *second.lock().unwrap_or_else(PoisonError::into_inner) = decoded;
+        }
+    };
+    if !run_pair(&part) {
+        return None;
+    }
+    let done = |m: Mutex<Option<()>>| m.into_inner().ok().flatten();
+    done(first).and(done(second)).map(|()| (pixels, width, height))
 }
 
 /// Decodes rows `skip..` of `jpeg` at 1/`denom` scale into `out` (RGB, rows packed), as many

@@ -137,37 +137,73 @@ fn helpers() -> &'static Helpers {
 /// returns when every part is done. A panic in a part is raised here.
 pub(super) fn run(threads: usize, parts: usize, f: &(dyn Fn(usize) + Sync)) {
     REST.store(false, Ordering::Release);
+    let lent = lend(threads.saturating_sub(1).min(parts.saturating_sub(1)));
     let job = Job {
         f,
         parts,
         next: AtomicUsize::new(0),
         panicked: AtomicBool::new(false),
     };
-    let pool = helpers();
-    let lent: Vec<usize> = match pool.busy.lock() {
+    share(&lent, &job, || ());
+}
+
+/// Runs `f(0)` on this thread and `f(1)` on a helper at the same time, then tells the helpers
+/// to rest. `false`, and nothing run, when no helper is free (none made on one core, or all
+/// lent to sections in flight). A panic in a part is raised here.
+pub(crate) fn run_pair(f: &(dyn Fn(usize) + Sync)) -> bool {
+    let lent = lend(1);
+    if lent.is_empty() {
+        return false;
+    }
+    REST.store(false, Ordering::Release);
+    // The helper starts at part 1; this thread runs part 0, then part 1 too if the helper has
+    // not taken it by then.
+    let job = Job {
+        f,
+        parts: 2,
+        next: AtomicUsize::new(1),
+        panicked: AtomicBool::new(false),
+    };
+    share(&lent, &job, || f(0));
+    rest();
+    true
+}
+
+/// Marks up to `count` free helpers busy and returns them.
+fn lend(count: usize) -> Vec<usize> {
+    match helpers().busy.lock() {
         Ok(mut busy) => busy
             .iter_mut()
             .enumerate()
             .filter(|(_, b)| !**b)
-            .take(threads.saturating_sub(1).min(parts.saturating_sub(1)))
+            .take(count)
             .map(|(i, b)| {
                 *b = true;
                 i
             })
             .collect(),
         Err(_) => Vec::new(),
-    };
+    }
+}
+
+/// Offers `job` to the `lent` helpers, runs `first` and then the job's parts on this thread,
+/// waits for the helpers and frees them.
+fn share(lent: &[usize], job: &Job<'_>, first: impl FnOnce()) {
+    let pool = helpers();
     // SAFETY (lifetime): helpers only dereference the job between taking the offer and
     // setting `finished`; below, the offer is taken back or `finished` awaited before return.
-    let ptr = (&job as *const Job<'_>).cast_mut().cast::<Job<'static>>();
-    for &i in &lent {
+    let ptr = (job as *const Job<'_>).cast_mut().cast::<Job<'static>>();
+    for &i in lent {
         let helper = &pool.all[i];
         helper.finished.store(false, Ordering::Release);
         helper.offered.store(ptr, Ordering::SeqCst);
         helper.wake();
     }
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(first)).is_err() {
+        job.panicked.store(true, Ordering::Release);
+    }
     job.work();
-    for &i in &lent {
+    for &i in lent {
         let helper = &pool.all[i];
         let taken_back = !helper
             .offered
@@ -180,7 +216,7 @@ pub(super) fn run(threads: usize, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         }
     }
     if let Ok(mut busy) = pool.busy.lock() {
-        for &i in &lent {
+        for &i in lent {
             busy[i] = false;
         }
     }
