@@ -249,6 +249,19 @@ fn tiny_png(width: u32, height: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A JPEG of noise: every block carries many coefficients, so the scan is large.
+fn noisy_jpeg(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        let n = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 251;
+        image::Rgb([n as u8, (n * 3 + x) as u8, (n * 7 + y) as u8])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .expect("JPEG encodes");
+    out
+}
+
 fn tiny_jpeg(width: u32, height: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([(x * 3) as u8, (y * 3) as u8, 60])
@@ -315,6 +328,8 @@ fn image_seeds() -> Vec<Vec<u8>> {
         (0x81, tiny_jpeg(64, 48)),
         (0x42, tiny_jpeg(130, 90)),
         (0x07, tiny_png(3, 50)),
+        // Large enough a scan (> 64 KB) to be decoded on two threads.
+        (0x00, noisy_jpeg(320, 240)),
     ] {
         let mut seed = vec![selector];
         seed.extend_from_slice(&bytes);
