@@ -6,6 +6,7 @@
 //! defaults, settings given by the caller, or settings measured on this machine by [`tune`] and
 //! cached beside the bundle.
 
+mod heap;
 pub mod kernels;
 pub mod profile;
 pub mod settings;
@@ -152,6 +153,7 @@ impl Classifier {
     pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
         // First: the instruction set is fixed for the process once tract looks at the CPU.
         let isa = tune::isa_before_load(path, options);
+        let _retain = heap::RetainHeap::new();
         let bundle = bundle::load(path, options.max_bundle_bytes)?;
         let settings = tune::settings_for(Some(path), &bundle.model, options, isa)?;
         Self::build(bundle.manifest, bundle.model, options, settings)
