@@ -400,13 +400,14 @@ thread_local! {
 }
 
 /// Whether a JPEG's last scan (SOS marker) is followed by an end-of-image marker. Entropy-coded
-/// data stuffs every 0xFF with 0x00, so marker pairs cannot occur inside it.
+/// data stuffs every 0xFF with 0x00, so marker pairs cannot occur inside it. Read from both
+/// ends (the last EOI, a first SOS) rather than through the whole scan.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
-    match (last(0xDA), last(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi > sos,
-        _ => false,
-    }
+    let marker = |m: u8| move |w: &[u8]| w[0] == 0xFF && w[1] == m;
+    let Some(eoi) = bytes.windows(2).rposition(marker(0xD9)) else {
+        return false;
+    };
+    bytes[..eoi].windows(2).any(marker(0xDA)) && !bytes[eoi..].windows(2).any(marker(0xDA))
 }
 
 /// Size of the crop region for `policy` in a `width` x `height` image.
