@@ -1,17 +1,18 @@
 //! Decoding one large JPEG on two cores. libjpeg-turbo decodes a scan on one thread, and
 //! most of its time on a camera frame is the Huffman decoding, which no SIMD shortens: a
 //! 1080p frame takes ~6 ms on one core. Here the caller's thread decodes the image's top rows
-//! straight from the JPEG (libjpeg-turbo's cropped decode stops there) while a second thread
-//! finds where the rest of the scan starts ([`resume::walk`], which only reads code lengths)
-//! and decodes it as a JPEG of its own ([`resume::resumed_jpeg`]). Both write their rows of
-//! one pixel buffer. The pixels are libjpeg-turbo's own for the whole image: each part is
-//! decoded by it, and where chroma is smoothed across rows the cut leaves each part half a
-//! row of MCUs of real context (the unit tests compare with the one-thread decode, byte for
-//! byte).
+//! straight from the JPEG (libjpeg-turbo's cropped decode stops there) while a helper thread
+//! (the runtime kernels', idle while no inference runs) finds where the rest of the scan
+//! starts ([`resume::walk`], which only reads code lengths) and decodes it as a JPEG of its
+//! own ([`resume::resumed_jpeg`]). Both write their rows of one pixel buffer. The pixels are
+//! libjpeg-turbo's own for the whole image: each part is decoded by it, and where chroma is
+//! smoothed across rows the cut leaves each part half a row of MCUs of real context (the unit
+//! tests compare with the one-thread decode, byte for byte).
 //!
-//! Only baseline JPEGs with one scan and no restart markers are split (what cameras and the
-//! common encoders write); anything else, or any failure, returns `None` and the caller
-//! decodes on one thread.
+//! Only baseline JPEGs with one scan and no restart markers are split (what libjpeg, the
+//! `image` crate and most software write by default); anything else, or any failure, returns
+//! `None` and the caller decodes on one thread. JPEGs with restart markers (many cameras write
+//! them) could be cut at a marker without any walk; that is not built.
 
 mod huffman;
 mod layout;
@@ -28,7 +29,7 @@ use layout::Layout;
 
 use crate::runtime::kernels::spin;
 
-/// Share of the rows of MCUs the caller's thread decodes: the other thread first walks those
+/// Share of the rows of MCUs the caller's thread decodes: the helper first walks those
 /// rows' Huffman codes (~0.4 of the time decoding them takes), then decodes the rest. 0.6-0.68
 /// measured within noise of each other on a 1080p frame at half size (AMD EPYC).
 const FIRST_SHARE: f64 = 0.65;
@@ -66,6 +67,9 @@ fn decode_on(
     };
     let (width, height) = (layout.width.div_ceil(denom), layout.height.div_ceil(denom));
     let cut = row * per_row + margin;
+    if cut >= height {
+        return None;
+    }
     let mut pixels = vec![0u8; width.checked_mul(height)?.checked_mul(3)?];
     let (top, bottom) = pixels.split_at_mut(cut.checked_mul(width * 3)?);
     let (top, bottom) = (Mutex::new(top), Mutex::new(bottom));
