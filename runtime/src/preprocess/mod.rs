@@ -82,8 +82,8 @@ pub struct Preprocessor {
     /// pixels (never with the TensorFlow legacy bilinear filter, which must see TensorFlow's
     /// pixels).
     dct_scaling: bool,
-    /// Decode large baseline JPEGs on two threads (see [`split`]) while no inference runs in
-    /// the process to need the second core.
+    /// Decode large baseline JPEGs on two threads when the second core is idle (see
+    /// [`split`]).
     split_decode: bool,
 }
 
@@ -234,16 +234,9 @@ impl Preprocessor {
                 return Ok(None);
             }
             if self.split_decode
-                && crate::runtime::kernels::inferences_running() == 0
-                && let Some((pixels, width, height)) = split::decode(bytes, factor as usize)
+                && let Some(decoded) = split::decode(bytes, factor as usize)
             {
-                return Ok(Some(turbojpeg::Image {
-                    pixels,
-                    width,
-                    pitch: width * 3,
-                    height,
-                    format: turbojpeg::PixelFormat::RGB,
-                }));
+                return Ok(Some(decoded));
             }
             let scaling = turbojpeg::ScalingFactor::new(1, factor as usize);
             decompressor.set_scaling_factor(scaling)?;
@@ -256,13 +249,13 @@ impl Preprocessor {
                 format: turbojpeg::PixelFormat::RGB,
             };
             decompressor.decompress(bytes, image.as_deref_mut())?;
-            Ok::<_, turbojpeg::Error>(Some(image))
+            Ok::<_, turbojpeg::Error>(Some((image.pixels, image.width, image.height)))
         });
         match result {
-            Ok(Some(image)) => Some(RgbImage {
-                width: u32::try_from(image.width).ok()?,
-                height: u32::try_from(image.height).ok()?,
-                pixels: image.pixels,
+            Ok(Some((pixels, width, height))) => Some(RgbImage {
+                width: u32::try_from(width).ok()?,
+                height: u32::try_from(height).ok()?,
+                pixels,
             }),
             Ok(None) => None,
             Err(e) => {

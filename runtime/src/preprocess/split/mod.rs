@@ -27,7 +27,7 @@ use turbojpeg_sys as tj;
 
 use layout::Layout;
 
-use crate::runtime::kernels::spin;
+use crate::runtime::kernels::{self, spin};
 
 /// Share of the rows of MCUs the caller's thread decodes: the helper first walks those
 /// rows' Huffman codes (~0.4 of the time decoding them takes), then decodes the rest. 0.6-0.68
@@ -39,9 +39,12 @@ const MIN_ROWS: usize = 8;
 const MIN_SCAN_BYTES: usize = 64 * 1024;
 
 /// Decodes `bytes` to RGB at 1/`denom` scale (1, 2, 4 or 8) on this thread and a helper:
-/// (pixels, width, height), or `None` when the JPEG does not qualify, no helper is free or a
-/// part fails.
+/// (pixels, width, height), or `None` when the JPEG does not qualify, an inference is running
+/// in the process (it needs the other cores), no helper is free or a part fails.
 pub(super) fn decode(bytes: &[u8], denom: usize) -> Option<(Vec<u8>, usize, usize)> {
+    if kernels::inferences_running() > 0 {
+        return None;
+    }
     decode_on(bytes, denom, spin::run_pair)
 }
 
