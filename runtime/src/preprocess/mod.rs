@@ -338,39 +338,78 @@ impl Preprocessor {
     /// HWC RGB values (0..=255) at the input size to the normalised input tensor.
     pub fn normalise<T: Copy + Into<f32>>(&self, hwc: &[T]) -> Tensor {
         let (height, width) = (self.size.0 as usize, self.size.1 as usize);
+        let len = height * width * 3;
+        // The shape was checked to be 1x3xHxW or 1xHxWx3 with these H and W.
+        let shape = self.input.shape.as_slice();
+        let shape = if shape.iter().product::<usize>() == len {
+            shape
+        } else {
+            &[len]
+        };
+        let mut tensor = match Tensor::zero::<f32>(shape) {
+            Ok(t) => t,
+            Err(_) => return tensor1::<f32>(&[]),
+        };
+        if let Ok(mut view) = tensor.to_plain_array_view_mut::<f32>()
+            && let Some(out) = view.as_slice_mut()
+        {
+            self.normalise_into(hwc, out);
+        }
+        tensor
+    }
+
+    /// [`normalise`](Self::normalise) into `out` (the tensor's values, in its layout).
+    fn normalise_into<T: Copy + Into<f32>>(&self, hwc: &[T], out: &mut [f32]) {
         let p = &self.spec;
-        // One multiply-add per value: (x * scale - mean) / std == x * a + b.
         let order: [usize; 3] = match p.channel_order {
             ChannelOrder::Rgb => [0, 1, 2],
             ChannelOrder::Bgr => [2, 1, 0],
         };
+        // One multiply-add per value: (x * scale - mean) / std == x * a + b.
         let a: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
         let b: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
-        let plane = height * width;
-        let mut data = vec![0f32; plane * 3];
-        match self.input.layout {
-            Layout::Nhwc => {
-                for (px, out) in hwc.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
+        match (self.input.layout, p.channel_order) {
+            (Layout::Nhwc, ChannelOrder::Rgb) => normalise_interleaved::<T, false>(hwc, out, a, b),
+            (Layout::Nhwc, ChannelOrder::Bgr) => normalise_interleaved::<T, true>(hwc, out, a, b),
+            (Layout::Nchw, _) => {
+                let plane = out.len() / 3;
+                for (i, px) in hwc.chunks_exact(3).enumerate().take(plane) {
                     for c in 0..3 {
-                        out[c] = px[order[c]].into() * a[c] + b[c];
-                    }
-                }
-            }
-            Layout::Nchw => {
-                for (i, px) in hwc.chunks_exact(3).enumerate() {
-                    for c in 0..3 {
-                        data[c * plane + i] = px[order[c]].into() * a[c] + b[c];
+                        out[c * plane + i] = px[order[c]].into() * a[c] + b[c];
                     }
                 }
             }
         }
-        // The shape was checked to be 1x3xHxW or 1xHxWx3 with these H and W.
-        let shape = self.input.shape.as_slice();
-        if shape.iter().product::<usize>() != data.len() {
-            return tensor1(&data);
+    }
+}
+
+/// `out[i] = hwc[i] * a[c] + b[c]` for interleaved RGB (`SWAP`: written as BGR), in runs of 16
+/// pixels with the channel of every position known at compile time, so that it vectorises.
+fn normalise_interleaved<T: Copy + Into<f32>, const SWAP: bool>(
+    hwc: &[T],
+    out: &mut [f32],
+    a: [f32; 3],
+    b: [f32; 3],
+) {
+    const RUN: usize = 48;
+    let source = |i: usize| if SWAP { i - i % 3 + 2 - i % 3 } else { i };
+    let ka: [f32; RUN] = std::array::from_fn(|i| a[i % 3]);
+    let kb: [f32; RUN] = std::array::from_fn(|i| b[i % 3]);
+    let mut src = hwc.chunks_exact(RUN);
+    let mut dst = out.chunks_exact_mut(RUN);
+    for (s, d) in (&mut src).zip(&mut dst) {
+        for i in 0..RUN {
+            d[i] = s[source(i)].into() * ka[i] + kb[i];
         }
-        tract_ndarray::ArrayD::from_shape_vec(shape, data)
-            .map_or_else(|_| tensor1::<f32>(&[]), |array| array.into_tensor())
+    }
+    for (px, d) in src
+        .remainder()
+        .chunks_exact(3)
+        .zip(dst.into_remainder().chunks_exact_mut(3))
+    {
+        for c in 0..3 {
+            d[c] = px[source(c)].into() * a[c] + b[c];
+        }
     }
 }
 
@@ -481,6 +520,56 @@ mod tests {
             dtype: "f32".into(),
         };
         Preprocessor::new(Preprocessing::inception(), input, ImageLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn normalise_lays_out_every_order_and_layout_as_the_formula_says() {
+        // 7x5: two runs of 16 pixels and a remainder of 3.
+        let (h, w) = (5usize, 7usize);
+        let hwc: Vec<u8> = (0..h * w * 3).map(|i| (i * 37 % 256) as u8).collect();
+        for layout in [Layout::Nhwc, Layout::Nchw] {
+            for order in [ChannelOrder::Rgb, ChannelOrder::Bgr] {
+                let shape = match layout {
+                    Layout::Nhwc => vec![1, h, w, 3],
+                    Layout::Nchw => vec![1, 3, h, w],
+                };
+                let input = InputSpec {
+                    name: "input".into(),
+                    shape,
+                    layout,
+                    dtype: "f32".into(),
+                };
+                let spec = Preprocessing {
+                    channel_order: order,
+                    ..Preprocessing::imagenet()
+                };
+                let p = Preprocessor::new(spec.clone(), input.clone(), ImageLimits::default()).unwrap();
+                let tensor = p.normalise(&hwc);
+                assert_eq!(tensor.shape(), input.shape.as_slice());
+                let values = tensor.to_plain_array_view::<f32>().unwrap();
+                let values = values.as_slice().unwrap();
+                for y in 0..h {
+                    for x in 0..w {
+                        for c in 0..3 {
+                            let source = match order {
+                                ChannelOrder::Rgb => c,
+                                ChannelOrder::Bgr => 2 - c,
+                            };
+                            let v = f32::from(hwc[(y * w + x) * 3 + source]);
+                            let want = (v * spec.scale - spec.mean[c]) / spec.std[c];
+                            let at = match layout {
+                                Layout::Nhwc => (y * w + x) * 3 + c,
+                                Layout::Nchw => c * h * w + y * w + x,
+                            };
+                            assert!(
+                                (values[at] - want).abs() < 1e-5,
+                                "{layout:?} {order:?} ({y},{x},{c})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A smooth colour picture with some texture, as `width` x `height` RGB.
