@@ -3,6 +3,7 @@
 //! pool so every path preprocesses identically.
 
 use std::io::Cursor;
+use std::sync::{Mutex, PoisonError};
 
 use fast_image_resize::{self as fr, images::Image, images::ImageRef};
 use tract_core::prelude::*;
@@ -120,7 +121,13 @@ impl Preprocessor {
 
     /// Encoded bytes to the input tensor (batch 1).
     pub fn tensor_from_bytes(&self, bytes: &[u8]) -> Result<Tensor, ImageError> {
-        let image = self.decode(bytes)?;
+        let (format, width, height) = self.check(bytes)?;
+        if format == image::ImageFormat::Jpeg
+            && let Some(tensor) = self.tensor_on_two_cores(bytes, width, height)
+        {
+            return Ok(tensor);
+        }
+        let image = self.decode_checked(bytes, format, width, height)?;
         self.tensor_from_image(&image)
     }
 
@@ -129,6 +136,13 @@ impl Preprocessor {
     /// to libjpeg-turbo (SIMD, DCT scaling); what it does not take, and PNGs, to the `image`
     /// crate (zune-jpeg, png).
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        let (format, width, height) = self.check(bytes)?;
+        self.decode_checked(bytes, format, width, height)
+    }
+
+    /// The format and size of an image whose size, format, completeness and dimensions are
+    /// within what this preprocessor takes.
+    fn check(&self, bytes: &[u8]) -> Result<(image::ImageFormat, u32, u32), ImageError> {
         if bytes.len() > self.limits.max_bytes {
             return Err(ImageError::TooLarge {
                 size: bytes.len(),
@@ -153,6 +167,17 @@ impl Preprocessor {
         let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
         let (width, height) = reader.into_dimensions().map_err(decode_error)?;
         self.check_dimensions(width, height)?;
+        Ok((format, width, height))
+    }
+
+    /// [`decode`](Self::decode) after [`check`](Self::check).
+    fn decode_checked(
+        &self,
+        bytes: &[u8],
+        format: image::ImageFormat,
+        width: u32,
+        height: u32,
+    ) -> Result<RgbImage, ImageError> {
         if format == image::ImageFormat::Jpeg
             && let Some(image) = self.decode_jpeg_turbo(bytes, width, height)
         {
@@ -201,17 +226,7 @@ impl Preprocessor {
     /// `None` when libjpeg-turbo cannot or would not decode it to RGB exactly (CMYK, 12-bit,
     /// a corrupt stream it only warns about): the general decoder then decides.
     fn decode_jpeg_turbo(&self, bytes: &[u8], width: u32, height: u32) -> Option<RgbImage> {
-        let factor = if self.dct_scaling && self.spec.filter != ResizeFilter::TfLegacyBilinear {
-            let (crop_w, crop_h) = crop_size(self.spec.resize, width, height);
-            let (target_h, target_w) = self.size;
-            let leaves_gap = |side: u32, target: u32| f64::from(side) >= DCT_SCALING_GAP * f64::from(target);
-            [8u32, 4, 2]
-                .into_iter()
-                .find(|f| leaves_gap(crop_w / f, target_w) && leaves_gap(crop_h / f, target_h))
-                .unwrap_or(1)
-        } else {
-            1
-        };
+        let factor = self.dct_factor(width, height);
         let result = TURBO.with(|cell| {
             let mut slot = cell.borrow_mut();
             let decompressor = match slot.as_mut() {
@@ -265,6 +280,116 @@ impl Preprocessor {
         }
     }
 
+    /// The DCT scaling denominator (1, 2, 4 or 8) for a `width` x `height` JPEG: the largest
+    /// that keeps the crop at least [`DCT_SCALING_GAP`] times the input size.
+    fn dct_factor(&self, width: u32, height: u32) -> u32 {
+        if !self.dct_scaling || self.spec.filter == ResizeFilter::TfLegacyBilinear {
+            return 1;
+        }
+        let (crop_w, crop_h) = crop_size(self.spec.resize, width, height);
+        let (target_h, target_w) = self.size;
+        let leaves_gap = |side: u32, target: u32| f64::from(side) >= DCT_SCALING_GAP * f64::from(target);
+        [8u32, 4, 2]
+            .into_iter()
+            .find(|f| leaves_gap(crop_w / f, target_w) && leaves_gap(crop_h / f, target_h))
+            .unwrap_or(1)
+    }
+
+    /// The input tensor of a large JPEG decoded on two cores ([`split::Plan`]), each core then
+    /// resizing the band of the input whose filter windows fall in the rows it decoded: the
+    /// values [`decode`](Self::decode) and [`tensor_from_image`](Self::tensor_from_image)
+    /// give, with the resize on two cores too. `None` where that does not apply (the JPEG,
+    /// the filter, no helper free).
+    fn tensor_on_two_cores(&self, bytes: &[u8], width: u32, height: u32) -> Option<Tensor> {
+        // Nearest picks rows by rounding a position, and TensorFlow's legacy bilinear resize
+        // is not fast_image_resize's: those take one band.
+        let support = match self.spec.filter {
+            ResizeFilter::Bilinear => 1.0,
+            ResizeFilter::Bicubic => 2.0,
+            ResizeFilter::Lanczos3 => 3.0,
+            ResizeFilter::Nearest | ResizeFilter::TfLegacyBilinear => return None,
+        };
+        if !self.split_decode || !split::helper_idle() {
+            return None;
+        }
+        let factor = self.dct_factor(width, height);
+        let (w, h) = (width.div_ceil(factor), height.div_ceil(factor));
+        let crop = crop_box(self.spec.resize, w, h);
+        let (out_h, out_w) = self.size;
+        let scale = f64::from(crop.3) / f64::from(out_h);
+        // fast_image_resize reads the rows within `radius` of an output row's centre.
+        let radius = support * scale.max(1.0);
+        let plan = split::Plan::new(bytes, factor as usize, (2.0 * radius).ceil() as usize + 3)?;
+        if (plan.width, plan.height) != (w as usize, h as usize) {
+            return None;
+        }
+        let (top_rows, bottom_rows) = (plan.top_rows(), plan.bottom_rows());
+        let centre = |row: u32| f64::from(crop.1) + (f64::from(row) + 0.5) * scale;
+        // The second band starts at the first output row whose window lies in the second
+        // part's rows; the first band's windows must then lie in the first part's.
+        let split_at = (0..out_h).find(|&row| centre(row) - radius >= bottom_rows.start as f64 + 1.0)?;
+        if split_at == 0 || centre(split_at - 1) + radius > top_rows.end as f64 - 1.0 {
+            return None;
+        }
+        let row_bytes = out_w as usize * 3;
+        let mut resized = vec![0u8; out_h as usize * row_bytes];
+        let (first, second) = resized.split_at_mut(split_at as usize * row_bytes);
+        let bands = [Mutex::new(first), Mutex::new(second)];
+        let then = |part: usize, pixels: &[u8]| {
+            let (rows, from) = if part == 0 {
+                (0..split_at, 0)
+            } else {
+                (split_at..out_h, bottom_rows.start)
+            };
+            let mut band = bands[part].lock().unwrap_or_else(PoisonError::into_inner);
+            self.resize_band(pixels, w, from, crop, rows, &mut band)
+        };
+        let mut top = vec![0u8; top_rows.end * w as usize * 3];
+        let mut bottom = vec![0u8; bottom_rows.len() * w as usize * 3];
+        if !plan.run(bytes, &mut top, &mut bottom, &then, split::run_pair) {
+            return None;
+        }
+        Some(self.normalise(&resized))
+    }
+
+    /// Output rows `rows` of the resized `crop` (left, top, width, height of the decoded
+    /// image), from `pixels`: the decoded image's rows from `first` on, `width` wide.
+    fn resize_band(
+        &self,
+        pixels: &[u8],
+        width: u32,
+        first: usize,
+        crop: (u32, u32, u32, u32),
+        rows: std::ops::Range<u32>,
+        out: &mut [u8],
+    ) -> Option<()> {
+        let (left, top, crop_w, crop_h) = crop;
+        let available = pixels.len() / (width as usize * 3).max(1);
+        let src = ImageRef::new(width, u32::try_from(available).ok()?, pixels, fr::PixelType::U8x3).ok()?;
+        let mut dst = Image::from_slice_u8(self.size.1, rows.len() as u32, out, fr::PixelType::U8x3).ok()?;
+        let scale = f64::from(crop_h) / f64::from(self.size.0);
+        let band_top = f64::from(top) + f64::from(rows.start) * scale - first as f64;
+        let band_height = (f64::from(rows.len() as u32) * scale).min(available as f64 - band_top);
+        let options = fr::ResizeOptions::new().resize_alg(self.resize_alg()).crop(
+            f64::from(left),
+            band_top,
+            f64::from(crop_w),
+            band_height,
+        );
+        fr::Resizer::new().resize(&src, &mut dst, &options).ok()
+    }
+
+    fn resize_alg(&self) -> fr::ResizeAlg {
+        match self.spec.filter {
+            ResizeFilter::Nearest => fr::ResizeAlg::Nearest,
+            ResizeFilter::Bilinear | ResizeFilter::TfLegacyBilinear => {
+                fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)
+            }
+            ResizeFilter::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+            ResizeFilter::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
+        }
+    }
+
     /// Crop, resize, normalise and lay out a decoded image.
     pub fn tensor_from_image(&self, image: &RgbImage) -> Result<Tensor, ImageError> {
         Ok(if self.spec.filter == ResizeFilter::TfLegacyBilinear {
@@ -315,15 +440,7 @@ impl Preprocessor {
             .map_err(|e| ImageError::Internal(e.to_string()))?;
         let mut dst = Image::new(width, height, fr::PixelType::U8x3);
         let (left, top, crop_w, crop_h) = crop_box(self.spec.resize, image.width, image.height);
-        let alg = match self.spec.filter {
-            ResizeFilter::Nearest => fr::ResizeAlg::Nearest,
-            ResizeFilter::Bilinear | ResizeFilter::TfLegacyBilinear => {
-                fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)
-            }
-            ResizeFilter::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
-            ResizeFilter::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
-        };
-        let options = fr::ResizeOptions::new().resize_alg(alg).crop(
+        let options = fr::ResizeOptions::new().resize_alg(self.resize_alg()).crop(
             f64::from(left),
             f64::from(top),
             f64::from(crop_w),
@@ -655,6 +772,59 @@ mod tests {
         let one = pre.clone().with_split_decode(false).decode(&jpeg).unwrap();
         assert_eq!((two.width, two.height), (960, 540));
         assert!(two.pixels == one.pixels);
+    }
+
+    #[test]
+    fn a_tensor_resized_in_two_bands_is_the_tensor_of_one() {
+        let noisy = |width: u32, height: u32| {
+            image::RgbImage::from_fn(width, height, |x, y| {
+                let n = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 97;
+                image::Rgb([
+                    (x % 256) as u8 ^ n as u8,
+                    (y * 3 % 256) as u8,
+                    (n * 2) as u8 ^ (x / 7) as u8,
+                ])
+            })
+        };
+        let presets = [
+            Preprocessing::inception(),
+            Preprocessing::imagenet(),
+            Preprocessing::efficientnet_lite(),
+            Preprocessing {
+                filter: ResizeFilter::Lanczos3,
+                ..Preprocessing::inception()
+            },
+        ];
+        // A frame (half size by DCT scaling), an odd size decoded at full size.
+        for (width, height) in [(1920, 1080), (1001, 1377)] {
+            let jpeg = encode_jpeg(&noisy(width, height));
+            for spec in &presets {
+                for side in [299usize, 224] {
+                    let input = InputSpec {
+                        name: "input".into(),
+                        shape: vec![1, side, side, 3],
+                        layout: Layout::Nhwc,
+                        dtype: "f32".into(),
+                    };
+                    let pre = Preprocessor::new(spec.clone(), input, ImageLimits::default()).unwrap();
+                    // The runtime's helper thread may be lent to another test for a while.
+                    let two = (0..500)
+                        .find_map(|_| {
+                            pre.tensor_on_two_cores(&jpeg, width, height).or_else(|| {
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                                None
+                            })
+                        })
+                        .expect("resized on two cores");
+                    let one = pre
+                        .clone()
+                        .with_split_decode(false)
+                        .tensor_from_bytes(&jpeg)
+                        .unwrap();
+                    assert!(two == one, "{width}x{height} to {side}, {:?}", spec.filter);
+                }
+            }
+        }
     }
 
     #[test]

@@ -40,9 +40,9 @@ const MIN_SCAN_BYTES: usize = 64 * 1024;
 
 /// Decodes `bytes` to RGB at 1/`denom` scale (1, 2, 4 or 8) on this thread and a helper:
 /// (pixels, width, height), or `None` when the JPEG does not qualify, an inference is running
-/// in the process (it needs the other cores), no helper is free or a part fails.
+/// in the process, no helper is free or a part fails.
 pub(super) fn decode(bytes: &[u8], denom: usize) -> Option<(Vec<u8>, usize, usize)> {
-    if kernels::inferences_running() > 0 {
+    if !helper_idle() {
         return None;
     }
     decode_on(bytes, denom, spin::run_pair)
@@ -55,46 +55,123 @@ fn decode_on(
     denom: usize,
     run_pair: impl FnOnce(&(dyn Fn(usize) + Sync)) -> bool,
 ) -> Option<(Vec<u8>, usize, usize)> {
-    let layout = Layout::parse(bytes)?;
-    let (_, rows) = layout.mcus();
-    if rows < MIN_ROWS || bytes.len() - layout.scan_start < MIN_SCAN_BYTES {
-        return None;
-    }
-    let row = ((rows as f64 * FIRST_SHARE).round() as usize).clamp(2, rows - 2);
-    let (_, mcu_height) = layout.mcu_size();
-    let per_row = mcu_height / denom;
-    let margin = if layout.subsampled_vertically() {
-        per_row.div_ceil(2)
-    } else {
-        0
-    };
-    let (width, height) = (layout.width.div_ceil(denom), layout.height.div_ceil(denom));
-    let cut = row * per_row + margin;
-    if cut >= height {
-        return None;
-    }
-    let mut pixels = vec![0u8; width.checked_mul(height)?.checked_mul(3)?];
-    let (top, bottom) = pixels.split_at_mut(cut.checked_mul(width * 3)?);
-    let (top, bottom) = (Mutex::new(top), Mutex::new(bottom));
-    let (first, second) = (Mutex::new(None), Mutex::new(None));
-    let part = |part: usize| {
-        if part == 0 {
-            let mut top = top.lock().unwrap_or_else(PoisonError::into_inner);
-            *first.lock().unwrap_or_else(PoisonError::into_inner) = decode_rows(bytes, denom, 0, &mut top);
-        } else {
-            let mut bottom = bottom.lock().unwrap_or_else(PoisonError::into_inner);
-            let decoded = resume::walk(&layout, bytes, row)
-                .and_then(|resume| resume::resumed_jpeg(&layout, bytes, row, &resume))
-                // The made-up row and the margin are cropped away.
-                .and_then(|jpeg| decode_rows(&jpeg, denom, per_row + margin, &mut bottom));
-            *second.lock().unwrap_or_else(PoisonError::into_inner) = decoded;
+    let plan = Plan::new(bytes, denom, 0)?;
+    let mut pixels = vec![0u8; plan.width.checked_mul(plan.height)?.checked_mul(3)?];
+    let (top, bottom) = pixels.split_at_mut(plan.top_rows().end.checked_mul(plan.width * 3)?);
+    plan.run(bytes, top, bottom, &|_, _| Some(()), run_pair)
+        .then_some((pixels, plan.width, plan.height))
+}
+
+/// Whether a split decode may take the runtime kernels' helper: not while an inference runs
+/// in the process (it needs the other cores).
+pub(super) fn helper_idle() -> bool {
+    kernels::inferences_running() == 0
+}
+
+/// The runtime kernels' `run_pair` while no inference runs.
+pub(super) fn run_pair(f: &(dyn Fn(usize) + Sync)) -> bool {
+    helper_idle() && spin::run_pair(f)
+}
+
+/// How a JPEG is cut in two: the rows of the image (at the decoded scale) each part decodes.
+pub(super) struct Plan {
+    layout: Layout,
+    denom: usize,
+    /// Row of MCUs the second part resumes the scan at.
+    resume: usize,
+    /// Rows of the decoded image (at the scale) the second part crops away: its made-up row
+    /// and the margin.
+    skip: usize,
+    top_end: usize,
+    bottom_start: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Plan {
+    /// The cut of `bytes` at 1/`denom` scale whose two parts share at least `overlap` rows,
+    /// or `None` when the JPEG does not qualify.
+    pub(super) fn new(bytes: &[u8], denom: usize, overlap: usize) -> Option<Plan> {
+        let layout = Layout::parse(bytes)?;
+        let (_, rows) = layout.mcus();
+        if rows < MIN_ROWS || bytes.len() - layout.scan_start < MIN_SCAN_BYTES {
+            return None;
         }
-    };
-    if !run_pair(&part) {
-        return None;
+        let row = ((rows as f64 * FIRST_SHARE).round() as usize).clamp(2, rows - 2);
+        let (_, mcu_height) = layout.mcu_size();
+        let per_row = (mcu_height / denom).max(1);
+        let margin = if layout.subsampled_vertically() {
+            per_row.div_ceil(2)
+        } else {
+            0
+        };
+        // The second part starts enough rows of MCUs earlier to share `overlap` rows.
+        let resume = row.checked_sub(overlap.div_ceil(per_row))?;
+        if resume < 1 {
+            return None;
+        }
+        let (width, height) = (layout.width.div_ceil(denom), layout.height.div_ceil(denom));
+        let (top_end, bottom_start) = (row * per_row + margin, resume * per_row + margin);
+        if top_end >= height {
+            return None;
+        }
+        Some(Plan {
+            layout,
+            denom,
+            resume,
+            skip: per_row + margin,
+            top_end,
+            bottom_start,
+            width,
+            height,
+        })
     }
-    let done = |m: Mutex<Option<()>>| m.into_inner().ok().flatten();
-    done(first).and(done(second)).map(|()| (pixels, width, height))
+
+    /// Rows the first part decodes (on the caller's thread).
+    pub(super) fn top_rows(&self) -> std::ops::Range<usize> {
+        0..self.top_end
+    }
+
+    /// Rows the second part decodes (on the helper).
+    pub(super) fn bottom_rows(&self) -> std::ops::Range<usize> {
+        self.bottom_start..self.height
+    }
+
+    /// Decodes the first part's rows into `top` on this thread and the second's into `bottom`
+    /// on a helper (RGB, rows packed), each thread then running `then(part, its pixels)`.
+    /// `false` when a part or `then` fails, or no helper is free (then nothing ran).
+    pub(super) fn run(
+        &self,
+        bytes: &[u8],
+        top: &mut [u8],
+        bottom: &mut [u8],
+        then: &(dyn Fn(usize, &[u8]) -> Option<()> + Sync),
+        run_pair: impl FnOnce(&(dyn Fn(usize) + Sync)) -> bool,
+    ) -> bool {
+        let (top, bottom) = (Mutex::new(top), Mutex::new(bottom));
+        let (first, second) = (Mutex::new(None), Mutex::new(None));
+        let part = |part: usize| {
+            if part == 0 {
+                let mut top = top.lock().unwrap_or_else(PoisonError::into_inner);
+                let done = decode_rows(bytes, self.denom, 0, &mut top).and_then(|()| then(0, &top));
+                *first.lock().unwrap_or_else(PoisonError::into_inner) = done;
+            } else {
+                let mut bottom = bottom.lock().unwrap_or_else(PoisonError::into_inner);
+                let done = resume::walk(&self.layout, bytes, self.resume)
+                    .and_then(|resume| resume::resumed_jpeg(&self.layout, bytes, self.resume, &resume))
+                    // The made-up row and the margin are cropped away.
+                    .and_then(|jpeg| decode_rows(&jpeg, self.denom, self.skip, &mut bottom))
+                    .and_then(|()| then(1, &bottom));
+                *second.lock().unwrap_or_else(PoisonError::into_inner) = done;
+            }
+        };
+        if !run_pair(&part) {
+            return false;
+        }
+
+        let done = |m: Mutex<Option<()>>| m.into_inner().ok().flatten();
+        done(first).and(done(second)).is_some()
+    }
 }
 
 /// Decodes rows `skip..` of `jpeg` at 1/`denom` scale into `out` (RGB, rows packed), as many
