@@ -333,8 +333,27 @@ impl Preprocessor {
         }
         let row_bytes = out_w as usize * 3;
         let mut resized = vec![0u8; out_h as usize * row_bytes];
+        // Where a band's values lie together in the tensor (NHWC), each part normalises its
+        // band too; NCHW's planes are normalised after.
+        let mut tensor = match self.input.layout {
+            Layout::Nhwc => Some(Tensor::zero::<f32>(&self.input.shape).ok()?),
+            Layout::Nchw => None,
+        };
+        let mut view = match tensor.as_mut() {
+            Some(t) => Some(t.to_plain_array_view_mut::<f32>().ok()?),
+            None => None,
+        };
+        let values: &mut [f32] = match view.as_mut() {
+            Some(v) => v.as_slice_mut().filter(|v| v.len() == resized.len())?,
+            None => &mut [],
+        };
+        let at = (split_at as usize * row_bytes).min(values.len());
         let (first, second) = resized.split_at_mut(split_at as usize * row_bytes);
-        let bands = [Mutex::new(first), Mutex::new(second)];
+        let (first_values, second_values) = values.split_at_mut(at);
+        let bands = [
+            Mutex::new((first, first_values)),
+            Mutex::new((second, second_values)),
+        ];
         let then = |part: usize, pixels: &[u8]| {
             let (rows, from) = if part == 0 {
                 (0..split_at, 0)
@@ -342,14 +361,20 @@ impl Preprocessor {
                 (split_at..out_h, bottom_rows.start)
             };
             let mut band = bands[part].lock().unwrap_or_else(PoisonError::into_inner);
-            self.resize_band(pixels, w, from, crop, rows, &mut band)
+            let (band, values) = &mut *band;
+            self.resize_band(pixels, w, from, crop, rows, band)?;
+            if !values.is_empty() {
+                self.normalise_into(band, values);
+            }
+            Some(())
         };
         let mut top = vec![0u8; top_rows.end * w as usize * 3];
         let mut bottom = vec![0u8; bottom_rows.len() * w as usize * 3];
         if !plan.run(bytes, &mut top, &mut bottom, &then, split::run_pair) {
             return None;
         }
-        Some(self.normalise(&resized))
+        drop(view);
+        Some(tensor.unwrap_or_else(|| self.normalise(&resized)))
     }
 
     /// Output rows `rows` of the resized `crop` (left, top, width, height of the decoded
@@ -799,11 +824,15 @@ mod tests {
         for (width, height) in [(1920, 1080), (1001, 1377)] {
             let jpeg = encode_jpeg(&noisy(width, height));
             for spec in &presets {
-                for side in [299usize, 224] {
+                for (side, layout) in [(299usize, Layout::Nhwc), (224, Layout::Nhwc), (224, Layout::Nchw)] {
+                    let shape = match layout {
+                        Layout::Nhwc => vec![1, side, side, 3],
+                        Layout::Nchw => vec![1, 3, side, side],
+                    };
                     let input = InputSpec {
                         name: "input".into(),
-                        shape: vec![1, side, side, 3],
-                        layout: Layout::Nhwc,
+                        shape,
+                        layout,
                         dtype: "f32".into(),
                     };
                     let pre = Preprocessor::new(spec.clone(), input, ImageLimits::default()).unwrap();
@@ -821,7 +850,11 @@ mod tests {
                         .with_split_decode(false)
                         .tensor_from_bytes(&jpeg)
                         .unwrap();
-                    assert!(two == one, "{width}x{height} to {side}, {:?}", spec.filter);
+                    assert!(
+                        two == one,
+                        "{width}x{height} to {side} {layout:?}, {:?}",
+                        spec.filter
+                    );
                 }
             }
         }
