@@ -71,6 +71,12 @@ impl Huffman {
         (len > 0).then_some((code, len))
     }
 
+    /// The table as bytes (each symbol and its code length, in order): equal keys, equal
+    /// tables.
+    pub(super) fn key(&self) -> impl Iterator<Item = u8> + '_ {
+        self.symbols().flat_map(|(s, len)| [s, len])
+    }
+
     /// Symbols the table can write, with their code lengths.
     pub(super) fn symbols(&self) -> impl Iterator<Item = (u8, u8)> + '_ {
         self.symbols.iter().map(|&s| (s, self.codes[usize::from(s)].1))

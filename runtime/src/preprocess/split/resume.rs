@@ -10,6 +10,7 @@
 //! the previous MCU. The scan's bytes then follow unchanged; the made-up row is decoded and
 //! cropped away.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use super::huffman::{BitReader, BitWriter, Huffman, category, extra_bits};
@@ -104,11 +105,53 @@ fn put_symbol(table: &Huffman, symbol: u8, writer: &mut BitWriter) -> Option<()>
 /// The AC coefficients of the made-up row's last block: they end on a byte boundary once the
 /// decoder has read `leftover` more bits, which must be the last magnitude bits of the
 /// coefficient at zig-zag position 63 (or, when `leftover` is 0, may be an end of block).
-/// Found by a search over (position in the block, bits written mod 8).
 fn put_last_coefficients(ac: &Huffman, leftover: u32, writer: &mut BitWriter) -> Option<()> {
+    let path = last_coefficients(ac, (writer.bits() % 8) as u32, leftover)?;
+    let count = path.len();
+    for (i, &symbol) in path.iter().enumerate() {
+        put_symbol(ac, symbol, writer)?;
+        let size = u32::from(symbol & 15);
+        let size = if i + 1 == count { size - leftover } else { size };
+        // Any magnitude will do: the row is cropped away.
+        writer.put((1 << size) - 1, size);
+    }
+    Some(())
+}
+
+thread_local! {
+    /// Symbols of the last blocks found on this thread, by (AC table, bits written mod 8,
+    /// leftover): a camera's frames all have the same tables, and the search takes ~0.07 ms.
+    static LAST_BLOCKS: RefCell<Vec<(Vec<u8>, u32, u32, Vec<u8>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`search_last_coefficients`], remembered.
+fn last_coefficients(ac: &Huffman, start: u32, leftover: u32) -> Option<Vec<u8>> {
+    let key: Vec<u8> = ac.key().collect();
+    LAST_BLOCKS.with(|cell| {
+        let mut known = cell.borrow_mut();
+        if let Some((.., path)) = known
+            .iter()
+            .find(|(k, s, l, _)| *k == key && *s == start && *l == leftover)
+        {
+            return Some(path.clone());
+        }
+        let path = search_last_coefficients(ac, start, leftover)?;
+        // (bits mod 8, leftover) of one table: 64 at most.
+        if known.len() >= 64 {
+            known.clear();
+        }
+        known.push((key, start, leftover, path.clone()));
+        Some(path)
+    })
+}
+
+/// The symbols of a last block written from a bit `start` (mod 8) into a byte, found by a
+/// search over (position in the block, bits written mod 8); the last symbol's magnitude
+/// loses its last `leftover` bits to the scan.
+fn search_last_coefficients(ac: &Huffman, start: u32, leftover: u32) -> Option<Vec<u8>> {
     const STATES: usize = 64 * 8;
-    let state = |k: u32, bits: u64| (k as usize) * 8 + (bits % 8) as usize;
-    let start = state(1, writer.bits());
+    let state = |k: u32, bits: u32| (k as usize) * 8 + (bits % 8) as usize;
+    let start = state(1, start);
     // For each state reached: the state and symbol it was reached from.
     let mut from: Vec<Option<(usize, u8)>> = vec![None; STATES];
     let mut queue = VecDeque::from([start]);
@@ -124,7 +167,7 @@ fn put_last_coefficients(ac: &Huffman, leftover: u32, writer: &mut BitWriter) ->
                 (_, 0) => {
                     // An end of block.
                     if leftover == 0 && (written + len).is_multiple_of(8) {
-                        return put_path(ac, &from, at, symbol, 0, writer);
+                        return Some(path_to(&from, at, symbol));
                     }
                     continue;
                 }
@@ -140,10 +183,10 @@ fn put_last_coefficients(ac: &Huffman, leftover: u32, writer: &mut BitWriter) ->
                     size >= leftover && (written + bits - leftover).is_multiple_of(8)
                 };
                 if ends {
-                    return put_path(ac, &from, at, symbol, leftover, writer);
+                    return Some(path_to(&from, at, symbol));
                 }
             } else if next_k < 64 {
-                let next = state(next_k, u64::from(written + bits));
+                let next = state(next_k, written + bits);
                 if !seen[next] {
                     seen[next] = true;
                     from[next] = Some((at, symbol));
@@ -155,28 +198,13 @@ fn put_last_coefficients(ac: &Huffman, leftover: u32, writer: &mut BitWriter) ->
     None
 }
 
-/// Writes the symbols that lead to state `at`, then `last`, whose magnitude bits are written
-/// but for the last `leftover`.
-fn put_path(
-    ac: &Huffman,
-    from: &[Option<(usize, u8)>],
-    mut at: usize,
-    last: u8,
-    leftover: u32,
-    writer: &mut BitWriter,
-) -> Option<()> {
+/// The symbols that lead to state `at`, then `last`, in order.
+fn path_to(from: &[Option<(usize, u8)>], mut at: usize, last: u8) -> Vec<u8> {
     let mut path = vec![last];
     while let Some((previous, symbol)) = from[at] {
         path.push(symbol);
         at = previous;
     }
-    let count = path.len();
-    for (i, &symbol) in path.iter().rev().enumerate() {
-        put_symbol(ac, symbol, writer)?;
-        let size = u32::from(symbol & 15);
-        let size = if i + 1 == count { size - leftover } else { size };
-        // Any magnitude will do: the row is cropped away.
-        writer.put((1 << size) - 1, size);
-    }
-    Some(())
+    path.reverse();
+    path
 }
