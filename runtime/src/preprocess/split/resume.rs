@@ -118,10 +118,13 @@ fn put_last_coefficients(ac: &Huffman, leftover: u32, writer: &mut BitWriter) ->
     Some(())
 }
 
+/// A last block found: (AC table's key, bits written mod 8, leftover, its symbols).
+type LastBlock = (Vec<u8>, u32, u32, Vec<u8>);
+
 thread_local! {
-    /// Symbols of the last blocks found on this thread, by (AC table, bits written mod 8,
-    /// leftover): a camera's frames all have the same tables, and the search takes ~0.07 ms.
-    static LAST_BLOCKS: RefCell<Vec<(Vec<u8>, u32, u32, Vec<u8>)>> = const { RefCell::new(Vec::new()) };
+    /// The last blocks found on this thread: a camera's frames all have the same tables, and
+    /// the search takes ~0.07 ms.
+    static LAST_BLOCKS: RefCell<Vec<LastBlock>> = const { RefCell::new(Vec::new()) };
 }
 
 /// [`search_last_coefficients`], remembered.
