@@ -189,8 +189,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
              encoder) or, on the camera row, 4:2:0 (jpeg-encoder). Ours: edge-runtime's \
              Preprocessor with the bundle's manifest (Inception preset: full-image bilinear resize, \
              x/127.5-1), DCT-scaled JPEG decoding (large baseline JPEGs split across two threads: \
-             the second walks the Huffman codes to the cut and decodes the rest), \
-             fast_image_resize. Naive: image::load_from_memory, resize_exact (Triangle), normalise. \
+             the second walks the Huffman codes to the cut and decodes the rest; each then \
+             resizes and normalises its band of the input), fast_image_resize. Naive: image::load_from_memory, resize_exact (Triangle), normalise. \
              {} rounds of 2 each side, interleaved. Peak heap: the bench's counting global \
              allocator, bytes allocated above the start (the input file is already in memory and \
              not counted in it).",

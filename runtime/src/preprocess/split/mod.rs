@@ -4,10 +4,13 @@
 //! straight from the JPEG (libjpeg-turbo's cropped decode stops there) while a helper thread
 //! (the runtime kernels', idle while no inference runs) finds where the rest of the scan
 //! starts ([`resume::walk`], which only reads code lengths) and decodes it as a JPEG of its
-//! own ([`resume::resumed_jpeg`]). Both write their rows of one pixel buffer. The pixels are
-//! libjpeg-turbo's own for the whole image: each part is decoded by it, and where chroma is
-//! smoothed across rows the cut leaves each part half a row of MCUs of real context (the unit
-//! tests compare with the one-thread decode, byte for byte).
+//! own ([`resume::resumed_jpeg`]). [`Plan`] says which rows each part decodes: for a whole
+//! image the parts write their rows of one pixel buffer; for an input tensor the helper's
+//! part starts a few rows higher and each thread goes on to resize its band of the input from
+//! its own rows (`Preprocessor::tensor_on_two_cores`). The pixels are libjpeg-turbo's own for
+//! the whole image: each part is decoded by it, and where chroma is smoothed across rows the
+//! cut leaves each part half a row of MCUs of real context (the unit tests compare with the
+//! one-thread decode, byte for byte).
 //!
 //! Only baseline JPEGs with one scan and no restart markers are split (what libjpeg, the
 //! `image` crate and most software write by default); anything else, or any failure, returns
