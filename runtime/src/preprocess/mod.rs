@@ -121,6 +121,10 @@ impl Preprocessor {
 
     /// Encoded bytes to the input tensor (batch 1).
     pub fn tensor_from_bytes(&self, bytes: &[u8]) -> Result<Tensor, ImageError> {
+        if self.split_decode {
+            // The helper wakes while the headers are read.
+            split::prewake(bytes);
+        }
         let (format, width, height) = self.check(bytes)?;
         if format == image::ImageFormat::Jpeg
             && let Some(tensor) = self.tensor_on_two_cores(bytes, width, height)
@@ -136,6 +140,9 @@ impl Preprocessor {
     /// to libjpeg-turbo (SIMD, DCT scaling); what it does not take, and PNGs, to the `image`
     /// crate (zune-jpeg, png).
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        if self.split_decode {
+            split::prewake(bytes);
+        }
         let (format, width, height) = self.check(bytes)?;
         self.decode_checked(bytes, format, width, height)
     }
