@@ -661,13 +661,22 @@ mod tests {
         assert_eq!(crop_box(policy, 640, 480), (40, 30, 560, 420));
     }
 
-    fn inception_299() -> Preprocessor {
-        let input = InputSpec {
-            name: "input".into(),
-            shape: vec![1, 299, 299, 3],
-            layout: Layout::Nhwc,
-            dtype: "f32".into(),
+    /// A batch-1 f32 image input of `height` x `width` in `layout`.
+    fn input_spec(layout: Layout, height: usize, width: usize) -> InputSpec {
+        let shape = match layout {
+            Layout::Nhwc => vec![1, height, width, 3],
+            Layout::Nchw => vec![1, 3, height, width],
         };
+        InputSpec {
+            name: "input".into(),
+            shape,
+            layout,
+            dtype: "f32".into(),
+        }
+    }
+
+    fn inception_299() -> Preprocessor {
+        let input = input_spec(Layout::Nhwc, 299, 299);
         Preprocessor::new(Preprocessing::inception(), input, ImageLimits::default()).unwrap()
     }
 
@@ -678,16 +687,7 @@ mod tests {
         let hwc: Vec<u8> = (0..h * w * 3).map(|i| (i * 37 % 256) as u8).collect();
         for layout in [Layout::Nhwc, Layout::Nchw] {
             for order in [ChannelOrder::Rgb, ChannelOrder::Bgr] {
-                let shape = match layout {
-                    Layout::Nhwc => vec![1, h, w, 3],
-                    Layout::Nchw => vec![1, 3, h, w],
-                };
-                let input = InputSpec {
-                    name: "input".into(),
-                    shape,
-                    layout,
-                    dtype: "f32".into(),
-                };
+                let input = input_spec(layout, h, w);
                 let spec = Preprocessing {
                     channel_order: order,
                     ..Preprocessing::imagenet()
@@ -832,16 +832,7 @@ mod tests {
             let jpeg = encode_jpeg(&noisy(width, height));
             for spec in &presets {
                 for (side, layout) in [(299usize, Layout::Nhwc), (224, Layout::Nhwc), (224, Layout::Nchw)] {
-                    let shape = match layout {
-                        Layout::Nhwc => vec![1, side, side, 3],
-                        Layout::Nchw => vec![1, 3, side, side],
-                    };
-                    let input = InputSpec {
-                        name: "input".into(),
-                        shape,
-                        layout,
-                        dtype: "f32".into(),
-                    };
+                    let input = input_spec(layout, side, side);
                     let pre = Preprocessor::new(spec.clone(), input, ImageLimits::default()).unwrap();
                     // The runtime's helper thread may be lent to another test for a while.
                     let two = (0..500)
