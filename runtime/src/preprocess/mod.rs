@@ -126,12 +126,16 @@ impl Preprocessor {
             split::prewake(bytes);
         }
         let (format, width, height) = self.check(bytes)?;
-        if format == image::ImageFormat::Jpeg
-            && let Some(tensor) = self.tensor_on_two_cores(bytes, width, height)
-        {
-            return Ok(tensor);
+        let mut split = self.split_decode;
+        if format == image::ImageFormat::Jpeg {
+            match self.tensor_on_two_cores(bytes, width, height) {
+                Some(Ok(tensor)) => return Ok(tensor),
+                // Offered and refused or failed: not tried again for the whole image.
+                Some(Err(())) => split = false,
+                None => {}
+            }
         }
-        let image = self.decode_checked(bytes, format, width, height)?;
+        let image = self.decode_checked(bytes, format, width, height, split)?;
         self.tensor_from_image(&image)
     }
 
@@ -144,7 +148,7 @@ impl Preprocessor {
             split::prewake(bytes);
         }
         let (format, width, height) = self.check(bytes)?;
-        self.decode_checked(bytes, format, width, height)
+        self.decode_checked(bytes, format, width, height, self.split_decode)
     }
 
     /// The format and size of an image whose size, format, completeness and dimensions are
@@ -177,16 +181,18 @@ impl Preprocessor {
         Ok((format, width, height))
     }
 
-    /// [`decode`](Self::decode) after [`check`](Self::check).
+    /// [`decode`](Self::decode) after [`check`](Self::check), a large JPEG on two cores if
+    /// `split`.
     fn decode_checked(
         &self,
         bytes: &[u8],
         format: image::ImageFormat,
         width: u32,
         height: u32,
+        split: bool,
     ) -> Result<RgbImage, ImageError> {
         if format == image::ImageFormat::Jpeg
-            && let Some(image) = self.decode_jpeg_turbo(bytes, width, height)
+            && let Some(image) = self.decode_jpeg_turbo(bytes, width, height, split)
         {
             return Ok(image);
         }
@@ -232,7 +238,7 @@ impl Preprocessor {
     /// scaling is on).
     /// `None` when libjpeg-turbo cannot or would not decode it to RGB exactly (CMYK, 12-bit,
     /// a corrupt stream it only warns about): the general decoder then decides.
-    fn decode_jpeg_turbo(&self, bytes: &[u8], width: u32, height: u32) -> Option<RgbImage> {
+    fn decode_jpeg_turbo(&self, bytes: &[u8], width: u32, height: u32, split: bool) -> Option<RgbImage> {
         let factor = self.dct_factor(width, height);
         let result = TURBO.with(|cell| {
             let mut slot = cell.borrow_mut();
@@ -255,9 +261,7 @@ impl Preprocessor {
             {
                 return Ok(None);
             }
-            if self.split_decode
-                && let Some(decoded) = split::decode(bytes, factor as usize)
-            {
+            if split && let Some(decoded) = split::decode(bytes, factor as usize) {
                 return Ok(Some(decoded));
             }
             let scaling = turbojpeg::ScalingFactor::new(1, factor as usize);
@@ -306,8 +310,9 @@ impl Preprocessor {
     /// resizing the band of the input whose filter windows fall in the rows it decoded: the
     /// values [`decode`](Self::decode) and [`tensor_from_image`](Self::tensor_from_image)
     /// give, with the resize on two cores too. `None` where that does not apply (the JPEG,
-    /// the filter, no helper free).
-    fn tensor_on_two_cores(&self, bytes: &[u8], width: u32, height: u32) -> Option<Tensor> {
+    /// the filter, an inference running), `Some(Err)` when the split was offered and no
+    /// helper took it or a part failed.
+    fn tensor_on_two_cores(&self, bytes: &[u8], width: u32, height: u32) -> Option<Result<Tensor, ()>> {
         // Nearest picks rows by rounding a position, and TensorFlow's legacy bilinear resize
         // is not fast_image_resize's: those take one band.
         let support = match self.spec.filter {
@@ -369,7 +374,7 @@ impl Preprocessor {
             };
             let mut band = bands[part].lock().unwrap_or_else(PoisonError::into_inner);
             let (band, values) = &mut *band;
-            self.resize_band(pixels, w, from, crop, rows, band)?;
+            self.resize_band(pixels, w, from, crop, rows, band).ok()?;
             if !values.is_empty() {
                 self.normalise_into(band, values);
             }
@@ -378,10 +383,10 @@ impl Preprocessor {
         let mut top = vec![0u8; top_rows.end * w as usize * 3];
         let mut bottom = vec![0u8; bottom_rows.len() * w as usize * 3];
         if !plan.run(bytes, &mut top, &mut bottom, &then, split::run_pair) {
-            return None;
+            return Some(Err(()));
         }
         drop(view);
-        Some(tensor.unwrap_or_else(|| self.normalise(&resized)))
+        Some(Ok(tensor.unwrap_or_else(|| self.normalise(&resized))))
     }
 
     /// Output rows `rows` of the resized `crop` (left, top, width, height of the decoded
@@ -394,21 +399,35 @@ impl Preprocessor {
         crop: (u32, u32, u32, u32),
         rows: std::ops::Range<u32>,
         out: &mut [u8],
-    ) -> Option<()> {
+    ) -> Result<(), ImageError> {
+        let internal = |e: &dyn std::fmt::Display| ImageError::Internal(e.to_string());
         let (left, top, crop_w, crop_h) = crop;
         let available = pixels.len() / (width as usize * 3).max(1);
-        let src = ImageRef::new(width, u32::try_from(available).ok()?, pixels, fr::PixelType::U8x3).ok()?;
-        let mut dst = Image::from_slice_u8(self.size.1, rows.len() as u32, out, fr::PixelType::U8x3).ok()?;
-        let scale = f64::from(crop_h) / f64::from(self.size.0);
-        let band_top = f64::from(top) + f64::from(rows.start) * scale - first as f64;
-        let band_height = (f64::from(rows.len() as u32) * scale).min(available as f64 - band_top);
+        let available_rows = u32::try_from(available).map_err(|e| internal(&e))?;
+        let src =
+            ImageRef::new(width, available_rows, pixels, fr::PixelType::U8x3).map_err(|e| internal(&e))?;
+        let mut dst = Image::from_slice_u8(self.size.1, rows.len() as u32, out, fr::PixelType::U8x3)
+            .map_err(|e| internal(&e))?;
+        let (band_top, band_height) = if rows == (0..self.size.0) {
+            // The whole crop: its own bounds, so the filter's scale is exactly the crop's.
+            (f64::from(top) - first as f64, f64::from(crop_h))
+        } else {
+            let scale = f64::from(crop_h) / f64::from(self.size.0);
+            let band_top = f64::from(top) + f64::from(rows.start) * scale - first as f64;
+            (
+                band_top,
+                (f64::from(rows.len() as u32) * scale).min(available as f64 - band_top),
+            )
+        };
         let options = fr::ResizeOptions::new().resize_alg(self.resize_alg()).crop(
             f64::from(left),
             band_top,
             f64::from(crop_w),
             band_height,
         );
-        fr::Resizer::new().resize(&src, &mut dst, &options).ok()
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| internal(&e))
     }
 
     fn resize_alg(&self) -> fr::ResizeAlg {
@@ -468,20 +487,10 @@ impl Preprocessor {
     /// Crop and resize to the input size, 8-bit RGB, row-major HWC.
     pub fn resize(&self, image: &RgbImage) -> Result<Vec<u8>, ImageError> {
         let (height, width) = self.size;
-        let src = ImageRef::new(image.width, image.height, &image.pixels, fr::PixelType::U8x3)
-            .map_err(|e| ImageError::Internal(e.to_string()))?;
-        let mut dst = Image::new(width, height, fr::PixelType::U8x3);
-        let (left, top, crop_w, crop_h) = crop_box(self.spec.resize, image.width, image.height);
-        let options = fr::ResizeOptions::new().resize_alg(self.resize_alg()).crop(
-            f64::from(left),
-            f64::from(top),
-            f64::from(crop_w),
-            f64::from(crop_h),
-        );
-        fr::Resizer::new()
-            .resize(&src, &mut dst, &options)
-            .map_err(|e| ImageError::Internal(e.to_string()))?;
-        Ok(dst.into_vec())
+        let mut out = vec![0u8; width as usize * height as usize * 3];
+        let crop = crop_box(self.spec.resize, image.width, image.height);
+        self.resize_band(&image.pixels, image.width, 0, crop, 0..height, &mut out)?;
+        Ok(out)
     }
 
     /// HWC RGB values (0..=255) at the input size to the normalised input tensor.
@@ -754,7 +763,7 @@ mod tests {
         let jpeg = encode_jpeg(&picture(320, 240));
         // 320x240 is too small to scale for a 299x299 input: a full-size decode.
         let ours = inception_299()
-            .decode_jpeg_turbo(&jpeg, 320, 240)
+            .decode_jpeg_turbo(&jpeg, 320, 240, true)
             .expect("libjpeg-turbo decodes it");
         let reference = image::load_from_memory(&jpeg).unwrap().into_rgb8();
         assert_eq!((ours.width, ours.height), (320, 240));
@@ -837,10 +846,12 @@ mod tests {
                     // The runtime's helper thread may be lent to another test for a while.
                     let two = (0..500)
                         .find_map(|_| {
-                            pre.tensor_on_two_cores(&jpeg, width, height).or_else(|| {
-                                std::thread::sleep(std::time::Duration::from_millis(10));
-                                None
-                            })
+                            pre.tensor_on_two_cores(&jpeg, width, height)
+                                .and_then(Result::ok)
+                                .or_else(|| {
+                                    std::thread::sleep(std::time::Duration::from_millis(10));
+                                    None
+                                })
                         })
                         .expect("resized on two cores");
                     let one = pre
@@ -869,7 +880,7 @@ mod tests {
     fn grey_jpeg_becomes_rgb_with_equal_channels() {
         let grey = image::GrayImage::from_fn(64, 48, |x, y| image::Luma([(x * 3 + y) as u8]));
         let decoded = inception_299()
-            .decode_jpeg_turbo(&encode_jpeg(&grey), 64, 48)
+            .decode_jpeg_turbo(&encode_jpeg(&grey), 64, 48, true)
             .expect("libjpeg-turbo decodes it");
         assert_eq!((decoded.width, decoded.height), (64, 48));
         assert!(
