@@ -120,6 +120,7 @@ impl Huffman {
 /// Reads entropy-coded bits, most significant first, dropping the 0x00 stuffed after every
 /// 0xFF. At a marker (or the end of the data) it reads zeros and says so: a decoder that
 /// needed those bits read past the scan.
+#[derive(Clone)]
 pub(super) struct BitReader<'a> {
     data: &'a [u8],
     /// Offset in `data` of the next byte to load.
@@ -127,8 +128,8 @@ pub(super) struct BitReader<'a> {
     /// Bits not yet consumed, left-aligned.
     buffer: u64,
     count: u32,
-    /// Data bytes loaded (stuffing not counted).
-    loaded: u64,
+    /// Stuffed 0x00 bytes passed (data bytes loaded: `pos - stuffed`).
+    stuffed: u64,
     /// Zero bits loaded after the last data byte.
     padding: u64,
 }
@@ -140,7 +141,7 @@ impl<'a> BitReader<'a> {
             pos: 0,
             buffer: 0,
             count: 0,
-            loaded: 0,
+            stuffed: 0,
             padding: 0,
         }
     }
@@ -161,29 +162,39 @@ impl<'a> BitReader<'a> {
                 self.buffer |= (word >> self.count) & mask;
                 self.count = keep;
                 self.pos += take as usize;
-                self.loaded += u64::from(take);
                 return;
             }
         }
         let state = refill_slow(
             self.data,
-            (self.pos, self.buffer, self.count, self.loaded, self.padding),
+            (self.pos, self.buffer, self.count, self.stuffed, self.padding),
         );
-        (self.pos, self.buffer, self.count, self.loaded, self.padding) = state;
+        (self.pos, self.buffer, self.count, self.stuffed, self.padding) = state;
     }
 
-    /// Makes at least `n` (up to 57) bits available.
+    /// Makes at least 56 bits available without asking how many are: eight bytes are laid over
+    /// the buffer at once, those past the ones counted being the data's next bits (read again
+    /// by the next refill). `false` when it had to go byte by byte (stuffing, a marker, the end).
     #[inline(always)]
-    pub(super) fn refill_to(&mut self, n: u32) {
-        if self.count < n {
-            self.refill();
+    pub(super) fn refill_unasked(&mut self) -> bool {
+        debug_assert!(self.count < 64);
+        if let Some(chunk) = self.data.get(self.pos..self.pos + 8) {
+            let word = u64::from_be_bytes(chunk.try_into().unwrap_or_default());
+            if !has_ff_byte(word) {
+                // With fewer than 64 bits held (what reading leaves), no shift is out of range.
+                let take = 63u32.wrapping_sub(self.count) >> 3;
+                self.buffer |= word.wrapping_shr(self.count);
+                self.count += take * 8;
+                self.pos += take as usize;
+                return true;
+            }
         }
-    }
-
-    /// The `n` bits (0..=16) after the next `skip`, not consumed, as an unsigned value.
-    #[inline(always)]
-    pub(super) fn bits_after(&self, skip: u32, n: u32) -> u32 {
-        ((self.buffer << skip).rotate_left(n) & ((1u64 << n) - 1)) as u32
+        let state = refill_slow(
+            self.data,
+            (self.pos, self.buffer, self.count, self.stuffed, self.padding),
+        );
+        (self.pos, self.buffer, self.count, self.stuffed, self.padding) = state;
+        false
     }
 
     /// The next `n` bits (1..=32), not consumed. Needs a [`refill`](Self::refill) since.
@@ -196,6 +207,26 @@ impl<'a> BitReader<'a> {
     pub(super) fn consume(&mut self, n: u32) {
         self.buffer <<= n;
         self.count = self.count.saturating_sub(n);
+    }
+
+    /// Consumes `n` bits of the (at least `n`) held.
+    #[inline(always)]
+    pub(super) fn consume_held(&mut self, n: u32) {
+        debug_assert!(n <= self.count);
+        self.buffer <<= n;
+        self.count -= n;
+    }
+
+    /// The signed value (F.2.2.1 EXTEND) of the `n` bits (0..=16) after the next `skip`, not
+    /// consumed, without a branch.
+    #[inline(always)]
+    pub(super) fn extended_after(&self, skip: u32, n: u32) -> i32 {
+        let bits = self.buffer << skip;
+        // The first bit is 1 for a positive value; a negative one is written as its one's
+        // complement.
+        let negative = ((bits as i64) >> 63) as u64 ^ u64::MAX;
+        let magnitude = ((bits ^ negative) >> 1) >> (63 - n);
+        ((magnitude ^ negative).wrapping_sub(negative)) as i32
     }
 
     /// Reads `n` bits (0..=16) as an unsigned value.
@@ -211,17 +242,22 @@ impl<'a> BitReader<'a> {
 
     /// Bits consumed from the start of the data (stuffing not counted).
     pub(super) fn position(&self) -> u64 {
-        (self.loaded * 8 + self.padding).saturating_sub(u64::from(self.count))
+        (self.loaded() * 8 + self.padding).saturating_sub(u64::from(self.count))
     }
 
     /// Whether the bits consumed go past the last data byte (into a marker or the end).
     pub(super) fn past_end(&self) -> bool {
-        self.position() > self.loaded * 8
+        self.position() > self.loaded() * 8
+    }
+
+    /// Data bytes loaded (stuffing not counted).
+    fn loaded(&self) -> u64 {
+        self.pos as u64 - self.stuffed
     }
 
     /// Offset in the stuffed data of data byte `index`, which must be one of the last loaded.
     pub(super) fn offset_of(&self, index: u64) -> Option<usize> {
-        let mut back = self.loaded.checked_sub(index)?;
+        let mut back = self.loaded().checked_sub(index)?;
         let mut pos = self.pos;
         while back > 0 {
             pos = pos.checked_sub(1)?;
@@ -235,18 +271,18 @@ impl<'a> BitReader<'a> {
     }
 }
 
-/// The reader's state (position, buffer, count, data bytes, padding bits) after loading byte
+/// The reader's state (position, buffer, count, stuffed bytes, padding bits) after loading byte
 /// by byte until 57 bits are available. A function of values, not of the reader, so that the
 /// reader's hot state stays in registers.
 #[cold]
 #[inline(never)]
 fn refill_slow(data: &[u8], state: (usize, u64, u32, u64, u64)) -> (usize, u64, u32, u64, u64) {
-    let (mut pos, mut buffer, mut count, mut loaded, mut padding) = state;
+    let (mut pos, mut buffer, mut count, mut stuffed, mut padding) = state;
     while count <= 56 {
         let byte = match data.get(pos) {
             Some(&0xFF) if data.get(pos + 1) == Some(&0x00) => {
                 pos += 2;
-                loaded += 1;
+                stuffed += 1;
                 0xFF
             }
             Some(&0xFF) | None => {
@@ -255,14 +291,13 @@ fn refill_slow(data: &[u8], state: (usize, u64, u32, u64, u64)) -> (usize, u64, 
             }
             Some(&b) => {
                 pos += 1;
-                loaded += 1;
                 b
             }
         };
         buffer |= u64::from(byte) << (56 - count);
         count += 8;
     }
-    (pos, buffer, count, loaded, padding)
+    (pos, buffer, count, stuffed, padding)
 }
 
 /// Whether any byte of `word` is 0xFF.
@@ -401,6 +436,25 @@ mod tests {
             .filter(|&(i, &b)| !(b == 0 && i > 0 && bytes[i - 1] == 0xFF))
             .count() as u64;
         assert_eq!(data_bytes_before, last);
+    }
+
+    #[test]
+    fn extend_without_a_branch_is_extend() {
+        for n in 0..=15u32 {
+            for value in 0..1u32 << n {
+                // `value`'s bits after 3 others, then ones (the next code's bits).
+                let word =
+                    (u64::from(0b101u32) << 61) | (u64::from(value) << (61 - n)) | ((1u64 << (61 - n)) - 1);
+                let mut reader = BitReader::new(&[]);
+                reader.buffer = word;
+                reader.count = 64;
+                assert_eq!(
+                    reader.extended_after(3, n),
+                    extend(value, n),
+                    "{n} bits {value:b}"
+                );
+            }
+        }
     }
 
     #[test]

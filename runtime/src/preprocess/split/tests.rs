@@ -203,3 +203,85 @@ fn corrupt_scans_fail_or_decode_never_panic() {
         let _ = decode(&bad[..cut], 2);
     }
 }
+
+/// Where each row of MCUs starts (bits into the scan) and its DC predictions: by the walk,
+/// or by reading one symbol at a time.
+fn row_starts(jpeg: &[u8], walk: bool) -> Vec<Option<(u64, Vec<i64>)>> {
+    // Optimised tables may be refused by the split (a table no conforming decoder takes).
+    let Some(layout) = Layout::parse(jpeg) else {
+        return Vec::new();
+    };
+    let (across, rows) = layout.mcus();
+    let skipper = skip::Skipper::new(&layout);
+    (0..rows)
+        .map(|row| {
+            let mut bits = huffman::BitReader::new(&jpeg[layout.scan_start..]);
+            let mut predictions = vec![0i64; layout.components.len()];
+            let blocks = (across * layout.blocks_in_mcu() * row) as u64;
+            if walk {
+                skipper.skip(&mut bits, blocks, &mut predictions)?;
+            } else {
+                symbol_by_symbol(&layout, &mut bits, across * row, &mut predictions)?;
+            }
+            Some((bits.position(), predictions))
+        })
+        .collect()
+}
+
+/// Reads `mcus` MCUs one symbol at a time (ITU T.81 F.2.2), summing DC differences.
+fn symbol_by_symbol(
+    layout: &Layout,
+    bits: &mut huffman::BitReader,
+    mcus: usize,
+    predictions: &mut [i64],
+) -> Option<()> {
+    for _ in 0..mcus {
+        for (c, component) in layout.components.iter().enumerate() {
+            for _ in 0..component.h * component.v {
+                bits.refill();
+                let size = u32::from(component.dc.decode(bits)?);
+                predictions[c] += i64::from(huffman::extend(bits.take(size), size));
+                let mut k = 1;
+                while k < 64 {
+                    bits.refill();
+                    let symbol = component.ac.decode(bits)?;
+                    let (run, size) = (u32::from(symbol >> 4), u32::from(symbol & 15));
+                    if size == 0 && run != 15 {
+                        break;
+                    }
+                    bits.take(size);
+                    k += run + 1;
+                }
+            }
+        }
+    }
+    Some(())
+}
+
+#[test]
+fn the_walk_reads_what_a_symbol_by_symbol_reading_reads() {
+    for sampling in [
+        SamplingFactor::R_4_4_4,
+        SamplingFactor::R_4_2_2,
+        SamplingFactor::R_4_2_0,
+    ] {
+        for optimised in [false, true] {
+            let jpeg = encode(
+                640,
+                480,
+                &Jpeg {
+                    sampling,
+                    optimised,
+                    ..PLAIN
+                },
+            );
+            assert_eq!(
+                row_starts(&jpeg, true),
+                row_starts(&jpeg, false),
+                "{sampling:?} {optimised}"
+            );
+        }
+    }
+    let grey = encode(640, 480, &Jpeg { grey: true, ..PLAIN });
+    assert_eq!(row_starts(&grey, true), row_starts(&grey, false));
+}
