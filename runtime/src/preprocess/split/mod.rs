@@ -24,7 +24,9 @@ mod skip;
 
 use std::cell::RefCell;
 use std::ffi::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use turbojpeg_sys as tj;
 
@@ -32,10 +34,34 @@ use layout::Layout;
 
 use crate::runtime::kernels::{self, spin};
 
-/// Share of the rows of MCUs the caller's thread decodes: the helper first walks those
-/// rows' Huffman codes (~0.4 of the time decoding them takes), then decodes the rest. 0.6-0.68
-/// measured within noise of each other on a 1080p frame at half size (AMD EPYC).
+/// Share of the rows of MCUs the caller's thread decodes at first: the helper first walks
+/// those rows' Huffman codes (~0.25 of the time decoding them takes), then decodes the rest.
+/// Each split then moves it towards the share at which both parts would have ended together
+/// ([`next_share`]): the rows of a frame do not cost the same, and the helper's core may be
+/// slower or busier than the caller's.
 const FIRST_SHARE: f64 = 0.65;
+/// The shares the cut may move between.
+const SHARES: std::ops::RangeInclusive<f64> = 0.5..=0.85;
+
+/// The share the next split takes (an `f64`'s bits).
+static SHARE: AtomicU64 = AtomicU64::new(FIRST_SHARE.to_bits());
+
+/// The share after a split at `used` whose caller's part took `caller` (its rows decoded and
+/// used) and helper's part `helper`, of which `walk` to reach the cut: a step of the way
+/// from `old` to where, with times proportional to rows, both parts end together.
+fn next_share(old: f64, used: f64, caller: f64, helper: f64, walk: f64) -> f64 {
+    // caller = a x share; helper = w x share + b x (1 - share).
+    let a = caller / used;
+    let w = walk / used;
+    let b = (helper - walk) / (1.0 - used);
+    let even = b / (a + b - w);
+    if !even.is_finite() || a <= 0.0 || b <= 0.0 || a + b - w <= 0.0 {
+        return old;
+    }
+    let even = even.clamp(*SHARES.start(), *SHARES.end());
+    // Half way: one frame's times are noisy.
+    old + 0.5 * (even - old)
+}
 
 /// Fewest rows of MCUs and bytes of scan worth two threads.
 const MIN_ROWS: usize = 8;
@@ -91,6 +117,8 @@ pub(super) fn run_pair(f: &(dyn Fn(usize) + Sync)) -> bool {
 
 /// How a JPEG is cut in two: the rows of the image (at the decoded scale) each part decodes.
 pub(super) struct Plan {
+    /// Share of the rows of MCUs the first part decodes.
+    share: f64,
     layout: Layout,
     denom: usize,
     /// Row of MCUs the second part resumes the scan at.
@@ -113,7 +141,8 @@ impl Plan {
         if rows < MIN_ROWS || bytes.len() - layout.scan_start < MIN_SCAN_BYTES {
             return None;
         }
-        let row = ((rows as f64 * FIRST_SHARE).round() as usize).clamp(2, rows - 2);
+        let share = f64::from_bits(SHARE.load(Ordering::Relaxed));
+        let row = ((rows as f64 * share).round() as usize).clamp(2, rows - 2);
         let (_, mcu_height) = layout.mcu_size();
         let per_row = (mcu_height / denom).max(1);
         let margin = if layout.subsampled_vertically() {
@@ -132,6 +161,7 @@ impl Plan {
             return None;
         }
         Some(Plan {
+            share: row as f64 / rows as f64,
             layout,
             denom,
             resume,
@@ -165,28 +195,40 @@ impl Plan {
         run_pair: impl FnOnce(&(dyn Fn(usize) + Sync)) -> bool,
     ) -> bool {
         let (top, bottom) = (Mutex::new(top), Mutex::new(bottom));
+        // Each part's outcome and time; the second's time to reach the cut.
         let (first, second) = (Mutex::new(None), Mutex::new(None));
         let part = |part: usize| {
+            let start = Instant::now();
             if part == 0 {
                 let mut top = top.lock().unwrap_or_else(PoisonError::into_inner);
                 let done = decode_rows(bytes, self.denom, 0, &mut top).and_then(|()| then(0, &top));
-                *first.lock().unwrap_or_else(PoisonError::into_inner) = done;
+                let time = start.elapsed().as_secs_f64();
+                *first.lock().unwrap_or_else(PoisonError::into_inner) = done.map(|()| time);
             } else {
                 let mut bottom = bottom.lock().unwrap_or_else(PoisonError::into_inner);
-                let done = resume::walk(&self.layout, bytes, self.resume)
+                let resume = resume::walk(&self.layout, bytes, self.resume);
+                let walk = start.elapsed().as_secs_f64();
+                let done = resume
                     .and_then(|resume| resume::resumed_jpeg(&self.layout, bytes, self.resume, &resume))
                     // The made-up row and the margin are cropped away.
                     .and_then(|jpeg| decode_rows(&jpeg, self.denom, self.skip, &mut bottom))
                     .and_then(|()| then(1, &bottom));
-                *second.lock().unwrap_or_else(PoisonError::into_inner) = done;
+                let time = start.elapsed().as_secs_f64();
+                *second.lock().unwrap_or_else(PoisonError::into_inner) = done.map(|()| (time, walk));
             }
         };
         if !run_pair(&part) {
             return false;
         }
-
-        let done = |m: Mutex<Option<()>>| m.into_inner().ok().flatten();
-        done(first).and(done(second)).is_some()
+        let first = first.into_inner().ok().flatten();
+        let second = second.into_inner().ok().flatten();
+        let (Some(caller), Some((helper, walk))) = (first, second) else {
+            return false;
+        };
+        let old = f64::from_bits(SHARE.load(Ordering::Relaxed));
+        let share = next_share(old, self.share, caller, helper, walk);
+        SHARE.store(share.to_bits(), Ordering::Relaxed);
+        true
     }
 }
 
