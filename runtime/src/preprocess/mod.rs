@@ -348,7 +348,10 @@ impl Preprocessor {
         // Where a band's values lie together in the tensor (NHWC), each part normalises its
         // band too; NCHW's planes are normalised after.
         let mut tensor = match self.input.layout {
-            Layout::Nhwc => Some(Tensor::zero::<f32>(&self.input.shape).ok()?),
+            // SAFETY: not read before written: the two bands' values are all of the tensor's
+            // (checked below), each written whole by `normalise_into`; when a part fails the
+            // tensor is dropped unread.
+            Layout::Nhwc => Some(unsafe { Tensor::uninitialized::<f32>(&self.input.shape) }.ok()?),
             Layout::Nchw => None,
         };
         let mut view = match tensor.as_mut() {
@@ -380,8 +383,9 @@ impl Preprocessor {
             }
             Some(())
         };
-        let mut top = vec![0u8; top_rows.end * w as usize * 3];
-        let mut bottom = vec![0u8; bottom_rows.len() * w as usize * 3];
+        // Not zeroed: libjpeg-turbo writes every byte, and nothing reads them before.
+        let mut top = Box::new_uninit_slice(top_rows.end * w as usize * 3);
+        let mut bottom = Box::new_uninit_slice(bottom_rows.len() * w as usize * 3);
         if !plan.run(bytes, &mut top, &mut bottom, &then, split::run_pair) {
             return Some(Err(()));
         }

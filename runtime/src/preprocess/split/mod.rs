@@ -24,6 +24,7 @@ mod skip;
 
 use std::cell::RefCell;
 use std::ffi::c_int;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
@@ -85,10 +86,15 @@ fn decode_on(
     run_pair: impl FnOnce(&(dyn Fn(usize) + Sync)) -> bool,
 ) -> Option<(Vec<u8>, usize, usize)> {
     let plan = Plan::new(bytes, denom, 0)?;
-    let mut pixels = vec![0u8; plan.width.checked_mul(plan.height)?.checked_mul(3)?];
-    let (top, bottom) = pixels.split_at_mut(plan.top_rows().end.checked_mul(plan.width * 3)?);
-    plan.run(bytes, top, bottom, &|_, _| Some(()), run_pair)
-        .then_some((pixels, plan.width, plan.height))
+    // Not zeroed: libjpeg-turbo writes every byte, and nothing reads them before.
+    let mut pixels = Box::new_uninit_slice(plan.width.checked_mul(plan.height)?.checked_mul(3)?);
+    let (top, bottom) = pixels.split_at_mut_checked(plan.top_rows().end.checked_mul(plan.width * 3)?)?;
+    if !plan.run(bytes, top, bottom, &|_, _| Some(()), run_pair) {
+        return None;
+    }
+    // SAFETY: both parts were decoded whole into their halves, which are all of `pixels`.
+    let pixels = unsafe { pixels.assume_init() };
+    Some((pixels.into_vec(), plan.width, plan.height))
 }
 
 /// Whether a split decode may take the runtime kernels' helper: not while an inference runs
@@ -185,12 +191,13 @@ impl Plan {
 
     /// Decodes the first part's rows into `top` on this thread and the second's into `bottom`
     /// on a helper (RGB, rows packed), each thread then running `then(part, its pixels)`.
-    /// `false` when a part or `then` fails, or no helper is free (then nothing ran).
+    /// `false` when a part or `then` fails, or no helper is free (then nothing ran); `true`
+    /// when both buffers were written whole.
     pub(super) fn run(
         &self,
         bytes: &[u8],
-        top: &mut [u8],
-        bottom: &mut [u8],
+        top: &mut [MaybeUninit<u8>],
+        bottom: &mut [MaybeUninit<u8>],
         then: &(dyn Fn(usize, &[u8]) -> Option<()> + Sync),
         run_pair: impl FnOnce(&(dyn Fn(usize) + Sync)) -> bool,
     ) -> bool {
@@ -201,7 +208,7 @@ impl Plan {
             let start = Instant::now();
             if part == 0 {
                 let mut top = top.lock().unwrap_or_else(PoisonError::into_inner);
-                let done = decode_rows(bytes, self.denom, 0, &mut top).and_then(|()| then(0, &top));
+                let done = decode_rows(bytes, self.denom, 0, &mut top).and_then(|top| then(0, top));
                 let time = start.elapsed().as_secs_f64();
                 *first.lock().unwrap_or_else(PoisonError::into_inner) = done.map(|()| time);
             } else {
@@ -211,8 +218,9 @@ impl Plan {
                 let done = resume
                     .and_then(|resume| resume::resumed_jpeg(&self.layout, bytes, self.resume, &resume))
                     // The made-up row and the margin are cropped away.
-                    .and_then(|jpeg| decode_rows(&jpeg, self.denom, self.skip, &mut bottom))
-                    .and_then(|()| then(1, &bottom));
+                    .and_then(|jpeg| {
+                        decode_rows(&jpeg, self.denom, self.skip, &mut bottom).and_then(|b| then(1, b))
+                    });
                 let time = start.elapsed().as_secs_f64();
                 *second.lock().unwrap_or_else(PoisonError::into_inner) = done.map(|()| (time, walk));
             }
@@ -233,9 +241,15 @@ impl Plan {
 }
 
 /// Decodes rows `skip..` of `jpeg` at 1/`denom` scale into `out` (RGB, rows packed), as many
-/// rows as `out` holds. `None` on any error or warning, or when `out` does not fit.
-fn decode_rows(jpeg: &[u8], denom: usize, skip: usize, out: &mut [u8]) -> Option<()> {
-    HANDLE.with(|cell| {
+/// rows as `out` holds: `out`, every byte written. `None` on any error or warning, or when
+/// `out` does not fit.
+fn decode_rows<'o>(
+    jpeg: &[u8],
+    denom: usize,
+    skip: usize,
+    out: &'o mut [MaybeUninit<u8>],
+) -> Option<&'o [u8]> {
+    HANDLE.with(|cell| -> Option<()> {
         let mut slot = cell.borrow_mut();
         let handle = match slot.as_ref() {
             Some(h) => h.0,
@@ -272,13 +286,15 @@ fn decode_rows(jpeg: &[u8], denom: usize, skip: usize, out: &mut [u8]) -> Option
                     handle,
                     jpeg.as_ptr(),
                     jpeg.len() as _,
-                    out.as_mut_ptr(),
+                    out.as_mut_ptr().cast::<u8>(),
                     int(pitch)?,
                     tj::TJPF_TJPF_RGB,
                 ) == 0;
             ok.then_some(())
         }
-    })
+    })?;
+    // SAFETY: the decode succeeded, writing `rows` rows of `pitch` bytes: all of `out`.
+    Some(unsafe { &*(out as *mut [MaybeUninit<u8>] as *const [u8]) })
 }
 
 /// A TurboJPEG decompressor that stops at the first warning (the caller then decodes the
