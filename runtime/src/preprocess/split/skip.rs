@@ -25,19 +25,19 @@ const DC_BITS: u32 = 9;
 const DC_SIZE: usize = 1 << DC_BITS;
 
 /// An entry: the bits its codes take with their magnitudes (bits 0-4), how far its AC symbols
-/// move along the block (bits 5-9), whether the block ends (bit 10). 0: no code fits, or the
-/// symbols move too far to tell.
+/// move along the block (bits 5-9), whether the block ends (bit 10), for a block's first
+/// lookup its DC difference (bits 11-15, signed; [`DC_ELSEWHERE`] when it does not fit or its
+/// magnitude runs past the bits looked up). 0: no code fits, or the symbols move too far to
+/// tell.
 type Entry = u16;
 const END: Entry = 1 << 10;
+const DC_ELSEWHERE: i32 = -16;
 
 type Table = Box<[Entry; SIZE]>;
 
 /// A DC code's length and magnitude size (bits 0-4, 5-9) by the next [`DC_BITS`] bits; 0 for
 /// longer codes.
 type DcCodes = Box<[u16; DC_SIZE]>;
-
-/// What an AC lookup reads: DC codes of nothing.
-static NO_DC: [u16; DC_SIZE] = [0; DC_SIZE];
 
 fn dc_codes(table: &Huffman) -> DcCodes {
     let mut codes = Box::new([0; DC_SIZE]);
@@ -99,7 +99,16 @@ fn first_table(dc: &Huffman, ac: &Huffman) -> Table {
             && len <= DC_BITS
             && size <= 15
         {
-            *e = entry(ac, p as u32, len + u32::from(size));
+            let (size, end) = (u32::from(size), len + u32::from(size));
+            let value = if end <= BITS && size <= 4 {
+                extend((p as u32 >> (BITS - end)) & ((1 << size) - 1), size)
+            } else {
+                DC_ELSEWHERE
+            };
+            let e_ac = entry(ac, p as u32, end);
+            if e_ac != 0 {
+                *e = e_ac | ((value as Entry) << 11);
+            }
         }
     }
     entries
@@ -284,10 +293,14 @@ impl<'a> Skipper<'a> {
                     (ac, next_first) = (steps[blk & 15].ac, steps[blk & 15].next_first);
                     continue 'walk;
                 }
-                // The DC difference, read from the same bits (0 for AC lookups).
-                let codes = std::hint::select_unpredictable(at_dc, step.codes, &NO_DC);
-                let code = u32::from(codes[bits.peek(DC_BITS) as usize]);
-                sums[blk & 15] += i64::from(bits.extended_after(code & 31, code >> 5));
+                // The DC difference (0 for AC lookups), from the bits where the entry could
+                // not hold it (a large one, rare).
+                let mut dc = i32::from(entry as u16 as i16 >> 11);
+                if dc == DC_ELSEWHERE {
+                    let code = u32::from(step.codes[bits.peek(DC_BITS) as usize]);
+                    dc = bits.extended_after(code & 31, code >> 5);
+                }
+                sums[blk & 15] += i64::from(dc);
                 bits.consume_held(entry & 31);
                 k = k_next;
                 let end = entry & u32::from(END) != 0;
