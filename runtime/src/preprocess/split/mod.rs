@@ -44,8 +44,14 @@ const FIRST_SHARE: f64 = 0.65;
 /// The shares the cut may move between.
 const SHARES: std::ops::RangeInclusive<f64> = 0.5..=0.85;
 
-/// The share the next split takes (an `f64`'s bits).
-static SHARE: AtomicU64 = AtomicU64::new(FIRST_SHARE.to_bits());
+/// The share the next split takes (an `f64`'s bits), by scale (1, 1/2, 1/4, 1/8): the
+/// decoding's cost against the walk's differs with it.
+static SHARE: [AtomicU64; 4] = [const { AtomicU64::new(FIRST_SHARE.to_bits()) }; 4];
+
+/// The learned share for decoding at 1/`denom` scale.
+fn share_for(denom: usize) -> &'static AtomicU64 {
+    &SHARE[(denom.max(1).trailing_zeros() as usize).min(3)]
+}
 
 /// The share after a split at `used` whose caller's part took `caller` (its rows decoded and
 /// used) and helper's part `helper`, of which `walk` to reach the cut: a step of the way
@@ -147,7 +153,7 @@ impl Plan {
         if rows < MIN_ROWS || bytes.len() - layout.scan_start < MIN_SCAN_BYTES {
             return None;
         }
-        let share = f64::from_bits(SHARE.load(Ordering::Relaxed));
+        let share = f64::from_bits(share_for(denom).load(Ordering::Relaxed));
         let row = ((rows as f64 * share).round() as usize).clamp(2, rows - 2);
         let (_, mcu_height) = layout.mcu_size();
         let per_row = (mcu_height / denom).max(1);
@@ -233,9 +239,12 @@ impl Plan {
         let (Some(caller), Some((helper, walk))) = (first, second) else {
             return false;
         };
-        let old = f64::from_bits(SHARE.load(Ordering::Relaxed));
-        let share = next_share(old, self.share, caller, helper, walk);
-        SHARE.store(share.to_bits(), Ordering::Relaxed);
+        let learned = share_for(self.denom);
+        let old = f64::from_bits(learned.load(Ordering::Relaxed));
+        learned.store(
+            next_share(old, self.share, caller, helper, walk).to_bits(),
+            Ordering::Relaxed,
+        );
         true
     }
 }
