@@ -7,9 +7,9 @@
 //! The walk is one loop over lookups whose next table is chosen by conditional moves, not
 //! branches: where a block ends is as unpredictable as the data, and a branch there was
 //! mispredicted about once a block (that walk took ~2.1 ms for a 1080p frame's scan on AMD
-//! EPYC; this one ~1.4 ms, against ~3.7 ms of libjpeg-turbo's Huffman decoding). Two lookups
-//! share a refill of the bit buffer, and a DC code's difference is computed at every lookup
-//! (0 for AC lookups) rather than behind a branch.
+//! EPYC; this one ~1.2 ms, against ~3.7 ms of libjpeg-turbo's Huffman decoding). Two lookups
+//! share a refill of the bit buffer, and a block's first lookup holds its DC difference when
+//! it is small (|d| <= 31), so that only the others read it behind a branch.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -25,13 +25,18 @@ const DC_BITS: u32 = 9;
 const DC_SIZE: usize = 1 << DC_BITS;
 
 /// An entry: the bits its codes take with their magnitudes (bits 0-4), how far its AC symbols
-/// move along the block (bits 5-9), whether the block ends (bit 10), for a block's first
-/// lookup its DC difference (bits 11-15, signed; [`DC_ELSEWHERE`] when it does not fit or its
-/// magnitude runs past the bits looked up). 0: no code fits, or the symbols move too far to
-/// tell.
+/// move along the block (bits 5-8, at most [`MAX_ADVANCE`]), whether the block ends (bit 9),
+/// for a block's first lookup its DC difference (bits 10-15, signed; [`DC_ELSEWHERE`] when it
+/// does not fit or its magnitude runs past the bits looked up). 0: no code fits, or the first
+/// symbol moves too far.
 type Entry = u16;
-const END: Entry = 1 << 10;
-const DC_ELSEWHERE: i32 = -16;
+const ADVANCE_SHIFT: u32 = 5;
+const MAX_ADVANCE: u32 = 15;
+const END: Entry = 1 << 9;
+const DC_SHIFT: u32 = 10;
+const DC_ELSEWHERE: i32 = -32;
+/// The largest magnitude size of a DC difference held in an entry: |difference| <= 31.
+const DC_HELD_SIZE: u32 = 5;
 
 type Table = Box<[Entry; SIZE]>;
 
@@ -56,7 +61,7 @@ fn dc_codes(table: &Huffman) -> DcCodes {
 /// symbols (of `ac`) that begin with a whole code in the rest.
 fn entry(ac: &Huffman, window: u32, start: u32) -> Entry {
     let (mut used, mut advance, mut end) = (start, 0u32, false);
-    while used < BITS && advance < 64 {
+    while used < BITS {
         let next = ((window << used) & (SIZE as u32 - 1)) << (16 - BITS);
         let Some((len, symbol)) = ac.decode_window(next) else {
             break;
@@ -65,20 +70,26 @@ fn entry(ac: &Huffman, window: u32, start: u32) -> Entry {
             break;
         }
         let (run, size) = (u32::from(symbol >> 4), u32::from(symbol & 15));
-        used += len + size;
-        match (run, size) {
-            (15, 0) => advance += 16,
+        let moved = match (run, size) {
+            (15, 0) => 16,
             (_, 0) => {
+                used += len;
                 end = true;
                 break;
             }
-            _ => advance += run + 1,
+            _ => run + 1,
+        };
+        // Symbols that move further are read by the next lookup.
+        if advance + moved > MAX_ADVANCE {
+            break;
         }
+        used += len + size;
+        advance += moved;
     }
-    if used == 0 || advance >= 32 {
+    if used == 0 {
         return 0;
     }
-    (used | advance << 5) as Entry | if end { END } else { 0 }
+    (used | advance << ADVANCE_SHIFT) as Entry | if end { END } else { 0 }
 }
 
 /// The lookups of a block's AC symbols after its first lookup.
@@ -100,14 +111,14 @@ fn first_table(dc: &Huffman, ac: &Huffman) -> Table {
             && size <= 15
         {
             let (size, end) = (u32::from(size), len + u32::from(size));
-            let value = if end <= BITS && size <= 4 {
+            let value = if end <= BITS && size <= DC_HELD_SIZE {
                 extend((p as u32 >> (BITS - end)) & ((1 << size) - 1), size)
             } else {
                 DC_ELSEWHERE
             };
             let e_ac = entry(ac, p as u32, end);
             if e_ac != 0 {
-                *e = e_ac | ((value as Entry) << 11);
+                *e = e_ac | ((value as Entry) << DC_SHIFT);
             }
         }
     }
@@ -257,7 +268,7 @@ impl<'a> Skipper<'a> {
             // Two lookups of at most 27 bits each: the refill leaves at least 56.
             for _ in 0..2 {
                 let entry = u32::from(table[bits.peek(BITS) as usize]);
-                let k_next = if at_dc { 1 } else { k } + ((entry >> 5) & 31);
+                let k_next = if at_dc { 1 } else { k } + ((entry >> ADVANCE_SHIFT) & MAX_ADVANCE);
                 let step = &steps[blk & 15];
                 if entry == 0 || k_next >= 64 {
                     // One symbol at a time to the block's end, where the lookup cannot tell
@@ -295,7 +306,7 @@ impl<'a> Skipper<'a> {
                 }
                 // The DC difference (0 for AC lookups), from the bits where the entry could
                 // not hold it (a large one, rare).
-                let mut dc = i32::from(entry as u16 as i16 >> 11);
+                let mut dc = i32::from(entry as u16 as i16 >> DC_SHIFT);
                 if dc == DC_ELSEWHERE {
                     let code = u32::from(step.codes[bits.peek(DC_BITS) as usize]);
                     dc = bits.extended_after(code & 31, code >> 5);
