@@ -176,7 +176,12 @@ impl Preprocessor {
             ));
         }
         // libjpeg-turbo reads a JPEG's size in ~1 us, the `image` crate in ~15.
-        let (width, height) = match jpeg_size(bytes).filter(|_| format == image::ImageFormat::Jpeg) {
+        let turbo_size = if format == image::ImageFormat::Jpeg {
+            jpeg_size(bytes)
+        } else {
+            None
+        };
+        let (width, height) = match turbo_size {
             Some(size) => size,
             None => {
                 let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
