@@ -1017,6 +1017,36 @@ mod tests {
                 false,
                 true,
             ),
+            // A stride-2 3x3 sum in one pass per row.
+            (
+                DataFormat::CHW,
+                (9, 11, 3),
+                [3, 3],
+                [2, 2],
+                PaddingSpec::Valid,
+                false,
+                false,
+            ),
+            // Same-size pools (stride 1, output as large as the input), reduced plane by
+            // plane: a max, and a sum whose kernel is taller than wide.
+            (
+                DataFormat::NCHW,
+                (8, 8, 7),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                true,
+                false,
+            ),
+            (
+                DataFormat::CHW,
+                (6, 11, 4),
+                [5, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+                false,
+            ),
             (
                 DataFormat::CHW,
                 (7, 9, 3),

@@ -198,9 +198,95 @@ impl EdgePool {
         });
     }
 
+    /// Whether every output pixel is the input pixel at the same place, its window around it
+    /// (stride 1, output as large as the input: Inception V3's 3x3 average pools).
+    fn same_size(&self) -> bool {
+        self.sh == 1 && self.sw == 1 && self.ho == self.h && self.wo == self.w
+    }
+
+    /// [`Self::channels_first`] for [`Self::same_size`] pools: each plane reduced along its
+    /// rows, then along its columns, each a few passes over the whole plane (one pass per
+    /// kernel tap, over the flat `h * w` values: vectors even on 8x8 maps, where a loop per
+    /// row ran 8 values at a time), then scaled by each pixel's count.
+    fn same_size_channels_first(&self, x: &[f32], y: &mut [f32]) {
+        let (h, w) = (self.h, self.w);
+        let hw = h * w;
+        // Per kernel column: its offset along the row, and for each pixel whether that tap
+        // falls inside the row.
+        let taps: Vec<(isize, Vec<bool>)> = (0..self.kw)
+            .map(|kx| {
+                let d = kx as isize - self.pad[1] as isize;
+                let inside = (0..hw)
+                    .map(|p| {
+                        let col = (p % w) as isize + d;
+                        col >= 0 && (col as usize) < w
+                    })
+                    .collect();
+                (d, inside)
+            })
+            .collect();
+        // 1 / the window's size, per pixel (zero: no division).
+        let scale: Vec<f32> = match self.reduce {
+            Reduce::Sum {
+                normalize: true,
+                count_padding,
+            } => (0..hw)
+                .map(|p| {
+                    let (r, c) = (p / w, p % w);
+                    let (r0, r1) = self.window(r, 1, self.pad[0], self.kh, h);
+                    let (c0, c1) = self.window(c, 1, self.pad[1], self.kw, w);
+                    let n = if count_padding {
+                        self.kh * self.kw
+                    } else {
+                        (r1 - r0) * (c1 - c0)
+                    };
+                    1.0 / n.max(1) as f32
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        // The flat range of pixels `p` for which `p + d` is in the plane.
+        let range = |d: isize| (-d).max(0) as usize..(hw as isize - d).clamp(0, hw as isize) as usize;
+        let parts = split(self.c, threads(), 1);
+        let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
+        for_each_part(parts.len(), |part| {
+            // SAFETY: parts write the disjoint channels of their range.
+            let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
+            let mut rows = Scratch::take(hw);
+            let rows = &mut rows.0[..hw];
+            for ch in parts[part].clone() {
+                let plane = &x[ch * hw..][..hw];
+                let out = &mut y[ch * hw..][..hw];
+                rows.fill(self.init());
+                for (d, inside) in &taps {
+                    let pixels = range(*d);
+                    let from = &plane[(pixels.start as isize + d) as usize..][..pixels.len()];
+                    let to = rows[pixels.clone()].iter_mut().zip(&inside[pixels]).zip(from);
+                    match self.reduce {
+                        Reduce::Max => to.for_each(|((o, &i), &v)| *o = if i { o.max(v) } else { *o }),
+                        Reduce::Sum { .. } => to.for_each(|((o, &i), &v)| *o += if i { v } else { 0.0 }),
+                    }
+                }
+                out.fill(self.init());
+                for ky in 0..self.kh {
+                    let d = (ky as isize - self.pad[0] as isize) * w as isize;
+                    let pixels = range(d);
+                    let from = &rows[(pixels.start as isize + d) as usize..][..pixels.len()];
+                    self.combine(&mut out[pixels], from);
+                }
+                if !scale.is_empty() {
+                    out.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s);
+                }
+            }
+        });
+    }
+
     /// `x` `[c][h][w]`, `y` `[c][ho][wo]`: per output row, the window's rows reduced first
     /// (whole rows at once), then each output's columns; channels split over the threads.
     fn channels_first(&self, x: &[f32], y: &mut [f32]) {
+        if self.same_size() {
+            return self.same_size_channels_first(x, y);
+        }
         let parts = split(self.c, threads(), 1);
         let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
         for_each_part(parts.len(), |part| {
@@ -228,6 +314,7 @@ impl EdgePool {
                     _ => columns.iter().filter(|r| r.contains(&xx)).count() as f32,
                 })
                 .collect();
+            let three_by_two = self.kw == 3 && self.sw == 2 && self.pad[1] == 0 && 2 * self.wo < self.w;
             for ch in parts[part].clone() {
                 let plane = &x[ch * self.h * self.w..][..self.h * self.w];
                 for yy in 0..self.ho {
@@ -237,6 +324,26 @@ impl EdgePool {
                         self.combine(&mut acc, &plane[r * self.w..][..self.w]);
                     }
                     let out = &mut y[(ch * self.ho + yy) * self.wo..][..self.wo];
+                    if three_by_two {
+                        // The stride-2 3x3 windows of a valid pool (Inception V3's max pools):
+                        // one pass, pairs and the next value read in vectors.
+                        let (pairs, _) = acc.as_chunks::<2>();
+                        let next = acc[2..].iter().step_by(2);
+                        let windows = out.iter_mut().zip(pairs).zip(next);
+                        match self.reduce {
+                            Reduce::Max => windows.for_each(|((o, p), n)| *o = p[0].max(p[1]).max(*n)),
+                            Reduce::Sum { .. } => windows.for_each(|((o, p), n)| *o = p[0] + p[1] + n),
+                        }
+                        if let Reduce::Sum {
+                            normalize: true,
+                            count_padding,
+                        } = self.reduce
+                        {
+                            let n = (3 * if count_padding { self.kh } else { r1 - r0 }) as f32;
+                            out.iter_mut().for_each(|v| *v /= n);
+                        }
+                        continue;
+                    }
                     out.fill(self.init());
                     // Each kernel column in turn, over the outputs whose window has it inside
                     // the input: shifted (strided) slices of the row reduced above.
