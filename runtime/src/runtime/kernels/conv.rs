@@ -4,7 +4,7 @@
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 
-use super::panel::{self, Activations, Grid, Isa, Packed};
+use super::panel::{self, Activations, Grid, Isa, Packed, Segment};
 use super::winograd;
 use super::{
     Scratch, SendPtr, activate, bias_values, const_f32, eval_images, f32_tensor, for_each_block,
@@ -341,26 +341,22 @@ impl EdgeConv {
         // The activations and the pixels the product runs over: the wide grid's positions
         // (stride 1: row `yy * wp + xx`, kept when `xx < wo`), or the output's pixels, their
         // patches gathered from the input as the product packs them (channels first).
-        let offsets: Vec<usize>;
+        let segments: Vec<Segment>;
         let (act, pixels, grid_w) = if g.wide() {
             let rows = (g.ho - 1) * wp + g.wo;
             let act = if g.channels_last {
                 // A kernel row's taps are kw * c consecutive values.
-                offsets = (0..g.kh).map(|ky| ky * wp * g.c).collect();
+                segments = Segment::at(padded, (0..g.kh).map(|ky| ky * wp * g.c), g.kw * g.c);
                 Activations {
-                    base: padded.as_ptr(),
-                    offsets: &offsets,
-                    seg_len: g.kw * g.c,
+                    segments: &segments,
                     depth_stride: 1,
                     pixel_stride: g.c,
                     grid: None,
                 }
             } else {
-                offsets = (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw).collect();
+                segments = Segment::at(padded, (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw), g.c);
                 Activations {
-                    base: padded.as_ptr(),
-                    offsets: &offsets,
-                    seg_len: g.c,
+                    segments: &segments,
                     depth_stride: hp * wp,
                     pixel_stride: 1,
                     grid: None,
@@ -372,11 +368,9 @@ impl EdgeConv {
                 !g.channels_last,
                 "EdgeConv: packed weights for a channels-last im2col"
             );
-            offsets = (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw).collect();
+            segments = Segment::at(padded, (0..g.kh * g.kw).map(|t| (t / g.kw) * wp + t % g.kw), g.c);
             let act = Activations {
-                base: padded.as_ptr(),
-                offsets: &offsets,
-                seg_len: g.c,
+                segments: &segments,
                 depth_stride: hp * wp,
                 pixel_stride: 1,
                 grid: Some(Grid {

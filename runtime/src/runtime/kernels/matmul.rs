@@ -5,7 +5,7 @@
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
-use super::panel::{self, Activations, Isa, Packed};
+use super::panel::{self, Activations, Isa, Packed, Segment};
 use super::{
     SendPtr, activate, const_f32, f32_tensor, for_each_block, for_each_part, matmul, signed, split, threads,
 };
@@ -37,9 +37,13 @@ pub struct EdgeMatMul {
     /// `[n]`, added to every row.
     pub(super) bias: Option<Arc<Tensor>>,
     pub(super) relu: bool,
-    /// A second input of the output's shape is added to the product (before the bias and
+    /// A last input of the output's shape is added to the product (before the bias and
     /// ReLU): the sum of products tract makes of a 1x1 convolution after a concat.
     pub(super) accumulate: bool,
+    /// The depth of each data input (they come first, in this order): one, or the inputs of
+    /// a concat the product runs over in place ([`EdgeMatMul::chained`]); `layout.k` is their
+    /// sum.
+    pub(super) depths: TVec<usize>,
 }
 
 impl EdgeMatMul {
@@ -155,6 +159,7 @@ impl EdgeMatMul {
                 let w = weights.try_as_plain_ram()?;
                 let packed = Packed::new(w.as_slice::<f32>()?, (layout.k, layout.n), layout.weights, width)?;
                 let op = EdgeMatMul {
+                    depths: tvec![layout.k],
                     layout,
                     weights: None,
                     packed: Some(packed),
@@ -188,6 +193,7 @@ impl EdgeMatMul {
             weights
         };
         let op = EdgeMatMul {
+            depths: tvec![layout.k],
             layout,
             weights: Some(weights),
             packed: None,
@@ -198,13 +204,65 @@ impl EdgeMatMul {
         Ok(Some((op, node.inputs[d_slot])))
     }
 
-    fn run(&self, x: &[f32], y: &mut [f32]) -> TractResult<()> {
+    /// `self` followed by `next`, a product accumulated onto `self`'s output: one product over
+    /// both's data inputs (the weights stacked along the depth), the output written once
+    /// instead of read and written again by each product of a chain. `None` when they cannot
+    /// be one: only products whose output's pixels are contiguous, the layout `pixels_by_channels`
+    /// reads every input in (the same pixels, each input's channels `m` values apart).
+    pub(super) fn chained(&self, next: &EdgeMatMul) -> TractResult<Option<EdgeMatMul>> {
+        let (a, b) = (&self.layout, &next.layout);
+        let (Some(pa), Some(pb)) = (&self.packed, &next.packed) else {
+            return Ok(None);
+        };
+        if !next.accumulate
+            || self.bias.is_some()
+            || self.relu
+            || !matches!(a.shape(), Shape::PixelsByChannels)
+            || (a.m, a.n, a.data, a.out, a.n_axis, &a.output_shape)
+                != (b.m, b.n, b.data, b.out, b.n_axis, &b.output_shape)
+            || pa.width != 0
+            || pb.width != 0
+        {
+            return Ok(None);
+        }
+        let (n, ka, kb) = (a.n, pa.depth, pb.depth);
+        let wa = pa.data.try_as_plain_ram()?;
+        let wb = pb.data.try_as_plain_ram()?;
+        let (wa, wb) = (wa.as_slice::<f32>()?, wb.as_slice::<f32>()?);
+        ensure!(
+            wa.len() == n * ka && wb.len() == n * kb,
+            "EdgeMatMul: packed weights"
+        );
+        // Channel-major: each channel's depth is its depth in `self`, then in `next`.
+        let weights = f32_tensor(n * (ka + kb), |w| {
+            for (ch, row) in w.chunks_exact_mut(ka + kb).enumerate() {
+                row[..ka].copy_from_slice(&wa[ch * ka..][..ka]);
+                row[ka..].copy_from_slice(&wb[ch * kb..][..kb]);
+            }
+        })?;
+        let mut layout = b.clone();
+        layout.k = ka + kb;
+        Ok(Some(EdgeMatMul {
+            layout,
+            weights: None,
+            packed: Some(Packed::channel_major(weights, ka + kb, n)?),
+            bias: next.bias.clone(),
+            relu: next.relu,
+            accumulate: self.accumulate,
+            depths: self.depths.iter().chain(&next.depths).copied().collect(),
+        }))
+    }
+
+    fn run(&self, xs: &[&[f32]], y: &mut [f32]) -> TractResult<()> {
         let l = &self.layout;
         let bias = self.bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
         let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
         if let (Some(packed), Some(isa)) = (&self.packed, panel::isa()) {
-            return self.run_packed(isa, packed, x, y, bias);
+            return self.run_packed(isa, packed, xs, y, bias);
         }
+        let [x] = xs else {
+            bail!("EdgeMatMul over {} inputs without our micro-kernels", xs.len());
+        };
         let weights = self.weights.as_ref().context("EdgeMatMul without weights")?;
         let weights = weights.try_as_plain_ram()?;
         let weights = weights.as_slice::<f32>()?;
@@ -252,18 +310,27 @@ impl EdgeMatMul {
         &self,
         isa: Isa,
         packed: &Packed,
-        x: &[f32],
+        xs: &[&[f32]],
         y: &mut [f32],
         bias: Option<&[f32]>,
     ) -> TractResult<()> {
         let l = &self.layout;
         let w = packed.data.try_as_plain_ram()?;
         let w = w.as_slice::<f32>()?;
-        let offsets = [0];
+        ensure!(
+            xs.len() == 1 || matches!(l.shape(), Shape::PixelsByChannels),
+            "EdgeMatMul: several inputs of another shape"
+        );
+        let segments: TVec<Segment> = xs
+            .iter()
+            .zip(&self.depths)
+            .map(|(x, &len)| Segment {
+                start: x.as_ptr(),
+                len,
+            })
+            .collect();
         let act = Activations {
-            base: x.as_ptr(),
-            offsets: &offsets,
-            seg_len: l.k,
+            segments: &segments,
             depth_stride: l.data.1,
             pixel_stride: l.data.0,
             grid: None,
@@ -386,8 +453,15 @@ impl Op for EdgeMatMul {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let l = &self.layout;
+        let inputs = match self.depths.as_slice() {
+            [_] => String::new(),
+            depths => format!(
+                " ({})",
+                depths.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("+")
+            ),
+        };
         Ok(vec![format!(
-            "m={} k={} n={}{}{}{}",
+            "m={} k={}{inputs} n={}{}{}{}",
             l.m,
             l.k,
             l.n,
@@ -405,13 +479,14 @@ impl EvalOp for EdgeMatMul {
 
     fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let l = &self.layout;
+        let data = self.depths.len();
         ensure!(
-            inputs.len() == 1 + usize::from(self.accumulate),
+            inputs.len() == data + usize::from(self.accumulate),
             "EdgeMatMul inputs"
         );
         let mut output = if self.accumulate {
             // The addend becomes the output (moved when nothing else holds it).
-            let addend = inputs.remove(1).into_tensor();
+            let addend = inputs.remove(data).into_tensor();
             ensure!(
                 addend.shape() == l.output_shape.as_slice(),
                 "EdgeMatMul addend shape"
@@ -421,13 +496,20 @@ impl EvalOp for EdgeMatMul {
             // SAFETY: the product writes every output value (read_dst is false).
             unsafe { Tensor::uninitialized::<f32>(&l.output_shape)? }
         };
-        let input = args_1!(inputs);
-        let x = input.try_as_plain_ram()?;
-        let x = x.as_slice::<f32>()?;
-        ensure!(x.len() == l.m * l.k, "EdgeMatMul input of {} values", x.len());
+        let views = inputs
+            .iter()
+            .map(|x| x.try_as_plain_ram())
+            .collect::<TractResult<TVec<_>>>()?;
+        let xs = views
+            .iter()
+            .map(|x| x.as_slice::<f32>())
+            .collect::<TractResult<TVec<_>>>()?;
+        for (x, depth) in xs.iter().zip(&self.depths) {
+            ensure!(x.len() == l.m * depth, "EdgeMatMul input of {} values", x.len());
+        }
         {
             let mut view = output.try_as_plain_ram_mut()?;
-            self.run(x, view.as_slice_mut::<f32>()?)?;
+            self.run(&xs, view.as_slice_mut::<f32>()?)?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -435,7 +517,7 @@ impl EvalOp for EdgeMatMul {
 
 impl TypedOp for EdgeMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 + usize::from(self.accumulate));
+        ensure!(inputs.len() == self.depths.len() + usize::from(self.accumulate));
         ensure!(inputs.iter().all(|i| i.datum_type == f32::datum_type()));
         Ok(tvec!(f32::fact(self.layout.output_shape.as_slice())))
     }

@@ -204,15 +204,13 @@ impl Packed {
     }
 }
 
-/// Where the activations of a product are: the value at depth `d = s * seg_len + i` (segment
-/// `s`, e.g. a convolution's tap or kernel row) for pixel `p` is at
-/// `base + offsets[s] + i * depth_stride + p * pixel_stride`, or with a `grid`, at
-/// `base + offsets[s] + i * depth_stride + grid.offset(p)`.
+/// Where the activations of a product are: the depth runs through `segments` in turn (e.g. a
+/// convolution's taps or kernel rows, or the inputs of a concat), and the value at depth `i`
+/// of segment `s` for pixel `p` is at `segments[s].start + i * depth_stride + p * pixel_stride`,
+/// or with a `grid`, at `segments[s].start + i * depth_stride + grid.offset(p)`.
 #[derive(Clone, Copy)]
 pub(super) struct Activations<'a> {
-    pub(super) base: *const f32,
-    pub(super) offsets: &'a [usize],
-    pub(super) seg_len: usize,
+    pub(super) segments: &'a [Segment],
     pub(super) depth_stride: usize,
     pub(super) pixel_stride: usize,
     pub(super) grid: Option<Grid>,
@@ -228,13 +226,35 @@ pub(super) struct Grid {
     pub(super) col_step: usize,
 }
 
+/// A run of depth of the activations: `len` values from `start` (see [`Activations`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Segment {
+    pub(super) start: *const f32,
+    pub(super) len: usize,
+}
+
+impl Segment {
+    /// `count` segments of `len` values at `offsets` in `values` (a convolution's taps).
+    pub(super) fn at(values: &[f32], offsets: impl IntoIterator<Item = usize>, len: usize) -> Vec<Segment> {
+        offsets
+            .into_iter()
+            .map(|at| Segment {
+                start: values[at.min(values.len())..].as_ptr(),
+                len,
+            })
+            .collect()
+    }
+}
+
 // SAFETY: activations are only read, by every thread of an op while the op runs.
 unsafe impl Send for Activations<'_> {}
 unsafe impl Sync for Activations<'_> {}
+unsafe impl Send for Segment {}
+unsafe impl Sync for Segment {}
 
 impl Activations<'_> {
     fn depth(&self) -> usize {
-        self.offsets.len() * self.seg_len
+        self.segments.iter().map(|s| s.len).sum()
     }
 }
 
@@ -253,11 +273,13 @@ pub(super) struct Tile<'a> {
 /// convolution has 6 MB of them).
 const KC: usize = 512;
 
-/// A run of depth inside one segment of the activations: segment `seg`, values `range`.
+/// A run of depth inside one segment of the activations: segment `seg`, values `range`,
+/// the first of them at depth `depth` of the product.
 #[derive(Clone, Debug)]
 struct Piece {
     seg: usize,
     range: Range<usize>,
+    depth: usize,
 }
 
 /// The depth in passes of at most [`KC`] (more when one segment is longer than that, split in
@@ -265,18 +287,24 @@ struct Piece {
 fn passes(act: &Activations) -> Vec<Vec<Piece>> {
     let mut passes: Vec<Vec<Piece>> = Vec::new();
     let mut depth = KC;
-    for seg in 0..act.offsets.len() {
-        for start in (0..act.seg_len).step_by(KC) {
-            let range = start..(start + KC).min(act.seg_len);
+    let mut first = 0;
+    for (seg, segment) in act.segments.iter().enumerate() {
+        for start in (0..segment.len).step_by(KC) {
+            let range = start..(start + KC).min(segment.len);
             if depth + range.len() > KC {
                 passes.push(Vec::new());
                 depth = 0;
             }
             depth += range.len();
             if let Some(pass) = passes.last_mut() {
-                pass.push(Piece { seg, range });
+                pass.push(Piece {
+                    seg,
+                    range: range.clone(),
+                    depth: first + range.start,
+                });
             }
         }
+        first += segment.len;
     }
     passes
 }
@@ -378,7 +406,7 @@ pub(super) unsafe fn pixels_by_channels(
     let passes = passes(&act);
     // Few channels (a few panels of weights): the micro-kernels read whole row blocks of the
     // activations in place, as `gemm` does (a packed copy is read too few times to pay).
-    let in_place = channels.len() <= IN_PLACE_CHANNELS && act.offsets.len() == 1 && act.grid.is_none();
+    let in_place = channels.len() <= IN_PLACE_CHANNELS && act.segments.len() == 1 && act.grid.is_none();
     // Rows in chunks whose packed activations (`[row block][depth][mr]`) fit in the L2 cache
     // beside the pass's weights.
     let most = (PACKED_VALUES / (KC.min(act.depth()).max(1) * mr)).max(1) * mr;
@@ -394,7 +422,7 @@ pub(super) unsafe fn pixels_by_channels(
         let mut acc = Accumulator::new(passes.len(), rows.clone(), channels.clone());
         for (p, pass) in passes.iter().enumerate() {
             let last = p + 1 == passes.len();
-            let d0 = pass[0].seg * act.seg_len + pass[0].range.start;
+            let d0 = pass[0].depth;
             let depth: usize = pass.iter().map(|piece| piece.range.len()).sum();
             for (b, r0) in rows.clone().step_by(mr).enumerate() {
                 let rb = mr.min(rows.end - r0);
@@ -421,9 +449,9 @@ pub(super) unsafe fn pixels_by_channels(
                     let rb = mr.min(rows.end - r0);
                     let (dst, stride) = acc.at(r0, c0, mr);
                     let (lhs, lhs_cs) = if in_place && rb == mr {
-                        let at = act.offsets[0] + pass[0].range.start * act.depth_stride + r0;
+                        let at = pass[0].range.start * act.depth_stride + r0;
                         // SAFETY: the caller vouches for the activations.
-                        (unsafe { act.base.add(at) }, act.depth_stride)
+                        (unsafe { act.segments[0].start.add(at) }, act.depth_stride)
                     } else {
                         (packed[b * depth * mr..].as_ptr(), mr)
                     };
@@ -469,10 +497,10 @@ pub(super) unsafe fn pixels_by_channels(
 unsafe fn pack_full<const MR: usize>(a: &mut [f32], act: &Activations, pass: &[Piece], r0: usize) {
     let mut columns = a.as_chunks_mut::<MR>().0.iter_mut();
     for piece in pass {
-        let seg = act.offsets[piece.seg];
+        let seg = act.segments[piece.seg].start;
         for (i, to) in piece.range.clone().zip(&mut columns) {
             // SAFETY: the caller vouches for the activations.
-            let from = unsafe { &*(act.base.add(seg + i * act.depth_stride + r0) as *const [f32; MR]) };
+            let from = unsafe { &*(seg.add(i * act.depth_stride + r0) as *const [f32; MR]) };
             // In pieces of 16 (whole copies of 256 bytes become calls to memcpy).
             for (to, from) in to
                 .as_chunks_mut::<16>()
@@ -493,11 +521,10 @@ unsafe fn pack_full<const MR: usize>(a: &mut [f32], act: &Activations, pass: &[P
 unsafe fn pack_part(a: &mut [f32], mr: usize, act: &Activations, pass: &[Piece], r0: usize, rb: usize) {
     let mut columns = a.chunks_exact_mut(mr);
     for piece in pass {
-        let seg = act.offsets[piece.seg];
+        let seg = act.segments[piece.seg].start;
         for (i, to) in piece.range.clone().zip(&mut columns) {
             // SAFETY: the caller vouches for the activations.
-            let from =
-                unsafe { std::slice::from_raw_parts(act.base.add(seg + i * act.depth_stride + r0), rb) };
+            let from = unsafe { std::slice::from_raw_parts(seg.add(i * act.depth_stride + r0), rb) };
             to[..rb].copy_from_slice(from);
             to[rb..].fill(0.0);
         }
@@ -532,10 +559,10 @@ unsafe fn pack_grid(
     }
     let mut columns = a.chunks_exact_mut(mr);
     for piece in pass {
-        let seg = act.offsets[piece.seg];
+        let seg = act.segments[piece.seg].start;
         for (i, to) in piece.range.clone().zip(&mut columns) {
             // SAFETY: the caller vouches for the activations.
-            let base = unsafe { act.base.add(seg + i * act.depth_stride) };
+            let base = unsafe { seg.add(i * act.depth_stride) };
             for &(at, from, len) in &runs[..n] {
                 let to = &mut to[at..at + len];
                 if grid.col_step == 1 {
@@ -582,9 +609,8 @@ pub(super) unsafe fn channels_by_pixels(
                 let (dst, stride) = acc.at(c0, p0, mr);
                 for (j, piece) in pass.iter().enumerate() {
                     let first = p == 0 && j == 0;
-                    let d = piece.seg * act.seg_len + piece.range.start;
-                    let at =
-                        act.offsets[piece.seg] + piece.range.start * act.depth_stride + p0 * act.pixel_stride;
+                    let d = piece.depth;
+                    let at = piece.range.start * act.depth_stride + p0 * act.pixel_stride;
                     // SAFETY: the caller vouches for the activations; the panel holds `depth`
                     // rows of `mr`, the accumulator `pb` columns of `cb` at `dst`.
                     unsafe {
@@ -594,7 +620,7 @@ pub(super) unsafe fn channels_by_pixels(
                             piece.range.len(),
                             dst,
                             weights.at(w, c0, d).0,
-                            act.base.add(at),
+                            act.segments[piece.seg].start.add(at),
                             stride as isize,
                             1,
                             mr as isize,
