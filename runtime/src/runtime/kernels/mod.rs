@@ -374,7 +374,12 @@ pub(crate) struct Adaptive {
 
 impl Adaptive {
     pub(crate) fn enter(threads: usize) -> Self {
-        ADAPTIVE_RUNNING.fetch_add(1, Ordering::AcqRel);
+        if ADAPTIVE_RUNNING.fetch_add(1, Ordering::AcqRel) > 0 {
+            // Another inference ran alone until now, and its helpers may be spinning for its
+            // next section: its sections take one thread from now on, so they park at once
+            // instead of spinning on the core this inference is about to use.
+            spin::rest();
+        }
         Adaptive {
             outer: ADAPTIVE_THREADS.replace(Some(threads)),
         }

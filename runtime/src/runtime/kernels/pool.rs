@@ -319,9 +319,23 @@ impl EdgePool {
                 let plane = &x[ch * self.h * self.w..][..self.h * self.w];
                 for yy in 0..self.ho {
                     let (r0, r1) = self.window(yy, self.sh, self.pad[0], self.kh, self.h);
-                    acc.fill(self.init());
-                    for r in r0..r1 {
-                        self.combine(&mut acc, &plane[r * self.w..][..self.w]);
+                    let row = |r: usize| &plane[r * self.w..][..self.w];
+                    match r1 - r0 {
+                        0 => acc.fill(self.init()),
+                        // Three rows (3x3 windows) in one pass.
+                        3 => {
+                            let rows = acc.iter_mut().zip(row(r0)).zip(row(r0 + 1)).zip(row(r0 + 2));
+                            match self.reduce {
+                                Reduce::Max => rows.for_each(|(((o, a), b), c)| *o = a.max(*b).max(*c)),
+                                Reduce::Sum { .. } => rows.for_each(|(((o, a), b), c)| *o = a + b + c),
+                            }
+                        }
+                        _ => {
+                            acc.copy_from_slice(row(r0));
+                            for r in r0 + 1..r1 {
+                                self.combine(&mut acc, row(r));
+                            }
+                        }
                     }
                     let out = &mut y[(ch * self.ho + yy) * self.wo..][..self.wo];
                     if three_by_two {
