@@ -204,53 +204,74 @@ impl EdgeMatMul {
         Ok(Some((op, node.inputs[d_slot])))
     }
 
-    /// `self` followed by `next`, a product accumulated onto `self`'s output: one product over
-    /// both's data inputs (the weights stacked along the depth), the output written once
-    /// instead of read and written again by each product of a chain. `None` when they cannot
-    /// be one: only products whose output's pixels are contiguous, the layout `pixels_by_channels`
-    /// reads every input in (the same pixels, each input's channels `m` values apart).
-    pub(super) fn chained(&self, next: &EdgeMatMul) -> TractResult<Option<EdgeMatMul>> {
+    /// Whether `next`, a product accumulated onto `self`'s output, can be one product with
+    /// it ([`EdgeMatMul::chained`]): only products whose output's pixels are contiguous, the
+    /// layout `pixels_by_channels` reads every input in (the same pixels, each input's
+    /// channels `m` values apart), on our micro-kernels.
+    pub(super) fn chains_into(&self, next: &EdgeMatMul) -> bool {
         let (a, b) = (&self.layout, &next.layout);
-        let (Some(pa), Some(pb)) = (&self.packed, &next.packed) else {
-            return Ok(None);
+        let widths = (self.packed.as_ref(), next.packed.as_ref());
+        next.accumulate
+            && self.bias.is_none()
+            && !self.relu
+            && matches!(a.shape(), Shape::PixelsByChannels)
+            && (a.m, a.n, a.data, a.out, a.n_axis, &a.output_shape)
+                == (b.m, b.n, b.data, b.out, b.n_axis, &b.output_shape)
+            && matches!(widths, (Some(pa), Some(pb)) if pa.width == 0 && pb.width == 0)
+    }
+
+    /// A chain of products, each accumulated onto the one before ([`Self::chains_into`]), as
+    /// one product over all their data inputs (the weights stacked along the depth): the
+    /// output written once instead of read and written again by each product.
+    pub(super) fn chained(chain: &[&EdgeMatMul]) -> TractResult<EdgeMatMul> {
+        let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+            bail!("EdgeMatMul: an empty chain");
         };
-        if !next.accumulate
-            || self.bias.is_some()
-            || self.relu
-            || !matches!(a.shape(), Shape::PixelsByChannels)
-            || (a.m, a.n, a.data, a.out, a.n_axis, &a.output_shape)
-                != (b.m, b.n, b.data, b.out, b.n_axis, &b.output_shape)
-            || pa.width != 0
-            || pb.width != 0
-        {
-            return Ok(None);
-        }
-        let (n, ka, kb) = (a.n, pa.depth, pb.depth);
-        let wa = pa.data.try_as_plain_ram()?;
-        let wb = pb.data.try_as_plain_ram()?;
-        let (wa, wb) = (wa.as_slice::<f32>()?, wb.as_slice::<f32>()?);
         ensure!(
-            wa.len() == n * ka && wb.len() == n * kb,
-            "EdgeMatMul: packed weights"
+            chain.windows(2).all(|pair| pair[0].chains_into(pair[1])),
+            "EdgeMatMul: products that do not chain"
         );
-        // Channel-major: each channel's depth is its depth in `self`, then in `next`.
-        let weights = f32_tensor(n * (ka + kb), |w| {
-            for (ch, row) in w.chunks_exact_mut(ka + kb).enumerate() {
-                row[..ka].copy_from_slice(&wa[ch * ka..][..ka]);
-                row[ka..].copy_from_slice(&wb[ch * kb..][..kb]);
+        let n = last.layout.n;
+        let parts = chain
+            .iter()
+            .map(|op| {
+                let packed = op
+                    .packed
+                    .as_ref()
+                    .context("EdgeMatMul: a chained product without packed weights")?;
+                Ok((packed.depth, packed.data.try_as_plain_ram()?))
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        let depth: usize = parts.iter().map(|(k, _)| k).sum();
+        let parts = parts
+            .iter()
+            .map(|(k, w)| {
+                let w = w.as_slice::<f32>()?;
+                ensure!(w.len() == n * k, "EdgeMatMul: packed weights");
+                Ok((*k, w))
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        // Channel-major: each channel's depth runs through the products in turn.
+        let weights = f32_tensor(n * depth, |w| {
+            for (ch, row) in w.chunks_exact_mut(depth.max(1)).enumerate() {
+                let mut at = 0;
+                for (k, part) in &parts {
+                    row[at..at + k].copy_from_slice(&part[ch * k..][..*k]);
+                    at += k;
+                }
             }
         })?;
-        let mut layout = b.clone();
-        layout.k = ka + kb;
-        Ok(Some(EdgeMatMul {
+        let mut layout = last.layout.clone();
+        layout.k = depth;
+        Ok(EdgeMatMul {
             layout,
             weights: None,
-            packed: Some(Packed::channel_major(weights, ka + kb, n)?),
-            bias: next.bias.clone(),
-            relu: next.relu,
-            accumulate: self.accumulate,
-            depths: self.depths.iter().chain(&next.depths).copied().collect(),
-        }))
+            packed: Some(Packed::channel_major(weights, depth, n)?),
+            bias: last.bias.clone(),
+            relu: last.relu,
+            accumulate: first.accumulate,
+            depths: chain.iter().flat_map(|op| op.depths.iter().copied()).collect(),
+        })
     }
 
     fn run(&self, xs: &[&[f32]], y: &mut [f32]) -> TractResult<()> {

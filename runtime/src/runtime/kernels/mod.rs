@@ -139,40 +139,63 @@ pub fn rewrite(mut model: TypedModel, options: KernelOptions) -> TractResult<(Ty
     Ok((model, done))
 }
 
-/// Merges each accumulated product into the product it accumulates onto, when that one feeds
-/// only it ([`EdgeMatMul::chained`]): tract's sum of products over a concat's inputs
-/// (Inception V3: up to 6 of them, 134 of its 141 products) becomes one product over all the
-/// inputs, in one parallel section, whose output is written once, after the whole depth.
+/// Merges each chain of products in which each accumulates onto the one before and feeds only
+/// the next ([`EdgeMatMul::chains_into`]) into one product ([`EdgeMatMul::chained`]): tract's
+/// sum of products over a concat's inputs (Inception V3: up to 6 of them, 134 of its 141
+/// products) becomes one product over all the inputs, in one parallel section, whose output
+/// is written once, after the whole depth. Each chain is merged at its last product, its
+/// weights stacked once.
 fn chain(mut model: TypedModel, done: &mut Rewritten) -> TractResult<TypedModel> {
+    let outputs = model.output_outlets()?.to_vec();
+    // The product `id` accumulates onto, when that one chains into it.
+    let previous = |model: &TypedModel, id: usize| -> Option<usize> {
+        let node = &model.nodes[id];
+        let op = node.op_as::<EdgeMatMul>()?;
+        let addend = *node.inputs.last()?;
+        let producer = &model.nodes[addend.node];
+        let first = producer.op_as::<EdgeMatMul>()?;
+        (op.accumulate
+            && producer.outputs[0].successors.len() == 1
+            && !outputs.contains(&addend)
+            && first.chains_into(op))
+        .then_some(addend.node)
+    };
     for id in model.eval_order()? {
         let node = &model.nodes[id];
-        let Some(next) = node.op_as::<EdgeMatMul>().filter(|mm| mm.accumulate) else {
-            continue;
-        };
-        let Some(&addend) = node.inputs.last() else {
-            continue;
-        };
-        let producer = &model.nodes[addend.node];
-        let Some(first) = producer.op_as::<EdgeMatMul>() else {
-            continue;
-        };
-        if producer.outputs[0].successors.len() != 1 || model.output_outlets()?.contains(&addend) {
+        if node.op_as::<EdgeMatMul>().is_none() {
             continue;
         }
-        let Some(op) = first.chained(next)? else {
+        // Not the last of its chain: the next product merges it.
+        if let [next] = node.outputs[0].successors.as_slice()
+            && previous(&model, next.node) == Some(id)
+        {
             continue;
-        };
-        // The first's data inputs, the next's, then the first's addend if it has one.
-        let data = &node.inputs[..next.depths.len()];
-        let mut inputs: TVec<OutletId> = producer.inputs[..first.depths.len()].into();
-        inputs.extend_from_slice(data);
-        inputs.extend_from_slice(&producer.inputs[first.depths.len()..]);
+        }
+        let mut ids = vec![id];
+        while let Some(before) = ids.last().and_then(|&last| previous(&model, last)) {
+            ids.push(before);
+        }
+        if ids.len() < 2 {
+            continue;
+        }
+        ids.reverse();
+        let ops: Vec<&EdgeMatMul> = ids
+            .iter()
+            .filter_map(|&i| model.nodes[i].op_as::<EdgeMatMul>())
+            .collect();
+        let op = EdgeMatMul::chained(&ops)?;
+        // Every product's data inputs in turn, then the first's addend if it has one.
+        let mut inputs: TVec<OutletId> = TVec::new();
+        for (&i, product) in ids.iter().zip(&ops) {
+            inputs.extend_from_slice(&model.nodes[i].inputs[..product.depths.len()]);
+        }
+        inputs.extend_from_slice(&model.nodes[ids[0]].inputs[ops[0].depths.len()..]);
         let mut patch = TypedModelPatch::default();
         let taps = patch.taps(&model, &inputs)?;
-        let wire = patch.wire_node(node.name.clone(), op, &taps)?;
+        let wire = patch.wire_node(model.nodes[id].name.clone(), op, &taps)?;
         patch.shunt_outside(&model, OutletId::new(id, 0), wire[0])?;
         patch.apply(&mut model)?;
-        done.chained += 1;
+        done.chained += ids.len() - 1;
     }
     model.into_compact()
 }
