@@ -1128,6 +1128,16 @@ mod tests {
                 false,
                 false,
             ),
+            // A kernel larger than the map: taps off the plane for every pixel.
+            (
+                DataFormat::CHW,
+                (2, 3, 2),
+                [7, 7],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                false,
+                false,
+            ),
             (
                 DataFormat::CHW,
                 (7, 9, 3),

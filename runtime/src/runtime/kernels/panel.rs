@@ -234,12 +234,13 @@ pub(super) struct Segment {
 }
 
 impl Segment {
-    /// `count` segments of `len` values at `offsets` in `values` (a convolution's taps).
+    /// A segment of `len` values at each of `offsets` in `values` (a convolution's taps in
+    /// its padded input, which holds every tap's reads).
     pub(super) fn at(values: &[f32], offsets: impl IntoIterator<Item = usize>, len: usize) -> Vec<Segment> {
         offsets
             .into_iter()
             .map(|at| Segment {
-                start: values[at.min(values.len())..].as_ptr(),
+                start: values[at..].as_ptr(),
                 len,
             })
             .collect()

@@ -246,7 +246,11 @@ impl EdgePool {
             _ => Vec::new(),
         };
         // The flat range of pixels `p` for which `p + d` is in the plane.
-        let range = |d: isize| (-d).max(0) as usize..(hw as isize - d).clamp(0, hw as isize) as usize;
+        // (Empty when the tap is off the plane for every pixel: a kernel larger than the map.)
+        let range = |d: isize| {
+            let end = (hw as isize - d).clamp(0, hw as isize) as usize;
+            ((-d).max(0) as usize).min(end)..end
+        };
         let parts = split(self.c, threads(), 1);
         let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
         for_each_part(parts.len(), |part| {
@@ -260,6 +264,9 @@ impl EdgePool {
                 rows.fill(self.init());
                 for (d, inside) in &taps {
                     let pixels = range(*d);
+                    if pixels.is_empty() {
+                        continue;
+                    }
                     let from = &plane[(pixels.start as isize + d) as usize..][..pixels.len()];
                     let to = rows[pixels.clone()].iter_mut().zip(&inside[pixels]).zip(from);
                     match self.reduce {
@@ -271,6 +278,9 @@ impl EdgePool {
                 for ky in 0..self.kh {
                     let d = (ky as isize - self.pad[0] as isize) * w as isize;
                     let pixels = range(d);
+                    if pixels.is_empty() {
+                        continue;
+                    }
                     let from = &rows[(pixels.start as isize + d) as usize..][..pixels.len()];
                     self.combine(&mut out[pixels], from);
                 }
