@@ -57,11 +57,34 @@ impl Shared {
     }
 }
 
+/// The retained status is the last one the broker receives: once the final `offline` status
+/// has been handed to the client, no other status may follow it (the broker would keep that
+/// one, and a stopped agent would look alive or stuck to the fleet).
+#[derive(Debug, Default)]
+struct StatusGate {
+    offline_sent: bool,
+}
+
+impl StatusGate {
+    /// Whether a publish with this tag may be handed to the client now.
+    fn admits(&mut self, tag: Tag) -> bool {
+        match tag {
+            Tag::Reply(_) => true,
+            Tag::Status => !self.offline_sent,
+            Tag::Offline => {
+                self.offline_sent = true;
+                true
+            }
+        }
+    }
+}
+
 pub(super) async fn publisher_task(
     client: Client,
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<PubCmd>,
 ) {
+    let mut gate = StatusGate::default();
     while let Some(cmd) = rx.recv().await {
         match cmd {
             PubCmd::Publish {
@@ -71,6 +94,10 @@ pub(super) async fn publisher_task(
                 retain,
                 correlation_data,
             } => {
+                if !gate.admits(tag) {
+                    debug!("a status queued after the offline one: not published");
+                    continue;
+                }
                 lock(&shared.tracker).queued(tag);
                 if let Err(e) = client.publish(&topic, payload, retain, correlation_data).await {
                     error!("cannot publish to {topic}: {e}");
@@ -105,18 +132,22 @@ pub(super) async fn publisher_task(
                 if let Err(e) = client.subscribe(&filters).await {
                     error!("cannot subscribe: {e}");
                 }
-                let state = shared.state();
-                lock(&shared.tracker).queued(Tag::Status);
-                if let Err(e) = client
-                    .publish(
-                        &shared.topics.status,
-                        shared.status_document(state.as_str()),
-                        true,
-                        None,
-                    )
-                    .await
-                {
-                    error!("cannot publish the status: {e}");
+                // After the offline status (a reconnection during shutdown), the session
+                // resends it or, without a session, the last will says `offline`.
+                if gate.admits(Tag::Status) {
+                    let state = shared.state();
+                    lock(&shared.tracker).queued(Tag::Status);
+                    if let Err(e) = client
+                        .publish(
+                            &shared.topics.status,
+                            shared.status_document(state.as_str()),
+                            true,
+                            None,
+                        )
+                        .await
+                    {
+                        error!("cannot publish the status: {e}");
+                    }
                 }
                 if first || !session_present {
                     match shared.queue.outbox_async().await {
@@ -144,5 +175,23 @@ pub(super) async fn publisher_task(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_status_follows_the_offline_one() {
+        let mut gate = StatusGate::default();
+        let reply = Tag::Reply(Seq::new(7));
+        assert!(gate.admits(Tag::Status));
+        assert!(gate.admits(reply));
+        assert!(gate.admits(Tag::Offline));
+        assert!(!gate.admits(Tag::Status), "a full status after the offline one");
+        assert!(gate.admits(reply), "replies still leave after the offline status");
+        assert!(gate.admits(Tag::Offline), "the offline status may be sent again");
+        assert!(!gate.admits(Tag::Status));
     }
 }

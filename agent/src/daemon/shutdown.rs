@@ -65,9 +65,14 @@ pub(super) async fn shutdown(shared: &Arc<Shared>, tasks: Tasks) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tasks.housekeeping.abort();
-    tasks.sighup.abort();
-    tasks.model_task.abort();
+    // `abort` only asks: a task running on another thread goes on to its next `.await`, and
+    // housekeeping could queue one more full status after the offline one (a stopped agent
+    // then stays `shutting_down` in its retained status). So wait until they have stopped;
+    // the publisher also refuses any status after the offline one.
+    for task in [tasks.housekeeping, tasks.sighup, tasks.model_task] {
+        task.abort();
+        let _ = task.await;
+    }
     // A clean disconnect suppresses the last will: it is sent only once the broker has
     // acknowledged the final status. Otherwise the connection is just closed and the broker
     // publishes the will, so a stopped agent never stays `online` in its retained status.
