@@ -21,6 +21,7 @@ const S: &str = "cold start";
 
 /// The child: load, get ready to infer, report.
 pub fn child(bundle: Option<&Path>, onnx: Option<&Path>, cache: Option<&Path>) -> Result<()> {
+    crate::alloc::stop_counting();
     let start = Instant::now();
     let parsed = match (bundle, onnx) {
         (Some(b), None) if cache.is_some() => {

@@ -10,6 +10,7 @@
 //! Compatibility: a loader refuses a bundle whose `format_version` is not
 //! [`manifest::FORMAT_VERSION`] or whose `tract_version` is newer than the tract it links.
 
+mod graph_text;
 mod guard;
 pub mod manifest;
 
@@ -247,7 +248,12 @@ pub fn from_bytes(name: &Path, bytes: &[u8]) -> Result<Bundle, BundleError> {
 /// tract's NNEF framework: its operator registry takes a while to build, so once per process.
 fn nnef() -> &'static tract_nnef::framework::Nnef {
     static NNEF: std::sync::OnceLock<tract_nnef::framework::Nnef> = std::sync::OnceLock::new();
-    NNEF.get_or_init(tract_nnef::nnef)
+    NNEF.get_or_init(|| {
+        let mut nnef = tract_nnef::nnef();
+        // Before tract's graph loader: see `graph_text`.
+        nnef.resource_loaders.insert(0, Box::new(graph_text::GraphLoader));
+        nnef
+    })
 }
 
 /// Reads the NNEF model in a tar held in memory (a bundle or a bare NNEF tar): [`guard`]'s
@@ -272,9 +278,12 @@ fn parse_model(path: &Path, mut reader: impl Read) -> Result<TypedModel, BundleE
         path: path.to_owned(),
         reason,
     };
-    let proto = nnef()
-        .proto_model_for_read(&mut reader)
-        .map_err(|e| failed(format!("{e:#}")))?;
+    let proto = nnef().proto_model_for_read(&mut reader);
+    let body = graph_text::take_body();
+    let mut proto = proto.map_err(|e| failed(format!("{e:#}")))?;
+    if let Some(body) = body {
+        proto.doc.graph_def.body = body.map_err(|e| failed(format!("{e:#}")))?;
+    }
     guard::check_document(&proto.doc).map_err(failed)?;
     nnef()
         .model_for_proto_model(&proto)
