@@ -6,9 +6,10 @@
 //! mapping above its threshold, and the heap's top trimmed past 128 KB), so every page is
 //! faulted in and zeroed again for the next allocation: page faults were ~28% of a restart's
 //! time (Inception V3 bundle, `perf`). While a [`RetainHeap`] lives, blocks up to 32 MiB come
-//! from the heap and nothing is trimmed; when it ends, the default trim threshold is back and
-//! the free memory goes back to the kernel at once, so the resident set after loading is what
-//! it was.
+//! from the heap and nothing is trimmed; when it ends, the free memory goes back to the kernel
+//! at once, so the resident set after loading is what it was, and from then on only free memory
+//! past [`TRIM_THRESHOLD`] at the top of a heap is given back (what inferences allocate and
+//! free again stays mapped).
 
 /// Blocks up to this size come from malloc's heap rather than mappings of their own (glibc's
 /// own upper bound for its dynamic threshold on 64-bit).
