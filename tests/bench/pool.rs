@@ -59,42 +59,50 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     // off), cached in the bench's scratch directory like the in-process baselines'.
     let cache = ctx.scratch.path().to_str().context("scratch path is not UTF-8")?;
     let tuned = ["--tuning", "auto", "--tuning-cache", cache];
-    for batching in [false, true] {
-        let batch: &[&str] = if batching {
-            &["--max-batch-size", "4", "--max-queue-delay-ms", "2"]
-        } else {
-            &[]
-        };
-        let extra = [&tuned[..], batch].concat();
-        let server = Server::start_bundle(&ctx.bundle, free_port(), &extra);
-        let channel = rt.block_on(server.channel());
-        rt.block_on(drive(&channel, &image, 2, 4))?; // warm-up
-        for concurrency in [1, 4, 16] {
-            let total = (4 * ctx.rounds).max(concurrency * 2);
-            let mut r = Vec::new();
-            let mut lat = Vec::new();
-            let before = server_seconds(&server);
-            for _ in 0..2 {
-                let (rate, times) = rt.block_on(drive(&channel, &image, concurrency, total))?;
-                r.push(rate);
-                lat.extend(times);
-            }
-            if !batching && concurrency == 1 {
-                c1_latency = median(&lat);
-                let after = server_seconds(&server);
-                let server_ms = (after.0 - before.0) / (after.1 - before.1) * 1e3;
-                let client_ms = lat.iter().sum::<f64>() / lat.len() as f64;
-                grpc_overhead = client_ms - server_ms;
-                grpc_detail = format!(
-                    "mean Predict at concurrency 1: {client_ms:.1} ms at the client, {server_ms:.1} ms inside \
-                     the pool (edge_pool_request_seconds: decode, preprocess, infer, encode)"
-                );
-            }
-            let rate = median(&r);
-            rates.push((batching, concurrency, rate));
-        }
-        drop(server);
+    // Both servers up at once and driven in turns, so that a change of the machine's speed
+    // during the run (these VMs have fast and slow phases) falls on both alike.
+    let batching_args = ["--max-batch-size", "4", "--max-queue-delay-ms", "2"];
+    let servers = [false, true].map(|batching| {
+        let batch: &[&str] = if batching { &batching_args } else { &[] };
+        Server::start_bundle(&ctx.bundle, free_port(), &[&tuned[..], batch].concat())
+    });
+    let channels = servers.each_ref().map(|server| rt.block_on(server.channel()));
+    for channel in &channels {
+        rt.block_on(drive(channel, &image, 2, 4))?; // warm-up
     }
+    for concurrency in [1, 4, 16] {
+        let total = (4 * ctx.rounds).max(concurrency * 2);
+        let mut r = [Vec::new(), Vec::new()];
+        let mut lat = Vec::new();
+        let (mut server_s, mut server_n) = (0.0, 0.0);
+        for _ in 0..3 {
+            for (b, channel) in channels.iter().enumerate() {
+                let before = server_seconds(&servers[b]);
+                let (rate, times) = rt.block_on(drive(channel, &image, concurrency, total))?;
+                r[b].push(rate);
+                if b == 0 && concurrency == 1 {
+                    let after = server_seconds(&servers[b]);
+                    server_s += after.0 - before.0;
+                    server_n += after.1 - before.1;
+                    lat.extend(times);
+                }
+            }
+        }
+        if concurrency == 1 {
+            c1_latency = median(&lat);
+            let server_ms = server_s / server_n * 1e3;
+            let client_ms = lat.iter().sum::<f64>() / lat.len() as f64;
+            grpc_overhead = client_ms - server_ms;
+            grpc_detail = format!(
+                "mean Predict at concurrency 1: {client_ms:.1} ms at the client, {server_ms:.1} ms inside \
+                 the pool (edge_pool_request_seconds: decode, preprocess, infer, encode)"
+            );
+        }
+        for (b, r) in r.iter().enumerate() {
+            rates.push((b == 1, concurrency, median(r)));
+        }
+    }
+    drop(servers);
     for concurrency in [1, 4, 16] {
         let get = |b: bool| {
             rates
@@ -209,7 +217,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             "Pool: `edge-agent serve` (release) with the bundle and its tuned runtime settings (as \
              deployed), TF Serving Predict with one 299x299 JPEG \
              per call (`predict_images`), tonic client in process; {} calls per concurrency level, \
-             twice, median rate. In-process classify of the same JPEG: {local:.1} ms; a Predict at \
+             three times for each server in turn (both running), median rate. In-process classify of the same JPEG: {local:.1} ms; a Predict at \
              concurrency 1: {c1_latency:.1} ms. Offload path: an agent with `min_confidence = 1` \
              (every request cascades to the pool after its local inference), {} of {} requests \
              answered by the cluster.",
