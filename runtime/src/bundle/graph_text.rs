@@ -21,7 +21,12 @@ use tract_nnef::resource::{GRAPH_NNEF_FILENAME, GraphNnef, Resource, ResourceLoa
 /// Chunks (and threads) the body is parsed in.
 const MAX_THREADS: usize = 4;
 
-type Parse = JoinHandle<TractResult<Vec<Assignment>>>;
+/// One chunk's statements: being parsed on a thread, or parsed already (no thread could be
+/// started for it).
+enum Parse {
+    Thread(JoinHandle<TractResult<Vec<Assignment>>>),
+    Done(TractResult<Vec<Assignment>>),
+}
 
 thread_local! {
     /// The body being parsed for the load running on this thread (tract calls the loader on
@@ -150,8 +155,14 @@ impl ResourceLoader for GraphLoader {
         let parses = chunks(&text, &split, threads())
             .into_iter()
             .map(|chunk| {
-                let chunk = chunk.to_owned();
-                std::thread::spawn(move || tract_nnef::ast::parse::parse_assignments(&chunk))
+                let owned = chunk.to_owned();
+                std::thread::Builder::new()
+                    .name("edge-nnef-parse".into())
+                    .spawn(move || tract_nnef::ast::parse::parse_assignments(&owned))
+                    .map_or_else(
+                        |_| Parse::Done(tract_nnef::ast::parse::parse_assignments(chunk)),
+                        Parse::Thread,
+                    )
             })
             .collect();
         PENDING.with(|p| *p.borrow_mut() = Some(parses));
@@ -166,10 +177,15 @@ pub(super) fn take_body() -> Option<TractResult<Vec<Assignment>>> {
     let parses = PENDING.with(|p| p.borrow_mut().take())?;
     let mut body = Vec::new();
     for parse in parses {
-        match parse.join() {
-            Ok(Ok(part)) => body.extend(part),
-            Ok(Err(e)) => return Some(Err(e)),
-            Err(_) => return Some(Err(format_err!("the graph parser panicked"))),
+        let part = match parse {
+            Parse::Thread(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(format_err!("the graph parser panicked"))),
+            Parse::Done(part) => part,
+        };
+        match part {
+            Ok(part) => body.extend(part),
+            Err(e) => return Some(Err(e)),
         }
     }
     Some(Ok(body))
@@ -208,6 +224,32 @@ graph network(input) -> (out) {
         assert!(s.ends.iter().all(|&e| DOC.as_bytes()[e - 1] == b';'));
         assert_eq!(split("version 1.0; fragment f() -> () { }"), None, "no graph");
         assert_eq!(split("graph g() -> () { x = \"open;"), None, "open string");
+    }
+
+    #[test]
+    fn a_statement_that_does_not_parse_is_an_error_of_the_load() {
+        let nnef = tract_nnef::nnef();
+        let load = |text: &str| {
+            let path = Path::new(GRAPH_NNEF_FILENAME);
+            let loaded = GraphLoader.try_load(path, &mut text.as_bytes(), &nnef).unwrap();
+            let (key, resource) = loaded.unwrap();
+            assert_eq!(key, GRAPH_NNEF_FILENAME);
+            let head = resource.downcast_arc::<GraphNnef>().unwrap();
+            (head.0.clone(), take_body())
+        };
+        let (head, body) = load(DOC);
+        assert!(
+            !head.contains("matmul"),
+            "the body is not in what tract parses: {head}"
+        );
+        assert_eq!(body.unwrap().unwrap().len(), 5);
+        assert!(take_body().is_none(), "taken once");
+        let broken = DOC.replace("out = f(p);", "out = f(p;");
+        let (_, body) = load(&broken);
+        assert!(body.unwrap().is_err());
+        // Not the model's own graph: left to tract's loader.
+        let other = GraphLoader.try_load(Path::new("sub/graph.nnef"), &mut DOC.as_bytes(), &nnef);
+        assert!(other.unwrap().is_none());
     }
 
     #[test]
