@@ -44,16 +44,20 @@ pub(super) struct Split {
     pub(super) ends: Vec<usize>,
 }
 
-/// Finds the graph body of an NNEF document: the `{ ... }` after the `graph` keyword at the top
-/// level, skipping strings and comments; `None` when the text is not that shape.
+/// Finds the graph body of an NNEF document: the `{ ... }` after the `graph` keyword that
+/// starts a top-level declaration (after `;` or `}`, not a parameter of that name), skipping
+/// strings and comments; `None` when the text is not that shape.
 pub(super) fn split(text: &str) -> Option<Split> {
     let bytes = text.as_bytes();
     let (mut i, mut depth) = (0, 0usize);
     let mut graph_seen = false;
     let mut open = None;
     let mut ends = Vec::new();
+    // The last byte outside comments and whitespace before `i`.
+    let mut last: Option<u8> = None;
     while i < bytes.len() {
-        match bytes[i] {
+        let b = bytes[i];
+        match b {
             b'#' => {
                 while i < bytes.len() && bytes[i] != b'\n' {
                     i += 1;
@@ -86,13 +90,16 @@ pub(super) fn split(text: &str) -> Option<Split> {
             b';' if depth == 1 && open.is_some() => ends.push(i + 1),
             b'g' if depth == 0
                 && !graph_seen
+                && matches!(last, None | Some(b';' | b'}'))
                 && text[i..].starts_with("graph")
-                && (i == 0 || !is_word(bytes[i - 1]))
                 && bytes.get(i + 5).is_none_or(|b| !is_word(*b)) =>
             {
                 graph_seen = true;
             }
             _ => {}
+        }
+        if !b.is_ascii_whitespace() {
+            last = Some(b);
         }
         i += 1;
     }
@@ -103,22 +110,26 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
-/// Statements of the body in at most `n` chunks of about equal length, as text.
+/// The body's statements in at most `n` chunks of about equal length, as text: together the
+/// whole body (what follows the last statement belongs to the last chunk, so that anything
+/// but comments there fails its parse as it fails tract's). Empty when the body has no
+/// statement.
 fn chunks<'t>(text: &'t str, split: &Split, n: usize) -> Vec<&'t str> {
     let body_start = split.open + 1;
     let total = split.close - body_start;
+    let Some(&last) = split.ends.last() else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     let mut start = body_start;
     for &end in &split.ends {
         let done = end - body_start;
-        if done * n >= total * (out.len() + 1) {
+        if end != last && done * n >= total * (out.len() + 1) {
             out.push(&text[start..end]);
             start = end;
         }
     }
-    // Whitespace or comments after the last statement.
     out.push(&text[start..split.close]);
-    out.retain(|c| c.contains(';'));
     out
 }
 
@@ -149,10 +160,15 @@ impl ResourceLoader for GraphLoader {
         let mut text = String::new();
         reader.read_to_string(&mut text)?;
         let key = path.to_string_lossy().to_string();
-        let Some(split) = split(&text) else {
+        let split = split(&text);
+        let chunks = split
+            .as_ref()
+            .map(|s| chunks(&text, s, threads()))
+            .unwrap_or_default();
+        let Some(split) = split.filter(|_| !chunks.is_empty()) else {
             return Ok(Some((key, Arc::new(GraphNnef(text)))));
         };
-        let parses = chunks(&text, &split, threads())
+        let parses = chunks
             .into_iter()
             .map(|chunk| {
                 let owned = chunk.to_owned();
@@ -223,6 +239,14 @@ graph network(input) -> (out) {
         assert_eq!(s.ends.len(), 5, "five statements: {:?}", s.ends);
         assert!(s.ends.iter().all(|&e| DOC.as_bytes()[e - 1] == b';'));
         assert_eq!(split("version 1.0; fragment f() -> () { }"), None, "no graph");
+        // A parameter named `graph` does not start the graph.
+        let named = "version 1.0;\nfragment f(graph: tensor<scalar>) -> (y: tensor<scalar>) { y = graph; }\ngraph g(x) -> (y) { y = f(x); }";
+        let s = split(named).unwrap();
+        assert!(
+            named[..s.open].ends_with("graph g(x) -> (y) "),
+            "{}",
+            &named[..=s.open]
+        );
         assert_eq!(split("graph g() -> () { x = \"open;"), None, "open string");
     }
 
@@ -250,6 +274,34 @@ graph network(input) -> (out) {
         // Not the model's own graph: left to tract's loader.
         let other = GraphLoader.try_load(Path::new("sub/graph.nnef"), &mut DOC.as_bytes(), &nnef);
         assert!(other.unwrap().is_none());
+    }
+
+    #[test]
+    fn what_follows_the_last_statement_is_parsed_with_it() {
+        let s = split(DOC).unwrap();
+        for n in 1..=6 {
+            let parts = chunks(DOC, &s, n);
+            assert_eq!(
+                parts.concat(),
+                DOC[s.open + 1..s.close],
+                "{n} chunks cover the body"
+            );
+        }
+        // A comment with a `;` after the last statement parses; anything else fails.
+        let commented = DOC.replace("  out = f(p);\n", "  out = f(p);\n  # done; really\n");
+        let s = split(&commented).unwrap();
+        let parsed: usize = chunks(&commented, &s, 3)
+            .into_iter()
+            .map(|c| tract_nnef::ast::parse::parse_assignments(c).unwrap().len())
+            .sum();
+        assert_eq!(parsed, 5);
+        let junk = DOC.replace("  out = f(p);\n", "  out = f(p);\n  junk\n");
+        let s = split(&junk).unwrap();
+        let last = chunks(&junk, &s, 3).pop().unwrap();
+        assert!(tract_nnef::ast::parse::parse_assignments(last).is_err());
+        // No statement at all: left to tract, which refuses this one.
+        let s = split("graph g() -> () { junk }").unwrap();
+        assert!(chunks("graph g() -> () { junk }", &s, 2).is_empty());
     }
 
     #[test]

@@ -282,6 +282,12 @@ fn parse_model(path: &Path, mut reader: impl Read) -> Result<TypedModel, BundleE
     let body = graph_text::take_body();
     let mut proto = proto.map_err(|e| failed(format!("{e:#}")))?;
     if let Some(body) = body {
+        // The split-off body belongs to the graph tract parsed with an empty one.
+        if !proto.doc.graph_def.body.is_empty() {
+            return Err(failed(
+                "graph.nnef: the graph's body was not where it was looked for".into(),
+            ));
+        }
         proto.doc.graph_def.body = body.map_err(|e| failed(format!("{e:#}")))?;
     }
     guard::check_document(&proto.doc).map_err(failed)?;

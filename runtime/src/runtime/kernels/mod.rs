@@ -179,10 +179,14 @@ fn chain(mut model: TypedModel, done: &mut Rewritten) -> TractResult<TypedModel>
             continue;
         }
         ids.reverse();
-        let ops: Vec<&EdgeMatMul> = ids
+        let ops = ids
             .iter()
-            .filter_map(|&i| model.nodes[i].op_as::<EdgeMatMul>())
-            .collect();
+            .map(|&i| {
+                model.nodes[i]
+                    .op_as::<EdgeMatMul>()
+                    .context("EdgeMatMul: a chain's product")
+            })
+            .collect::<TractResult<Vec<&EdgeMatMul>>>()?;
         let op = EdgeMatMul::chained(&ops)?;
         // Every product's data inputs in turn, then the first's addend if it has one.
         let mut inputs: TVec<OutletId> = TVec::new();
