@@ -333,11 +333,79 @@ impl EdgeConv {
         y: &mut [f32],
         bias: &[f32],
     ) -> TractResult<()> {
+        run_packed(&self.geometry, self.relu, isa, packed, padded, y, bias)
+    }
+
+    /// Splits the product `rows x o` into one part per thread (along the larger side) and runs
+    /// `each((rows, cols, c), lhs, rhs, dst)` with the pointers moved to the part's corner.
+    #[allow(clippy::type_complexity)]
+    fn products(
+        &self,
+        rows: usize,
+        lhs: &[f32],
+        rhs: &[f32],
+        dst: *mut f32,
+        (dst_rs, dst_cs): (usize, usize),
+        each: impl Fn((usize, usize, usize), *const f32, *const f32, *mut f32) + Sync,
+    ) {
         let g = &self.geometry;
+        let threads = threads();
+        let by_rows = rows >= g.o;
+        let parts = if by_rows {
+            split(rows, threads, 16)
+        } else {
+            split(g.o, threads, 16)
+        };
+        let (lhs, rhs, dst) = (
+            SendPtr(lhs.as_ptr() as *mut f32),
+            SendPtr(rhs.as_ptr() as *mut f32),
+            SendPtr(dst),
+        );
+        // Elements between two rows of the left matrix: pixels of the padded input when wide,
+        // rows of the im2col matrix else.
+        let row_step = match (g.wide(), g.channels_last) {
+            (true, _) => g.input_strides().0,
+            (false, true) => g.kh * g.kw * g.c,
+            (false, false) => 1,
+        };
+        for_each_part(parts.len(), |i| {
+            let range = parts[i].clone();
+            // SAFETY: offsets stay inside the buffers: ranges are within rows / o.
+            unsafe {
+                if by_rows {
+                    each(
+                        (range.len(), g.o, g.c),
+                        lhs.get().add(range.start * row_step),
+                        rhs.get(),
+                        dst.get().add(range.start * dst_rs),
+                    )
+                } else {
+                    each(
+                        (rows, range.len(), g.c),
+                        lhs.get(),
+                        rhs.get().add(range.start * g.weight_strides().1),
+                        dst.get().add(range.start * dst_cs),
+                    )
+                }
+            }
+        });
+    }
+}
+
+widest! {
+    /// [`EdgeConv::run_packed`], in the widest vector instructions of this CPU (see [`widest`]).
+    fn run_packed(
+        g: &Geometry,
+        relu: bool,
+        isa: Isa,
+        packed: &Packed,
+        padded: &[f32],
+        y: &mut [f32],
+        bias: &[f32],
+    ) -> TractResult<()> {
         let w = packed.data.try_as_plain_ram()?;
         let w = w.as_slice::<f32>()?;
         let (hp, wp) = (g.hp(), g.wp());
-        let relu = self.relu;
         // The activations and the pixels the product runs over: the wide grid's positions
         // (stride 1: row `yy * wp + xx`, kept when `xx < wo`), or the output's pixels, their
         // patches gathered from the input as the product packs them (channels first).
@@ -444,61 +512,6 @@ impl EdgeConv {
             });
         }
         Ok(())
-    }
-
-    /// Splits the product `rows x o` into one part per thread (along the larger side) and runs
-    /// `each((rows, cols, c), lhs, rhs, dst)` with the pointers moved to the part's corner.
-    #[allow(clippy::type_complexity)]
-    fn products(
-        &self,
-        rows: usize,
-        lhs: &[f32],
-        rhs: &[f32],
-        dst: *mut f32,
-        (dst_rs, dst_cs): (usize, usize),
-        each: impl Fn((usize, usize, usize), *const f32, *const f32, *mut f32) + Sync,
-    ) {
-        let g = &self.geometry;
-        let threads = threads();
-        let by_rows = rows >= g.o;
-        let parts = if by_rows {
-            split(rows, threads, 16)
-        } else {
-            split(g.o, threads, 16)
-        };
-        let (lhs, rhs, dst) = (
-            SendPtr(lhs.as_ptr() as *mut f32),
-            SendPtr(rhs.as_ptr() as *mut f32),
-            SendPtr(dst),
-        );
-        // Elements between two rows of the left matrix: pixels of the padded input when wide,
-        // rows of the im2col matrix else.
-        let row_step = match (g.wide(), g.channels_last) {
-            (true, _) => g.input_strides().0,
-            (false, true) => g.kh * g.kw * g.c,
-            (false, false) => 1,
-        };
-        for_each_part(parts.len(), |i| {
-            let range = parts[i].clone();
-            // SAFETY: offsets stay inside the buffers: ranges are within rows / o.
-            unsafe {
-                if by_rows {
-                    each(
-                        (range.len(), g.o, g.c),
-                        lhs.get().add(range.start * row_step),
-                        rhs.get(),
-                        dst.get().add(range.start * dst_rs),
-                    )
-                } else {
-                    each(
-                        (rows, range.len(), g.c),
-                        lhs.get(),
-                        rhs.get().add(range.start * g.weight_strides().1),
-                        dst.get().add(range.start * dst_cs),
-                    )
-                }
-            }
-        });
     }
 }
 

@@ -335,7 +335,22 @@ impl EdgeMatMul {
         y: &mut [f32],
         bias: Option<&[f32]>,
     ) -> TractResult<()> {
-        let l = &self.layout;
+        run_packed(self, isa, packed, xs, y, bias)
+    }
+}
+
+widest! {
+    /// [`EdgeMatMul::run_packed`], in the widest vector instructions of this CPU (see
+    /// [`widest`]).
+    fn run_packed(
+        op: &EdgeMatMul,
+        isa: Isa,
+        packed: &Packed,
+        xs: &[&[f32]],
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+    ) -> TractResult<()> {
+        let l = &op.layout;
         let w = packed.data.try_as_plain_ram()?;
         let w = w.as_slice::<f32>()?;
         ensure!(
@@ -344,7 +359,7 @@ impl EdgeMatMul {
         );
         let segments: TVec<Segment> = xs
             .iter()
-            .zip(&self.depths)
+            .zip(&op.depths)
             .map(|(x, &len)| Segment {
                 start: x.as_ptr(),
                 len,
@@ -356,15 +371,20 @@ impl EdgeMatMul {
             pixel_stride: l.data.0,
             grid: None,
         };
-        let (relu, accumulate) = (self.relu, self.accumulate);
+        let (relu, accumulate) = (op.relu, op.accumulate);
         let out = SendPtr(y.as_mut_ptr());
-        // Writes `from` (+ the addend in `to`) + `bias`, ReLU applied, to `to`: one loop per
-        // case, each vectorised.
-        let put = move |to: &mut [f32], from: &[f32], bias: &mut dyn Iterator<Item = f32>| match accumulate {
+        // Writes `from` (+ the addend in `to`) + the bias (one value for the whole run, or one
+        // per value), ReLU applied, to `to`: one loop per case, each vectorised (a bias behind
+        // a `dyn Iterator` was a call per value once this function was compiled per ISA).
+        let put_one = move |to: &mut [f32], from: &[f32], b: f32| match accumulate {
+            true => (to.iter_mut().zip(from)).for_each(|(d, s)| *d = activate(*s + *d, b, relu)),
+            false => (to.iter_mut().zip(from)).for_each(|(d, s)| *d = activate(*s, b, relu)),
+        };
+        let put_each = move |to: &mut [f32], from: &[f32], bias: &[f32]| match accumulate {
             true => {
-                (to.iter_mut().zip(from).zip(bias)).for_each(|((d, s), b)| *d = activate(*s + *d, b, relu))
+                (to.iter_mut().zip(from).zip(bias)).for_each(|((d, s), b)| *d = activate(*s + *d, *b, relu))
             }
-            false => (to.iter_mut().zip(from).zip(bias)).for_each(|((d, s), b)| *d = activate(*s, b, relu)),
+            false => (to.iter_mut().zip(from).zip(bias)).for_each(|((d, s), b)| *d = activate(*s, *b, relu)),
         };
         let zeros = vec![0f32; l.n];
         let bias = bias.unwrap_or(&zeros);
@@ -379,7 +399,7 @@ impl EdgeMatMul {
                                 let from = &t.values[j * t.stride..][..t.rows.len()];
                                 let to = out.get().add(col * l.out.1 + t.rows.start);
                                 let to = std::slice::from_raw_parts_mut(to, t.rows.len());
-                                put(to, from, &mut std::iter::repeat(bias[col]));
+                                put_one(to, from, bias[col]);
                             }
                         })
                     }
@@ -395,7 +415,7 @@ impl EdgeMatMul {
                                 let from = &t.values[j * t.stride..][..t.rows.len()];
                                 let to = out.get().add(p * l.out.0 + t.rows.start);
                                 let to = std::slice::from_raw_parts_mut(to, t.rows.len());
-                                put(to, from, &mut bias[t.rows.clone()].iter().copied());
+                                put_each(to, from, &bias[t.rows.clone()]);
                             }
                         })
                     }

@@ -19,6 +19,21 @@
 //! one an inference runs under, which says how many threads it may use); the caller and
 //! [`spin`]'s helper threads run the parts (tract's own ops keep the executor's rayon pool).
 
+/// Compiles a kernel function three times, for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the
+/// baseline, the widest this CPU runs picked when it is called (`multiversion`): the closures
+/// in a version (the parts its threads run, the epilogues) get its instructions too, and so do
+/// the `#[inline(always)]` helpers they call (packing, [`activate`]). The micro-kernels
+/// dispatch on their own; this is for the loops around them.
+macro_rules! widest {
+    ($item:item) => {
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+avx+fma+bmi1+bmi2+lzcnt+popcnt+f16c+movbe",
+            "x86_64+avx2+avx+fma+bmi1+bmi2+lzcnt+popcnt+f16c+movbe",
+        ))]
+        $item
+    };
+}
+
 mod conv;
 mod matmul;
 mod panel;

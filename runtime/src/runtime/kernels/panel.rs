@@ -393,6 +393,7 @@ impl Accumulator {
 ///
 /// # Safety
 /// Every activation addressed for the pixels and the weights' depth must be readable.
+#[inline(always)]
 pub(super) unsafe fn pixels_by_channels(
     isa: Isa,
     pixels: Range<usize>,
@@ -495,6 +496,7 @@ pub(super) unsafe fn pixels_by_channels(
 ///
 /// # Safety
 /// As [`pixels_by_channels`].
+#[inline(always)]
 unsafe fn pack_full<const MR: usize>(a: &mut [f32], act: &Activations, pass: &[Piece], r0: usize) {
     let mut columns = a.as_chunks_mut::<MR>().0.iter_mut();
     for piece in pass {
@@ -519,6 +521,7 @@ unsafe fn pack_full<const MR: usize>(a: &mut [f32], act: &Activations, pass: &[P
 ///
 /// # Safety
 /// As [`pixels_by_channels`].
+#[inline(always)]
 unsafe fn pack_part(a: &mut [f32], mr: usize, act: &Activations, pass: &[Piece], r0: usize, rb: usize) {
     let mut columns = a.chunks_exact_mut(mr);
     for piece in pass {
@@ -537,6 +540,7 @@ unsafe fn pack_part(a: &mut [f32], mr: usize, act: &Activations, pass: &[Piece],
 ///
 /// # Safety
 /// As [`pixels_by_channels`].
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_grid(
     a: &mut [f32],
@@ -587,6 +591,7 @@ unsafe fn pack_grid(
 ///
 /// # Safety
 /// Every activation addressed for the pixels and the weights' depth must be readable.
+#[inline(always)]
 pub(super) unsafe fn channels_by_pixels(
     isa: Isa,
     channels: Range<usize>,

@@ -122,9 +122,9 @@ impl EdgePool {
         let mut scratch = Scratch::take(if transpose { y.len() } else { 0 });
         let out: &mut [f32] = if transpose { &mut scratch.0[..y.len()] } else { y };
         if self.input_channels_last {
-            self.channels_last(x, out);
+            channels_last(self, x, out);
         } else {
-            self.channels_first(x, out);
+            channels_first(self, x, out);
         }
         if transpose {
             // [ho * wo][c] -> [c][ho * wo].
@@ -139,6 +139,7 @@ impl EdgePool {
 
     /// Rows `y0..y1` of the window of output row `yy` (clipped to the input), and the same for
     /// columns.
+    #[inline(always)]
     fn window(&self, out: usize, stride: usize, pad: usize, k: usize, size: usize) -> (usize, usize) {
         let start = (out * stride) as isize - pad as isize;
         let from = start.max(0) as usize;
@@ -146,6 +147,7 @@ impl EdgePool {
         (from, to.max(from))
     }
 
+    #[inline(always)]
     fn finish(&self, value: f32, rows: usize, cols: usize) -> f32 {
         match self.reduce {
             Reduce::Max => value,
@@ -157,6 +159,7 @@ impl EdgePool {
         }
     }
 
+    #[inline(always)]
     fn init(&self) -> f32 {
         match self.reduce {
             Reduce::Max => f32::NEG_INFINITY,
@@ -164,6 +167,7 @@ impl EdgePool {
         }
     }
 
+    #[inline(always)]
     fn combine(&self, a: &mut [f32], b: &[f32]) {
         match self.reduce {
             Reduce::Max => a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(*b)),
@@ -171,51 +175,55 @@ impl EdgePool {
         }
     }
 
-    /// `x` `[h][w][c]`, `y` `[ho][wo][c]`: every output pixel reduces its window's channel
-    /// vectors; output rows split over the threads.
-    fn channels_last(&self, x: &[f32], y: &mut [f32]) {
-        let c = self.c;
-        let parts = split(self.ho, threads(), 1);
-        let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
-        for_each_part(parts.len(), |part| {
-            // SAFETY: parts write the disjoint output rows of their range.
-            let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
-            for yy in parts[part].clone() {
-                let (r0, r1) = self.window(yy, self.sh, self.pad[0], self.kh, self.h);
-                for xx in 0..self.wo {
-                    let (c0, c1) = self.window(xx, self.sw, self.pad[1], self.kw, self.w);
-                    let out = &mut y[(yy * self.wo + xx) * c..][..c];
-                    out.fill(self.init());
-                    for r in r0..r1 {
-                        for col in c0..c1 {
-                            self.combine(out, &x[(r * self.w + col) * c..][..c]);
-                        }
-                    }
-                    let (rows, cols) = (r1 - r0, c1 - c0);
-                    out.iter_mut().for_each(|v| *v = self.finish(*v, rows, cols));
-                }
-            }
-        });
-    }
-
     /// Whether every output pixel is the input pixel at the same place, its window around it
     /// (stride 1, output as large as the input: Inception V3's 3x3 average pools).
     fn same_size(&self) -> bool {
         self.sh == 1 && self.sw == 1 && self.ho == self.h && self.wo == self.w
     }
+}
 
-    /// [`Self::channels_first`] for [`Self::same_size`] pools: each plane reduced along its
+widest! {
+    /// `x` `[h][w][c]`, `y` `[ho][wo][c]`: every output pixel reduces its window's channel
+    /// vectors; output rows split over the threads.
+    fn channels_last(pool: &EdgePool, x: &[f32], y: &mut [f32]) {
+        let c = pool.c;
+        let parts = split(pool.ho, threads(), 1);
+        let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
+        for_each_part(parts.len(), |part| {
+            // SAFETY: parts write the disjoint output rows of their range.
+            let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
+            for yy in parts[part].clone() {
+                let (r0, r1) = pool.window(yy, pool.sh, pool.pad[0], pool.kh, pool.h);
+                for xx in 0..pool.wo {
+                    let (c0, c1) = pool.window(xx, pool.sw, pool.pad[1], pool.kw, pool.w);
+                    let out = &mut y[(yy * pool.wo + xx) * c..][..c];
+                    out.fill(pool.init());
+                    for r in r0..r1 {
+                        for col in c0..c1 {
+                            pool.combine(out, &x[(r * pool.w + col) * c..][..c]);
+                        }
+                    }
+                    let (rows, cols) = (r1 - r0, c1 - c0);
+                    out.iter_mut().for_each(|v| *v = pool.finish(*v, rows, cols));
+                }
+            }
+        });
+    }
+}
+
+widest! {
+    /// [`EdgePool::channels_first`] for [`EdgePool::same_size`] pools: each plane reduced along its
     /// rows, then along its columns, each a few passes over the whole plane (one pass per
     /// kernel tap, over the flat `h * w` values: vectors even on 8x8 maps, where a loop per
     /// row ran 8 values at a time), then scaled by each pixel's count.
-    fn same_size_channels_first(&self, x: &[f32], y: &mut [f32]) {
-        let (h, w) = (self.h, self.w);
+    fn same_size_channels_first(pool: &EdgePool, x: &[f32], y: &mut [f32]) {
+        let (h, w) = (pool.h, pool.w);
         let hw = h * w;
         // Per kernel column: its offset along the row, and for each pixel whether that tap
         // falls inside the row.
-        let taps: Vec<(isize, Vec<bool>)> = (0..self.kw)
+        let taps: Vec<(isize, Vec<bool>)> = (0..pool.kw)
             .map(|kx| {
-                let d = kx as isize - self.pad[1] as isize;
+                let d = kx as isize - pool.pad[1] as isize;
                 let inside = (0..hw)
                     .map(|p| {
                         let col = (p % w) as isize + d;
@@ -226,17 +234,17 @@ impl EdgePool {
             })
             .collect();
         // 1 / the window's size, per pixel (zero: no division).
-        let scale: Vec<f32> = match self.reduce {
+        let scale: Vec<f32> = match pool.reduce {
             Reduce::Sum {
                 normalize: true,
                 count_padding,
             } => (0..hw)
                 .map(|p| {
                     let (r, c) = (p / w, p % w);
-                    let (r0, r1) = self.window(r, 1, self.pad[0], self.kh, h);
-                    let (c0, c1) = self.window(c, 1, self.pad[1], self.kw, w);
+                    let (r0, r1) = pool.window(r, 1, pool.pad[0], pool.kh, h);
+                    let (c0, c1) = pool.window(c, 1, pool.pad[1], pool.kw, w);
                     let n = if count_padding {
-                        self.kh * self.kw
+                        pool.kh * pool.kw
                     } else {
                         (r1 - r0) * (c1 - c0)
                     };
@@ -251,7 +259,7 @@ impl EdgePool {
             let end = (hw as isize - d).clamp(0, hw as isize) as usize;
             ((-d).max(0) as usize).min(end)..end
         };
-        let parts = split(self.c, threads(), 1);
+        let parts = split(pool.c, threads(), 1);
         let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
         for_each_part(parts.len(), |part| {
             // SAFETY: parts write the disjoint channels of their range.
@@ -261,7 +269,7 @@ impl EdgePool {
             for ch in parts[part].clone() {
                 let plane = &x[ch * hw..][..hw];
                 let out = &mut y[ch * hw..][..hw];
-                rows.fill(self.init());
+                rows.fill(pool.init());
                 for (d, inside) in &taps {
                     let pixels = range(*d);
                     if pixels.is_empty() {
@@ -269,20 +277,20 @@ impl EdgePool {
                     }
                     let from = &plane[(pixels.start as isize + d) as usize..][..pixels.len()];
                     let to = rows[pixels.clone()].iter_mut().zip(&inside[pixels]).zip(from);
-                    match self.reduce {
+                    match pool.reduce {
                         Reduce::Max => to.for_each(|((o, &i), &v)| *o = if i { o.max(v) } else { *o }),
                         Reduce::Sum { .. } => to.for_each(|((o, &i), &v)| *o += if i { v } else { 0.0 }),
                     }
                 }
-                out.fill(self.init());
-                for ky in 0..self.kh {
-                    let d = (ky as isize - self.pad[0] as isize) * w as isize;
+                out.fill(pool.init());
+                for ky in 0..pool.kh {
+                    let d = (ky as isize - pool.pad[0] as isize) * w as isize;
                     let pixels = range(d);
                     if pixels.is_empty() {
                         continue;
                     }
                     let from = &rows[(pixels.start as isize + d) as usize..][..pixels.len()];
-                    self.combine(&mut out[pixels], from);
+                    pool.combine(&mut out[pixels], from);
                 }
                 if !scale.is_empty() {
                     out.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s);
@@ -290,52 +298,54 @@ impl EdgePool {
             }
         });
     }
+}
 
+widest! {
     /// `x` `[c][h][w]`, `y` `[c][ho][wo]`: per output row, the window's rows reduced first
     /// (whole rows at once), then each output's columns; channels split over the threads.
-    fn channels_first(&self, x: &[f32], y: &mut [f32]) {
-        if self.same_size() {
-            return self.same_size_channels_first(x, y);
+    fn channels_first(pool: &EdgePool, x: &[f32], y: &mut [f32]) {
+        if pool.same_size() {
+            return same_size_channels_first(pool, x, y);
         }
-        let parts = split(self.c, threads(), 1);
+        let parts = split(pool.c, threads(), 1);
         let (y_ptr, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
         for_each_part(parts.len(), |part| {
             // SAFETY: parts write the disjoint channels of their range.
             let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
-            let mut acc = vec![0f32; self.w];
+            let mut acc = vec![0f32; pool.w];
             // Per kernel column, the outputs whose window has it inside the input; per output,
             // its window's columns inside the input (padding counted or not).
-            let columns: Vec<std::ops::Range<usize>> = (0..self.kw)
+            let columns: Vec<std::ops::Range<usize>> = (0..pool.kw)
                 .map(|kx| {
                     let inside = |xx: &usize| {
-                        let col = (xx * self.sw + kx) as isize - self.pad[1] as isize;
-                        col >= 0 && (col as usize) < self.w
+                        let col = (xx * pool.sw + kx) as isize - pool.pad[1] as isize;
+                        col >= 0 && (col as usize) < pool.w
                     };
-                    let first = (0..self.wo).find(inside).unwrap_or(self.wo);
-                    let end = (first..self.wo).find(|xx| !inside(xx)).unwrap_or(self.wo);
+                    let first = (0..pool.wo).find(inside).unwrap_or(pool.wo);
+                    let end = (first..pool.wo).find(|xx| !inside(xx)).unwrap_or(pool.wo);
                     first..end
                 })
                 .collect();
-            let counts: Vec<f32> = (0..self.wo)
-                .map(|xx| match self.reduce {
+            let counts: Vec<f32> = (0..pool.wo)
+                .map(|xx| match pool.reduce {
                     Reduce::Sum {
                         count_padding: true, ..
-                    } => self.kw as f32,
+                    } => pool.kw as f32,
                     _ => columns.iter().filter(|r| r.contains(&xx)).count() as f32,
                 })
                 .collect();
-            let three_by_two = self.kw == 3 && self.sw == 2 && self.pad[1] == 0 && 2 * self.wo < self.w;
+            let three_by_two = pool.kw == 3 && pool.sw == 2 && pool.pad[1] == 0 && 2 * pool.wo < pool.w;
             for ch in parts[part].clone() {
-                let plane = &x[ch * self.h * self.w..][..self.h * self.w];
-                for yy in 0..self.ho {
-                    let (r0, r1) = self.window(yy, self.sh, self.pad[0], self.kh, self.h);
-                    let row = |r: usize| &plane[r * self.w..][..self.w];
+                let plane = &x[ch * pool.h * pool.w..][..pool.h * pool.w];
+                for yy in 0..pool.ho {
+                    let (r0, r1) = pool.window(yy, pool.sh, pool.pad[0], pool.kh, pool.h);
+                    let row = |r: usize| &plane[r * pool.w..][..pool.w];
                     match r1 - r0 {
-                        0 => acc.fill(self.init()),
+                        0 => acc.fill(pool.init()),
                         // Three rows (3x3 windows) in one pass.
                         3 => {
                             let rows = acc.iter_mut().zip(row(r0)).zip(row(r0 + 1)).zip(row(r0 + 2));
-                            match self.reduce {
+                            match pool.reduce {
                                 Reduce::Max => rows.for_each(|(((o, a), b), c)| *o = a.max(*b).max(*c)),
                                 Reduce::Sum { .. } => rows.for_each(|(((o, a), b), c)| *o = a + b + c),
                             }
@@ -343,32 +353,32 @@ impl EdgePool {
                         _ => {
                             acc.copy_from_slice(row(r0));
                             for r in r0 + 1..r1 {
-                                self.combine(&mut acc, row(r));
+                                pool.combine(&mut acc, row(r));
                             }
                         }
                     }
-                    let out = &mut y[(ch * self.ho + yy) * self.wo..][..self.wo];
+                    let out = &mut y[(ch * pool.ho + yy) * pool.wo..][..pool.wo];
                     if three_by_two {
                         // The stride-2 3x3 windows of a valid pool (Inception V3's max pools):
                         // one pass, pairs and the next value read in vectors.
                         let (pairs, _) = acc.as_chunks::<2>();
                         let next = acc[2..].iter().step_by(2);
                         let windows = out.iter_mut().zip(pairs).zip(next);
-                        match self.reduce {
+                        match pool.reduce {
                             Reduce::Max => windows.for_each(|((o, p), n)| *o = p[0].max(p[1]).max(*n)),
                             Reduce::Sum { .. } => windows.for_each(|((o, p), n)| *o = p[0] + p[1] + n),
                         }
                         if let Reduce::Sum {
                             normalize: true,
                             count_padding,
-                        } = self.reduce
+                        } = pool.reduce
                         {
-                            let n = (3 * if count_padding { self.kh } else { r1 - r0 }) as f32;
+                            let n = (3 * if count_padding { pool.kh } else { r1 - r0 }) as f32;
                             out.iter_mut().for_each(|v| *v /= n);
                         }
                         continue;
                     }
-                    out.fill(self.init());
+                    out.fill(pool.init());
                     // Each kernel column in turn, over the outputs whose window has it inside
                     // the input: shifted (strided) slices of the row reduced above.
                     // (One loop per reduction, on zipped slices: no bounds check or match per
@@ -377,10 +387,10 @@ impl EdgePool {
                         if outputs.is_empty() {
                             continue;
                         }
-                        let first = outputs.start * self.sw + kx - self.pad[1];
-                        let taps = acc[first..].iter().step_by(self.sw);
+                        let first = outputs.start * pool.sw + kx - pool.pad[1];
+                        let taps = acc[first..].iter().step_by(pool.sw);
                         let outs = out[outputs.clone()].iter_mut();
-                        match self.reduce {
+                        match pool.reduce {
                             Reduce::Max => outs.zip(taps).for_each(|(o, v)| *o = o.max(*v)),
                             Reduce::Sum { .. } => outs.zip(taps).for_each(|(o, v)| *o += v),
                         }
@@ -388,9 +398,9 @@ impl EdgePool {
                     if let Reduce::Sum {
                         normalize: true,
                         count_padding,
-                    } = self.reduce
+                    } = pool.reduce
                     {
-                        let rows = if count_padding { self.kh } else { r1 - r0 } as f32;
+                        let rows = if count_padding { pool.kh } else { r1 - r0 } as f32;
                         for (v, cols) in out.iter_mut().zip(&counts) {
                             *v /= rows * cols;
                         }
