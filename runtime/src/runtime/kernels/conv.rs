@@ -215,15 +215,8 @@ impl EdgeConv {
         let bias = self.bias.try_as_plain_ram()?;
         let bias = bias.as_slice::<f32>()?;
         if let Some(u) = &self.winograd {
-            // Channels first, the 16 products run on our micro-kernels: `U` is already each
-            // output channel's input channels contiguous.
-            let packed = match panel::isa().filter(|_| !g.channels_last) {
-                Some(isa) => Some((isa, Packed::channel_major_shared(u.clone(), g.c, 16 * g.o)?)),
-                None => None,
-            };
-            let values = u.try_as_plain_ram()?;
-            let products = packed.as_ref().map(|(isa, packed)| (*isa, packed));
-            winograd::run(g, values.as_slice::<f32>()?, products, x, y, bias, self.relu);
+            let u = u.try_as_plain_ram()?;
+            winograd::run(g, u.as_slice::<f32>()?, x, y, bias, self.relu);
             return Ok(());
         }
         let padded = pad(g, x);

@@ -187,22 +187,6 @@ impl Packed {
         })
     }
 
-    /// A channel-major matrix shared with its owner: `t` holds `channels` rows of `depth`
-    /// values (Winograd's transformed weights, all 16 matrices as one of `16 * o` channels).
-    pub(super) fn channel_major_shared(t: Arc<Tensor>, depth: usize, channels: usize) -> TractResult<Packed> {
-        ensure!(
-            t.len() == depth * channels,
-            "weights of {} values for {depth} x {channels}",
-            t.len()
-        );
-        Ok(Packed {
-            data: t,
-            depth,
-            channels,
-            width: 0,
-        })
-    }
-
     /// Where `channel` (the first of a panel) starts at depth `d`, and the strides (along the
     /// depth, between channels) from there.
     fn at(&self, values: &[f32], channel: usize, d: usize) -> (*const f32, isize, isize) {

@@ -10,10 +10,7 @@
 //! channels first, `[16][c][tiles]` and `[16][o][tiles]`, so every transform loop runs over
 //! contiguous values.
 
-use std::ops::Range;
-
 use super::conv::{Geometry, pad_to};
-use super::panel::{self, Activations, Isa, Packed, Segment};
 use super::{Scratch, SendPtr, activate, for_each_part, matmul, signed, split, threads};
 
 /// Smallest output for which Winograd is used (tiles of 2x2 output pixels): below, the 16
@@ -71,18 +68,8 @@ fn u_strides(g: &Geometry) -> (usize, usize) {
     if g.channels_last { (g.o, 1) } else { (1, g.c) }
 }
 
-/// One image: `x` its input, `y` its output, `u` the transformed weights; with `packed` (channels
-/// first, `u` as one channel-major matrix of `16 * o` channels), the 16 products run on our
-/// micro-kernels, else through `gemm::gemm`.
-pub(super) fn run(
-    g: &Geometry,
-    u: &[f32],
-    packed: Option<(Isa, &Packed)>,
-    x: &[f32],
-    y: &mut [f32],
-    bias: &[f32],
-    relu: bool,
-) {
+/// One image: `x` its input, `y` its output, `u` the transformed weights.
+pub(super) fn run(g: &Geometry, u: &[f32], x: &[f32], y: &mut [f32], bias: &[f32], relu: bool) {
     let (th, tw) = tiles(g);
     let t = th * tw;
     let (hp, wp) = (2 * th + 2, 2 * tw + 2);
@@ -198,11 +185,6 @@ pub(super) fn run(
     );
     let ranges = split(16, parts, 1);
     for_each_part(ranges.len(), |part| {
-        if let Some((isa, packed)) = packed {
-            // SAFETY: as below.
-            unsafe { products(isa, packed, u, (v_ptr, m_ptr), (t, c, o), ranges[part].clone()) };
-            return;
-        }
         for k in ranges[part].clone() {
             // SAFETY: product k reads V's and U's k-th blocks and writes M's k-th block.
             unsafe {
@@ -304,53 +286,5 @@ pub(super) fn run(
                 }
             }
         });
-    }
-}
-
-widest! {
-    /// Products `ks` of `M = V U` (channels first: `V` `[16][c][tiles]`, `M` `[16][o][tiles]`)
-    /// on our micro-kernels, `U` as `packed` (product `k`'s weights are its channels
-    /// `k * o..(k + 1) * o`), each tile copied to `M`.
-    ///
-    /// # Safety
-    /// `v` and `m` must hold the 16 blocks of `V` and `M`, and no other thread may write
-    /// `M`'s blocks `ks` meanwhile.
-    unsafe fn products(
-        isa: Isa,
-        packed: &Packed,
-        u: &[f32],
-        (v, m): (SendPtr<f32>, SendPtr<f32>),
-        (t, c, o): (usize, usize, usize),
-        ks: Range<usize>,
-    ) {
-        for k in ks {
-            // SAFETY: block k of V is `c` rows of `t` tiles.
-            let segment = [Segment {
-                start: unsafe { v.get().add(k * t * c) },
-                len: c,
-            }];
-            let act = Activations {
-                segments: &segment,
-                depth_stride: t,
-                pixel_stride: 1,
-                grid: None,
-            };
-            // SAFETY: block k of M is `o` rows of `t` tiles, written by this call only.
-            let block = unsafe { m.get().add(k * t * o) };
-            let first = k * o;
-            // SAFETY: the activations cover block k of V; the panel's channels are U's.
-            unsafe {
-                panel::pixels_by_channels(isa, 0..t, first..first + o, act, packed, u, |tile| {
-                    for (j, ch) in tile.cols.clone().enumerate() {
-                        let from = &tile.values[j * tile.stride..][..tile.rows.len()];
-                        let to = std::slice::from_raw_parts_mut(
-                            block.add((ch - first) * t + tile.rows.start),
-                            tile.rows.len(),
-                        );
-                        to.copy_from_slice(from);
-                    }
-                })
-            }
-        }
     }
 }
