@@ -926,6 +926,15 @@ mod tests {
                 PaddingSpec::Valid,
                 true,
             ),
+            // Channels first, more output channels (50) and tiles (225) than above.
+            (
+                DataFormat::NCHW,
+                (30, 29, 64, 50),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::SameUpper,
+                true,
+            ),
         ] {
             let model = conv_model(format, dims, kernel, strides, padding.clone(), relu);
             let (worst, done, info) = compare(model, KernelOptions::default());
