@@ -221,7 +221,7 @@ impl EdgeConv {
         }
         let padded = pad(g, x);
         if let (Some(packed), Some(isa)) = (&self.packed, panel::isa()) {
-            return self.run_packed(isa, packed, &padded, y, bias);
+            return run_packed(g, self.relu, isa, packed, &padded, y, bias);
         }
         let weights = self.weights.as_ref().context("EdgeConv without weights")?;
         let weights = weights.try_as_plain_ram()?;
@@ -323,19 +323,6 @@ impl EdgeConv {
         Ok(())
     }
 
-    /// [`Self::run`] on our micro-kernels: every tap of the kernel in one product whose tiles
-    /// are written to `y` with the bias and ReLU (and without a wide grid's extra columns).
-    fn run_packed(
-        &self,
-        isa: Isa,
-        packed: &Packed,
-        padded: &[f32],
-        y: &mut [f32],
-        bias: &[f32],
-    ) -> TractResult<()> {
-        run_packed(&self.geometry, self.relu, isa, packed, padded, y, bias)
-    }
-
     /// Splits the product `rows x o` into one part per thread (along the larger side) and runs
     /// `each((rows, cols, c), lhs, rhs, dst)` with the pointers moved to the part's corner.
     #[allow(clippy::type_complexity)]
@@ -393,7 +380,9 @@ impl EdgeConv {
 }
 
 widest! {
-    /// [`EdgeConv::run_packed`], in the widest vector instructions of this CPU (see [`widest`]).
+    /// [`EdgeConv::run`] on our micro-kernels: every tap of the kernel in one product whose
+    /// tiles are written to `y` with the bias and ReLU (and without a wide grid's extra
+    /// columns); compiled for the widest vector instructions of this CPU (see [`widest`]).
     fn run_packed(
         g: &Geometry,
         relu: bool,

@@ -279,7 +279,7 @@ impl EdgeMatMul {
         let bias = self.bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
         let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
         if let (Some(packed), Some(isa)) = (&self.packed, panel::isa()) {
-            return self.run_packed(isa, packed, xs, y, bias);
+            return run_packed(self, isa, packed, xs, y, bias);
         }
         let [x] = xs else {
             bail!("EdgeMatMul over {} inputs without our micro-kernels", xs.len());
@@ -324,24 +324,9 @@ impl EdgeMatMul {
     }
 }
 
-impl EdgeMatMul {
-    /// [`Self::run`] on our micro-kernels, each tile written to `y` with the addend, bias and
-    /// ReLU.
-    fn run_packed(
-        &self,
-        isa: Isa,
-        packed: &Packed,
-        xs: &[&[f32]],
-        y: &mut [f32],
-        bias: Option<&[f32]>,
-    ) -> TractResult<()> {
-        run_packed(self, isa, packed, xs, y, bias)
-    }
-}
-
 widest! {
-    /// [`EdgeMatMul::run_packed`], in the widest vector instructions of this CPU (see
-    /// [`widest`]).
+    /// [`EdgeMatMul::run`] on our micro-kernels, each tile written to `y` with the addend, bias
+    /// and ReLU; compiled for the widest vector instructions of this CPU (see [`widest`]).
     fn run_packed(
         op: &EdgeMatMul,
         isa: Isa,
