@@ -186,21 +186,55 @@ pub fn input(c: &Classifier) -> Tensor {
 }
 
 /// The `concurrent` profiling aid: `workers` threads each running `runs` single-threaded
-/// inferences at once, against one thread alone, in rounds.
-pub fn concurrent(bundle: &Path, tuning_cache: &Path, workers: usize, runs: usize) -> Result<()> {
+/// inferences at once, against one thread alone, in rounds; with `own_models`, each thread
+/// runs a copy of the model of its own.
+pub fn concurrent(
+    bundle: &Path,
+    tuning_cache: &Path,
+    workers: usize,
+    runs: usize,
+    own_models: bool,
+) -> Result<()> {
     let c = tuned_classifier_in(tuning_cache, bundle, 1)?;
+    let copies: Vec<Classifier> = match own_models {
+        true => (0..workers)
+            .map(|_| tuned_classifier_in(tuning_cache, bundle, 1))
+            .collect::<Result<_>>()?,
+        false => Vec::new(),
+    };
     let x = input(&c);
     time_runs(&c, &x, 2)?;
     for _ in 0..3 {
         let alone = crate::stats::median(&time_runs(&c, &x, runs)?);
-        let together = rate_at_once(&c, &x, workers, runs)?;
+        let together = match own_models {
+            true => rate_each(&copies, &x, runs)?,
+            false => rate_at_once(&c, &x, workers, runs)?,
+        };
         println!(
-            "alone {alone:.1} ms ({:.2} images/s); {workers} at once {together:.2} images/s ({:.1} ms each)",
+            "alone {alone:.1} ms ({:.2} images/s); {workers} at once{} {together:.2} images/s ({:.1} ms each)",
             1000.0 / alone,
+            if own_models { " (own models)" } else { "" },
             workers as f64 * 1000.0 / together
         );
     }
     Ok(())
+}
+
+/// One thread per classifier, each running `n` inferences at once: images per second overall.
+fn rate_each(classifiers: &[Classifier], x: &Tensor, n: usize) -> Result<f64> {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = classifiers
+            .iter()
+            .map(|c| s.spawn(|| time_runs(c, x, n)))
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+                .map(drop)
+        })
+    })?;
+    Ok((classifiers.len() * n) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// `threads` threads each running `n` inferences of `c` at once: images per second overall.

@@ -84,6 +84,10 @@ enum Child {
         workers: usize,
         #[arg(long, default_value_t = 16)]
         runs: usize,
+        /// Each worker thread runs its own copy of the model (loaded once per worker, as
+        /// separate processes would have it) instead of all sharing one.
+        #[arg(long)]
+        own_models: bool,
     },
 }
 
@@ -137,7 +141,8 @@ fn main() -> Result<()> {
             tuning_cache,
             workers,
             runs,
-        }) => return inference::concurrent(&bundle, &tuning_cache, workers, runs),
+            own_models,
+        }) => return inference::concurrent(&bundle, &tuning_cache, workers, runs, own_models),
         None => {}
     }
     let python = match args.python {
