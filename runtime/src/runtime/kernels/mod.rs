@@ -19,11 +19,13 @@
 //! one an inference runs under, which says how many threads it may use); the caller and
 //! [`spin`]'s helper threads run the parts (tract's own ops keep the executor's rayon pool).
 
-/// Compiles a kernel function three times, for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the
-/// baseline, the widest this CPU runs picked when it is called (`multiversion`): the closures
-/// in a version (the parts its threads run, the epilogues) get its instructions too, and so do
-/// the `#[inline(always)]` helpers they call (packing, [`activate`]). The micro-kernels
-/// dispatch on their own; this is for the loops around them.
+/// Compiles a kernel function three times, for AVX-512, AVX2 (x86-64-v3) and the baseline, the
+/// widest this CPU runs picked when it is called (`multiversion`): the closures in a version
+/// (the parts its threads run, the epilogues) get its instructions too, and so do the
+/// `#[inline(always)]` helpers they call (packing, [`activate`]). The micro-kernels dispatch
+/// on their own; this is for the loops around them. `multiversion` asks for Ice Lake's AVX-512
+/// set (VBMI2, GFNI, VAES, ...: Ice Lake and later Xeons, Zen 4) before it takes the AVX-512
+/// version, so Skylake-X and Cascade Lake, whose AVX-512 lowers the clock, run the AVX2 one.
 macro_rules! widest {
     ($item:item) => {
         #[multiversion::multiversion(targets(
