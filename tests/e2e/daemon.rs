@@ -1397,16 +1397,19 @@ async fn a_request_alone_gets_every_thread_and_a_backlog_one_thread_each() {
     let metrics = agent.http_get("/metrics").unwrap().1;
     assert_eq!((count(&metrics, 2), count(&metrics, 1)), (1, 0), "{metrics}");
 
-    // Published at once: all queued long before the first is classified (Inception V3 takes
-    // tens of milliseconds). Only the first can find no other request waiting.
-    let n = 6;
+    // Published at once: nearly all queued before the first is classified (Inception V3 takes
+    // tens of milliseconds). The first finds no other request waiting; under the load of the
+    // whole suite one more may too (each enqueue waits for its fsync, and a slow one can let
+    // an inference end before the next request is queued: 4 of 6 once in CI). Without
+    // adaptive parallelism none would run on one thread.
+    let n = 8;
     let burst = send_load(&client, "cam-threads", "app/threads", n, "burst").await;
     wait_answered(&client, "app/threads", &burst, Duration::from_secs(120)).await;
     let metrics = agent.http_get("/metrics").unwrap().1;
     let (all, one) = (count(&metrics, 2), count(&metrics, 1));
     assert_eq!(all + one, 1 + n as u64, "{metrics}");
     assert!(
-        one >= n as u64 - 1,
+        one >= n as u64 - 2,
         "{one} of {n} requests in the backlog ran on one thread:\n{metrics}"
     );
     let by_id = client.replies_by_id("app/threads");
