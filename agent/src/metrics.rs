@@ -24,6 +24,8 @@ pub struct OutcomeLabels {
 pub struct ThreadsLabels {
     /// Threads one inference ran on.
     pub threads: u32,
+    /// `waiting` when other requests waited in the queue as it started, else `empty`.
+    pub queue: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -169,8 +171,8 @@ impl Metrics {
         let inference_threads = Family::<ThreadsLabels, Counter>::default();
         registry.register(
             "inferences_by_threads",
-            "Local inferences by the threads each ran on (adaptive parallelism: all of them alone, \
-             one while other requests wait)",
+            "Local inferences by the threads each ran on and whether other requests waited in the \
+             queue as it started (adaptive parallelism: every thread alone, one while others wait)",
             inference_threads.clone(),
         );
         let total = hist(&mut registry, "request", "From arrival to the reply");

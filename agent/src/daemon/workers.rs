@@ -237,11 +237,13 @@ async fn classify(shared: &Arc<Shared>, lease: Lease) -> (Vec<u8>, Outcome) {
 /// another worker, which is about to take the other cores. The runtime alone only sees the
 /// inferences already running, and would give every thread to an inference that starts while
 /// the other workers are between two requests (storing a reply, leasing the next).
-fn parallelism(shared: &Shared) -> Parallelism {
-    if shared.config.workers.count() > 1 && shared.queue.stats().pending > 0 {
-        Parallelism::Single
+/// Also says whether requests were waiting (the metrics' `queue` label).
+fn parallelism(shared: &Shared) -> (Parallelism, bool) {
+    let waiting = shared.queue.stats().pending > 0;
+    if shared.config.workers.count() > 1 && waiting {
+        (Parallelism::Single, waiting)
     } else {
-        Parallelism::Auto
+        (Parallelism::Auto, waiting)
     }
 }
 
@@ -253,7 +255,7 @@ async fn classify_locally(
     k: usize,
 ) -> Result<(Lease, LocalAnswer), (Vec<u8>, Outcome)> {
     let s = served.clone();
-    let parallelism = parallelism(shared);
+    let (parallelism, waiting) = parallelism(shared);
     let (lease, result) = match tokio::task::spawn_blocking(move || {
         let image = &lease.request().payload;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -279,7 +281,10 @@ async fn classify_locally(
             shared
                 .metrics
                 .inference_threads
-                .get_or_create(&ThreadsLabels { threads })
+                .get_or_create(&ThreadsLabels {
+                    threads,
+                    queue: if waiting { "waiting" } else { "empty" },
+                })
                 .inc();
             shared.observe_local_latency(ms(c.preprocess) + ms(c.inference));
             let best = c.top.first().map(|p| p.score).unwrap_or(0.0);
