@@ -100,6 +100,9 @@ pub struct EdgeConv {
     /// The Winograd-transformed weights, 16 matrices `c x o` of strides
     /// [`Geometry::weight_strides`] with `kh = kw = 1`, when this convolution runs that way.
     pub(super) winograd: Option<Arc<Tensor>>,
+    /// Whether the Winograd products may run on our micro-kernels ([`panel::isa`]; the
+    /// settings can turn them off).
+    pub(super) micro_kernels: bool,
 }
 
 impl EdgeConv {
@@ -206,6 +209,7 @@ impl EdgeConv {
             bias: Arc::new(tensor1(&bias)),
             relu: false,
             winograd: transformed,
+            micro_kernels: isa.is_some(),
         }))
     }
 
@@ -216,7 +220,11 @@ impl EdgeConv {
         let bias = bias.as_slice::<f32>()?;
         if let Some(u) = &self.winograd {
             let u = u.try_as_plain_ram()?;
-            winograd::run(g, u.as_slice::<f32>()?, x, y, bias, self.relu);
+            let u = u.as_slice::<f32>()?;
+            match panel::isa().filter(|_| self.micro_kernels && !g.channels_last) {
+                Some(isa) => winograd::run_panels(g, isa, u, x, y, bias, self.relu),
+                None => winograd::run(g, u, x, y, bias, self.relu),
+            }
             return Ok(());
         }
         let padded = pad(g, x);

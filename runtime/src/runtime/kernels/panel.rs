@@ -49,8 +49,8 @@ type MicroKernel = unsafe fn(
 );
 
 /// Most rows and columns of a micro-kernel tile on any instruction set.
-const MAX_MR: usize = 64;
-const MAX_NR: usize = 6;
+pub(super) const MAX_MR: usize = 64;
+pub(super) const MAX_NR: usize = 6;
 
 /// The micro-kernels of this CPU.
 #[derive(Clone, Copy)]
@@ -319,10 +319,10 @@ const PACKED_VALUES: usize = 256 << 10;
 
 /// Values in a cache line: the micro-kernels' vector loads and stores must not straddle two
 /// (each would cost two accesses).
-const ALIGN: usize = 16;
+pub(super) const ALIGN: usize = 16;
 
 /// The part of `buffer` from its first value on a cache line boundary.
-fn aligned(buffer: &mut [f32]) -> &mut [f32] {
+pub(super) fn aligned(buffer: &mut [f32]) -> &mut [f32] {
     let skip = buffer.as_ptr().align_offset(ALIGN * 4).min(buffer.len());
     &mut buffer[skip..]
 }
@@ -488,6 +488,49 @@ pub(super) unsafe fn pixels_by_channels(
                 }
             }
         }
+    }
+}
+
+/// One micro-kernel tile: `dst` (`rows x cols`, column-major, columns `dst_cs` apart) becomes
+/// `lhs * rhs`, `lhs` in columns of `rows` values `lhs_cs` apart (one per step of the depth),
+/// `rhs` `depth x cols` at strides (along the depth, between columns).
+///
+/// # Safety
+/// `rows <= isa.mr`, `cols <= isa.nr`, and every value addressed must be in bounds.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile_product(
+    isa: Isa,
+    (rows, cols, depth): (usize, usize, usize),
+    dst: *mut f32,
+    dst_cs: usize,
+    lhs: *const f32,
+    lhs_cs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    // SAFETY: the caller vouches for the sizes and the pointers.
+    unsafe {
+        isa.kernel(rows, cols)(
+            rows,
+            cols,
+            depth,
+            dst,
+            lhs,
+            rhs,
+            dst_cs as isize,
+            1,
+            lhs_cs as isize,
+            rhs_rs as isize,
+            rhs_cs as isize,
+            0.0,
+            1.0,
+            0,
+            false,
+            false,
+            false,
+            std::ptr::null(),
+        )
     }
 }
 

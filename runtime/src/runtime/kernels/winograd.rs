@@ -11,6 +11,7 @@
 //! contiguous values.
 
 use super::conv::{Geometry, pad_to};
+use super::panel::{self, ALIGN, Isa, MAX_MR, aligned};
 use super::{Scratch, SendPtr, activate, for_each_part, matmul, signed, split, threads};
 
 /// Smallest output for which Winograd is used (tiles of 2x2 output pixels): below, the 16
@@ -286,5 +287,293 @@ pub(super) fn run(g: &Geometry, u: &[f32], x: &[f32], y: &mut [f32], bias: &[f32
                 }
             }
         });
+    }
+}
+
+/// A run of consecutive tiles in one tile row: `len` tiles from (`ty`, `tx`), rows `at..` of
+/// their block.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    at: usize,
+    ty: usize,
+    tx: usize,
+    len: usize,
+}
+
+/// The runs of the `len` tiles from tile `first` (raster order, `tw` tiles across): at most
+/// one per tile row they cross.
+fn runs(first: usize, len: usize, tw: usize) -> impl Iterator<Item = Run> {
+    let mut tile = first;
+    std::iter::from_fn(move || {
+        (tile < first + len).then(|| {
+            let (ty, tx) = (tile / tw, tile % tw);
+            let n = (tw - tx).min(first + len - tile);
+            let run = Run {
+                at: tile - first,
+                ty,
+                tx,
+                len: n,
+            };
+            tile += n;
+            run
+        })
+    })
+}
+
+/// Values the transforms' loops may run past a run's last tile (they run over whole vectors).
+const SLACK: usize = 16;
+
+widest! {
+    /// [`run`] for channels first on our micro-kernels, every transform in the caches: the
+    /// tiles go in blocks of [`Isa::mr`] (raster order). For a block, the input transform
+    /// writes `V` straight in the layout the micro-kernels read (`[16][c][mr]`: each of the
+    /// 16 left matrices a packed panel); then for each panel of [`Isa::nr`] output channels
+    /// the 16 products land in a buffer of 16 tiles (24 KB on AVX-512) that the output
+    /// transform reads at once. Neither `V` (384 KB for 96 channels) nor `M` leaves the
+    /// caches, where [`run`] writes and reads both whole (4 MB for a 35x35 96 -> 96
+    /// convolution). The padded input is kept with each row's even and odd columns apart,
+    /// so that every transform loop reads and writes contiguous values.
+    pub(super) fn run_panels(
+        g: &Geometry,
+        isa: Isa,
+        u: &[f32],
+        x: &[f32],
+        y: &mut [f32],
+        bias: &[f32],
+        relu: bool,
+    ) {
+        let (th, tw) = tiles(g);
+        let t = th * tw;
+        let (c, o, mr, nr) = (g.c, g.o, isa.mr, isa.nr);
+        let (ho, wo) = (g.ho, g.wo);
+        debug_assert!(u.len() == 16 * c * o && y.len() == o * ho * wo && mr <= MAX_MR);
+        let split_input = split_columns(g, x);
+        let split_input: &[f32] = &split_input.0;
+        let blocks = t.div_ceil(mr);
+        let ranges = split(blocks, threads(), 1);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        let y_len = y.len();
+        // Between two columns of a block's `V`: the transform may write past a column's
+        // last tile.
+        let cs = mr + SLACK;
+        for_each_part(ranges.len(), |part| {
+            // SAFETY: parts write the output pixels of their disjoint tiles.
+            let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
+            // Zeroed: the loops over whole vectors read past what they wrote (finite values,
+            // never denormal garbage).
+            let mut v = Scratch::take(16 * c * cs + ALIGN);
+            let v = &mut v.0[..16 * c * cs + ALIGN];
+            v.fill(0.0);
+            let v = aligned(v);
+            let mut m = Scratch::take(16 * mr * nr + SLACK + ALIGN);
+            let m = &mut m.0[..16 * mr * nr + SLACK + ALIGN];
+            m.fill(0.0);
+            let m = aligned(m);
+            let mut tile_runs = [Run::default(); MAX_MR];
+            for block in ranges[part].clone() {
+                let first = block * mr;
+                let rb = mr.min(t - first);
+                let mut n = 0;
+                for run in runs(first, rb, tw) {
+                    tile_runs[n] = run;
+                    n += 1;
+                }
+                let tile_runs = &tile_runs[..n];
+                transform_input(split_input, g, (c, cs), tile_runs, v);
+                if rb < mr {
+                    // Rows the micro-kernels may load past the block's last tile.
+                    for column in v.chunks_exact_mut(cs).take(16 * c) {
+                        column[rb..mr].fill(0.0);
+                    }
+                }
+                for c0 in (0..o).step_by(nr) {
+                    let cb = nr.min(o - c0);
+                    for k in 0..16 {
+                        // SAFETY: `V`'s k-th panel holds `c` columns of `mr` values `cs`
+                        // apart, `U`'s k-th matrix `o` channels of `c` values, `m` 16 tiles
+                        // of `mr x nr`.
+                        unsafe {
+                            panel::tile_product(
+                                isa,
+                                (rb, cb, c),
+                                m[k * mr * nr..].as_mut_ptr(),
+                                mr,
+                                v[k * c * cs..].as_ptr(),
+                                cs,
+                                u[k * c * o + c0 * c..].as_ptr(),
+                                (1, c),
+                            )
+                        }
+                    }
+                    for j in 0..cb {
+                        let ch = c0 + j;
+                        let out = &mut y[ch * ho * wo..][..ho * wo];
+                        transform_output(m, (mr, nr), j, tile_runs, (ho, wo), out, bias[ch], relu);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Row length of one parity in [`split_columns`]'s layout: a tile row's even or odd columns.
+fn half_row(g: &Geometry) -> usize {
+    tiles(g).1 + 1
+}
+
+/// The input zero-padded to whole tiles (`2 * th + 2` rows of `2 * tw + 2`), each row's even
+/// columns then its odd ones (`[c][rows][2][tw + 1]`), and [`SLACK`] values more for the
+/// transform's whole vectors.
+fn split_columns(g: &Geometry, x: &[f32]) -> Scratch {
+    let (th, _) = tiles(g);
+    let (hp, half) = (2 * th + 2, half_row(g));
+    let len = g.c * hp * 2 * half;
+    let mut out = Scratch::take(len + 2 * SLACK + 1);
+    out.0[..len + 2 * SLACK + 1].fill(0.0);
+    let (top, left) = (g.pad[0], g.pad[1]);
+    // Input column 2k lands at padded column 2k + left, 2k + 1 at 2k + 1 + left: with an even
+    // left padding at index k + left / 2 of the even and the odd half; with an odd one, at
+    // k + left / 2 of the odd half and k + left / 2 + 1 of the even one.
+    let swapped = left % 2 == 1;
+    let (evens_at, odds_at) = (left / 2, left / 2 + usize::from(swapped));
+    for ch in 0..g.c {
+        for yy in 0..g.h {
+            let from = &x[(ch * g.h + yy) * g.w..][..g.w];
+            let row = &mut out.0[(ch * hp + yy + top) * 2 * half..][..2 * half];
+            let (pairs, rest) = from.as_chunks::<2>();
+            let (a, b) = row.split_at_mut(half);
+            let (evens, odds) = if swapped { (b, a) } else { (a, b) };
+            let (evens, odds) = (
+                &mut evens[evens_at..][..pairs.len() + rest.len()],
+                &mut odds[odds_at..][..pairs.len()],
+            );
+            for (k, pair) in pairs.iter().enumerate() {
+                evens[k] = pair[0];
+                odds[k] = pair[1];
+            }
+            if let [last] = rest {
+                evens[pairs.len()] = *last;
+            }
+        }
+    }
+    out
+}
+
+/// `V = Bt d B` for the tiles of `runs` (a block) and every channel of the input in
+/// [`split_columns`]'s layout, into `v` (`[16][c]` columns `cs` apart, the tile at row
+/// `run.at + i` of its block). Runs over whole vectors: a run's column gets up to [`SLACK`]
+/// values past its end, which the next run (or nothing) overwrites.
+#[inline(always)]
+fn transform_input(split: &[f32], g: &Geometry, (c, cs): (usize, usize), runs: &[Run], v: &mut [f32]) {
+    const L: usize = MAX_MR + 2 * SLACK;
+    let half = half_row(g);
+    let hp = 2 * tiles(g).0 + 2;
+    // The 4 rows of `Bt d`, even and odd columns.
+    let mut te = [[0f32; L]; 4];
+    let mut to = [[0f32; L]; 4];
+    for ch in 0..c {
+        let plane = &split[ch * hp * 2 * half..];
+        for run in runs {
+            // Tile tx reads columns 2tx..2tx+4: even[tx], odd[tx], even[tx+1], odd[tx+1].
+            let len = run.len.next_multiple_of(SLACK);
+            let width = len + SLACK;
+            let row = |i: usize, odd: bool| {
+                &plane[((2 * run.ty + i) * 2 + usize::from(odd)) * half + run.tx..][..width]
+            };
+            for (t, odd) in [(&mut te, false), (&mut to, true)] {
+                let (r0, r1, r2, r3) = (row(0, odd), row(1, odd), row(2, odd), row(3, odd));
+                let [t0, t1, t2, t3] = t;
+                let rows = r0.iter().zip(r1).zip(r2.iter().zip(r3));
+                let ts = (t0[..width].iter_mut().zip(&mut t1[..width]))
+                    .zip(t2[..width].iter_mut().zip(&mut t3[..width]));
+                for (((t0, t1), (t2, t3)), ((r0, r1), (r2, r3))) in ts.zip(rows) {
+                    *t0 = r0 - r2;
+                    *t1 = r1 + r2;
+                    *t2 = r2 - r1;
+                    *t3 = r1 - r3;
+                }
+            }
+            for i in 0..4 {
+                let (e0, e1) = (&te[i][..len], &te[i][1..len + 1]);
+                let (o0, o1) = (&to[i][..len], &to[i][1..len + 1]);
+                let out = |j: usize| ((4 * i + j) * c + ch) * cs + run.at;
+                let (a, b, cc, d) = (out(0), out(1), out(2), out(3));
+                for (v, (x, y)) in v[a..a + len].iter_mut().zip(e0.iter().zip(e1)) {
+                    *v = x - y;
+                }
+                for (v, (x, y)) in v[b..b + len].iter_mut().zip(o0.iter().zip(e1)) {
+                    *v = x + y;
+                }
+                for (v, (x, y)) in v[cc..cc + len].iter_mut().zip(e1.iter().zip(o0)) {
+                    *v = x - y;
+                }
+                for (v, (x, y)) in v[d..d + len].iter_mut().zip(o0.iter().zip(o1)) {
+                    *v = x - y;
+                }
+            }
+        }
+    }
+}
+
+/// `Y = At M A` plus the bias and ReLU for column `j` of the 16 product tiles in `m`
+/// (`[16][nr][mr]`, then [`SLACK`] values) over the tiles of `runs`, into `out`, that
+/// channel's output plane.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn transform_output(
+    m: &[f32],
+    (mr, nr): (usize, usize),
+    j: usize,
+    runs: &[Run],
+    (ho, wo): (usize, usize),
+    out: &mut [f32],
+    bias: f32,
+    relu: bool,
+) {
+    const L: usize = MAX_MR + SLACK;
+    let mut r = [[0f32; L]; 8];
+    let mut pairs = [0f32; 2 * L];
+    let mut ys = [[0f32; L]; 2];
+    for run in runs {
+        let len = run.len.next_multiple_of(SLACK);
+        let mk = |k: usize| &m[(k * nr + j) * mr + run.at..][..len];
+        for nu in 0..4 {
+            let (m0, m1, m2, m3) = (mk(nu), mk(4 + nu), mk(8 + nu), mk(12 + nu));
+            let (r0, r1) = r.split_at_mut(4);
+            let rs = r0[nu][..len].iter_mut().zip(&mut r1[nu][..len]);
+            for ((r0, r1), ((m0, m1), (m2, m3))) in rs.zip(m0.iter().zip(m1).zip(m2.iter().zip(m3))) {
+                *r0 = m0 + m1 + m2;
+                *r1 = m1 - m2 - m3;
+            }
+        }
+        let x0 = 2 * run.tx;
+        let width = (2 * run.len).min(wo - x0);
+        for i in 0..2 {
+            let yy = 2 * run.ty + i;
+            if yy >= ho {
+                continue;
+            }
+            let [a, b, cc, d] = [&r[4 * i], &r[4 * i + 1], &r[4 * i + 2], &r[4 * i + 3]];
+            let [y0, y1] = &mut ys;
+            let (y0, y1) = (&mut y0[..len], &mut y1[..len]);
+            for ((y0, y1), ((a, b), (cc, d))) in
+                y0.iter_mut().zip(y1).zip(a.iter().zip(b).zip(cc.iter().zip(d)))
+            {
+                *y0 = activate(a + b + cc, bias, relu);
+                *y1 = activate(b - cc - d, bias, relu);
+            }
+            // Interleaved in blocks of 16 pixel pairs (shuffles, not scalar moves).
+            let (y0, y1) = (ys[0][..len].as_chunks::<16>().0, ys[1][..len].as_chunks::<16>().0);
+            for ((to, y0), y1) in pairs[..2 * len]
+                .as_chunks_mut::<32>()
+                .0
+                .iter_mut()
+                .zip(y0)
+                .zip(y1)
+            {
+                *to = std::array::from_fn(|i| if i % 2 == 0 { y0[i / 2] } else { y1[i / 2] });
+            }
+            out[yy * wo + x0..][..width].copy_from_slice(&pairs[..width]);
+        }
     }
 }
