@@ -356,6 +356,7 @@ widest! {
         // Between two columns of a block's `V`: the transform may write past a column's
         // last tile.
         let cs = mr + SLACK;
+        let avx512 = avx512::available();
         for_each_part(ranges.len(), |part| {
             // SAFETY: parts write the output pixels of their disjoint tiles.
             let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), y_len) };
@@ -379,7 +380,12 @@ widest! {
                     n += 1;
                 }
                 let tile_runs = &tile_runs[..n];
-                transform_input(split_input, g, (c, cs), tile_runs, v);
+                if avx512 {
+                    // SAFETY: this CPU has AVX-512F.
+                    unsafe { avx512::transform_input(split_input, g, (c, cs), tile_runs, v) }
+                } else {
+                    transform_input(split_input, g, (c, cs), tile_runs, v);
+                }
                 if rb < mr {
                     // Rows the micro-kernels may load past the block's last tile.
                     for column in v.chunks_exact_mut(cs).take(16 * c) {
@@ -407,13 +413,54 @@ widest! {
                     }
                     for j in 0..cb {
                         let ch = c0 + j;
+                        if let (Some(first), Some(last)) = (tile_runs.first(), tile_runs.last()) {
+                            let rows = 2 * first.ty..(2 * last.ty + 2).min(ho);
+                            let ahead = (ch + AHEAD) * ho * wo;
+                            prefetch(y.get(ahead + rows.start * wo..ahead + rows.end * wo).unwrap_or_default());
+                        }
                         let out = &mut y[ch * ho * wo..][..ho * wo];
-                        transform_output(m, (mr, nr), j, tile_runs, (ho, wo), out, bias[ch], relu);
+                        let (layout, bias) = ((mr, nr), bias[ch]);
+                        if avx512 {
+                            // SAFETY: this CPU has AVX-512F.
+                            unsafe { avx512::transform_output(m, layout, j, tile_runs, (ho, wo), out, bias, relu) }
+                        } else {
+                            transform_output(m, layout, j, tile_runs, (ho, wo), out, bias, relu);
+                        }
                     }
                 }
             }
         });
     }
+}
+
+/// Asks the cache for `values` ahead of their use: the transforms read each channel's rows of
+/// a block (a few hundred bytes) and write its output rows, short runs the hardware
+/// prefetchers do not follow from one channel's plane to the next.
+#[inline(always)]
+fn prefetch(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in values.chunks(16) {
+        // SAFETY: a prefetch only hints the cache, and the address is in `values`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
+/// Channels ahead the transforms prefetch.
+const AHEAD: usize = 4;
+
+/// The values of `run`'s rows in channel `ch`'s plane of [`split_columns`]'s layout, from
+/// the first run's first row to the last run's last.
+fn block_rows<'a>(split: &'a [f32], g: &Geometry, ch: usize, runs: &[Run]) -> &'a [f32] {
+    let (half, hp) = (half_row(g), 2 * tiles(g).0 + 2);
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+        return &[];
+    };
+    let rows = 2 * first.ty..2 * last.ty + 4;
+    split
+        .get((ch * hp + rows.start) * 2 * half..(ch * hp + rows.end) * 2 * half)
+        .unwrap_or_default()
 }
 
 /// Row length of one parity in [`split_columns`]'s layout: a tile row's even or odd columns.
@@ -472,6 +519,7 @@ fn transform_input(split: &[f32], g: &Geometry, (c, cs): (usize, usize), runs: &
     let mut te = [[0f32; L]; 4];
     let mut to = [[0f32; L]; 4];
     for ch in 0..c {
+        prefetch(block_rows(split, g, ch + AHEAD, runs));
         let plane = &split[ch * hp * 2 * half..];
         for run in runs {
             // Tile tx reads columns 2tx..2tx+4: even[tx], odd[tx], even[tx+1], odd[tx+1].
@@ -574,6 +622,175 @@ fn transform_output(
                 *to = std::array::from_fn(|i| if i % 2 == 0 { y0[i / 2] } else { y1[i / 2] });
             }
             out[yy * wo + x0..][..width].copy_from_slice(&pairs[..width]);
+        }
+    }
+}
+
+/// The transforms of [`run_panels`] in AVX-512 intrinsics, 16 tiles to a register: the
+/// compiler kept [`transform_input`]'s and [`transform_output`]'s intermediate rows in memory
+/// (a third of a 71x71 convolution's time went to them), these keep every value in
+/// registers. Same arithmetic, same order: the same results.
+mod avx512 {
+    /// Whether this CPU runs them.
+    pub(super) fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) use imp::{transform_input, transform_output};
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) use super::{transform_input, transform_output};
+
+    #[cfg(target_arch = "x86_64")]
+    mod imp {
+        use std::arch::x86_64::*;
+
+        use super::super::{Geometry, Run, half_row, tiles};
+
+        /// `Bt d` down 4 rows.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn down([r0, r1, r2, r3]: [__m512; 4]) -> [__m512; 4] {
+            [
+                _mm512_sub_ps(r0, r2),
+                _mm512_add_ps(r1, r2),
+                _mm512_sub_ps(r2, r1),
+                _mm512_sub_ps(r1, r3),
+            ]
+        }
+
+        /// [`super::super::transform_input`].
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn transform_input(
+            split: &[f32],
+            g: &Geometry,
+            (c, cs): (usize, usize),
+            runs: &[Run],
+            v: &mut [f32],
+        ) {
+            let half = half_row(g);
+            let hp = 2 * tiles(g).0 + 2;
+            for ch in 0..c {
+                super::super::prefetch(super::super::block_rows(split, g, ch + super::super::AHEAD, runs));
+                let plane = &split[ch * hp * 2 * half..];
+                for run in runs {
+                    for q in (0..run.len).step_by(16) {
+                        let at = run.tx + q;
+                        // 17 values of each row: the last tile's next even and odd columns.
+                        let rows = |odd: usize, next: usize| -> [__m512; 4] {
+                            std::array::from_fn(|i| {
+                                let row = &plane[((2 * run.ty + i) * 2 + odd) * half + at + next..][..16];
+                                // SAFETY: 16 values, checked by the slice.
+                                unsafe { _mm512_loadu_ps(row.as_ptr()) }
+                            })
+                        };
+                        let (e0, o0) = (down(rows(0, 0)), down(rows(1, 0)));
+                        let (e1, o1) = (down(rows(0, 1)), down(rows(1, 1)));
+                        for i in 0..4 {
+                            let values = [
+                                _mm512_sub_ps(e0[i], e1[i]),
+                                _mm512_add_ps(o0[i], e1[i]),
+                                _mm512_sub_ps(e1[i], o0[i]),
+                                _mm512_sub_ps(o0[i], o1[i]),
+                            ];
+                            for (j, values) in values.into_iter().enumerate() {
+                                let to = &mut v[((4 * i + j) * c + ch) * cs + run.at + q..][..16];
+                                // SAFETY: 16 values, checked by the slice.
+                                unsafe { _mm512_storeu_ps(to.as_mut_ptr(), values) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// [`super::super::transform_output`].
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        pub(in super::super) unsafe fn transform_output(
+            m: &[f32],
+            (mr, nr): (usize, usize),
+            j: usize,
+            runs: &[Run],
+            (ho, wo): (usize, usize),
+            out: &mut [f32],
+            bias: f32,
+            relu: bool,
+        ) {
+            let b = _mm512_set1_ps(bias);
+            let zero = _mm512_setzero_ps();
+            // `f32::max(v, 0)`: 0 for a NaN too, as `_mm512_max_ps` returns its second operand
+            // then.
+            let finish = |v: __m512| {
+                let v = _mm512_add_ps(v, b);
+                if relu { _mm512_max_ps(v, zero) } else { v }
+            };
+            let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for run in runs {
+                let end = (2 * (run.tx + run.len)).min(wo);
+                for q in (0..run.len).step_by(16) {
+                    let mk: [__m512; 16] = std::array::from_fn(|k| {
+                        let values = &m[(k * nr + j) * mr + run.at + q..][..16];
+                        // SAFETY: 16 values, checked by the slice.
+                        unsafe { _mm512_loadu_ps(values.as_ptr()) }
+                    });
+                    let r0: [__m512; 4] = std::array::from_fn(|nu| {
+                        _mm512_add_ps(_mm512_add_ps(mk[nu], mk[4 + nu]), mk[8 + nu])
+                    });
+                    let r1: [__m512; 4] = std::array::from_fn(|nu| {
+                        _mm512_sub_ps(_mm512_sub_ps(mk[4 + nu], mk[8 + nu]), mk[12 + nu])
+                    });
+                    let x0 = 2 * (run.tx + q);
+                    let n = (end - x0).min(32);
+                    for (i, [a, bb, cc, d]) in [r0, r1].into_iter().enumerate() {
+                        let yy = 2 * run.ty + i;
+                        if yy >= ho {
+                            continue;
+                        }
+                        let y0 = finish(_mm512_add_ps(_mm512_add_ps(a, bb), cc));
+                        let y1 = finish(_mm512_sub_ps(_mm512_sub_ps(bb, cc), d));
+                        let to = &mut out[yy * wo + x0..][..n];
+                        let (n0, n1) = (n.min(16), n.saturating_sub(16));
+                        // SAFETY: the masks cover the first `n0` and the next `n1` of the `n`
+                        // values of `to`.
+                        unsafe {
+                            _mm512_mask_storeu_ps(
+                                to.as_mut_ptr(),
+                                mask(n0),
+                                _mm512_permutex2var_ps(y0, low, y1),
+                            );
+                            if n1 > 0 {
+                                _mm512_mask_storeu_ps(
+                                    to.as_mut_ptr().add(16),
+                                    mask(n1),
+                                    _mm512_permutex2var_ps(y0, high, y1),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The first `n` (at most 16) lanes.
+        #[inline]
+        fn mask(n: usize) -> __mmask16 {
+            ((1u32 << n) - 1) as __mmask16
         }
     }
 }
