@@ -180,7 +180,7 @@ impl EdgeConv {
         };
         let bias = bias_values(&bias, o)?;
         let (mut weights, mut packed, mut transformed) = (None, None, None);
-        if winograd && winograd::suits(&geometry) {
+        if winograd && winograd::suits(&geometry, isa.is_some() && !geometry.channels_last) {
             let plain = weights_tensor.try_as_plain_ram()?;
             let plain = plain.as_slice::<f32>()?;
             transformed = Some(Arc::new(f32_tensor(16 * c * o, |u| {

@@ -937,11 +937,29 @@ mod tests {
                 PaddingSpec::SameUpper,
                 true,
             ),
+            // 32 input channels: Winograd on our micro-kernels only (channels first).
+            (
+                DataFormat::NCHW,
+                (25, 27, 32, 9),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::Valid,
+                true,
+            ),
+            (
+                DataFormat::NHWC,
+                (25, 27, 32, 9),
+                [3, 3],
+                [1, 1],
+                PaddingSpec::Valid,
+                true,
+            ),
         ] {
             let model = conv_model(format, dims, kernel, strides, padding.clone(), relu);
             let (worst, done, info) = compare(model, KernelOptions::default());
             let case = format!("{format:?} {dims:?} {kernel:?} {strides:?} {padding:?}: {info}");
-            let winograd = kernel == [3, 3] && strides == [1, 1] && dims.2 >= 64;
+            let panels = panel::isa().is_some() && !format.c_is_last();
+            let winograd = kernel == [3, 3] && strides == [1, 1] && dims.2 >= if panels { 32 } else { 64 };
             assert_eq!(info.contains("Winograd"), winograd, "{case}");
             assert_eq!(done.convolutions, 1, "{case}");
             assert_eq!(done.relus, usize::from(relu), "{case}");

@@ -18,15 +18,21 @@ use super::{Scratch, SendPtr, activate, for_each_part, matmul, signed, split, th
 /// products are too small for the matrix kernels to run near their peak (Inception V3's 8x8
 /// maps, measured slower than the direct products on an AMD EPYC).
 const MIN_TILES: usize = 100;
-/// Fewest input channels for Winograd: the products are over the input channels, and with
-/// fewer (Inception V3's 32-channel stem convolutions) they run far below the kernels' peak
-/// (measured 2x slower than the direct products on an AMD EPYC).
+/// Fewest input channels for Winograd: the products are over the input channels. Through
+/// `gemm::gemm` ([`run`]), fewer (Inception V3's 32-channel stem convolutions) ran far below
+/// the kernels' peak (measured 2x slower than the direct products on an AMD EPYC).
 const MIN_CHANNELS: usize = 64;
+/// The same on our micro-kernels, block by block ([`run_panels`]): Inception V3's two
+/// 147x147 stem convolutions of 32 input channels are faster by Winograd there (Intel Xeon,
+/// 1 thread: 9.6 -> 7.2 ms together, the whole model 0.953 in a paired comparison).
+const MIN_CHANNELS_PANELS: usize = 32;
 
-/// Whether Winograd F(2x2, 3x3) applies to `g` and is worth it.
-pub(super) fn suits(g: &Geometry) -> bool {
+/// Whether Winograd F(2x2, 3x3) applies to `g` and is worth it; `panels`: whether it would
+/// run on our micro-kernels ([`run_panels`]).
+pub(super) fn suits(g: &Geometry, panels: bool) -> bool {
     let (th, tw) = tiles(g);
-    g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && th * tw >= MIN_TILES && g.c >= MIN_CHANNELS
+    let min_channels = if panels { MIN_CHANNELS_PANELS } else { MIN_CHANNELS };
+    g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && th * tw >= MIN_TILES && g.c >= min_channels
 }
 
 /// Tiles down and across.
