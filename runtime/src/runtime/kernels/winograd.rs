@@ -355,8 +355,9 @@ widest! {
         debug_assert!(u.len() == 16 * c * o && y.len() == o * ho * wo && mr <= MAX_MR);
         let split_input = split_columns(g, x);
         let split_input: &[f32] = &split_input.0;
-        let blocks = t.div_ceil(mr);
-        let ranges = split(blocks, threads(), 1);
+        // Tiles split evenly (in whole vectors), then each part's in blocks: a part of whole
+        // blocks could hold one more than another (35x35: 6 blocks, the last of 4 tiles).
+        let ranges = split(t, threads(), 16);
         let y_ptr = SendPtr(y.as_mut_ptr());
         let y_len = y.len();
         // Between two columns of a block's `V`: the transform may write past a column's
@@ -377,9 +378,9 @@ widest! {
             m.fill(0.0);
             let m = aligned(m);
             let mut tile_runs = [Run::default(); MAX_MR];
-            for block in ranges[part].clone() {
-                let first = block * mr;
-                let rb = mr.min(t - first);
+            let mine = ranges[part].clone();
+            for first in mine.clone().step_by(mr) {
+                let rb = mr.min(mine.end - first);
                 let mut n = 0;
                 for run in runs(first, rb, tw) {
                     tile_runs[n] = run;
