@@ -66,8 +66,10 @@ impl Default for TuneOptions {
 
 /// Name of the cache file in its directory.
 pub const CACHE_FILE: &str = "edge-tuning.json";
-/// Version of [`CANDIDATES`] and of the search: a change makes cached choices stale.
-pub const SEARCH_VERSION: u32 = 4;
+/// Version of [`CANDIDATES`] and of the search: a change makes cached choices stale. Also
+/// bumped when a candidate's kernels change enough to change the choice (5: Winograd block by
+/// block on the micro-kernels, from 32 channels, where `EDGE_WINOGRAD=off` had tied).
+pub const SEARCH_VERSION: u32 = 5;
 /// A candidate is kept when it takes at most this fraction of the best time so far.
 pub const MIN_GAIN: f64 = 0.97;
 /// Largest difference a candidate's output may show against the defaults', relative to the
