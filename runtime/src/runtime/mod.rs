@@ -126,9 +126,12 @@ pub enum Parallelism {
     /// Every thread when no other inference of the classifier is running, else one.
     #[default]
     Auto,
-    /// One thread (the caller's): the caller knows that more work is about to take the other
-    /// cores, e.g. requests waiting in its queue for another worker. Running alone on every
-    /// thread would then only fight that work for the cores.
+    /// Starts on one thread (the caller's): the caller knows that more work is about to take
+    /// the other cores, e.g. requests waiting in its queue for another worker. Starting alone
+    /// on every thread would then only fight that work for the cores. tract's own ops keep to
+    /// that thread; the runtime's kernels still decide at each parallel section and take the
+    /// other threads while no other inference runs (`kernels::Adaptive`), e.g. when the other
+    /// workers are between two requests, or done with the backlog.
     Single,
 }
 
