@@ -802,3 +802,79 @@ mod avx512 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::tune::pseudo_random;
+
+    fn values(len: usize) -> Vec<f32> {
+        let t = pseudo_random(&[len]);
+        t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+    }
+
+    /// The AVX-512 transforms compute what the portable ones do, bit for bit (the same sums in
+    /// the same order), on a block that starts and ends inside tile rows, with an odd left
+    /// padding and edge tiles. The kernel tests run one of the two, whichever the CPU takes.
+    #[test]
+    fn avx512_transforms_equal_the_portable_ones() {
+        if !avx512::available() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let (c, o, h, w) = (5, 7, 13, 11);
+        let g = Geometry {
+            channels_last: false,
+            batch: 1,
+            c,
+            o,
+            h,
+            w,
+            kh: 3,
+            kw: 3,
+            sh: 1,
+            sw: 1,
+            pad: [1, 1, 1, 1],
+            ho: h,
+            wo: w,
+            output_shape: [1, o, h, w].into_iter().collect(),
+        };
+        let x = values(c * h * w);
+        let split = split_columns(&g, &x);
+        let (th, tw) = tiles(&g);
+        let (mr, nr) = (64, 6);
+        let cs = mr + SLACK;
+        let block: Vec<Run> = runs(tw + 2, (th * tw - tw - 3).min(mr), tw).collect();
+        assert!(block.len() >= 3, "the block crosses tile rows");
+
+        let (mut portable, mut simd) = (vec![0f32; 16 * c * cs], vec![0f32; 16 * c * cs]);
+        transform_input(&split.0, &g, (c, cs), &block, &mut portable);
+        // SAFETY: this CPU has AVX-512F.
+        unsafe { avx512::transform_input(&split.0, &g, (c, cs), &block, &mut simd) };
+        assert!(
+            portable
+                .iter()
+                .zip(&simd)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert!(portable.iter().any(|v| *v != 0.0));
+
+        let m = values(16 * mr * nr + SLACK);
+        for relu in [false, true] {
+            for j in 0..nr {
+                let (mut portable, mut simd) = (vec![0f32; h * w], vec![0f32; h * w]);
+                transform_output(&m, (mr, nr), j, &block, (h, w), &mut portable, 0.25, relu);
+                // SAFETY: this CPU has AVX-512F.
+                unsafe { avx512::transform_output(&m, (mr, nr), j, &block, (h, w), &mut simd, 0.25, relu) };
+                assert!(
+                    portable
+                        .iter()
+                        .zip(&simd)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "column {j}, relu {relu}"
+                );
+                assert!(portable.iter().any(|v| *v != 0.0));
+            }
+        }
+    }
+}
