@@ -100,9 +100,10 @@ pub struct EdgeConv {
     /// The Winograd-transformed weights, 16 matrices `c x o` of strides
     /// [`Geometry::weight_strides`] with `kh = kw = 1`, when this convolution runs that way.
     pub(super) winograd: Option<Arc<Tensor>>,
-    /// Whether the Winograd products may run on our micro-kernels ([`panel::isa`]; the
-    /// settings can turn them off).
-    pub(super) micro_kernels: bool,
+    /// Whether Winograd runs on our micro-kernels ([`winograd::run_panels`]: channels first,
+    /// micro-kernels on this CPU and not turned off by the settings), which also decided
+    /// whether it suits this convolution.
+    pub(super) panels: bool,
 }
 
 impl EdgeConv {
@@ -180,7 +181,8 @@ impl EdgeConv {
         };
         let bias = bias_values(&bias, o)?;
         let (mut weights, mut packed, mut transformed) = (None, None, None);
-        if winograd && winograd::suits(&geometry, isa.is_some() && !geometry.channels_last) {
+        let panels = isa.is_some() && !geometry.channels_last;
+        if winograd && winograd::suits(&geometry, panels) {
             let plain = weights_tensor.try_as_plain_ram()?;
             let plain = plain.as_slice::<f32>()?;
             transformed = Some(Arc::new(f32_tensor(16 * c * o, |u| {
@@ -209,7 +211,7 @@ impl EdgeConv {
             bias: Arc::new(tensor1(&bias)),
             relu: false,
             winograd: transformed,
-            micro_kernels: isa.is_some(),
+            panels,
         }))
     }
 
@@ -221,7 +223,7 @@ impl EdgeConv {
         if let Some(u) = &self.winograd {
             let u = u.try_as_plain_ram()?;
             let u = u.as_slice::<f32>()?;
-            match panel::isa().filter(|_| self.micro_kernels && !g.channels_last) {
+            match panel::isa().filter(|_| self.panels) {
                 Some(isa) => winograd::run_panels(g, isa, u, x, y, bias, self.relu),
                 None => winograd::run(g, u, x, y, bias, self.relu),
             }
